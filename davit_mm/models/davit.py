@@ -1,0 +1,575 @@
+"""DaViT: Dual Attention Vision Transformer (Ding et al., ECCV 2022) as a dense-prediction backbone.
+
+Each stage alternates a spatial-window attention block with a channel-group attention block. The
+numerics follow the official implementation exactly (ceil-mode padding of stem, downsample and
+windows; drop-path schedule over ``2 * sum(depths)`` rates; init), and Florence-2's DaViT variant
+(overlapped downsample, channel attention v2, window 12) is a set of switches on the same modules.
+
+Layout: inside the backbone every feature map travels as a channels-last ``(B, H, W, C)`` tensor, so
+LayerNorm and Linear act on the last dimension without copies and the depth-wise convolutions see
+``channels_last`` views. Conversion to the ``(B, C, H, W)`` tensors that necks expect happens once per
+returned stage, in :meth:`DaViT.forward`.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import trunc_normal_
+from torch.nn.modules.batchnorm import _BatchNorm
+
+ArchSpec = Dict[str, object]
+
+# Variants are data: widths per stage, blocks per stage, heads (= channel groups) per stage, and the
+# Florence-2 switches. Head/group width is 32 everywhere.
+ARCH_ZOO: Dict[str, ArchSpec] = {
+    'tiny': dict(embed_dims=96, depths=(1, 1, 3, 1), num_heads=(3, 6, 12, 24)),
+    'small': dict(embed_dims=96, depths=(1, 1, 9, 1), num_heads=(3, 6, 12, 24)),
+    'base': dict(embed_dims=128, depths=(1, 1, 9, 1), num_heads=(4, 8, 16, 32)),
+    'large': dict(embed_dims=192, depths=(1, 1, 9, 1), num_heads=(6, 12, 24, 48)),
+    'huge': dict(embed_dims=256, depths=(1, 1, 9, 1), num_heads=(8, 16, 32, 64)),
+    'giant': dict(embed_dims=384, depths=(1, 1, 12, 3), num_heads=(12, 24, 48, 96)),
+    # Florence-2's vision towers (Florence-2-base and Florence-2-large).
+    'florence2-base': dict(embed_dims=128, depths=(1, 1, 9, 1), num_heads=(4, 8, 16, 32),
+                           window_size=12, overlapped_downsample=True, channel_attention='v2'),
+    'florence2-large': dict(embed_dims=256, depths=(1, 1, 9, 1), num_heads=(8, 16, 32, 64),
+                            window_size=12, overlapped_downsample=True, channel_attention='v2'),
+}
+ARCH_ALIASES: Dict[str, str] = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large', 'h': 'huge',
+                                'g': 'giant'}
+_REQUIRED_ARCH_KEYS = ('embed_dims', 'depths', 'num_heads')
+_OPTIONAL_ARCH_KEYS = ('window_size', 'overlapped_downsample', 'channel_attention')
+CHANNEL_ATTENTION_VERSIONS = ('v1', 'v2')
+
+
+def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """A free view: the result has ``channels_last`` strides, which convolutions keep."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _nchw_to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def _pad_bottom_right(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to multiples of ``multiple``."""
+    pad_h = -x.shape[1] % multiple
+    pad_w = -x.shape[2] % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 on the last dimension.
+
+    Written out rather than taken from mmcv's ``FFN``: that brick wraps ``forward`` in a deprecation
+    decorator that calls ``inspect.getfullargspec`` on every call (overhead on the hot path and a
+    graph break under ``torch.compile``).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvPosEnc(nn.Module):
+    """Convolutional position encoding: ``x + DWConv3x3(x)`` on a ``(B, H, W, C)`` map."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + _nchw_to_nhwc(self.proj(_nhwc_to_nchw(x)))
+
+
+class Stem(nn.Module):
+    """Patch embedding: pad to a multiple of 4, Conv 7x7 stride 4 (pad 3), LayerNorm.
+
+    Takes a ``(B, C, H, W)`` image and returns a ``(B, ceil(H/4), ceil(W/4), C')`` map.
+    """
+
+    stride = 4
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=7, stride=self.stride, padding=3)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad_h = -x.shape[2] % self.stride
+        pad_w = -x.shape[3] % self.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.norm(_nchw_to_nhwc(self.conv(x)))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, then a stride-2 conv: 2x2 (pad the map to even first), or 3x3 with padding 1
+    when ``overlapped`` (Florence-2). Both give ``ceil(H/2) x ceil(W/2)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, overlapped: bool = False) -> None:
+        super().__init__()
+        self.overlapped = overlapped
+        self.norm = nn.LayerNorm(in_channels)
+        kernel_size, padding = (3, 1) if overlapped else (2, 0)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if not self.overlapped:
+            # A 3x3/s2/p1 conv already yields ceil(H/2) and reads zeros past the edge, exactly as
+            # the official pad-to-even does; only the 2x2 conv needs the explicit pad.
+            x = _pad_bottom_right(x, 2)
+        return _nchw_to_nhwc(self.conv(_nhwc_to_nchw(x)))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping ``window_size`` windows.
+
+    As in the official DaViT: the map is zero-padded at the bottom/right to whole windows, the
+    padded tokens take part as keys and values (no mask), there is no shift and no relative
+    position bias, and the result is cropped back.
+
+    Args:
+        dim (int): Channels.
+        num_heads (int): Attention heads; ``dim`` must be divisible by it.
+        window_size (int): Window side in tokens.
+        qkv_bias (bool): Bias in the qkv projection. Defaults to True.
+        fused (bool): Use ``F.scaled_dot_product_attention``. False runs the plain reference path
+            (explicit ``softmax(q k^T * d^-0.5) v``); both share weights. Defaults to True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
+                 fused: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = window_size
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        B, H, W, C = x.shape
+        ws, heads = self.window_size, self.num_heads
+        x = _pad_bottom_right(x, ws)
+        Hp, Wp = x.shape[1], x.shape[2]
+        nh, nw = Hp // ws, Wp // ws
+        # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
+        windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        q, k, v = self.qkv(windows).view(-1, ws * ws, 3, heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = attn @ v
+        # Merge heads and reverse the partition in one copy:
+        # (B, nh, nw, heads, ws, ws, d) -> (B, nh, ws, nw, ws, heads, d) -> (B, Hp, Wp, C).
+        out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
+        out = self.proj(out.reshape(B, Hp, Wp, C))
+        if Hp != H or Wp != W:
+            out = out[:, :H, :W]
+        return out
+
+
+class ChannelAttention(nn.Module):
+    """Channel group attention: each group of ``dim // num_groups`` channels attends over channels,
+    with attention logits that sum over all ``N`` tokens.
+
+    - ``'v1'`` (DaViT): ``A = softmax((k * d^-0.5)^T v)``, ``out = q A^T``.
+    - ``'v2'`` (Florence-2): ``A = softmax((q * N^-0.5)^T k)``, ``out = v A^T``.
+
+    The ``d x d`` logits and their softmax are computed in float32 even under fp16/bf16 autocast:
+    they sum over every token of the map, and at detection resolutions that overflows fp16.
+
+    Args:
+        dim (int): Channels.
+        num_groups (int): Channel groups; ``dim`` must be divisible by it.
+        qkv_bias (bool): Bias in the qkv projection. Defaults to True.
+        version (str): ``'v1'`` or ``'v2'``. Defaults to ``'v1'``.
+        fused (bool): False runs the plain reference path (the official expression order, in the
+            input dtype). Defaults to True.
+    """
+
+    def __init__(self, dim: int, num_groups: int, qkv_bias: bool = True, version: str = 'v1',
+                 fused: bool = True) -> None:
+        super().__init__()
+        if version not in CHANNEL_ATTENTION_VERSIONS:
+            raise ValueError(f'channel_attention={version!r} is not supported; accepted: '
+                             f'{CHANNEL_ATTENTION_VERSIONS}')
+        self.num_groups = num_groups
+        self.head_dim = dim // num_groups
+        self.version = version
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``."""
+        B, H, W, C = x.shape
+        N = H * W
+        # (B, N, 3, G, d) -> three (B, G, N, d) views.
+        q, k, v = self.qkv(x.reshape(B, N, C)).view(B, N, 3, self.num_groups, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        if self.version == 'v1':
+            left, right, values, scale = k, v, q, self.head_dim ** -0.5
+        else:
+            left, right, values, scale = q, k, v, N ** -0.5
+        if self.fused:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                # Scaling the d x d product instead of an N x d operand: same maths, less work.
+                logits = (left.float().transpose(-1, -2) @ right.float()) * scale
+                attn = logits.softmax(dim=-1).to(values.dtype)
+        else:
+            attn = ((left * scale).transpose(-1, -2) @ right).softmax(dim=-1)
+        out = values @ attn.transpose(-1, -2)  # (B, G, N, d)
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj(out)
+
+
+class DualAttentionBlock(nn.Module):
+    """The block shape both DaViT blocks share, on a ``(B, H, W, C)`` map::
+
+        x = x + DWConv(x);  x = x + DropPath(Attn(LN(x)))
+        x = x + DWConv(x);  x = x + DropPath(MLP(LN(x)))
+
+    ``SpatialBlock`` and ``ChannelBlock`` differ only in ``attn``.
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4., drop_path: float = 0.,
+                 with_cp: bool = False) -> None:
+        super().__init__()
+        self.cpe1 = ConvPosEnc(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.cpe2 = ConvPosEnc(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.with_cp = with_cp
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe1(x)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = self.cpe2(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and torch.is_grad_enabled():
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class SpatialBlock(DualAttentionBlock):
+    """DaViT block with window attention (spatial tokens)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, mlp_ratio: float = 4.,
+                 qkv_bias: bool = True, drop_path: float = 0., with_cp: bool = False) -> None:
+        super().__init__(dim, WindowAttention(dim, num_heads, window_size, qkv_bias), mlp_ratio,
+                         drop_path, with_cp)
+
+
+class ChannelBlock(DualAttentionBlock):
+    """DaViT block with channel group attention (channel tokens)."""
+
+    def __init__(self, dim: int, num_groups: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 drop_path: float = 0., version: str = 'v1', with_cp: bool = False) -> None:
+        super().__init__(dim, ChannelAttention(dim, num_groups, qkv_bias, version), mlp_ratio,
+                         drop_path, with_cp)
+
+
+class DaViTLayer(nn.Module):
+    """One DaViT layer: a SpatialBlock followed by a ChannelBlock."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 qkv_bias: bool, drop_paths: Tuple[float, float], channel_attention: str,
+                 with_cp: bool) -> None:
+        super().__init__()
+        self.spatial_block = SpatialBlock(dim, num_heads, window_size, mlp_ratio, qkv_bias,
+                                          drop_paths[0], with_cp)
+        self.channel_block = ChannelBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_paths[1],
+                                          channel_attention, with_cp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.channel_block(self.spatial_block(x))
+
+
+class DaViTStage(nn.Module):
+    """An optional :class:`Downsample` followed by ``depth`` :class:`DaViTLayer` s."""
+
+    def __init__(self, downsample: Optional[Downsample], layers: List[DaViTLayer]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+def resolve_arch(arch: Union[str, dict]) -> ArchSpec:
+    """Turn ``arch`` (a name, an alias or a dict) into a validated spec with per-stage lists.
+
+    Raises:
+        TypeError: ``arch`` is neither a str nor a dict, or a field has the wrong type.
+        ValueError: unknown name, missing/unknown keys, inconsistent lengths, or widths not
+            divisible by the heads.
+    """
+    if isinstance(arch, str):
+        name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+        if name not in ARCH_ZOO:
+            accepted = sorted(ARCH_ZOO) + sorted(ARCH_ALIASES)
+            raise ValueError(f'arch={arch!r} is not a known DaViT variant; accepted names: '
+                             f'{accepted}, or a dict with keys {list(_REQUIRED_ARCH_KEYS)}')
+        spec = dict(ARCH_ZOO[name])
+    elif isinstance(arch, dict):
+        missing = [key for key in _REQUIRED_ARCH_KEYS if key not in arch]
+        if missing:
+            raise ValueError(f'arch dict {arch!r} is missing keys {missing}; required: '
+                             f'{list(_REQUIRED_ARCH_KEYS)}, optional: {list(_OPTIONAL_ARCH_KEYS)}')
+        unknown = [key for key in arch if key not in _REQUIRED_ARCH_KEYS + _OPTIONAL_ARCH_KEYS]
+        if unknown:
+            raise ValueError(f'arch dict has unknown keys {unknown}; accepted: '
+                             f'{list(_REQUIRED_ARCH_KEYS + _OPTIONAL_ARCH_KEYS)}')
+        spec = dict(arch)
+    else:
+        raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}: {arch!r}')
+
+    depths = _int_tuple('arch.depths', spec['depths'])
+    num_stages = len(depths)
+    if num_stages == 0 or any(d < 1 for d in depths):
+        raise ValueError(f'arch.depths={spec["depths"]!r}: need at least one stage and every depth >= 1')
+    num_heads = _int_tuple('arch.num_heads', spec['num_heads'])
+    embed_dims = spec['embed_dims']
+    if isinstance(embed_dims, int) and not isinstance(embed_dims, bool):
+        embed_dims = tuple(embed_dims * 2 ** i for i in range(num_stages))
+    else:
+        embed_dims = _int_tuple('arch.embed_dims', embed_dims)
+    for key, values in (('embed_dims', embed_dims), ('num_heads', num_heads)):
+        if len(values) != num_stages:
+            raise ValueError(f'arch.{key}={values!r} has {len(values)} entries but arch.depths has '
+                             f'{num_stages} stages')
+        if any(v < 1 for v in values):
+            raise ValueError(f'arch.{key}={values!r}: every entry must be >= 1')
+    for stage, (dim, heads) in enumerate(zip(embed_dims, num_heads)):
+        if dim % heads:
+            raise ValueError(f'arch.embed_dims[{stage}]={dim} is not divisible by '
+                             f'arch.num_heads[{stage}]={heads}')
+    spec.update(embed_dims=embed_dims, depths=depths, num_heads=num_heads)
+    return spec
+
+
+def _int_tuple(name: str, value) -> Tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f'{name} must be a list/tuple of ints, got {value!r}')
+    return tuple(value)
+
+
+class DaViT(BaseModule):
+    """DaViT backbone returning multi-scale ``(B, C_i, H / 2^(i+2), W / 2^(i+2))`` feature maps.
+
+    Args:
+        arch (str | dict): ``'tiny' | 'small' | 'base' | 'large' | 'huge' | 'giant'`` (aliases
+            ``t/s/b/l/h/g``), ``'florence2-base' | 'florence2-large'`` (Florence-2's vision
+            towers), or a dict with ``embed_dims`` (one width per stage, or an int for stage 1
+            that doubles per stage), ``depths``, ``num_heads`` and optionally ``window_size``,
+            ``overlapped_downsample``, ``channel_attention``. Defaults to ``'tiny'``.
+        in_channels (int): Input image channels. Defaults to 3.
+        window_size (int, optional): Window side of the spatial attention. Defaults to None: the
+            arch's value (7 for the paper's variants, 12 for Florence-2).
+        mlp_ratio (float): MLP hidden width over block width. Defaults to 4.
+        qkv_bias (bool): Bias in the qkv projections. Defaults to True.
+        drop_path_rate (float): Largest stochastic-depth rate; the rates rise linearly over the
+            ``2 * sum(depths)`` blocks (spatial and channel blocks count separately), as in the
+            official code. Defaults to 0.1.
+        overlapped_downsample (bool, optional): 3x3/s2/p1 downsample convs instead of 2x2/s2.
+            Defaults to None: the arch's value (False; True for Florence-2).
+        channel_attention (str, optional): ``'v1'`` (DaViT) or ``'v2'`` (Florence-2). Defaults
+            to None: the arch's value.
+        out_indices (Sequence[int]): Stages to return, 0-based (negative counts from the end;
+            returned in stage order). Output LayerNorms exist only for these and stages after the
+            last one are not built, so nothing is left as unused parameters under DDP.
+            Defaults to (0, 1, 2, 3).
+        frozen_stages (int): -1 freezes nothing, 0 the stem, k the stem and stages 1..k with
+            their downsamples and output norms (as mmdet's Swin). Frozen parts stay in eval mode.
+            Defaults to -1.
+        norm_eval (bool): Keep BatchNorm layers in eval mode during training. DaViT itself only
+            has LayerNorms, so this matters only for modules swapped in by users. Defaults to False.
+        with_cp (bool): Gradient checkpointing of every spatial and channel block (less memory,
+            one more forward per block in backward). Defaults to False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
+            loads any public DaViT checkpoint format (see :mod:`davit_mm.checkpoint`); None
+            initialises as the official code does. Defaults to None.
+    """
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 window_size: Optional[int] = None,
+                 mlp_ratio: float = 4.,
+                 qkv_bias: bool = True,
+                 drop_path_rate: float = 0.1,
+                 overlapped_downsample: Optional[bool] = None,
+                 channel_attention: Optional[str] = None,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        spec = resolve_arch(arch)
+        self.arch = arch
+        self.embed_dims: Tuple[int, ...] = spec['embed_dims']
+        self.depths: Tuple[int, ...] = spec['depths']
+        self.num_heads: Tuple[int, ...] = spec['num_heads']
+        self.window_size = spec.get('window_size', 7) if window_size is None else window_size
+        self.overlapped_downsample = bool(spec.get('overlapped_downsample', False)
+                                          if overlapped_downsample is None else overlapped_downsample)
+        self.channel_attention = (spec.get('channel_attention', 'v1')
+                                  if channel_attention is None else channel_attention)
+        self.in_channels = in_channels
+        num_stages = len(self.depths)
+        self._check_args(num_stages, in_channels, self.window_size, self.channel_attention,
+                         out_indices, frozen_stages, drop_path_rate)
+        self.out_indices = tuple(sorted(i % num_stages for i in out_indices))
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+        self.stem = Stem(in_channels, self.embed_dims[0])
+        rates = torch.linspace(0, drop_path_rate, 2 * sum(self.depths)).tolist()
+        # Stages after the last returned one are not built: they would be dead weight (and unused
+        # parameters under DDP). Their checkpoint keys are reported as skipped when loading.
+        self.stages = nn.ModuleList()
+        first_layer = 0
+        for i in range(self.out_indices[-1] + 1):
+            dim, depth, heads = self.embed_dims[i], self.depths[i], self.num_heads[i]
+            downsample = (Downsample(self.embed_dims[i - 1], dim, self.overlapped_downsample)
+                          if i > 0 else None)
+            layers = [
+                DaViTLayer(dim, heads, self.window_size, mlp_ratio, qkv_bias,
+                           (rates[2 * j], rates[2 * j + 1]), self.channel_attention, with_cp)
+                for j in range(first_layer, first_layer + depth)
+            ]
+            self.stages.append(DaViTStage(downsample, layers))
+            first_layer += depth
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i]))
+        self._freeze_stages()
+
+    @staticmethod
+    def _check_args(num_stages: int, in_channels, window_size, channel_attention, out_indices,
+                    frozen_stages, drop_path_rate) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(in_channels) or in_channels < 1:
+            raise ValueError(f'in_channels={in_channels!r}: expected a positive int')
+        if not is_int(window_size) or window_size < 1:
+            raise ValueError(f'window_size={window_size!r}: expected a positive int')
+        if channel_attention not in CHANNEL_ATTENTION_VERSIONS:
+            raise ValueError(f'channel_attention={channel_attention!r}: accepted '
+                             f'{CHANNEL_ATTENTION_VERSIONS}')
+        if not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+            raise ValueError(f'drop_path_rate={drop_path_rate!r}: expected a float in [0, 1)')
+        if not isinstance(out_indices, (list, tuple)) or not all(is_int(i) for i in out_indices):
+            raise TypeError(f'out_indices must be a list/tuple of ints, got {out_indices!r}')
+        if len(out_indices) == 0:
+            raise ValueError(f'out_indices={out_indices!r} is empty; accepted: stage indices in '
+                             f'[{-num_stages}, {num_stages - 1}]')
+        bad = [i for i in out_indices if not -num_stages <= i < num_stages]
+        if bad:
+            raise ValueError(f'out_indices={out_indices!r} has {bad} out of range; this arch has '
+                             f'{num_stages} stages, accepted indices in [{-num_stages}, '
+                             f'{num_stages - 1}]')
+        if len({i % num_stages for i in out_indices}) != len(out_indices):
+            raise ValueError(f'out_indices={out_indices!r} names a stage twice')
+        if not is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages={frozen_stages!r}: accepted -1 (nothing frozen), 0 '
+                             f'(stem) .. {num_stages} (stem and all stages)')
+
+    @property
+    def out_channels(self) -> List[int]:
+        """Channels of each returned map, in ``out_indices`` order (a neck's ``in_channels``)."""
+        return [self.embed_dims[i] for i in self.out_indices]
+
+    def set_fused_attention(self, enabled: bool) -> None:
+        """Switch every attention between its fused path and its plain reference path."""
+        for module in self.modules():
+            if isinstance(module, (WindowAttention, ChannelAttention)):
+                module.fused = enabled
+
+    def init_weights(self) -> None:
+        """Official init (truncated-normal Linear weights, zero biases, unit LayerNorms), then
+        load ``init_cfg.checkpoint`` when ``init_cfg`` is ``Pretrained``."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from davit_mm.checkpoint import load_pretrained  # the checkpoint module imports this one
+            self.apply(_official_init)
+            load_pretrained(self, cfg.get('checkpoint'), prefix=cfg.get('prefix'),
+                            format=cfg.get('format', 'auto'), map_location=cfg.get('map_location', 'cpu'))
+            self._is_init = True
+        elif cfg is None:
+            self.apply(_official_init)
+            self._is_init = True
+        else:
+            super().init_weights()
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stem] + list(self.stages[:self.frozen_stages])
+        frozen += [getattr(self, f'norm{i}') for i in self.out_indices if i < self.frozen_stages]
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'DaViT':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``(B, in_channels, H, W)`` -> one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per out index."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'DaViT expects a (B, {self.in_channels}, H, W) tensor, got shape '
+                             f'{tuple(x.shape)}')
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(_nhwc_to_nchw(out).contiguous())
+        return tuple(outs)
+
+
+def _official_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
