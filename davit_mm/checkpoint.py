@@ -1,0 +1,389 @@
+"""DaViT checkpoint formats: read, detect, convert to davit_mm's key layout, and load strictly.
+
+Formats (keys shown for the stem; every block follows the same pattern):
+
+==============  ==============================================  ===================================
+format          where it comes from                             anchor key
+==============  ==============================================  ===================================
+``davit_mm``    this package (also timm's Florence-2 models)    ``stem.conv.weight`` + named blocks
+``timm``        timm ``davit_{tiny,small,base}.msft_in1k``      ``stem.conv.weight`` + ``blocks.N.0``
+``official``    github dingmyu/davit (classification, and       ``patch_embeds.0.proj.weight``
+                trained detectors/segmentors under backbone.)
+``mmpretrain``  mmpretrain ``davit-{t,s,b}_3rdparty_in1k``      ``patch_embed.projection.weight``
+``florence2``   Florence-2 vision towers (``vision_tower.``),   ``convs.0.proj.weight`` (remote
+                both the original and the transformers layout   code) / ``convs.0.conv.weight``
+==============  ==============================================  ===================================
+
+Any key prefix in front of the anchor (``backbone.``, ``vision_tower.``, ``module.``, ...) is found
+automatically unless ``prefix`` is given. Files are read with ``torch.load(weights_only=True)`` (or
+safetensors); nothing is ever half-loaded: keys the model does not have, shape mismatches and
+missing weights raise :class:`CheckpointError` naming the arch and the first offending keys. The only
+weights allowed to be absent are the output norms ``norm0..3``, which classification checkpoints
+never contain (they are reported in one line).
+"""
+import argparse
+import os
+import os.path as osp
+import pickle
+import re
+import zipfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+
+Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
+
+FORMATS = ('davit_mm', 'timm', 'official', 'mmpretrain', 'florence2')
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
+
+
+def _shift_stage(kind: str) -> Callable[[re.Match], str]:
+    # mmpretrain keeps stage i's downsample at the end of stage i; davit_mm at the start of i + 1.
+    return lambda m: f'stages.{int(m[1]) + 1}.downsample.{kind}.'
+
+
+# Layout -> ordered (pattern, replacement) rules turning its keys into davit_mm keys.
+_RULES: Dict[str, List[Rule]] = {
+    'davit_mm': [],
+    'timm': [
+        (r'^(stages\.\d+\.blocks\.\d+)\.0\.', r'\1.spatial_block.'),
+        (r'^(stages\.\d+\.blocks\.\d+)\.1\.', r'\1.channel_block.'),
+    ],
+    'official': [
+        (r'^patch_embeds\.0\.proj\.', 'stem.conv.'),
+        (r'^patch_embeds\.0\.norm\.', 'stem.norm.'),
+        (r'^patch_embeds\.(\d+)\.proj\.', r'stages.\1.downsample.conv.'),
+        (r'^patch_embeds\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
+        (r'^main_blocks\.(\d+)\.(\d+)\.0\.', r'stages.\1.blocks.\2.spatial_block.'),
+        (r'^main_blocks\.(\d+)\.(\d+)\.1\.', r'stages.\1.blocks.\2.channel_block.'),
+        (r'\.cpe\.0\.', '.cpe1.'),
+        (r'\.cpe\.1\.', '.cpe2.'),
+    ],
+    'mmpretrain': [
+        (r'^patch_embed\.projection\.', 'stem.conv.'),
+        (r'^patch_embed\.norm\.', 'stem.norm.'),
+        (r'^stages\.(\d+)\.downsample\.projection\.', _shift_stage('conv')),
+        (r'^stages\.(\d+)\.downsample\.norm\.', _shift_stage('norm')),
+        (r'\.attn\.w_msa\.', '.attn.'),
+        (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
+        (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
+    ],
+    # Florence-2 as published with its remote code (microsoft/Florence-2-*).
+    'florence2': [
+        (r'^convs\.0\.proj\.', 'stem.conv.'),
+        (r'^convs\.0\.norm\.', 'stem.norm.'),
+        (r'^convs\.(\d+)\.proj\.', r'stages.\1.downsample.conv.'),
+        (r'^convs\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
+        (r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
+        (r'\.conv([12])\.fn\.dw\.', r'.cpe\1.proj.'),
+        (r'\.(?:window|channel)_attn\.norm\.', '.norm1.'),
+        (r'\.(?:window|channel)_attn\.fn\.', '.attn.'),
+        (r'\.ffn\.norm\.', '.norm2.'),
+        (r'\.ffn\.fn\.net\.', '.mlp.'),
+    ],
+    # Florence-2 as converted for transformers' native Florence2 model (model.vision_tower.).
+    'florence2_hf': [
+        (r'^convs\.0\.conv\.', 'stem.conv.'),
+        (r'^convs\.0\.norm\.', 'stem.norm.'),
+        (r'^convs\.(\d+)\.conv\.', r'stages.\1.downsample.conv.'),
+        (r'^convs\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
+        (r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
+        (r'\.conv([12])\.', r'.cpe\1.proj.'),
+        (r'\.(?:window|channel)_attn\.', '.attn.'),
+        (r'\.ffn\.', '.mlp.'),
+    ],
+}
+# The key that identifies each layout (after its prefix), and the format it belongs to.
+_ANCHORS: Dict[str, Tuple[str, str]] = {
+    'davit_mm': ('stem.conv.weight', 'davit_mm'),
+    'timm': ('stem.conv.weight', 'timm'),
+    'official': ('patch_embeds.0.proj.weight', 'official'),
+    'mmpretrain': ('patch_embed.projection.weight', 'mmpretrain'),
+    'florence2': ('convs.0.proj.weight', 'florence2'),
+    'florence2_hf': ('convs.0.conv.weight', 'florence2'),
+}
+# Channel attention each foreign format implies (davit_mm's own files hold either).
+_FORMAT_CHANNEL_ATTENTION = {'timm': 'v1', 'official': 'v1', 'mmpretrain': 'v1', 'florence2': 'v2'}
+_CLASSIFIER = re.compile(r'^(head|norms)(\.|$)')
+_OUTPUT_NORM = re.compile(r'^norm(\d+)\.')
+_STAGE = re.compile(r'^stages\.(\d+)\.')
+_UNWRAP_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
+
+
+# --------------------------------------------------------------------------------------- reading
+def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file (or http(s) URL) into a flat ``{key: tensor}`` dict.
+
+    Accepts ``.pth``/``.pt``/``.bin``/``.ckpt`` files written by ``torch.save`` (read with
+    ``weights_only=True``) and ``.safetensors``. A ``state_dict``/``model``/``module`` wrapper is
+    unwrapped; non-tensor entries (epoch, args, ...) are dropped.
+
+    Raises:
+        TypeError: ``path`` is not a str/PathLike.
+        CheckpointError: the file is missing, unreadable, refused by ``weights_only`` or holds no
+            tensors.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f'checkpoint must be a path (str), got {type(path).__name__}: {path!r}')
+    path = os.fspath(path)
+    if path.startswith(('http://', 'https://')):
+        path = _download(path)
+    if not osp.isfile(path):
+        raise CheckpointError(f'checkpoint={path!r}: no such file')
+    if path.endswith('.safetensors'):
+        obj = _read_safetensors(path, map_location)
+    else:
+        obj = _torch_load(path, map_location)
+    return _flatten(obj, path)
+
+
+def _download(url: str) -> str:
+    cache = osp.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache, exist_ok=True)
+    dst = osp.join(cache, osp.basename(url.split('?')[0]))
+    if not osp.exists(dst):
+        print_log(f'Downloading {url} to {dst}', logger='current')
+        torch.hub.download_url_to_file(url, dst, progress=False)
+    return dst
+
+
+def _read_safetensors(path: str, map_location) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:  # an optional dependency
+        raise CheckpointError(f'checkpoint={path!r} is a .safetensors file; install the '
+                              f'"safetensors" package to read it') from exc
+    try:
+        return load_file(path, device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f'checkpoint={path!r} is not a readable safetensors file: {exc}') from exc
+
+
+def _torch_load(path: str, map_location) -> object:
+    # Checkpoints written by timm-based training scripts (the official classification weights)
+    # carry their argparse Namespace; it is plain data, so it is allowed here and nowhere else.
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        refused = next((line for line in reason if 'Unsupported' in line or 'GLOBAL' in line),
+                       reason[0] if reason else '')
+        if 'Weights only load failed' in str(exc):
+            raise CheckpointError(
+                f'checkpoint={path!r} holds pickled objects that weights_only loading refuses '
+                f'({refused.strip()}). davit_mm only reads tensors from checkpoints; if you trust '
+                f'the file, re-save its weights: torch.save(torch.load(path, weights_only=False)'
+                f"['state_dict'], 'clean.pth')") from exc
+        raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint: {exc}') from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f'checkpoint={path!r} is not a readable PyTorch checkpoint (corrupt '
+                              f'or truncated?): {type(exc).__name__}: {exc}') from exc
+
+
+def _flatten(obj: object, path: str) -> Dict[str, torch.Tensor]:
+    for _ in range(3):  # e.g. {'state_dict': {'model': {...}}}
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in _UNWRAP_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None or not any(isinstance(v, torch.Tensor) for v in inner.values()):
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'checkpoint={path!r} holds a {type(obj).__name__}, not a state dict')
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f'checkpoint={path!r} holds no tensors (top-level keys: '
+                              f'{sorted(map(str, obj))[:10]})')
+    return tensors
+
+
+# ----------------------------------------------------------------------------- detect / convert
+def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = None,
+                  format: str = 'auto') -> Tuple[str, str]:
+    """Return ``(layout, prefix)`` for a flat state dict.
+
+    ``layout`` is a key of the conversion table (a format name, or ``'florence2_hf'`` for the
+    transformers layout of Florence-2). ``prefix`` is the text before every backbone key.
+
+    Raises:
+        ValueError: unknown ``format``.
+        CheckpointError: no DaViT keys, the requested format/prefix is absent, or several
+            backbones (prefixes) are present and ``prefix`` was not given.
+    """
+    if format != 'auto' and format not in FORMATS:
+        raise ValueError(f"format={format!r}: accepted 'auto' or one of {FORMATS}")
+    layouts = [name for name, (_, fmt) in _ANCHORS.items() if format in ('auto', fmt)]
+    found: Dict[Tuple[str, str], None] = {}
+    for key in state_dict:
+        for layout in layouts:
+            anchor = _ANCHORS[layout][0]
+            if key.endswith(anchor):
+                key_prefix = key[:-len(anchor)]
+                if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
+                    found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
+    if not found:
+        wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
+        where = '' if prefix is None else f' under prefix={prefix!r}'
+        raise CheckpointError(f'no {wanted} weights found{where}; the checkpoint starts with keys '
+                              f'{sorted(state_dict)[:5]}')
+    if len(found) > 1:
+        raise CheckpointError(f'the checkpoint holds several DaViT backbones {sorted(found)}; '
+                              f'choose one with prefix=...')
+    return next(iter(found))
+
+
+def _refine(layout: str, state_dict: Dict[str, torch.Tensor], prefix: str) -> str:
+    # timm and davit_mm share the stem; timm numbers the two blocks of a layer (.0/.1).
+    if layout in ('davit_mm', 'timm'):
+        timm_block = re.compile(re.escape(prefix) + r'stages\.\d+\.blocks\.\d+\.[01]\.')
+        return 'timm' if any(timm_block.match(k) for k in state_dict) else 'davit_mm'
+    return layout
+
+
+def layout_format(layout: str) -> str:
+    """The user-facing format name of a layout (``'florence2_hf'`` -> ``'florence2'``)."""
+    return _ANCHORS[layout][1]
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
+                       prefix: str = '') -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Rename the backbone keys under ``prefix`` to davit_mm's layout.
+
+    Returns ``(converted, classifier_keys)``: classifier weights (``head``, ``norms``, and
+    mmpretrain's ``norm3`` when it is the only output norm, i.e. the classification norm) are not
+    part of a backbone and are returned separately (under their original names). Keys outside
+    ``prefix`` are ignored.
+    """
+    rules = [(re.compile(pattern), repl) for pattern, repl in _RULES[layout]]
+    converted: Dict[str, torch.Tensor] = {}
+    classifier: List[str] = []
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if _CLASSIFIER.match(name):
+            classifier.append(key)
+            continue
+        for pattern, repl in rules:
+            name = pattern.sub(repl, name)
+        converted[name] = value
+    if layout == 'mmpretrain':
+        norms = sorted(k for k in converted if _OUTPUT_NORM.match(k))
+        if norms and all(k.startswith('norm3.') for k in norms):
+            classifier += [prefix + k for k in norms]
+            for k in norms:
+                del converted[k]
+    return converted, classifier
+
+
+def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Infer the arch of a davit_mm-layout state dict, e.g. for error messages."""
+    dims, depths = [], []
+    stage = 0
+    while True:
+        conv = 'stem.conv.weight' if stage == 0 else f'stages.{stage}.downsample.conv.weight'
+        if conv not in state_dict:
+            break
+        dims.append(state_dict[conv].shape[0])
+        layers = {int(m[1]) for k in state_dict
+                  for m in [re.match(rf'stages\.{stage}\.blocks\.(\d+)\.', k)] if m}
+        depths.append(len(layers))
+        stage += 1
+    if not dims:
+        return 'an unrecognised layout'
+    return f'embed_dims={tuple(dims)}, depths={tuple(depths)}'
+
+
+# ----------------------------------------------------------------------------------------- load
+def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]],
+                    prefix: Optional[str] = None, format: str = 'auto',
+                    map_location: Union[str, torch.device] = 'cpu') -> Dict[str, List[str]]:
+    """Load a DaViT checkpoint of any supported format into a :class:`DaViT`, all or nothing.
+
+    Args:
+        model: the backbone.
+        checkpoint: a path/URL, or an already-read flat state dict.
+        prefix: text before the backbone keys (e.g. ``'backbone.'``); None detects it.
+        format: ``'auto'`` or one of :data:`FORMATS`.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        A report: ``{'missing': [...], 'classifier': [...], 'skipped': [...]}`` (model keys left
+        at init, classifier keys dropped, checkpoint keys for stages/norms the model did not
+        build).
+
+    Raises:
+        CheckpointError: unreadable file, no DaViT weights, a different size or variant
+            (shape mismatch, unknown keys, weights missing), or a format that implies a
+            different channel attention than the model's.
+    """
+    if checkpoint is None:
+        raise CheckpointError("init_cfg=dict(type='Pretrained') needs checkpoint=PATH")
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'the given state dict'
+    state_dict = read_checkpoint(checkpoint, map_location) if not isinstance(checkpoint, dict) else checkpoint
+    layout, found_prefix = detect_format(state_dict, prefix, format)
+    fmt = layout_format(layout)
+    arch = f'DaViT(arch={model.arch!r})'
+    wanted_attention = _FORMAT_CHANNEL_ATTENTION.get(fmt)
+    if wanted_attention and wanted_attention != model.channel_attention:
+        hint = " (use arch='florence2-base' or 'florence2-large')" if fmt == 'florence2' else ''
+        raise CheckpointError(f'{source} is a {fmt} checkpoint, whose channel attention is '
+                              f"'{wanted_attention}', but {arch} uses channel_attention="
+                              f"'{model.channel_attention}'{hint}")
+    converted, classifier = convert_state_dict(state_dict, layout, found_prefix)
+
+    own = model.state_dict()
+    skipped, unexpected, mismatched = [], [], []
+    for key, value in converted.items():
+        if key not in own:
+            (skipped if _not_built(model, key) else unexpected).append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
+    missing = [k for k in own if k not in converted]
+    norms_missing = [k for k in missing if _OUTPUT_NORM.match(k)]
+    other_missing = [k for k in missing if not _OUTPUT_NORM.match(k)]
+    if mismatched or unexpected or other_missing:
+        problems = []
+        if mismatched:
+            problems.append(f'shape mismatches: {mismatched[:5]}')
+        if unexpected:
+            problems.append(f'keys the model does not have: {unexpected[:5]}')
+        if other_missing:
+            problems.append(f'model weights the checkpoint lacks: {other_missing[:5]}')
+        raise CheckpointError(
+            f'{source} ({fmt} format, prefix {found_prefix!r}) does not fit {arch} with '
+            f'embed_dims={model.embed_dims}, depths={model.depths}: the checkpoint looks like '
+            f'{describe_state_dict(converted)}; ' + '; '.join(problems))
+    model.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
+
+    parts = [f'Loaded {len(converted) - len(skipped)} DaViT tensors from {source} ({fmt} format, '
+             f'prefix {found_prefix!r})']
+    if norms_missing:
+        norms = sorted({k.split('.')[0] for k in norms_missing})
+        parts.append(f'not in the checkpoint, left at init: {", ".join(norms)}')
+    if classifier:
+        parts.append(f'dropped {len(classifier)} classifier tensors ({_summarise(classifier)})')
+    if skipped:
+        parts.append(f'skipped {len(skipped)} tensors of stages/norms this model does not build '
+                     f'(out_indices={model.out_indices}): {_summarise(skipped)}')
+    print_log('; '.join(parts), logger='current')
+    return dict(missing=norms_missing, classifier=classifier, skipped=skipped)
+
+
+def _not_built(model: torch.nn.Module, key: str) -> bool:
+    """A checkpoint key for a stage after the model's last one, or an unused output norm."""
+    stage = _STAGE.match(key)
+    if stage:
+        return int(stage[1]) >= len(model.stages)
+    norm = _OUTPUT_NORM.match(key)
+    return bool(norm) and int(norm[1]) not in model.out_indices
+
+
+def _summarise(keys: Sequence[str]) -> str:
+    heads = sorted({'.'.join(k.split('.')[:2]) for k in keys})
+    return ', '.join(heads[:6]) + (', ...' if len(heads) > 6 else '')
