@@ -27,6 +27,7 @@ import os.path as osp
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -132,8 +133,10 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     path = os.fspath(path)
     if path.startswith(('http://', 'https://')):
         path = _download(path)
-    if not osp.isfile(path):
+    if not osp.exists(path):
         raise CheckpointError(f'checkpoint={path!r}: no such file')
+    if not osp.isfile(path):
+        raise CheckpointError(f'checkpoint={path!r} is not a regular file')
     if path.endswith('.safetensors'):
         obj = _read_safetensors(path, map_location)
     else:
@@ -164,6 +167,13 @@ def _read_safetensors(path: str, map_location) -> dict:
 
 
 def _torch_load(path: str, map_location) -> object:
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    # torch.save writes a zip archive ('PK'); files from torch < 1.6 are a pickle (PROTO 0x80).
+    # A truncated archive keeps its magic and fails in torch.load below, as corrupt.
+    if head != b'PK' and head[:1] != b'\x80':
+        raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
+                              f'torch.save archive nor a pickle; {osp.getsize(path)} bytes)')
     # Checkpoints written by timm-based training scripts (the official classification weights)
     # carry their argparse Namespace; it is plain data, so it is allowed here and nowhere else.
     try:
@@ -250,17 +260,28 @@ def layout_format(layout: str) -> str:
     return _ANCHORS[layout][1]
 
 
-def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
-                       prefix: str = '') -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Rename the backbone keys under ``prefix`` to davit_mm's layout.
+@dataclass
+class Conversion:
+    """A state dict renamed to davit_mm's layout.
 
-    Returns ``(converted, classifier_keys)``: classifier weights (``head``, ``norms``, and
-    mmpretrain's ``norm3`` when it is the only output norm, i.e. the classification norm) are not
-    part of a backbone and are returned separately (under their original names). Keys outside
-    ``prefix`` are ignored.
+    Attributes:
+        state_dict: backbone tensors under davit_mm names (no prefix).
+        sources: davit_mm name -> the key it came from.
+        classifier: original keys of classifier weights (``head``, ``norms``, and mmpretrain's
+            ``norm3`` when it is the only output norm, i.e. the classification norm); they are not
+            part of a backbone and are left out of ``state_dict``.
     """
+    state_dict: Dict[str, torch.Tensor]
+    sources: Dict[str, str]
+    classifier: List[str]
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
+                       prefix: str = '') -> Conversion:
+    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored)."""
     rules = [(re.compile(pattern), repl) for pattern, repl in _RULES[layout]]
     converted: Dict[str, torch.Tensor] = {}
+    sources: Dict[str, str] = {}
     classifier: List[str] = []
     for key, value in state_dict.items():
         if not key.startswith(prefix):
@@ -272,13 +293,14 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
         for pattern, repl in rules:
             name = pattern.sub(repl, name)
         converted[name] = value
+        sources[name] = key
     if layout == 'mmpretrain':
-        norms = sorted(k for k in converted if _OUTPUT_NORM.match(k))
+        norms = [k for k in converted if _OUTPUT_NORM.match(k)]
         if norms and all(k.startswith('norm3.') for k in norms):
-            classifier += [prefix + k for k in norms]
             for k in norms:
+                classifier.append(sources.pop(k))
                 del converted[k]
-    return converted, classifier
+    return Conversion(converted, sources, classifier)
 
 
 def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -335,7 +357,8 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
         raise CheckpointError(f'{source} is a {fmt} checkpoint, whose channel attention is '
                               f"'{wanted_attention}', but {arch} uses channel_attention="
                               f"'{model.channel_attention}'{hint}")
-    converted, classifier = convert_state_dict(state_dict, layout, found_prefix)
+    conversion = convert_state_dict(state_dict, layout, found_prefix)
+    converted, classifier = conversion.state_dict, conversion.classifier
 
     own = model.state_dict()
     skipped, unexpected, mismatched = [], [], []

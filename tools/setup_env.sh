@@ -40,7 +40,8 @@ pip() { "$py" -m pip "$@"; }
 # The checks that decide whether anything needs doing; also the final verification.
 verify() {
   "$py" - "$repo" <<'EOF'
-import os, sys
+import os, sys, warnings
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 repo = os.path.realpath(sys.argv[1])
 problems = []
 def check(what, fn):
@@ -61,6 +62,29 @@ check('mmdet', lambda: __import__('mmdet.models'))
 check('mmseg', lambda: __import__('mmseg.models'))
 check('pkg_resources (setuptools<82)', lambda: __import__('pkg_resources'))
 check('davit_mm', davit_mm_here)
+def requirements_met():
+    # Every requirement file line must be satisfied, so a requirement added later is installed
+    # on machines that were set up before it existed.
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.requirements import Requirement
+    unmet = []
+    for name in ('runtime', 'tests', 'det', 'seg', 'openmmlab'):
+        with open(os.path.join(repo, 'requirements', f'{name}.txt')) as f:
+            for line in f:
+                line = line.split('#', 1)[0].strip()
+                if not line:
+                    continue
+                req = Requirement(line)
+                try:
+                    installed = version(req.name)
+                except PackageNotFoundError:
+                    unmet.append(f'{line} (not installed)')
+                    continue
+                if not req.specifier.contains(installed, prereleases=True):
+                    unmet.append(f'{line} (have {installed})')
+    if unmet:
+        raise RuntimeError('unmet requirements: ' + ', '.join(unmet))
+check('requirements', requirements_met)
 if problems:
     print('\n'.join(problems))
     sys.exit(1)

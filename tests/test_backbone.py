@@ -1,0 +1,262 @@
+"""The DaViT backbone: shapes, official numerics, fast paths, freezing, checkpointing, bad input."""
+import pytest
+import torch
+import torch.nn as nn
+
+from davit_mm.checkpoint import convert_state_dict
+from davit_mm.models import DaViT, ReferenceDaViT
+from davit_mm.models.davit import ChannelAttention, DualAttentionBlock, WindowAttention
+
+ODD_SIZES = [(1, 45, 67), (2, 50, 50), (1, 33, 19), (1, 8, 8)]
+
+
+def build_pair(arch, **kwargs):
+    """A reference (official layout) and a DaViT holding the same random weights, in eval mode."""
+    ref = ReferenceDaViT(arch, **kwargs).eval()
+    with torch.no_grad():  # non-trivial LayerNorms, so a swapped norm would show
+        for name, p in ref.named_parameters():
+            if 'norm' in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    ours = DaViT(arch, **kwargs).eval()
+    ours.load_state_dict(convert_state_dict(ref.state_dict(), 'official').state_dict)
+    return ref, ours
+
+
+def max_diff(outs_a, outs_b):
+    return max((a - b).abs().max().item() for a, b in zip(outs_a, outs_b))
+
+
+@pytest.mark.parametrize('batch,height,width', ODD_SIZES)
+def test_output_shapes_are_ceil_divided_strides(tiny_arch, batch, height, width):
+    model = DaViT(tiny_arch).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(batch, 3, height, width))
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        stride = 2 ** (i + 2)
+        expected = (batch, 16 * 2 ** i, -(-height // stride), -(-width // stride))
+        assert tuple(out.shape) == expected
+        assert out.is_contiguous()
+
+
+@pytest.mark.parametrize('batch,height,width', ODD_SIZES)
+def test_matches_official_reference_at_odd_sizes(tiny_arch, batch, height, width):
+    ref, ours = build_pair(tiny_arch)
+    x = torch.randn(batch, 3, height, width)
+    with torch.no_grad():
+        assert max_diff(ours(x), ref(x)) < 1e-5
+
+
+def test_real_tiny_matches_reference_at_225x309():
+    ref, ours = build_pair('tiny')
+    x = torch.randn(1, 3, 225, 309)
+    with torch.no_grad():
+        assert max_diff(ours(x), ref(x)) < 1e-4
+
+
+@pytest.mark.parametrize('overlapped,version', [(True, 'v2'), (False, 'v2'), (True, 'v1')])
+def test_florence2_switches_match_reference(tiny_arch, overlapped, version):
+    ref, ours = build_pair(tiny_arch, overlapped_downsample=overlapped, channel_attention=version)
+    x = torch.randn(2, 3, 41, 29)
+    with torch.no_grad():
+        assert max_diff(ours(x), ref(x)) < 1e-5
+
+
+def test_florence2_arch_uses_window_12_overlapped_downsample_and_v2():
+    model = DaViT('florence2-base')
+    assert (model.window_size, model.overlapped_downsample, model.channel_attention) == (12, True, 'v2')
+    assert model.stages[1].downsample.conv.kernel_size == (3, 3)
+    explicit = DaViT('florence2-base', window_size=7)
+    assert explicit.window_size == 7
+
+
+def test_fused_and_reference_attention_paths_agree(tiny_arch):
+    model = DaViT(tiny_arch).eval()
+    x = torch.randn(2, 3, 37, 53)
+    with torch.no_grad():
+        fused = model(x)
+        model.set_fused_attention(False)
+        plain = model(x)
+    assert max_diff(fused, plain) < 1e-5
+
+
+@pytest.mark.parametrize('attn', [WindowAttention(16, 2, 3), ChannelAttention(16, 2, version='v1'),
+                                  ChannelAttention(16, 2, version='v2')],
+                         ids=['window', 'channel-v1', 'channel-v2'])
+def test_each_attention_fast_path_matches_its_reference_path_with_gradients(attn):
+    x = torch.randn(2, 7, 8, 16, requires_grad=True)
+    attn.fused = True
+    out_fast = attn(x)
+    grad_fast, = torch.autograd.grad(out_fast.square().sum(), x)
+    attn.fused = False
+    out_ref = attn(x)
+    grad_ref, = torch.autograd.grad(out_ref.square().sum(), x)
+    assert (out_fast - out_ref).abs().max() < 1e-5
+    assert (grad_fast - grad_ref).abs().max() < 1e-4
+
+
+def test_drop_path_rates_rise_over_twice_the_number_of_layers(tiny_arch):
+    model = DaViT(tiny_arch, drop_path_rate=0.5)
+    rates = []
+    for stage in model.stages:
+        for layer in stage.blocks:
+            for block in (layer.spatial_block, layer.channel_block):
+                rates.append(block.drop_path.drop_prob if hasattr(block.drop_path, 'drop_prob') else 0.)
+    expected = torch.linspace(0, 0.5, 2 * sum(tiny_arch['depths'])).tolist()
+    assert rates == pytest.approx(expected)
+
+
+def test_drop_path_applies_to_both_residuals_of_the_channel_block():
+    block = DualAttentionBlock(8, ChannelAttention(8, 2), drop_path=0.5).train()
+    for module in (block.attn, block.mlp):  # each residual branch outputs ones
+        module.forward = lambda x: torch.ones_like(x)
+    for cpe in (block.cpe1, block.cpe2):
+        cpe.forward = lambda x: x
+    torch.manual_seed(0)
+    out = block(torch.zeros(64, 2, 2, 8))
+    per_sample = out[:, 0, 0, 0]
+    # Each branch contributes 0 or 1 / keep_prob = 2, independently: sums of {0, 2, 4} occur.
+    assert set(per_sample.unique().tolist()) == {0., 2., 4.}
+
+
+def test_init_follows_official_scheme(tiny_arch):
+    model = DaViT(tiny_arch)
+    model.init_weights()
+    linear = model.stages[0].blocks[0].spatial_block.attn.qkv
+    assert linear.bias.abs().max() == 0
+    assert 0.015 < linear.weight.std().item() < 0.025  # trunc_normal(std=.02), cut at +-2
+    norm = model.norm0
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+def test_out_indices_build_only_the_norms_and_stages_they_need(tiny_arch):
+    model = DaViT(tiny_arch, out_indices=(1, 2))
+    names = {n.split('.')[0] for n, _ in model.named_parameters()}
+    assert {'norm1', 'norm2'} <= names and not {'norm0', 'norm3'} & names
+    assert len(model.stages) == 3
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 64] == model.out_channels
+    sum(o.sum() for o in outs).backward()
+    assert all(p.grad is not None for p in model.parameters())  # nothing unused under DDP
+
+
+def test_negative_out_indices_count_from_the_end(tiny_arch):
+    assert DaViT(tiny_arch, out_indices=(-1, -2)).out_indices == (2, 3)
+
+
+@pytest.mark.parametrize('frozen_stages', [0, 1, 2, 4])
+def test_frozen_stages_get_no_gradient_and_stay_in_eval(tiny_arch, frozen_stages):
+    model = DaViT(tiny_arch, frozen_stages=frozen_stages, drop_path_rate=0.2)
+    model.train()
+    frozen = [model.stem] + list(model.stages[:frozen_stages])
+    frozen += [getattr(model, f'norm{i}') for i in range(frozen_stages)]
+    trainable = list(model.stages[frozen_stages:])
+    trainable += [getattr(model, f'norm{i}') for i in range(frozen_stages, 4)]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    for module in trainable:
+        assert module.training
+        assert all(p.requires_grad for p in module.parameters())
+    outs = model(torch.randn(1, 3, 32, 32))
+    if trainable:
+        sum(o.sum() for o in outs).backward()
+        assert all(p.grad is not None for m in trainable for p in m.parameters())
+    else:
+        assert not any(o.requires_grad for o in outs)
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+
+
+def test_frozen_stages_survive_init_weights(tiny_arch):
+    model = DaViT(tiny_arch, frozen_stages=1)
+    model.init_weights()
+    model.train()
+    assert not model.stages[0].training and not any(p.requires_grad for p in model.stem.parameters())
+
+
+def test_with_cp_gives_same_outputs_and_gradients(tiny_arch):
+    plain = DaViT(tiny_arch, drop_path_rate=0.).train()
+    ckpt = DaViT(tiny_arch, drop_path_rate=0., with_cp=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 40, 36)
+    grads = []
+    outs = []
+    for model in (plain, ckpt):
+        out = model(x)
+        sum((o * o).mean() for o in out).backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert max_diff(*outs) < 1e-6
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_with_cp_is_a_no_op_without_grad(tiny_arch):
+    model = DaViT(tiny_arch, with_cp=True).eval()
+    with torch.no_grad():
+        assert len(model(torch.randn(1, 3, 32, 32))) == 4
+
+
+def test_norm_eval_keeps_batchnorm_in_eval(tiny_arch):
+    model = DaViT(tiny_arch, norm_eval=True)
+    model.stages[0].blocks[0].spatial_block.attn.proj = nn.Sequential(nn.Linear(16, 16))
+    model.extra_bn = nn.BatchNorm2d(4)  # DaViT has none of its own
+    model.train()
+    assert not model.extra_bn.training and model.stages[0].training
+
+
+# ------------------------------------------------------------------------- parameter counts
+OFFICIAL_IMAGENET_PARAMS = {'tiny': 28_360_168, 'small': 49_745_896, 'base': 87_954_408}
+
+
+@pytest.mark.parametrize('arch', sorted(OFFICIAL_IMAGENET_PARAMS))
+def test_trunk_plus_imagenet_head_matches_official_parameter_count(arch):
+    """The official classifiers (28.3M/49.7M/87.9M) are the trunk + LayerNorm + 1000-way fc."""
+    model = DaViT(arch, out_indices=(3,))
+    trunk = sum(p.numel() for n, p in model.named_parameters() if not n.startswith('norm'))
+    width = model.embed_dims[-1]
+    classifier = 2 * width + width * 1000 + 1000
+    assert trunk + classifier == OFFICIAL_IMAGENET_PARAMS[arch]
+
+
+# ------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('kwargs,exc,words', [
+    (dict(arch='tinyy'), ValueError, ["arch='tinyy'", 'tiny', 'florence2-base']),
+    (dict(arch=7), TypeError, ['arch must be a str or a dict']),
+    (dict(arch=dict(embed_dims=32, depths=(1, 1))), ValueError, ["missing keys ['num_heads']"]),
+    (dict(arch=dict(embed_dims=32, depths=(1,), num_heads=(1,), mlp=2)), ValueError, ["unknown keys ['mlp']"]),
+    (dict(arch=dict(embed_dims=30, depths=(1, 1), num_heads=(4, 4))), ValueError,
+     ['embed_dims[0]=30', 'num_heads[0]=4']),
+    (dict(arch=dict(embed_dims=(32, 64), depths=(1, 1, 1), num_heads=(1, 2, 4))), ValueError,
+     ['has 2 entries', '3 stages']),
+    (dict(out_indices=()), ValueError, ['out_indices=()', 'empty']),
+    (dict(out_indices=(0, 4)), ValueError, ['out_indices=(0, 4)', '[4]', '[-4, 3]']),
+    (dict(out_indices=(1, 1)), ValueError, ['twice']),
+    (dict(out_indices=3), TypeError, ['out_indices must be a list/tuple']),
+    (dict(frozen_stages=5), ValueError, ['frozen_stages=5', '-1', '4']),
+    (dict(frozen_stages=-2), ValueError, ['frozen_stages=-2']),
+    (dict(channel_attention='v3'), ValueError, ["channel_attention='v3'", "'v1', 'v2'"]),
+    (dict(window_size=0), ValueError, ['window_size=0']),
+    (dict(drop_path_rate=1.5), ValueError, ['drop_path_rate=1.5']),
+])
+def test_bad_arguments_raise_naming_argument_value_and_accepted(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        DaViT(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize('shape', [(3, 32, 32), (1, 1, 32, 32), (1, 4, 32, 32), (1, 3, 32, 32, 1)])
+def test_input_of_wrong_rank_or_channels_is_rejected(tiny_arch, shape):
+    with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\) tensor, got shape'):
+        DaViT(tiny_arch)(torch.randn(shape))
+
+
+def test_in_channels_accepts_other_inputs(tiny_arch):
+    outs = DaViT(tiny_arch, in_channels=1)(torch.randn(1, 1, 20, 20))
+    assert outs[0].shape == (1, 16, 5, 5)
+
+
+def test_alias_and_name_build_the_same_variant():
+    assert DaViT('t').depths == DaViT('tiny').depths == (1, 1, 3, 1)
+    assert DaViT(dict(embed_dims=8, depths=(1, 1), num_heads=(1, 2)), out_indices=(0, 1)).embed_dims == (8, 16)

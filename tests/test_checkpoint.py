@@ -1,0 +1,305 @@
+"""Pretrained loading: every public format to identical outputs; every bad checkpoint to one clear error."""
+import contextlib
+import logging
+import os.path as osp
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.logging import MMLogger
+from safetensors.torch import save_file
+
+import formats
+from conftest import REPO
+from davit_mm.checkpoint import CheckpointError, load_pretrained, read_checkpoint
+from davit_mm.models import DaViT, ReferenceDaViT
+
+FLORENCE_KW = dict(overlapped_downsample=True, channel_attention='v2')
+
+
+@contextlib.contextmanager
+def captured_log():
+    """Messages logged through mmengine's current logger while the block runs."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def reference(arch, identity_norms=False, **kwargs):
+    """Random official-layout weights; classification formats carry no output norms, so for them
+    the reference keeps norm0..3 at their init (what the loaded model will have)."""
+    ref = ReferenceDaViT(arch, **kwargs).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if 'norm' in name and not (identity_norms and name.startswith('norm')):
+                p.add_(torch.randn_like(p) * 0.2)
+    return ref
+
+
+def pretrained(arch, path, **kwargs):
+    init_cfg = dict(type='Pretrained', checkpoint=str(path))
+    init_cfg.update({k: kwargs.pop(k) for k in ('prefix', 'format') if k in kwargs})
+    model = DaViT(arch, init_cfg=init_cfg, **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+def assert_same_outputs(model, ref, shape=(2, 3, 45, 38)):
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for ours, theirs in zip(model(x), ref(x)):
+            assert (ours - theirs).abs().max() < 1e-5
+
+
+CASES = {
+    # name: (writer, identity_norms, model kwargs)
+    'official-classification': (formats.official_classification, True, {}),
+    'official-detector': (formats.official_detector, False, {}),
+    'timm': (formats.timm, True, {}),
+    'mmpretrain': (formats.mmpretrain, True, {}),
+    'florence2': (formats.florence2, True, FLORENCE_KW),
+    'florence2-transformers': (lambda sd: formats.florence2(sd, transformers_layout=True), True, FLORENCE_KW),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_each_public_format_loads_to_identical_outputs(tiny_arch, tmp_path, case):
+    writer, identity_norms, kwargs = CASES[case]
+    ref = reference(tiny_arch, identity_norms, **kwargs)
+    path = tmp_path / 'ckpt.pth'
+    torch.save({'state_dict': writer(ref.state_dict()), 'epoch': 3}, path)
+    assert_same_outputs(pretrained(tiny_arch, path, **kwargs), ref)
+
+
+def test_safetensors_file_loads(tiny_arch, tmp_path):
+    ref = reference(tiny_arch, identity_norms=True)
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()}, str(path))
+    assert_same_outputs(pretrained(tiny_arch, path), ref)
+
+
+def test_davit_mm_checkpoint_round_trips_through_the_runner_layout(tiny_arch, tmp_path):
+    source = DaViT(tiny_arch).eval()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / 'epoch_12.pth'
+    torch.save({'meta': {'epoch': 12}, 'state_dict': formats.davit_mm_detector(source.state_dict())}, path)
+    model = pretrained(tiny_arch, path, prefix='backbone.')
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_classification_checkpoint_reports_missing_norms_once_in_one_line(tiny_arch, tmp_path):
+    ref = reference(tiny_arch, identity_norms=True)
+    path = tmp_path / 'cls.pth'
+    torch.save(formats.official_classification(ref.state_dict()), path)
+    model = DaViT(tiny_arch)
+    with captured_log() as messages:
+        report = load_pretrained(model, str(path))
+    lines = [m for m in messages if 'left at init' in m]
+    assert len(lines) == 1 and '\n' not in lines[0]
+    assert 'left at init: norm0, norm1, norm2, norm3' in lines[0]
+    assert 'dropped 4 classifier tensors' in lines[0]
+    assert sorted(report['classifier']) == ['head.bias', 'head.weight', 'norms.bias', 'norms.weight']
+
+
+def test_mmpretrain_classification_norm3_is_dropped_not_loaded(tiny_arch, tmp_path):
+    ref = reference(tiny_arch, identity_norms=True)
+    path = tmp_path / 'mmpretrain.pth'
+    torch.save({'state_dict': formats.mmpretrain(ref.state_dict())}, path)
+    model = DaViT(tiny_arch)
+    report = load_pretrained(model, str(path))
+    assert 'backbone.norm3.weight' in report['classifier']
+    assert torch.equal(model.norm3.weight, torch.ones(128))
+
+
+def test_detector_backbone_norms_load_and_unbuilt_parts_are_skipped(tiny_arch, tmp_path):
+    ref = reference(tiny_arch)
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': formats.official_detector(ref.state_dict())}, path)
+    model = DaViT(tiny_arch, out_indices=(1, 2))
+    report = load_pretrained(model, str(path))
+    assert torch.equal(model.norm1.weight, ref.norm1.weight)
+    assert {k.split('.')[0] for k in report['skipped']} == {'norm0', 'norm3', 'stages'}
+    assert all(k.startswith(('norm', 'stages.3.')) for k in report['skipped'])
+
+
+def test_explicit_prefix_and_format_are_honoured(tiny_arch, tmp_path):
+    ref = reference(tiny_arch)
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': formats.official_detector(ref.state_dict())}, path)
+    assert_same_outputs(pretrained(tiny_arch, path, prefix='backbone.', format='official'), ref)
+    with pytest.raises(CheckpointError, match="under prefix='bbone.'"):
+        pretrained(tiny_arch, path, prefix='bbone.')
+    with pytest.raises(CheckpointError, match='no timm-format DaViT weights'):
+        pretrained(tiny_arch, path, format='timm')
+    with pytest.raises(ValueError, match="format='caffe'"):
+        pretrained(tiny_arch, path, format='caffe')
+
+
+def test_two_backbones_in_one_file_need_a_prefix(tiny_arch, tmp_path):
+    sd = reference(tiny_arch).state_dict()
+    both = {**{f'teacher.{k}': v for k, v in sd.items()}, **{f'student.{k}': v for k, v in sd.items()}}
+    path = tmp_path / 'kd.pth'
+    torch.save(both, path)
+    with pytest.raises(CheckpointError, match='several DaViT backbones'):
+        pretrained(tiny_arch, path)
+    pretrained(tiny_arch, path, prefix='student.')
+
+
+# -------------------------------------------------------------------------- wrong checkpoints
+def _save_official(arch, path, **kwargs):
+    torch.save(formats.official_classification(reference(arch, True, **kwargs).state_dict()), path)
+    return path
+
+
+def test_checkpoint_of_another_width_names_arch_and_mismatching_keys(tiny_arch, tmp_path):
+    path = _save_official(tiny_arch, tmp_path / 'narrow.pth')
+    wider = dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4))
+    with pytest.raises(CheckpointError) as info:
+        pretrained(wider, path)
+    message = str(info.value)
+    assert 'does not fit DaViT(arch=' in message and 'embed_dims=(32, 64, 128, 256)' in message
+    assert 'looks like embed_dims=(16, 32, 64, 128), depths=(1, 2, 1, 1)' in message
+    assert "shape mismatches: ['stem.conv.weight: checkpoint (16, 3, 7, 7) vs model (32, 3, 7, 7)'" in message
+
+
+def test_checkpoint_of_another_depth_is_refused_either_way(tiny_arch, tmp_path):
+    path = _save_official(tiny_arch, tmp_path / 'deep.pth')
+    with pytest.raises(CheckpointError, match='keys the model does not have:.*stages.1.blocks.1'):
+        pretrained(dict(tiny_arch, depths=(1, 1, 1, 1)), path)
+    with pytest.raises(CheckpointError, match='model weights the checkpoint lacks:.*stages.2.blocks.1'):
+        pretrained(dict(tiny_arch, depths=(1, 2, 2, 1)), path)
+
+
+def test_failed_load_leaves_the_model_untouched(tiny_arch, tmp_path):
+    path = _save_official(tiny_arch, tmp_path / 'deep.pth')
+    model = DaViT(dict(tiny_arch, depths=(1, 2, 2, 1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_pretrained(model, str(path))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_real_size_mismatch_tiny_checkpoint_into_small(tmp_path):
+    path = tmp_path / 'tiny.pth'
+    torch.save(formats.timm(ReferenceDaViT('tiny').state_dict()), path)
+    with pytest.raises(CheckpointError, match=r"DaViT\(arch='small'\).*depths=\(1, 1, 3, 1\)"):
+        pretrained('small', path)
+
+
+def test_florence2_weights_into_a_v1_model_point_to_the_florence_arch(tiny_arch, tmp_path):
+    path = tmp_path / 'florence.pth'
+    torch.save(formats.florence2(reference(tiny_arch, True, **FLORENCE_KW).state_dict()), path)
+    with pytest.raises(CheckpointError, match="channel_attention='v1'.*florence2-base"):
+        pretrained(tiny_arch, path)
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_arch, tmp_path):
+    path = tmp_path / 'resnet.pth'
+    torch.save({'state_dict': {'conv1.weight': torch.randn(8, 3, 7, 7), 'fc.weight': torch.randn(2, 8)}}, path)
+    with pytest.raises(CheckpointError, match=r"no DaViT weights found.*'conv1.weight'"):
+        pretrained(tiny_arch, path)
+
+
+def test_missing_file(tiny_arch, tmp_path):
+    with pytest.raises(ValueError, match=r"checkpoint='.*nope.pth': no such file"):
+        pretrained(tiny_arch, tmp_path / 'nope.pth')
+
+
+def test_missing_checkpoint_argument(tiny_arch):
+    model = DaViT(tiny_arch, init_cfg=dict(type='Pretrained'))
+    with pytest.raises(ValueError, match='needs checkpoint=PATH'):
+        model.init_weights()
+
+
+def test_truncated_file(tiny_arch, tmp_path):
+    path = _save_official(tiny_arch, tmp_path / 'full.pth')
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match='corrupt or truncated'):
+        pretrained(tiny_arch, truncated)
+
+
+@pytest.mark.parametrize('content', [b'not a checkpoint at all\n', b''])
+def test_file_that_is_not_a_checkpoint(tiny_arch, tmp_path, content):
+    path = tmp_path / 'notes.pth'
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match='not a'):
+        pretrained(tiny_arch, path)
+
+
+def test_checkpoint_without_tensors(tiny_arch, tmp_path):
+    path = tmp_path / 'meta.pth'
+    torch.save({'epoch': 3, 'lr': 0.1}, path)
+    with pytest.raises(CheckpointError, match='holds no tensors'):
+        pretrained(tiny_arch, path)
+
+
+def test_checkpoint_path_of_wrong_type():
+    with pytest.raises(TypeError, match='checkpoint must be a path'):
+        read_checkpoint(123)
+
+
+_EXECUTED = []
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_EXECUTED.append, ('ran',))
+
+
+def test_pickled_code_is_refused_and_not_executed(tiny_arch, tmp_path):
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        torch.save({'state_dict': {'x': torch.zeros(1)}, 'payload': _Payload()}, f,
+                   pickle_module=pickle)
+    with pytest.raises(CheckpointError, match='weights_only'):
+        pretrained(tiny_arch, path)
+    assert _EXECUTED == []
+
+
+def test_official_checkpoint_with_argparse_namespace_loads(tiny_arch, tmp_path):
+    import argparse
+    ref = reference(tiny_arch, identity_norms=True)
+    path = tmp_path / 'official_with_args.pth'
+    torch.save({'state_dict': formats.official_classification(ref.state_dict()),
+                'args': argparse.Namespace(model='DaViT_tiny', lr=1e-3)}, path)
+    assert_same_outputs(pretrained(tiny_arch, path), ref)
+
+
+# ----------------------------------------------------------------------- conversion tool
+def test_convert_tool_writes_a_davit_mm_checkpoint(tiny_arch, tmp_path):
+    ref = reference(tiny_arch, identity_norms=True)
+    src, dst = tmp_path / 'timm.pth', tmp_path / 'converted.pth'
+    torch.save(formats.timm(ref.state_dict()), src)
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                             str(src), str(dst)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert 'format: timm' in result.stdout
+    assert 'stages.0.blocks.0.0.attn.qkv.weight -> stages.0.blocks.0.spatial_block.attn.qkv.weight' in result.stdout
+    assert 'dropped classifier: head.fc.bias, head.fc.weight, head.norm.bias, head.norm.weight' in result.stdout
+    saved = torch.load(dst, weights_only=True)
+    assert saved['meta']['source_format'] == 'timm'
+    model = pretrained(tiny_arch, dst, format='davit_mm')
+    assert_same_outputs(model, ref)
+
+
+def test_convert_tool_rejects_a_non_davit_file(tmp_path):
+    src = tmp_path / 'other.pth'
+    torch.save({'fc.weight': torch.randn(2, 2)}, src)
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                             str(src), str(tmp_path / 'out.pth'), '--format', 'official'],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert 'no official-format DaViT weights found' in result.stderr
+    assert not (tmp_path / 'out.pth').exists()
