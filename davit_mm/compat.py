@@ -3,8 +3,10 @@ is applied once when davit_mm is imported (``custom_imports`` in every davit_mm 
 every training/testing process).
 """
 import pickle
+from typing import List
 
 import torch
+import torch.distributed as dist
 
 _applied = set()
 
@@ -51,6 +53,68 @@ def allow_mmengine_checkpoints() -> None:
                  if isinstance(cls, type) and issubclass(cls, np.dtype)]
     torch.serialization.add_safe_globals(safe)
     _applied.add('mmengine_checkpoints')
+
+
+_SYNC_BN_TYPES = ('SyncBN', 'SyncBatchNorm', 'MMSyncBN')
+
+
+def _replace_sync_bn(node) -> int:
+    """Turn every SyncBN norm config inside a (nested) config into BN; returns how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in _SYNC_BN_TYPES:
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _replace_sync_bn(value)
+    return count
+
+
+def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
+    """Make one config run unchanged on 8 GPUs, 1 GPU or a CPU-only machine; returns what changed.
+
+    The single place davit_mm's tools adapt a config to the machine (and refuse what cannot run:
+    mixed precision without a GPU):
+
+    - SyncBN (the paper's segmentation setting) only works on CUDA with several processes, and
+      has no CPU implementation: it becomes BN for a non-distributed or CPU-only run.
+    - Upstream problem: mmengine 0.10.7's ``_init_dist_pytorch`` calls ``torch.cuda.set_device``
+      and its runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]`` unconditionally, so
+      ``--launcher pytorch`` cannot run on a machine without CUDA. Here the process group is
+      initialised with gloo first (mmengine then skips its own init) and the wrapper gets
+      ``device_ids=None``, which is what DDP needs for CPU modules.
+    """
+    distributed = launcher != 'none'
+    cuda = torch.cuda.is_available()
+    notes = []
+    optim_wrapper = cfg.get('optim_wrapper') or {}
+    if optim_wrapper.get('type') == 'AmpOptimWrapper' and not cuda:
+        raise ValueError("optim_wrapper.type='AmpOptimWrapper' (--amp or an *_amp config) needs a "
+                         "GPU: mmengine's AmpOptimWrapper supports cuda/npu/mlu/musa only, and this "
+                         "machine has no CUDA device; train without --amp here")
+    if not (distributed and cuda):
+        converted = _replace_sync_bn(cfg.get('model', {}))
+        if converted:
+            notes.append(f'SyncBN -> BN in {converted} norm configs (SyncBN needs CUDA and several '
+                         f'processes)')
+    if distributed and not cuda:
+        if launcher != 'pytorch':
+            raise ValueError(f'--launcher {launcher!r} needs CUDA; on a CPU-only machine use '
+                             f"--launcher 'pytorch' (tools/dist_train.sh / dist_test.sh)")
+        env_cfg = cfg.setdefault('env_cfg', {})
+        env_cfg['dist_cfg'] = dict(env_cfg.get('dist_cfg', {}), backend='gloo')
+        if not dist.is_initialized():
+            dist.init_process_group(backend='gloo')
+        wrapper = dict(cfg.get('model_wrapper_cfg') or dict(
+            type='MMDistributedDataParallel', broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False)))
+        wrapper['device_ids'] = None
+        cfg.model_wrapper_cfg = wrapper
+        notes.append('no CUDA: distributed over gloo, DDP without device_ids')
+    return notes
 
 
 def apply_all() -> None:

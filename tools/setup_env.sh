@@ -12,14 +12,9 @@
 #   DAVIT_MM_TORCH         torch requirement used only when torch is missing (default: torch==2.13.0)
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${PYTHON:-}" ]; then
-  py=$PYTHON
-elif [ -n "${VIRTUAL_ENV:-}" ]; then
-  py="$VIRTUAL_ENV/bin/python"
-else
-  py=python3
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+repo=$DAVIT_MM_ROOT
+py=$DAVIT_MM_PYTHON
 torch_req=${DAVIT_MM_TORCH:-torch==2.13.0}
 
 say() { printf '[setup_env] %s\n' "$*"; }

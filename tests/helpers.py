@@ -1,0 +1,54 @@
+"""Running the real tools as a user would, and reading what they leave behind."""
+import glob
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+from typing import Dict, List, Sequence
+
+from conftest import REPO
+
+CONFIGS = osp.join(REPO, 'configs')
+
+
+def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,
+             env: Dict[str, str] = None) -> subprocess.CompletedProcess:
+    """Run ``tools/<script> args`` (python or bash by extension) from ``cwd``."""
+    script = osp.join(REPO, 'tools', args[0])
+    command = ['bash', script] if script.endswith('.sh') else [sys.executable, script]
+    full_env = dict(os.environ, PYTHONWARNINGS='ignore', **(env or {}))
+    result = subprocess.run(command + [str(a) for a in args[1:]], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout, env=full_env)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f'{" ".join(map(str, args))} failed ({result.returncode}):\n'
+                             f'{result.stdout[-3000:]}\n{result.stderr[-6000:]}')
+    return result
+
+
+def logged_scalars(work_dir: str) -> List[dict]:
+    """The training log records mmengine wrote (one dict per logged iteration), oldest first."""
+    files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
+    assert files, f'no scalars.json under {work_dir}'
+    with open(files[-1]) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(work_dir: str, key: str = 'loss') -> List[float]:
+    return [record[key] for record in logged_scalars(work_dir) if key in record]
+
+
+def assert_loss_goes_down(work_dir: str, key: str = 'loss', window: int = 2) -> None:
+    values = losses(work_dir, key)
+    assert len(values) >= 2 * window, values
+    first = sum(values[:window]) / window
+    last = sum(values[-window:]) / window
+    assert last < 0.8 * first, f'{key} did not go down: {values}'
+
+
+def metric(output: str, name: str) -> float:
+    """The value printed for ``name`` (e.g. ``coco/bbox_mAP``) in a tool's log output."""
+    for line in reversed(output.splitlines()):
+        if f'{name}:' in line:
+            return float(line.split(f'{name}:')[1].split()[0])
+    raise AssertionError(f'{name} not found in the output:\n{output[-3000:]}')

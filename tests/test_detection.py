@@ -1,0 +1,158 @@
+"""Detection end to end on generated COCO data: the real configs, tools and launchers, on CPU."""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from davit_mm import compat
+from davit_mm.models.davit import ChannelAttention
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+
+RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
+# The quickstart schedule (12 epochs) on 16 images: 48 iterations, a few seconds each run.
+LOG_OFTEN = ['--cfg-options', 'default_hooks.logger.interval=2']
+
+
+@pytest.fixture(scope='module')
+def coco_dir(tmp_path_factory):
+    """A working directory with data/synthetic_coco, where the quickstart configs look."""
+    root = tmp_path_factory.mktemp('det')
+    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=16, num_val=4, seed=1)
+    return root
+
+
+@pytest.mark.slow
+def test_retinanet_trains_with_falling_loss_and_reports_coco_bbox_map(coco_dir):
+    work = coco_dir / 'retinanet'
+    run_tool(['train.py', RETINANET, '--work-dir', work] + LOG_OFTEN, cwd=coco_dir)
+    assert_loss_goes_down(str(work))
+    result = run_tool(['test.py', RETINANET, work / 'epoch_12.pth', '--work-dir', work / 'test',
+                       '--out', work / 'results.pkl'], cwd=coco_dir)
+    assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
+    assert 0 <= metric(result.stdout, 'coco/bbox_mAP_50') <= 1
+    assert (work / 'results.pkl').exists()
+
+
+@pytest.mark.slow
+def test_mask_rcnn_trains_with_falling_loss_and_reports_bbox_and_segm_map(coco_dir):
+    work = coco_dir / 'maskrcnn'
+    run_tool(['train.py', MASKRCNN, '--work-dir', work] + LOG_OFTEN, cwd=coco_dir)
+    assert_loss_goes_down(str(work), key='loss_mask')
+    assert_loss_goes_down(str(work), key='loss_rpn_cls')
+    result = run_tool(['test.py', MASKRCNN, work / 'epoch_12.pth', '--work-dir', work / 'test',
+                       '--show-dir', 'drawn'], cwd=coco_dir)
+    assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
+    assert 0 <= metric(result.stdout, 'coco/segm_mAP') <= 1
+    assert len(glob.glob(str(work / 'test' / '*' / 'drawn' / '*.jpg'))) == 4
+
+
+@pytest.mark.slow
+def test_training_resumes_from_a_checkpoint(coco_dir):
+    work = coco_dir / 'resume'
+    options = ['--cfg-options', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=1']
+    run_tool(['train.py', RETINANET, '--work-dir', work] + options[:1] +
+             ['train_cfg.max_epochs=2'] + options[1:], cwd=coco_dir)
+    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume'] + options[:1] +
+                      ['train_cfg.max_epochs=3'] + options[1:], cwd=coco_dir)
+    assert 'resumed epoch: 2, iter: 8' in result.stdout + result.stderr
+    assert (work / 'epoch_3.pth').exists()
+
+
+@pytest.mark.slow
+def test_dist_train_with_two_cpu_processes_completes(coco_dir):
+    work = coco_dir / 'dist'
+    result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', work, '--cfg-options',
+                       'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'],
+                      cwd=coco_dir, env={'PORT': '29611'})
+    output = result.stdout + result.stderr
+    assert 'distributed over gloo' in output
+    assert 'Epoch(train) [1][2/2]' in output  # 16 images / (2 processes x batch 4)
+    assert 'Epoch(val) [1][1/1]' in output  # 4 images / (2 processes x batch 2)
+    assert (work / 'epoch_1.pth').exists()
+
+
+# ------------------------------------------------------------------------ configs and figures
+PAPER_PARAMS_M = {
+    'davit_retinanet_1x_coco': 38.5, 'davit_small_retinanet_1x_coco': 59.9,
+    'davit_base_retinanet_1x_coco': 98.5, 'davit_maskrcnn_1x_coco': 47.8,
+    'davit_small_maskrcnn_1x_coco': 69.2, 'davit_base_maskrcnn_1x_coco': 107.3,
+}
+
+
+def build_model(config):
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.default_scope)
+    return MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS_M))
+def test_detector_parameter_count_matches_the_paper_within_1_percent(name):
+    model = build_model(osp.join(CONFIGS, f'{name}.py'))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params / PAPER_PARAMS_M[name] - 1) < 0.01, params
+
+
+def test_every_detection_config_builds_with_its_schedule_and_recipe():
+    names = sorted(glob.glob(osp.join(CONFIGS, 'davit*_coco*.py')))
+    assert len(names) == 16  # {tiny, small, base} x {retinanet, maskrcnn} x {1x, 3x} + 4 AMP
+    for name in names:
+        cfg = Config.fromfile(name)
+        assert cfg.default_scope == 'mmdet' and cfg.custom_imports.imports == ['davit_mm']
+        assert cfg.optim_wrapper.optimizer.type == 'AdamW'
+        assert cfg.optim_wrapper.optimizer.lr == 1e-4 and cfg.optim_wrapper.optimizer.weight_decay == 0.05
+        assert cfg.auto_scale_lr.base_batch_size == 16
+        epochs, steps = (36, [27, 33]) if '_3x_' in name else (12, [8, 11])
+        assert cfg.train_cfg.max_epochs == epochs and cfg.param_scheduler[1].milestones == steps
+        backbone = cfg.model.backbone
+        assert backbone.out_indices == ((1, 2, 3) if 'retinanet' in name else (0, 1, 2, 3))
+        assert backbone.init_cfg.checkpoint.startswith('https://')
+        assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
+
+
+def test_a_user_config_in_another_folder_inherits_ours(tmp_path):
+    user = tmp_path / 'my_retinanet.py'
+    user.write_text(f"_base_ = ['{osp.join(CONFIGS, 'davit_small_retinanet_1x_coco.py')}']\n"
+                    "model = dict(backbone=dict(with_cp=True), bbox_head=dict(num_classes=5))\n")
+    cfg = Config.fromfile(str(user))
+    assert cfg.model.backbone.arch == 'small' and cfg.model.backbone.with_cp
+    model = build_model(str(user))
+    assert model.backbone.with_cp and model.bbox_head.num_classes == 5
+
+
+def test_get_flops_prints_params_and_multiply_adds(coco_dir):
+    result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96'], cwd=coco_dir)
+    assert 'input: 1x3x64x96' in result.stdout
+    assert 'params: ' in result.stdout and 'FLOPs (multiply-adds): ' in result.stdout
+
+
+# ----------------------------------------------------------------------------------- AMP
+def test_channel_attention_in_fp16_matches_fp32_at_detection_resolution():
+    """The logits sum over every token: at 800x1216 (200x304 stage-1 tokens) they reach ~1.5e5
+    here, past fp16's 65504, unless computed in fp32; the fast path does, the plain reference
+    path shows the overflow."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(96, 3).eval()
+    torch.nn.init.normal_(attn.qkv.weight, std=0.1)
+    x = torch.randn(1, 200, 304, 96) * 0.5 + 1.5  # correlated tokens, as real features are
+    with torch.no_grad():
+        expected = attn(x)
+        half = attn.half()
+        fast = half(x.half()).float()
+        half.fused = False
+        plain = half(x.half()).float()
+    assert torch.isfinite(fast).all()
+    assert (fast - expected).abs().max() < 5e-3 * expected.abs().max()
+    assert not torch.isfinite(plain).all()  # what the fp32 logits prevent
+
+
+def test_amp_without_a_gpu_is_refused_with_a_clear_message():
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
+    with pytest.raises(ValueError, match="AmpOptimWrapper.*needs a GPU"):
+        compat.adapt_config_to_machine(cfg)

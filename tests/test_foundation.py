@@ -1,0 +1,136 @@
+"""Packaging, registration and the environment shims."""
+import os
+import os.path as osp
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseModel
+from mmengine.registry import MODELS, DefaultScope
+from mmengine.runner import Runner
+from torch.utils.data import Dataset
+
+import davit_mm
+from conftest import REPO
+from davit_mm import compat
+from davit_mm.models import DaViT
+from davit_mm.registry import register_all_modules
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_davit_builds_by_type_name_under_each_library_scope(scope, tiny_arch):
+    with DefaultScope.overwrite_default_scope(scope):
+        model = MODELS.build(dict(type='DaViT', arch=tiny_arch, out_indices=(1, 2, 3)))
+    assert isinstance(model, DaViT) and model.out_indices == (1, 2, 3)
+
+
+def test_registration_is_idempotent():
+    assert register_all_modules() == ['mmdet', 'mmseg']
+    assert register_all_modules() == ['mmdet', 'mmseg']
+
+
+def test_version_lives_in_one_place():
+    result = subprocess.run([sys.executable, 'setup.py', '--version'], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == davit_mm.__version__
+
+
+# ----------------------------------------------------------- torch.load(weights_only) vs mmengine
+class _ToyModel(BaseModel):
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, x, y=None, mode='loss'):
+        out = self.linear(torch.stack(x)).squeeze(-1)
+        if mode == 'loss':
+            return dict(loss=((out - torch.as_tensor(y, dtype=out.dtype)) ** 2).mean())
+        return out
+
+
+class _ToyData(Dataset):
+    metainfo = dict(classes=('a', 'b'))
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return dict(x=torch.full((2, ), float(index)), y=float(index % 3))
+
+
+def _runner(work_dir, max_epochs, **kwargs):
+    return Runner(
+        model=_ToyModel(), work_dir=str(work_dir),
+        train_dataloader=dict(dataset=_ToyData(), batch_size=4,
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+        param_scheduler=[dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        randomness=dict(seed=0), **kwargs)
+
+
+def test_runner_checkpoints_fail_under_weights_only_without_the_shim(tmp_path):
+    _runner(tmp_path, 1).train()
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+            torch.load(tmp_path / 'epoch_1.pth')
+    finally:
+        torch.serialization.add_safe_globals(saved)
+
+
+def test_runner_resumes_from_its_own_checkpoint(tmp_path):
+    _runner(tmp_path, 1).train()
+    assert torch.load(tmp_path / 'epoch_1.pth')['meta']['epoch'] == 1  # weights_only default
+    resumed = _runner(tmp_path, 2, resume=True, load_from=str(tmp_path / 'epoch_1.pth'))
+    resumed.train()
+    assert resumed.epoch == 2
+    history = resumed.message_hub.get_scalar('train/loss')
+    assert isinstance(history, HistoryBuffer) and len(history.data[0]) == 4  # 2 epochs x 2 iters
+
+
+def test_unpickler_getattr_is_limited_to_history_buffer_statistics():
+    assert compat._restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    for obj, name in [(HistoryBuffer, '__init__'), (os, 'system'), (HistoryBuffer, '__class__')]:
+        with pytest.raises(pickle.UnpicklingError, match='refuses getattr'):
+            compat._restricted_getattr(obj, name)
+
+
+def test_sync_bn_becomes_bn_when_not_distributed():
+    from mmengine.config import Config
+    cfg = Config(dict(model=dict(decode_head=dict(norm_cfg=dict(type='SyncBN')),
+                                 auxiliary_head=[dict(norm_cfg=dict(type='SyncBN'))])))
+    notes = compat.adapt_config_to_machine(cfg, launcher='none')
+    assert cfg.model.decode_head.norm_cfg.type == 'BN'
+    assert cfg.model.auxiliary_head[0].norm_cfg.type == 'BN'
+    assert 'SyncBN -> BN in 2 norm configs' in notes[0]
+
+
+def test_slurm_launcher_without_cuda_is_refused():
+    from mmengine.config import Config
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(ValueError, match="launcher 'slurm'.*needs CUDA"):
+        compat.adapt_config_to_machine(Config(dict(model=dict())), launcher='slurm')
+
+
+# --------------------------------------------------------------------------------- setup script
+def test_setup_env_is_fast_when_everything_is_in_place():
+    result = subprocess.run(['bash', osp.join(REPO, 'tools', 'setup_env.sh')], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'already set up: torch' in result.stdout
+
+
+def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
+    result = subprocess.run(['bash', osp.join(REPO, 'tools', 'setup_env.sh')], capture_output=True,
+                            text=True, env=dict(os.environ, DAVIT_MM_WHEELHOUSE=str(tmp_path / 'no')))
+    assert result.returncode != 0
+    assert 'DAVIT_MM_WHEELHOUSE=' in result.stderr and 'is not a directory' in result.stderr

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# torchrun wrapper used by dist_train.sh and dist_test.sh: launch.sh NPROC SCRIPT [ARGS...]
+# Multi-node through NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1) and PORT (29500).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+NPROC=$1
+shift
+case "$NPROC" in
+  ''|*[!0-9]*|0) echo "error: the process count must be a positive integer, got '$NPROC'" >&2; exit 2 ;;
+esac
+if "$DAVIT_MM_PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  available=$("$DAVIT_MM_PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  if [ "${NNODES:-1}" = 1 ] && [ "$NPROC" -gt "$available" ]; then
+    echo "error: asked for $NPROC GPUs but this machine has $available" >&2
+    exit 2
+  fi
+fi
+export PYTHONPATH="$DAVIT_MM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$DAVIT_MM_PYTHON" -m torch.distributed.run \
+  --nnodes="${NNODES:-1}" \
+  --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" \
+  --master_port="${PORT:-29500}" \
+  --nproc_per_node="$NPROC" \
+  "$@"
