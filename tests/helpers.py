@@ -38,12 +38,14 @@ def losses(work_dir: str, key: str = 'loss') -> List[float]:
     return [record[key] for record in logged_scalars(work_dir) if key in record]
 
 
-def assert_loss_goes_down(work_dir: str, key: str = 'loss', window: int = 2) -> None:
+def assert_loss_goes_down(work_dir: str, key: str = 'loss', window: int = 2,
+                          factor: float = 0.8) -> None:
+    """The mean of the last ``window`` logged values is below ``factor`` x that of the first."""
     values = losses(work_dir, key)
     assert len(values) >= 2 * window, values
     first = sum(values[:window]) / window
     last = sum(values[-window:]) / window
-    assert last < 0.8 * first, f'{key} did not go down: {values}'
+    assert last < factor * first, f'{key} did not go down: {values}'
 
 
 def metric(output: str, name: str) -> float:

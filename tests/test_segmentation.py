@@ -1,0 +1,105 @@
+"""Segmentation end to end on generated ADE20K-layout data: the real configs and tools, on CPU."""
+import glob
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from davit_mm import compat
+from davit_mm.synthetic import write_ade20k
+from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+
+UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """(working dir with data/synthetic_ade20k, work dir of a 60-iteration UperNet run)."""
+    root = tmp_path_factory.mktemp('seg')
+    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=16, num_val=4, seed=2)
+    work = root / 'upernet'
+    run_tool(['train.py', UPERNET, '--work-dir', work, '--cfg-options', 'max_iters=60',
+              'train_cfg.max_iters=60', 'train_cfg.val_interval=60', 'param_scheduler.1.end=60',
+              'default_hooks.logger.interval=5', 'default_hooks.checkpoint.interval=60'], cwd=root)
+    return root, work
+
+
+@pytest.mark.slow
+def test_upernet_trains_with_falling_loss(trained):
+    _, work = trained
+    assert_loss_goes_down(str(work), key='decode.loss_ce')
+    assert_loss_goes_down(str(work), key='aux.loss_ce', factor=0.9)  # weight 0.4: falls slower
+
+
+@pytest.mark.slow
+def test_test_tool_reports_miou_and_writes_label_maps(trained):
+    root, work = trained
+    result = run_tool(['test.py', UPERNET, work / 'iter_60.pth', '--work-dir', work / 'test',
+                       '--out', work / 'labels'], cwd=root)
+    assert 0 <= metric(result.stdout, 'mIoU') <= 100
+    assert len(glob.glob(str(work / 'labels' / '*.png'))) == 4
+
+
+@pytest.mark.slow
+def test_multi_scale_flip_tta_runs_and_reports_miou(trained):
+    root, work = trained
+    result = run_tool(['test.py', UPERNET, work / 'iter_60.pth', '--tta', '--work-dir',
+                       work / 'tta'], cwd=root)
+    assert 0 <= metric(result.stdout, 'mIoU') <= 100
+    cfg = Config.fromfile(UPERNET)  # the paper's protocol: 6 scales x flip
+    scales = [t['scale_factor'] for t in cfg.tta_pipeline[1]['transforms'][0]]
+    assert scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+
+def build_segmentor(config, **test_cfg):
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(config)
+    compat.adapt_config_to_machine(cfg)
+    cfg.model.test_cfg = dict(test_cfg)
+    init_default_scope('mmseg')
+    return MODELS.build(cfg.model).eval()
+
+
+@pytest.mark.parametrize('test_cfg', [dict(mode='whole'),
+                                      dict(mode='slide', crop_size=(64, 64), stride=(40, 40))],
+                         ids=['whole', 'slide'])
+@pytest.mark.parametrize('height,width', [(100, 150), (77, 61)])
+def test_inference_on_sizes_that_are_not_multiples_of_32(test_cfg, height, width):
+    from mmseg.structures import SegDataSample
+    model = build_segmentor(UPERNET, **test_cfg)
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)
+    sample = SegDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width)))
+    with torch.no_grad():
+        result, = model.test_step(dict(inputs=[image], data_samples=[sample]))
+    assert tuple(result.pred_sem_seg.data.shape) == (1, height, width)
+    assert tuple(result.seg_logits.data.shape) == (150, height, width)
+
+
+PAPER_PARAMS_M = {'upernet_davit_512x512_160k_ade20k': 60, 'upernet_davit_small_512x512_160k_ade20k': 81,
+                  'upernet_davit_base_512x512_160k_ade20k': 121}
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS_M))
+def test_upernet_parameter_count_matches_the_paper_within_1_5_percent(name):
+    model = build_segmentor(osp.join(CONFIGS, f'{name}.py'))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params / PAPER_PARAMS_M[name] - 1) < 0.015, params
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_PARAMS_M))
+def test_segmentation_configs_follow_the_official_recipe(name):
+    cfg = Config.fromfile(osp.join(CONFIGS, f'{name}.py'))
+    assert cfg.default_scope == 'mmseg' and cfg.custom_imports.imports == ['davit_mm']
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 6e-5, 0.01)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end) == ('LinearLR', 1e-6, 1500)
+    assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end) == ('PolyLR', 1.0, 0.0, 1500, 160000)
+    assert cfg.train_cfg.max_iters == 160000 and cfg.train_dataloader.batch_size == 2
+    assert cfg.crop_size == (512, 512) and cfg.model.data_preprocessor.size == (512, 512)
+    assert cfg.model.backbone.drop_path_rate == 0.3
+    head, aux = cfg.model.decode_head, cfg.model.auxiliary_head
+    assert (head.type, head.channels, head.pool_scales, head.num_classes) == ('UPerHead', 512, (1, 2, 3, 6), 150)
+    assert (aux.type, aux.in_index, aux.loss_decode.loss_weight) == ('FCNHead', 2, 0.4)
+    assert head.norm_cfg.type == 'SyncBN'
