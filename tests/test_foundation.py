@@ -64,8 +64,9 @@ class _ToyData(Dataset):
 
 
 def _runner(work_dir, max_epochs, **kwargs):
+    _runner.count = getattr(_runner, 'count', 0) + 1  # own MessageHub per runner
     return Runner(
-        model=_ToyModel(), work_dir=str(work_dir),
+        model=_ToyModel(), work_dir=str(work_dir), experiment_name=f'toy{_runner.count}',
         train_dataloader=dict(dataset=_ToyData(), batch_size=4,
                               sampler=dict(type='DefaultSampler', shuffle=True)),
         optim_wrapper=dict(optimizer=dict(type='AdamW', lr=0.01)),
@@ -92,8 +93,10 @@ def test_runner_resumes_from_its_own_checkpoint(tmp_path):
     resumed = _runner(tmp_path, 2, resume=True, load_from=str(tmp_path / 'epoch_1.pth'))
     resumed.train()
     assert resumed.epoch == 2
+    adam_state = next(iter(resumed.optim_wrapper.optimizer.state.values()))
+    assert int(adam_state['step']) == 4  # 2 epochs x 2 iterations: the first epoch's state was loaded
     history = resumed.message_hub.get_scalar('train/loss')
-    assert isinstance(history, HistoryBuffer) and len(history.data[0]) == 4  # 2 epochs x 2 iters
+    assert isinstance(history, HistoryBuffer) and len(history.data[0]) == 4
 
 
 def test_unpickler_getattr_is_limited_to_history_buffer_statistics():
