@@ -1,7 +1,10 @@
 """Detection end to end on generated COCO data: the real configs, tools and launchers, on CPU."""
 import glob
 import os.path as osp
+import subprocess
+import sys
 
+import cv2
 import pytest
 import torch
 from mmengine.config import Config
@@ -9,6 +12,7 @@ from mmengine.config import Config
 from davit_mm import compat
 from davit_mm.models.davit import ChannelAttention
 from davit_mm.synthetic import write_coco
+from conftest import REPO
 from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
@@ -37,10 +41,16 @@ def test_retinanet_trains_with_falling_loss_and_reports_coco_bbox_map(coco_dir):
     assert (work / 'results.pkl').exists()
 
 
-@pytest.mark.slow
-def test_mask_rcnn_trains_with_falling_loss_and_reports_bbox_and_segm_map(coco_dir):
+@pytest.fixture(scope='module')
+def trained_maskrcnn(coco_dir):
     work = coco_dir / 'maskrcnn'
     run_tool(['train.py', MASKRCNN, '--work-dir', work] + LOG_OFTEN, cwd=coco_dir)
+    return work
+
+
+@pytest.mark.slow
+def test_mask_rcnn_trains_with_falling_loss_and_reports_bbox_and_segm_map(coco_dir, trained_maskrcnn):
+    work = trained_maskrcnn
     assert_loss_goes_down(str(work), key='loss_mask')
     assert_loss_goes_down(str(work), key='loss_rpn_cls')
     result = run_tool(['test.py', MASKRCNN, work / 'epoch_12.pth', '--work-dir', work / 'test',
@@ -48,6 +58,48 @@ def test_mask_rcnn_trains_with_falling_loss_and_reports_bbox_and_segm_map(coco_d
     assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
     assert 0 <= metric(result.stdout, 'coco/segm_mAP') <= 1
     assert len(glob.glob(str(work / 'test' / '*' / 'drawn' / '*.jpg'))) == 4
+
+
+@pytest.mark.slow
+def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_maskrcnn):
+    checkpoint = trained_maskrcnn / 'epoch_12.pth'
+    images = coco_dir / 'data' / 'synthetic_coco' / 'val2017'
+    for source, expected in [(images / '000001.jpg', 1), (images, 4)]:
+        out = coco_dir / f'demo_{expected}'
+        result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(source),
+                                 MASKRCNN, str(checkpoint), '--out-dir', str(out)],
+                                cwd=coco_dir, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        drawn = sorted(glob.glob(str(out / 'vis' / '*.jpg')))
+        assert len(drawn) == expected
+        assert cv2.imread(drawn[0]).shape == cv2.imread(str(images / '000001.jpg')).shape
+        assert len(glob.glob(str(out / 'preds' / '*.json'))) == expected
+
+
+def test_image_demo_rejects_missing_inputs(coco_dir, tmp_path):
+    demo = osp.join(REPO, 'demo', 'image_demo.py')
+    for args, message in [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
+                          ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images')]:
+        result = subprocess.run([sys.executable, demo] + args, capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path):
+    out = tmp_path / 'curve.png'
+    run_tool(['analysis/plot_loss.py', trained_maskrcnn, '--out', out], cwd=tmp_path)
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[0] > 200 and image.std() > 10
+
+
+@pytest.mark.parametrize('args,message', [(['--iters', '0'], '--iters must be a positive integer'),
+                                          (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
+                                          (['--epochs', '3'], "unknown argument '--epochs'")])
+def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, message):
+    result = run_tool(['quickstart.sh'] + args + ['--out-dir', tmp_path / 'q'], cwd=tmp_path,
+                      expect_ok=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / 'q').exists()
 
 
 @pytest.mark.slow

@@ -103,3 +103,24 @@ def test_segmentation_configs_follow_the_official_recipe(name):
     assert (head.type, head.channels, head.pool_scales, head.num_classes) == ('UPerHead', 512, (1, 2, 3, 6), 150)
     assert (aux.type, aux.in_index, aux.loss_decode.loss_weight) == ('FCNHead', 2, 0.4)
     assert head.norm_cfg.type == 'SyncBN'
+
+
+@pytest.mark.slow
+def test_image_demo_draws_a_segmentation(trained):
+    import subprocess
+    import sys
+
+    import cv2
+
+    from conftest import REPO
+    root, work = trained
+    image = root / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016' / 'images' / 'validation' / \
+        'ADE_valid_00000001.jpg'
+    result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(image), UPERNET,
+                             str(work / 'iter_60.pth'), '--out-dir', str(root / 'demo')],
+                            cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = cv2.imread(str(root / 'demo' / 'vis' / 'ADE_valid_00000001.jpg'))
+    assert drawn.shape == cv2.imread(str(image)).shape
+    label_maps = glob.glob(str(root / 'demo' / 'pred' / '*.png'))
+    assert len(label_maps) == 1 and cv2.imread(label_maps[0], 0).shape == drawn.shape[:2]

@@ -1,0 +1,72 @@
+"""Run a davit_mm detector or segmentor on images and save the drawn predictions.
+
+    python demo/image_demo.py IMAGE CONFIG CHECKPOINT [--out-dir outputs/demo] [--device cpu]
+                              [--score-thr 0.3]
+
+IMAGE is an image file or a folder of images. Detection configs draw boxes and masks (mmdet's
+DetInferencer), segmentation configs draw the label map (mmseg's MMSegInferencer); the library is
+picked from the config's default_scope. Drawn images go to OUT_DIR/vis/, raw predictions to
+OUT_DIR/preds/ (detection, JSON) or OUT_DIR/pred/ (segmentation, PNG label maps).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import torch  # noqa: E402
+
+from davit_mm import compat  # noqa: E402
+from davit_mm.cli import library_of, load_config  # noqa: E402
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('image', help='an image file or a folder of images')
+    parser.add_argument('config', help='the model config (mmdet or mmseg)')
+    parser.add_argument('checkpoint', help='a trained checkpoint')
+    parser.add_argument('--out-dir', default='outputs/demo', help='where drawn predictions go')
+    parser.add_argument('--device', default='cuda:0' if torch.cuda.is_available() else 'cpu',
+                        help='device, e.g. cpu or cuda:0 (default: cuda:0 when available)')
+    parser.add_argument('--score-thr', type=float, default=0.3,
+                        help='detection: boxes below this score are not drawn')
+    return parser.parse_args(argv)
+
+
+def check_inputs(image: str, checkpoint: str, device: str) -> None:
+    if osp.isdir(image):
+        if not any(name.lower().endswith(IMAGE_SUFFIXES) for name in os.listdir(image)):
+            raise ValueError(f'image folder {image!r} holds no images ({", ".join(IMAGE_SUFFIXES)})')
+    elif not osp.isfile(image):
+        raise ValueError(f'image {image!r}: no such file or folder')
+    if not osp.isfile(checkpoint):
+        raise ValueError(f'checkpoint {checkpoint!r}: no such file')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_inputs(args.image, args.checkpoint, args.device)
+    cfg = load_config(args.config)
+    compat.adapt_config_to_machine(cfg)
+    cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
+    if library_of(cfg) == 'mmdet':
+        from mmdet.apis import DetInferencer
+        inferencer = DetInferencer(model=cfg, weights=args.checkpoint, device=args.device,
+                                   show_progress=False)
+        inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr,
+                   no_save_pred=False)
+        drawn = osp.join(args.out_dir, 'vis')
+    else:
+        from mmseg.apis import MMSegInferencer
+        inferencer = MMSegInferencer(model=cfg, weights=args.checkpoint, device=args.device)
+        inferencer(args.image, out_dir=args.out_dir)
+        drawn = osp.join(args.out_dir, 'vis')
+    print(f'drawn predictions: {drawn}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,57 @@
+"""Plot the training losses mmengine logged for a run.
+
+    python tools/analysis/plot_loss.py WORK_DIR [--out loss_curve.png] [--keys loss loss_cls ...]
+
+Reads WORK_DIR/<latest timestamp>/vis_data/scalars.json (written by mmengine's LocalVisBackend
+during tools/train.py) and draws every logged loss against the iteration.
+"""
+import argparse
+import glob
+import json
+import os.path as osp
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_scalars(work_dir: str):
+    files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
+    if not files:
+        raise ValueError(f'{work_dir!r} has no */vis_data/scalars.json: is it a tools/train.py work dir?')
+    with open(files[-1]) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(work_dir: str, out: str, keys=None) -> str:
+    records = [r for r in read_scalars(work_dir) if 'loss' in r]
+    if not records:
+        raise ValueError(f'{work_dir!r}: the log has no training losses yet')
+    keys = keys or [k for k in records[0] if k == 'loss' or 'loss' in k.split('.')[-1]]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for key in keys:
+        points = [(r['iter'], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), label=key, linewidth=2.5 if key == 'loss' else 1.2)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('loss')
+    ax.set_title(osp.basename(osp.normpath(work_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('work_dir')
+    parser.add_argument('--out', default='loss_curve.png')
+    parser.add_argument('--keys', nargs='+', help='which logged values to draw (default: all losses)')
+    args = parser.parse_args(argv)
+    print(f'loss curve: {plot(args.work_dir, args.out, args.keys)}')
+
+
+if __name__ == '__main__':
+    main()
