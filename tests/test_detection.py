@@ -176,6 +176,17 @@ def test_a_user_config_in_another_folder_inherits_ours(tmp_path):
     assert model.backbone.with_cp and model.bbox_head.num_classes == 5
 
 
+def test_the_documented_example_config_builds():
+    example = osp.join(CONFIGS, 'examples', 'davit_retinanet_1x_custom_dataset.py')
+    cfg = Config.fromfile(example)
+    assert cfg.train_dataloader.dataset.metainfo.classes == ('cat', 'dog', 'bird')
+    assert cfg.val_evaluator.ann_file == 'data/my_dataset/annotations/val.json'
+    model = build_model(example)
+    assert model.bbox_head.num_classes == 3 and model.backbone.with_cp
+    model.train()
+    assert not model.backbone.stages[0].training and model.backbone.stages[1].training
+
+
 def test_get_flops_prints_params_and_multiply_adds(coco_dir):
     result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96'], cwd=coco_dir)
     assert 'input: 1x3x64x96' in result.stdout

@@ -34,7 +34,9 @@ pip() { "$py" -m pip "$@"; }
 
 # The checks that decide whether anything needs doing; also the final verification.
 verify() {
-  "$py" - "$repo" <<'EOF'
+  # From / so that the current directory (often the checkout itself) cannot stand in for the
+  # installed davit_mm.
+  (cd / && "$py" - "$repo") <<'EOF'
 import os, sys, warnings
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 repo = os.path.realpath(sys.argv[1])
