@@ -63,22 +63,138 @@ def _pad_bottom_right(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def _has_onednn_linear() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        return bool(torch.backends.mkldnn.is_available() and op.default and op.binary)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _has_onednn_linear()
+
+
+def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's linear can serve this call: CPU, fp32/bf16, outside autocast and
+    torch.compile (which fuses by itself)."""
+    return (_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   activation: str = 'none') -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], 'none')
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """Linear for training on CPU: oneDNN computes the forward matmul with its bias (no bias
+    copy) and the input gradient; the weight gradient is one ``mm`` (faster than oneDNN for most
+    shapes here). Saves what autograd would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return _linear_backward(ctx, grad, x, weight)
+
+
+def _linear_backward(ctx, grad, x, weight, first: int = 0):
+    """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``."""
+    need = ctx.needs_input_grad[first:first + 3]
+    grad_x = _onednn_linear(grad, weight.t(), None) if need[0] else None  # grad @ weight
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
+    grad_b = flat.sum(0) if need[2] else None
+    return grad_x, grad_w, grad_b
+
+
+class _OneDNNMlpFunction(torch.autograd.Function):
+    """fc1 -> GELU -> fc2 for training on CPU, keeping only the input and the pre-GELU activation
+    for backward. The post-GELU activation (4x the block width, like the pre-GELU one) is
+    recomputed there, and the backward holds at most two such wide tensors at a time instead of
+    autograd's three: a quarter less activation memory per block, and a lower peak under
+    gradient checkpointing, for one extra GELU."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        pre = _onednn_linear(x, w1, b1)
+        ctx.save_for_backward(x, w1, pre, w2)
+        return _onednn_linear(F.gelu(pre), w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, pre, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w2 = grad_b2 = None
+        if need[3]:
+            hidden = F.gelu(pre)
+            grad_w2 = flat.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+            del hidden  # before the next wide tensor is allocated
+        if need[4]:
+            grad_b2 = flat.sum(0)
+        grad_pre = _onednn_linear(grad, w2.t(), None)  # grad @ w2
+        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
+        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, first=0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _needs_grad(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
+def fused_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gelu(layer(x))`` (each part optional), on CPU through oneDNN.
+
+    On CPU, ``F.linear`` first copies the broadcast bias into the output, and GELU and the
+    residual add each take another pass over it (for the MLP, the widest tensor of the network).
+    Without gradients, oneDNN applies bias, GELU or the addition in the matmul's epilogue; with
+    gradients, :class:`_OneDNNLinearFunction` still skips the bias copy and speeds up the input
+    gradient. Both compute the values of the plain ops (tested against them). Everywhere else
+    (GPU, autocast, torch.compile, no oneDNN) the plain ops run.
+    """
+    if gelu and residual is not None:
+        raise ValueError('fused_linear: gelu and residual cannot be combined')
+    if not _onednn_fits(x, layer.weight):
+        out = F.linear(x, layer.weight, layer.bias)
+        out = F.gelu(out) if gelu else out
+    elif not _needs_grad(x, layer.weight, layer.bias):
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight,
+                                                             layer.bias, 'add')
+        return _onednn_linear(x, layer.weight, layer.bias, 'gelu' if gelu else 'none')
+    else:
+        out = _OneDNNLinearFunction.apply(x, layer.weight, layer.bias)
+        out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
 class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2 on the last dimension.
+    """fc1 -> GELU -> fc2 on the last dimension, optionally added to ``residual``.
 
     Written out rather than taken from mmcv's ``FFN``: that brick wraps ``forward`` in a deprecation
     decorator that calls ``inspect.getfullargspec`` on every call (overhead on the hot path and a
-    graph break under ``torch.compile``).
+    graph break under ``torch.compile``), and it could not use :func:`fused_linear` or keep
+    less for backward (:class:`_OneDNNMlpFunction`).
     """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if _onednn_fits(x, self.fc1.weight) and _needs_grad(x, *params):
+            out = _OneDNNMlpFunction.apply(x, *params)
+            return out if residual is None else residual + out
+        return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
 
 
 class ConvPosEnc(nn.Module):
@@ -160,8 +276,8 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C) -> (B, H, W, C)``."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
         ws, heads = self.window_size, self.num_heads
         x = _pad_bottom_right(x, ws)
@@ -169,7 +285,7 @@ class WindowAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
         windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        q, k, v = self.qkv(windows).view(-1, ws * ws, 3, heads, self.head_dim).permute(
+        q, k, v = fused_linear(windows, self.qkv).view(-1, ws * ws, 3, heads, self.head_dim).permute(
             2, 0, 3, 1, 4).unbind(0)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -179,10 +295,10 @@ class WindowAttention(nn.Module):
         # Merge heads and reverse the partition in one copy:
         # (B, nh, nw, heads, ws, ws, d) -> (B, nh, ws, nw, ws, heads, d) -> (B, Hp, Wp, C).
         out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
-        out = self.proj(out.reshape(B, Hp, Wp, C))
+        out = out.reshape(B, Hp, Wp, C)
         if Hp != H or Wp != W:
             out = out[:, :H, :W]
-        return out
+        return fused_linear(out, self.proj, residual=residual)
 
 
 class ChannelAttention(nn.Module):
@@ -217,13 +333,13 @@ class ChannelAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C) -> (B, H, W, C)``."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
         N = H * W
         # (B, N, 3, G, d) -> three (B, G, N, d) views.
-        q, k, v = self.qkv(x.reshape(B, N, C)).view(B, N, 3, self.num_groups, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        q, k, v = fused_linear(x.reshape(B, N, C), self.qkv).view(
+            B, N, 3, self.num_groups, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.version == 'v1':
             left, right, values, scale = k, v, q, self.head_dim ** -0.5
         else:
@@ -237,7 +353,7 @@ class ChannelAttention(nn.Module):
             attn = ((left * scale).transpose(-1, -2) @ right).softmax(dim=-1)
         out = values @ attn.transpose(-1, -2)  # (B, G, N, d)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        return self.proj(out)
+        return fused_linear(out, self.proj, residual=residual)
 
 
 class DualAttentionBlock(nn.Module):
@@ -263,9 +379,14 @@ class DualAttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe1(x)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+        if self.training and isinstance(self.drop_path, DropPath):
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            x = self.cpe2(x)
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        # No drop path: the residual additions go into the projections (see fused_linear).
+        x = self.attn(self.norm1(x), residual=x)
         x = self.cpe2(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp(self.norm2(x), residual=x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and torch.is_grad_enabled():
@@ -470,6 +591,10 @@ class DaViT(BaseModule):
             first_layer += depth
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i]))
+        # Convolutions see channels-last maps, so their weight gradients come out channels-last:
+        # storing the weights that way too keeps DDP's gradient buckets copy-free, and lets the
+        # stem write its output straight in the (B, H, W, C) layout.
+        self.to(memory_format=torch.channels_last)
         self._freeze_stages()
 
     @staticmethod

@@ -1,0 +1,378 @@
+"""Time and memory of the DaViT backbone against the plain reference implementation of the official code.
+
+    python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
+        [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
+        [--warmup 2] [--memory] [--with-cp] [--compile] [--threads N] [--json OUT]
+    python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2] ...
+
+Backbone mode (default): davit_mm's ``DaViT`` and ``ReferenceDaViT`` (the official forward restated,
+davit_mm.models.reference) get the same weights (DaViT's official random init); for every size, after ``--warmup`` untimed
+runs of each, ``--repeats`` rounds alternate one timed run of ours and one of the reference, and the
+medians are reported with their ratio and the largest output difference. ``forward`` is inference
+(eval, no grad); ``train`` is forward + backward of the sum of the outputs (train mode, drop path 0
+so both do the same work). ``--memory`` adds the peak memory of two steps of each mode for each
+implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` is the peak of the
+tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's memory timeline),
+``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
+and input in place, which also counts memory the C allocator keeps after frees.
+``--with-cp`` also measures ours training with gradient checkpointing.
+
+Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
+training step (forward with losses, backward, optimizer step) and an inference forward on random
+images of the given size, with the config's own data preprocessing skipped.
+
+Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+import torch  # noqa: E402
+
+from davit_mm.checkpoint import convert_state_dict  # noqa: E402
+from davit_mm.models import DaViT, ReferenceDaViT  # noqa: E402
+
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'size {text!r}: expected HxW, e.g. 800x1216')
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f'size {text!r}: both sides must be positive')
+    return h, w
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', default='tiny', help='DaViT arch name (backbone mode)')
+    parser.add_argument('--config', help='benchmark this config\'s whole model instead')
+    parser.add_argument('--sizes', type=parse_size, nargs='+', default=[(800, 1216)])
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='fp32',
+                        help='fp16/bf16 run under autocast')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--modes', nargs='+', choices=('forward', 'train'), default=['forward', 'train'])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--memory', action='store_true',
+                        help='also measure the peak memory of each mode (a fresh process per number)')
+    parser.add_argument('--with-cp', action='store_true', help='also measure ours with with_cp=True')
+    parser.add_argument('--compile', action='store_true', help='also time torch.compile(ours)')
+    parser.add_argument('--no-reference', action='store_true', help='time ours only')
+    parser.add_argument('--accuracy', action='store_true',
+                        help='also report the error of ours and of the reference against float64')
+    parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
+    parser.add_argument('--json', help='write all results to this file')
+    parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = parser.parse_args(argv)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error(f'--device {args.device}: this machine has no CUDA device')
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
+    return args
+
+
+# ------------------------------------------------------------------------------------ models
+def build_pair(arch, device, with_cp=False) -> Tuple[DaViT, ReferenceDaViT]:
+    """Ours and the reference with identical weights (DaViT's own random init, as a model starts
+    training from; drop path 0 in ours)."""
+    torch.manual_seed(0)
+    ours = DaViT(arch, drop_path_rate=0.0, with_cp=with_cp)
+    ours.init_weights()
+    ref = ReferenceDaViT(arch)
+    ref.load_state_dict(reference_state_dict(ours))
+    return ours.to(device), ref.to(device)
+
+
+def reference_state_dict(ours: DaViT) -> Dict[str, torch.Tensor]:
+    """ours' weights under the official key names (the inverse of the official conversion)."""
+    template = ReferenceDaViT(ours.arch).state_dict()
+    official_to_ours = convert_state_dict(template, 'official').sources
+    mine = ours.state_dict()
+    return {official: mine[name] for name, official in official_to_ours.items()}
+
+
+def accuracy_vs_fp64(ours, ref, x) -> Tuple[float, float]:
+    """Largest deviation of ours and of the reference from the reference computed in float64."""
+    import copy
+    with torch.no_grad():
+        truth = copy.deepcopy(ref).double()(x.double())
+        errors = []
+        for model in (ours, ref):
+            errors.append(max((a.double() - b).abs().max().item() for a, b in zip(model(x), truth)))
+    return errors[0], errors[1]
+
+
+def synchronize(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def step_fn(model, x, mode: str, dtype: torch.dtype, device: str) -> Callable[[], object]:
+    autocast = torch.autocast(device_type=device.split(':')[0], dtype=dtype,
+                              enabled=dtype != torch.float32)
+
+    def forward():
+        model.eval()
+        with torch.no_grad(), autocast:
+            return model(x)
+
+    def train():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            outs = model(x)
+        sum(o.float().sum() for o in outs).backward()
+
+    return forward if mode == 'forward' else train
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: Dict[str, Callable], warmup: int, repeats: int, device: str) -> Dict[str, float]:
+    """Median seconds per function, runs alternating between the functions."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ------------------------------------------------------------------------------------ memory
+def _proc_status_bytes(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f'/proc/self/status has no {field}')
+
+
+def _reset_peak_resident() -> None:
+    # VmHWM (peak resident set) belongs to this address space; '5' resets it (Linux >= 4.0).
+    # ru_maxrss is no use here: Linux carries it over from the parent across exec.
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass  # then the peak also covers building the model, which is small against activations
+
+
+def _tensor_peak_bytes(fn, device: str) -> int:
+    """Peak bytes of tensors alive while ``fn`` runs twice, from the profiler's memory timeline
+    (allocations made before, e.g. the parameters, are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device(device))
+    return int(max(sum(row) for row in sizes))
+
+
+def memory_worker(spec: str) -> None:
+    """Print the peak memory (bytes) of one implementation's steps (runs in a child process)."""
+    cfg = json.loads(spec)
+    torch.set_num_threads(cfg['threads'])
+    device = cfg['device']
+    torch.manual_seed(0)  # weights do not change memory: build only the measured model
+    if cfg['impl'] == 'reference':
+        model = ReferenceDaViT(cfg['arch'])
+    else:
+        model = DaViT(cfg['arch'], drop_path_rate=0.0, with_cp=cfg['impl'] == 'ours_cp')
+    model.to(device)
+    x = torch.randn(cfg['batch'], 3, *cfg['size'], device=device)
+    fn = step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device)
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        fn()  # in training, the second step also holds the first one's gradients
+        print(json.dumps(dict(peak_bytes=torch.cuda.max_memory_allocated() - base)))
+        return
+    # The resident set first: growth of its peak (VmHWM) over what model and input hold. It also
+    # counts what the C allocator keeps after frees, so it is larger than the tensors' peak.
+    base = _proc_status_bytes('VmRSS')
+    _reset_peak_resident()
+    fn()
+    fn()
+    rss = _proc_status_bytes('VmHWM') - base
+    print(json.dumps(dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss)))
+
+
+def measure_memory(impl: str, mode: str, args, size) -> dict:
+    spec = json.dumps(dict(impl=impl, mode=mode, arch=args.arch, device=args.device,
+                           batch=args.batch, size=list(size), dtype=args.dtype,
+                           threads=torch.get_num_threads()))
+    result = subprocess.run([sys.executable, osp.abspath(__file__), '--worker', spec],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f'memory worker for {impl} failed:\n{result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------- modes
+def bench_backbone(args) -> List[dict]:
+    rows = []
+    dtype = DTYPES[args.dtype]
+    for size in args.sizes:
+        ours, ref = build_pair(args.arch, args.device)
+        x = torch.randn(args.batch, 3, *size, device=args.device)
+        row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
+                   device=args.device, threads=torch.get_num_threads())
+        with torch.no_grad():
+            ours.eval()
+            ref.eval()
+            row['max_abs_diff'] = max((a.float() - b.float()).abs().max().item()
+                                      for a, b in zip(ours(x), ref(x)))
+        if args.accuracy:
+            row['ours_err_vs_fp64'], row['reference_err_vs_fp64'] = accuracy_vs_fp64(ours, ref, x)
+        compiled = torch.compile(ours) if args.compile else None
+        for mode in args.modes:
+            fns = {'ours': step_fn(ours, x, mode, dtype, args.device)}
+            if not args.no_reference:
+                fns['reference'] = step_fn(ref, x, mode, dtype, args.device)
+            if compiled is not None:
+                fns['ours_compiled'] = step_fn(compiled, x, mode, dtype, args.device)
+            medians = interleaved(fns, args.warmup, args.repeats, args.device)
+            for name, seconds in medians.items():
+                row[f'{mode}_{name}_s'] = seconds
+            if 'reference' in medians:
+                row[f'{mode}_ratio'] = medians['ours'] / medians['reference']
+        if args.memory:
+            for mode in args.modes:
+                impls = ['ours'] + ([] if args.no_reference else ['reference'])
+                impls += ['ours_cp'] if args.with_cp and mode == 'train' else []
+                for impl in impls:
+                    measured = measure_memory(impl, mode, args, size)
+                    row[f'{mode}_peak_mb_{impl}'] = measured['peak_bytes'] / 2**20
+                    if 'rss_bytes' in measured:
+                        row[f'{mode}_rss_mb_{impl}'] = measured['rss_bytes'] / 2**20
+                if f'{mode}_peak_mb_reference' in row:
+                    row[f'{mode}_memory_ratio'] = (row[f'{mode}_peak_mb_ours'] /
+                                                   row[f'{mode}_peak_mb_reference'])
+            if 'train_peak_mb_ours_cp' in row:
+                row['with_cp_memory_ratio'] = row['train_peak_mb_ours_cp'] / row['train_peak_mb_ours']
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def bench_config(args) -> List[dict]:
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_mm import compat
+    from davit_mm.cli import library_of, load_config
+    cfg = load_config(args.config)
+    library = library_of(cfg)
+    compat.adapt_config_to_machine(cfg)
+    init_default_scope(library)
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model).to(args.device)
+    model.init_weights()
+    optim_cfg = dict(cfg.optim_wrapper)
+    if args.dtype != 'fp32':
+        optim_cfg.update(type='AmpOptimWrapper', dtype=args.dtype)
+    optim = build_optim_wrapper(model, optim_cfg)
+    rows = []
+    for size in args.sizes:
+        inputs, samples = fake_batch(library, args.batch, size, args.device)
+
+        def train():
+            model.train()
+            with optim.optim_context(model):
+                losses = model(inputs, samples, mode='loss')
+            loss, _ = model.parse_losses(losses)
+            optim.update_params(loss)
+
+        def forward():
+            model.eval()
+            with torch.no_grad(), optim.optim_context(model):
+                model(inputs, samples, mode='tensor')
+
+        fns = {'train': train, 'forward': forward}
+        medians = interleaved({m: fns[m] for m in args.modes}, args.warmup, args.repeats, args.device)
+        row = dict(config=osp.basename(args.config), size=f'{size[0]}x{size[1]}', batch=args.batch,
+                   dtype=args.dtype, device=args.device)
+        for mode, seconds in medians.items():
+            row[f'{mode}_s'] = seconds
+            row[f'{mode}_images_per_s'] = args.batch / seconds
+        if args.device.startswith('cuda'):
+            row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def fake_batch(library: str, batch: int, size, device):
+    """Normalised random images and one random object / label map each."""
+    h, w = size
+    inputs = torch.randn(batch, 3, h, w, device=device)
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
+                scale_factor=(1., 1.))
+    if library == 'mmdet':
+        from mmdet.structures import DetDataSample
+        from mmdet.structures.mask import BitmapMasks
+        from mmengine.structures import InstanceData
+        samples = []
+        for _ in range(batch):
+            gt = InstanceData()
+            gt.bboxes = torch.tensor([[w * .2, h * .2, w * .6, h * .7]], device=device)
+            gt.labels = torch.tensor([1], device=device)
+            mask = torch.zeros(1, h, w, dtype=torch.uint8)
+            mask[:, int(h * .2):int(h * .7), int(w * .2):int(w * .6)] = 1
+            gt.masks = BitmapMasks(mask.numpy(), h, w)
+            samples.append(DetDataSample(metainfo=meta, gt_instances=gt))
+        return inputs, samples
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    samples = [SegDataSample(metainfo=meta, gt_sem_seg=PixelData(
+        data=torch.randint(0, 150, (1, h, w), device=device))) for _ in range(batch)]
+    return inputs, samples
+
+
+def print_row(row: dict) -> None:
+    parts = []
+    for key, value in row.items():
+        parts.append(f'{key}={value:.4g}' if isinstance(value, float) else f'{key}={value}')
+    print('  '.join(parts), flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        memory_worker(args.worker)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f'torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}',
+          flush=True)
+    rows = bench_config(args) if args.config else bench_backbone(args)
+    if args.json:
+        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
