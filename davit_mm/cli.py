@@ -1,5 +1,6 @@
 """What tools/train.py, tools/test.py and demo/image_demo.py share: reading a config the way the
 mmdet/mmseg tools do, with clear errors, and building a runner adapted to the machine."""
+import contextlib
 import difflib
 import os.path as osp
 import warnings
@@ -54,7 +55,12 @@ def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
     """``Config.fromfile`` + ``--cfg-options`` + work dir, as the mmdet/mmseg tools do it."""
     if not osp.isfile(path):
         raise ValueError(f'config {path!r}: no such file')
-    cfg = Config.fromfile(path)
+    try:
+        cfg = Config.fromfile(path)
+    except SyntaxError as exc:  # mmengine parses the top file as '<unknown>'
+        where = path if exc.filename in (None, '<unknown>') else exc.filename
+        raise ValueError(f'config {where!r} has a syntax error at line {exc.lineno}: {exc.msg}: '
+                         f'{(exc.text or "").strip()}') from exc
     cfg.launcher = launcher
     if cfg_options:
         check_cfg_options(cfg, cfg_options)
@@ -86,3 +92,189 @@ def innermost_dataset(dataset_cfg: ConfigDict) -> ConfigDict:
     while 'dataset' in dataset_cfg:
         dataset_cfg = dataset_cfg['dataset']
     return dataset_cfg
+
+
+# ------------------------------------------------------------------------------ input checks
+def _joined(root: str, path: str) -> str:
+    return path if not root or osp.isabs(path) else osp.join(root, path)
+
+
+def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
+    """Refuse dataloaders whose data root, annotation file or image/label folders do not exist,
+    naming the dataloader and the path (mmdet/mmseg would fail later, deep in dataset code)."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader or (split != 'train' and cfg.get(f'{split}_cfg') is None):
+            continue
+        dataset = innermost_dataset(loader['dataset'])
+        root = dataset.get('data_root') or ''
+        where = f'{split}_dataloader.dataset'
+        if '://' in root:
+            continue  # remote storage: nothing to check locally
+        if root and not osp.isdir(root):
+            raise ValueError(f'{where}.data_root={root!r} does not exist (working directory '
+                             f'{osp.abspath(".")}); point it at your data, e.g. --cfg-options '
+                             f'{where}.data_root=/path/to/data/')
+        ann_file = dataset.get('ann_file') or ''
+        if ann_file and not osp.isfile(_joined(root, ann_file)):
+            raise ValueError(f'{where}.ann_file={ann_file!r}: {_joined(root, ann_file)!r} does not exist')
+        for key, folder in (dataset.get('data_prefix') or {}).items():
+            if folder and '://' not in folder and not osp.isdir(_joined(root, folder)):
+                raise ValueError(f'{where}.data_prefix.{key}={folder!r}: folder '
+                                 f'{_joined(root, folder)!r} does not exist')
+
+
+def _dataset_classes(dataset_cfg) -> Optional[tuple]:
+    classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+    if classes is not None:
+        return tuple(classes)
+    from mmengine.registry import DATASETS
+    dataset_type = DATASETS.get(dataset_cfg.get('type', ''))
+    meta = getattr(dataset_type, 'METAINFO', None) or {}
+    return tuple(meta['classes']) if 'classes' in meta else None
+
+
+def _num_classes_fields(node, path='model'):
+    """(path, value) of every ``num_classes`` in a model config, except class-agnostic RPN heads."""
+    if isinstance(node, dict):
+        if 'RPN' in str(node.get('type', '')):
+            return
+        for key, value in node.items():
+            if key == 'num_classes' and isinstance(value, int):
+                yield f'{path}.num_classes', value
+            else:
+                yield from _num_classes_fields(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _num_classes_fields(value, f'{path}.{i}')
+
+
+def check_num_classes(cfg: Config, split: str = 'train') -> None:
+    """Refuse heads whose ``num_classes`` differs from the dataset's class count (mmdet would train,
+    then fail or mislabel at evaluation)."""
+    loader = cfg.get(f'{split}_dataloader')
+    if not loader:
+        return
+    from mmengine.registry import init_default_scope
+    init_default_scope(library_of(cfg))
+    classes = _dataset_classes(innermost_dataset(loader['dataset']))
+    if classes is None:
+        return
+    for path, value in _num_classes_fields(cfg.model):
+        if value != len(classes):
+            raise ValueError(f'{path}={value} but {split}_dataloader.dataset has {len(classes)} '
+                             f'classes {classes[:5]}{"..." if len(classes) > 5 else ""}: set '
+                             f'num_classes={len(classes)} in every head, or the dataset metainfo')
+
+
+# ------------------------------------------------------------------------- checkpoint checks
+_CLASS_SPECIFIC = ('cls', 'conv_seg', 'conv_logits', 'fc_reg')
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """A checkpoint written by tools/train.py (or mmdet/mmseg), fully read with weights_only, or
+    a ValueError saying why it cannot be one (missing, truncated, corrupt, not a checkpoint)."""
+    from .checkpoint import CheckpointError, _torch_load
+    if not osp.isfile(path):
+        raise ValueError(f'checkpoint {path!r}: no such file')
+    try:
+        checkpoint = _torch_load(path, 'cpu')
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict', checkpoint), dict):
+        raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a model checkpoint')
+    return checkpoint
+
+
+def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False) -> str:
+    """Compare a detector/segmentor checkpoint with the built model, key by key.
+
+    Evaluating (``allow_class_mismatch=False``) needs every weight present with its shape.
+    Fine-tuning from it (``True``) may differ in the class-count-dependent layers of the heads
+    (another ``num_classes``), which are then left at init; returns a one-line note about them.
+
+    Raises:
+        ValueError: missing/unexpected keys or other shape mismatches (another model or size),
+            naming the first ones.
+    """
+    state = read_training_checkpoint(path)
+    state = state.get('state_dict', state)
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
+        model = model.module
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    class_layers = [k for k in mismatched if any(p in k.split('.')[-2] for p in _CLASS_SPECIFIC)]
+    if allow_class_mismatch and set(mismatched) == set(class_layers):
+        mismatched = []
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            problems.append('shape mismatches: ' + ', '.join(
+                f'{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}' for k in mismatched[:4]))
+        if missing:
+            problems.append(f'{len(missing)} model weights missing, e.g. {missing[:4]}')
+        if unexpected:
+            problems.append(f'{len(unexpected)} keys the model does not have, e.g. {unexpected[:4]}')
+        hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
+                if class_layers else '')
+        raise ValueError(f'checkpoint {path!r} does not fit the config\'s model{hint}: ' + '; '.join(problems))
+    if class_layers:
+        return (f'{len(class_layers)} class-specific tensors of {path} differ in shape (another '
+                f'num_classes) and stay at init: {", ".join(class_layers[:6])}')
+    return ''
+
+
+def latest_valid_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest checkpoint in ``work_dir`` that loads, for ``--resume`` without a path.
+
+    mmengine takes whatever ``last_checkpoint`` names; a checkpoint truncated by a kill (with
+    writers other than davit_mm's atomic one) would then stop the resume with a load error.
+    Broken candidates are skipped with a warning naming them; None when there is none.
+    """
+    import glob
+    import re
+
+    from mmengine.logging import print_log
+    candidates = []
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named:
+            candidates.append(named)
+    numbered = []
+    for path in glob.glob(osp.join(work_dir, '*.pth')):
+        match = re.search(r'(epoch|iter)_(\d+)\.pth$', path)
+        if match:
+            numbered.append((int(match[2]), path))
+    candidates += [path for _, path in sorted(numbered, reverse=True)]
+    seen = set()
+    for path in candidates:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            read_training_checkpoint(path)
+            return path
+        except ValueError as exc:
+            print_log(f'davit_mm: not resuming from {path}: {exc}', logger='current', level=30)
+    return None
+
+
+@contextlib.contextmanager
+def explain_empty_datasets():
+    """Turn the error an empty dataset causes deep in a data loader into one that says so."""
+    empty = ('need at least one array to concatenate',  # mmengine serialising an empty dataset
+             'num_samples should be a positive integer', 'num_samples=0')
+    try:
+        yield
+    except ValueError as exc:
+        if any(text in str(exc) for text in empty):
+            raise ValueError('a dataset has no samples: an annotation file without images or '
+                             'objects, metainfo classes that name none of its categories, or '
+                             'every image filtered out by filter_cfg (filter_empty_gt=True drops '
+                             'images without objects)') from exc
+        raise

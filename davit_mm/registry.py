@@ -6,35 +6,46 @@ dict(imports=['davit_mm'])`` in a config is enough for ``type='DaViT'`` to build
 """
 import importlib
 import importlib.util
-from typing import List
+from typing import Dict, List
 
-# (registry attribute in <library>.registry, classes to register)
+from mmengine.fileio import register_backend
+
 _LIBRARIES = ('mmdet', 'mmseg')
+# The file backend davit_mm's configs give the CheckpointHook (backend_args).
+ATOMIC_BACKEND = 'davit_mm_atomic'
 
 
-def _models_to_register() -> List[type]:
+def _to_register() -> Dict[str, List[type]]:
+    """Registry name -> davit_mm classes to put there."""
+    from .engine import RandomStateHook
     from .models import DaViT
-    return [DaViT]
+    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook])
 
 
 def register_all_modules() -> List[str]:
-    """Register davit_mm's models into mmdet's and mmseg's ``MODELS``; returns the libraries used.
+    """Register davit_mm's models and hooks into mmdet's and mmseg's registries, and its
+    checkpoint file backend into mmengine's; returns the libraries used.
 
     Idempotent. A library that is installed but fails to import (e.g. an mmcv it refuses)
     raises its own error rather than being skipped silently.
     """
+    from .engine import AtomicLocalBackend
+    register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
     used = []
     for library in _LIBRARIES:
         if importlib.util.find_spec(library) is None:
             continue
-        registry = importlib.import_module(f'{library}.registry').MODELS
-        for cls in _models_to_register():
-            existing = registry.module_dict.get(cls.__name__)
-            if existing is cls:
-                continue
-            if existing is not None:
-                raise KeyError(f'{library} already has a model named {cls.__name__!r} '
-                               f'({existing.__module__}); davit_mm cannot register its own')
-            registry.register_module(module=cls)
+        registries = importlib.import_module(f'{library}.registry')
+        for registry_name, classes in _to_register().items():
+            registry = getattr(registries, registry_name)
+            for cls in classes:
+                existing = registry.module_dict.get(cls.__name__)
+                if existing is cls:
+                    continue
+                if existing is not None:
+                    raise KeyError(f'{library} already has a {registry_name} entry named '
+                                   f'{cls.__name__!r} ({existing.__module__}); davit_mm cannot '
+                                   f'register its own')
+                registry.register_module(module=cls)
         used.append(library)
     return used

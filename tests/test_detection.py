@@ -103,18 +103,6 @@ def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, me
 
 
 @pytest.mark.slow
-def test_training_resumes_from_a_checkpoint(coco_dir):
-    work = coco_dir / 'resume'
-    options = ['--cfg-options', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=1']
-    run_tool(['train.py', RETINANET, '--work-dir', work] + options[:1] +
-             ['train_cfg.max_epochs=2'] + options[1:], cwd=coco_dir)
-    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume'] + options[:1] +
-                      ['train_cfg.max_epochs=3'] + options[1:], cwd=coco_dir)
-    assert 'resumed epoch: 2, iter: 8' in result.stdout + result.stderr
-    assert (work / 'epoch_3.pth').exists()
-
-
-@pytest.mark.slow
 def test_dist_train_with_two_cpu_processes_completes(coco_dir):
     work = coco_dir / 'dist'
     result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', work, '--cfg-options',

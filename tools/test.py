@@ -16,7 +16,9 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import ConfigDict, DictAction  # noqa: E402
 
-from davit_mm.cli import build_runner, innermost_dataset, library_of, load_config  # noqa: E402
+from davit_mm.cli import (build_runner, check_checkpoint_fits, check_data_paths,  # noqa: E402
+                          check_num_classes, explain_empty_datasets, innermost_dataset,
+                          library_of, load_config)
 
 # Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
 DEFAULT_DET_TTA_MODEL = dict(type='DetTTAModel',
@@ -68,6 +70,8 @@ def main(argv=None):
         raise ValueError(f'checkpoint {args.checkpoint!r}: no such file')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
+    check_data_paths(cfg, ('test', ))
+    check_num_classes(cfg, 'test')
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_drawing(cfg, library, args.show_dir)
@@ -80,10 +84,12 @@ def main(argv=None):
         raise ValueError(f'--out {args.out!r}: mmdet predictions are dumped to a .pkl file')
 
     runner = build_runner(cfg)
+    check_checkpoint_fits(runner.model, args.checkpoint)  # evaluating a half-loaded model is worthless
     if args.out and library == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    return runner.test()
+    with explain_empty_datasets():
+        return runner.test()
 
 
 if __name__ == '__main__':

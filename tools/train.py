@@ -14,7 +14,9 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
-from davit_mm.cli import build_runner, load_config  # noqa: E402
+from davit_mm.cli import (build_runner, check_checkpoint_fits, check_data_paths,  # noqa: E402
+                          check_num_classes, explain_empty_datasets, latest_valid_checkpoint,
+                          load_config, read_training_checkpoint)
 
 
 def parse_args(argv=None):
@@ -48,16 +50,27 @@ def main(argv=None):
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'--auto-scale-lr: {args.config} has no auto_scale_lr.base_batch_size')
         cfg.auto_scale_lr.enable = True
+    check_data_paths(cfg, ('train', 'val'))
+    check_num_classes(cfg)
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        latest = latest_valid_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        cfg.resume = latest is not None
+        cfg.load_from = latest if latest else None
+        if latest is None:
+            print(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch')
     elif args.resume is not None:
-        if not osp.isfile(args.resume):
-            raise ValueError(f'--resume {args.resume!r}: no such checkpoint file')
+        read_training_checkpoint(args.resume)  # a clear error for missing/truncated/corrupt files
         cfg.resume = True
         cfg.load_from = args.resume
 
-    build_runner(cfg).train()
+    runner = build_runner(cfg)
+    if cfg.get('load_from'):
+        # Resuming needs the exact model; fine-tuning (load_from) may change num_classes.
+        note = check_checkpoint_fits(runner.model, cfg.load_from, allow_class_mismatch=not cfg.resume)
+        if note:
+            runner.logger.warning(f'load_from: {note}')
+    with explain_empty_datasets():
+        runner.train()
 
 
 if __name__ == '__main__':

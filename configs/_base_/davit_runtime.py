@@ -3,6 +3,10 @@
 # be inherited by users' configs.
 custom_imports = dict(imports=['davit_mm'], allow_failed_imports=False)
 
+# Checkpoints also hold the random generators' states, so `--resume` continues exactly as if the run
+# had never stopped (davit_mm.engine.RandomStateHook).
+custom_hooks = [dict(type='RandomStateHook')]
+
 # ImageNet-1k DaViT weights as published on the Hugging Face hub by timm (converted from the official
 # release); davit_mm downloads, detects the format and converts them on first use. Any other public
 # format (official, mmpretrain, Florence-2, davit_mm) works too: see docs/checkpoints.md.

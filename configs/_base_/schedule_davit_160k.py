@@ -12,3 +12,7 @@ param_scheduler = [
     dict(type='PolyLR', eta_min=0.0, power=1.0, by_epoch=False, begin=1500, end=160000),
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# Checkpoints are written under a temporary name and renamed into place: a run killed while saving
+# never leaves a truncated checkpoint behind (davit_mm.engine.AtomicLocalBackend).
+default_hooks = dict(checkpoint=dict(backend_args=dict(backend='davit_mm_atomic')))

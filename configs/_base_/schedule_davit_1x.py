@@ -7,3 +7,7 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05))
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# Checkpoints are written under a temporary name and renamed into place: a run killed while saving
+# never leaves a truncated checkpoint behind (davit_mm.engine.AtomicLocalBackend).
+default_hooks = dict(checkpoint=dict(backend_args=dict(backend='davit_mm_atomic')))

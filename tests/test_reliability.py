@@ -1,0 +1,271 @@
+"""Reliability: exact resume after a kill, safe checkpoints, and clear errors for bad inputs."""
+import json
+import os
+import os.path as osp
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from davit_mm.engine import AtomicLocalBackend
+from davit_mm.synthetic import write_ade20k, write_coco
+from helpers import CONFIGS, metric, run_tool
+
+RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
+# Drop path on (torch's generator), random resize/flip on (numpy's), evaluation in between.
+DET_RUN = ['--cfg-options', 'model.backbone.drop_path_rate=0.2', 'train_cfg.max_epochs=6',
+           'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=1',
+           'default_hooks.checkpoint.max_keep_ckpts=10']
+SEG_RUN = ['--cfg-options', 'model.backbone.drop_path_rate=0.2', 'train_cfg.max_iters=24',
+           'train_cfg.val_interval=8', 'param_scheduler.1.end=24', 'default_hooks.checkpoint.interval=4',
+           'default_hooks.checkpoint.max_keep_ckpts=10']
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('reliability')
+    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=16, num_val=4, seed=3)
+    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=8, num_val=2, seed=4)
+    return root
+
+
+def train_killed_after(config, work, args, cwd, checkpoint_name):
+    """Start tools/train.py and SIGKILL it as soon as ``checkpoint_name`` exists."""
+    process = subprocess.Popen([sys.executable, osp.join(REPO, 'tools', 'train.py'), config,
+                                '--work-dir', str(work)] + args, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / checkpoint_name).exists():
+        assert process.poll() is None, 'training ended before the checkpoint to kill after'
+        assert time.time() < deadline, 'timed out waiting for the checkpoint'
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def assert_identical_checkpoints(path_a, path_b):
+    a, b = torch.load(path_a), torch.load(path_b)
+    assert a['meta']['epoch'] == b['meta']['epoch'] and a['meta']['iter'] == b['meta']['iter']
+    for key, value in a['state_dict'].items():
+        assert torch.equal(value, b['state_dict'][key]), f'weights differ: {key}'
+    states_a, states_b = a['optimizer']['state'], b['optimizer']['state']
+    assert states_a.keys() == states_b.keys()
+    for index in states_a:
+        for name, value in states_a[index].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(states_b[index][name])), (index, name)
+    assert a['param_schedulers'] == b['param_schedulers']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['detector', 'segmentor'])
+def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(data_dir, task):
+    config, args, last, kill_after = (
+        (RETINANET, DET_RUN, 'epoch_6.pth', 'epoch_2.pth') if task == 'detector' else
+        (UPERNET, SEG_RUN, 'iter_24.pth', 'iter_8.pth'))
+    straight, killed = data_dir / f'{task}_straight', data_dir / f'{task}_killed'
+    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
+    train_killed_after(config, killed, args, data_dir, kill_after)
+    assert not (killed / last).exists()
+    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
+    assert 'resumed' in result.stdout
+    assert_identical_checkpoints(straight / last, killed / last)
+
+
+@pytest.mark.slow
+def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
+    work = data_dir / 'fresh'
+    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
+                       'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
+    assert f'no checkpoint in {work}, starting from scratch' in result.stdout
+    assert (work / 'epoch_1.pth').exists()
+
+
+@pytest.mark.slow
+def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
+    work = data_dir / 'truncated'
+    run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'train_cfg.max_epochs=2',
+              'train_cfg.val_interval=5', 'default_hooks.checkpoint.interval=1'], cwd=data_dir)
+    latest = work / 'epoch_2.pth'
+    latest.write_bytes(latest.read_bytes()[:100000])  # as another writer killed mid-save leaves it
+    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
+                       'train_cfg.max_epochs=3', 'train_cfg.val_interval=5',
+                       'default_hooks.checkpoint.interval=1'], cwd=data_dir)
+    output = result.stdout + result.stderr
+    assert f'not resuming from {latest}' in output and 'corrupt or truncated' in output
+    assert 'resumed epoch: 1' in output
+    truncated = work / 'truncated.pth'
+    truncated.write_bytes(latest.read_bytes()[:100000])
+    explicit = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', str(truncated)],
+                        cwd=data_dir, expect_ok=False)
+    assert explicit.returncode != 0 and 'corrupt or truncated' in explicit.stderr
+
+
+def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / 'epoch_1.pth'
+    backend = AtomicLocalBackend()
+    backend.put(b'complete checkpoint', target)
+    assert target.read_bytes() == b'complete checkpoint'
+
+    def fail(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(os, 'fsync', fail)  # the write dies after some bytes went out
+    with pytest.raises(OSError, match='disk full'):
+        backend.put(b'a newer checkpoint', target)
+    assert target.read_bytes() == b'complete checkpoint'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_1.pth']
+
+
+def test_davit_configs_write_checkpoints_atomically_and_keep_random_state():
+    from mmengine.config import Config
+    for config in (RETINANET, UPERNET, osp.join(CONFIGS, 'davit_maskrcnn_3x_coco.py'),
+                   osp.join(CONFIGS, 'upernet_davit_512x512_160k_ade20k.py')):
+        cfg = Config.fromfile(config)
+        assert cfg.default_hooks.checkpoint.backend_args == dict(backend='davit_mm_atomic')
+        assert dict(type='RandomStateHook') in cfg.custom_hooks
+
+
+# --------------------------------------------------------------------------- checkpoints in tools
+@pytest.fixture(scope='module')
+def trained(data_dir):
+    work = data_dir / 'trained'
+    run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'train_cfg.max_epochs=1',
+              'train_cfg.val_interval=5'], cwd=data_dir)
+    return work / 'epoch_1.pth'
+
+
+def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, trained):
+    result = run_tool(['test.py', RETINANET, trained, '--cfg-options', 'model.bbox_head.num_classes=5',
+                       'test_dataloader.dataset.metainfo.classes=[a,b,c,d,e]'],
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert 'does not fit' in result.stderr and 'another num_classes' in result.stderr
+    assert 'bbox_head.retina_cls.weight' in result.stderr
+
+
+def test_test_tool_refuses_a_checkpoint_of_another_size(data_dir, trained):
+    result = run_tool(['test.py', RETINANET, trained, '--cfg-options',
+                       'model.backbone.arch.depths=[1,1,2,1]'], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and 'model weights missing' in result.stderr
+    assert 'backbone.stages.2.blocks.1' in result.stderr
+
+
+@pytest.mark.parametrize('content,message', [(None, 'corrupt or truncated'),
+                                             (b'hello', 'not a PyTorch checkpoint')])
+def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_path, content, message):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(trained.read_bytes()[:50000] if content is None else content)
+    result = run_tool(['test.py', RETINANET, bad], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',
+                       f'load_from={trained}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
+                       'train_cfg.val_interval=5', 'train_dataloader.dataset.metainfo.classes=[square,disk]',
+                       'val_dataloader.dataset.metainfo.classes=[square,disk]'], cwd=data_dir)
+    output = result.stdout + result.stderr
+    assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
+
+
+# ------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize('options,message', [
+    (['train_dataloader.dataset.data_root=nowhere/'],
+     "train_dataloader.dataset.data_root='nowhere/' does not exist"),
+    (['train_dataloader.dataset.ann_file=annotations/missing.json'],
+     "ann_file='annotations/missing.json'"),
+    (['val_dataloader.dataset.data_prefix.img=val_missing/'], "data_prefix.img='val_missing/'"),
+    (['model.backbon.arch=small'], "has no key 'backbon'; did you mean backbone"),
+    (['model.backbone.arch=tinyy'], "arch='tinyy' is not a known DaViT variant"),
+    (['model.bbox_head.num_classes=80'], 'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'),
+    (['model.backbone.out_indices=(1,2,4)'], 'out_indices=(1, 2, 4) has [4] out of range'),
+])
+def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options'] + options,
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_missing_and_broken_configs(data_dir, tmp_path):
+    result = run_tool(['train.py', tmp_path / 'nope.py'], cwd=data_dir, expect_ok=False)
+    assert "config '" in result.stderr and 'nope.py' in result.stderr and 'no such file' in result.stderr
+    broken = tmp_path / 'broken.py'
+    broken.write_text("_base_ = ['" + RETINANET + "']\nmodel = dict(backbone=dict(arch='tiny'\n")
+    result = run_tool(['train.py', broken], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert f"config '{broken}' has a syntax error at line 2: '(' was never closed" in result.stderr
+
+
+@pytest.mark.slow
+def test_an_empty_dataset_is_reported_as_such(data_dir, tmp_path):
+    empty = tmp_path / 'data' / 'synthetic_coco'
+    write_coco(str(empty), num_train=2, num_val=1, seed=5)
+    ann = empty / 'annotations' / 'instances_train2017.json'
+    content = json.loads(ann.read_text())
+    content['annotations'] = []  # images without objects: filter_empty_gt drops them all
+    ann.write_text(json.dumps(content))
+    result = run_tool(['train.py', RETINANET, '--work-dir', tmp_path / 'w'], cwd=tmp_path, expect_ok=False)
+    assert result.returncode != 0 and 'has no samples' in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_grayscale_and_rgba_images_train_and_evaluate(tmp_path):
+    root = tmp_path / 'data' / 'synthetic_coco'
+    write_coco(str(root), num_train=4, num_val=2, seed=6)
+    for split, convert in (('train2017', cv2.COLOR_BGR2GRAY), ('val2017', cv2.COLOR_BGR2BGRA)):
+        for name in os.listdir(root / split):
+            image = cv2.imread(str(root / split / name))
+            png = (root / split / name).with_suffix('.png')
+            cv2.imwrite(str(png), cv2.cvtColor(image, convert))
+            os.remove(root / split / name)
+    for ann in (root / 'annotations').iterdir():
+        ann.write_text(ann.read_text().replace('.jpg', '.png'))
+    assert cv2.imread(str(next((root / 'val2017').iterdir())), cv2.IMREAD_UNCHANGED).shape[2] == 4
+    work = tmp_path / 'w'
+    run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'train_cfg.max_epochs=1',
+              'train_cfg.val_interval=1'], cwd=tmp_path)
+    result = run_tool(['test.py', RETINANET, work / 'epoch_1.pth'], cwd=tmp_path)
+    assert 'Epoch(test)' in result.stdout
+
+
+@pytest.mark.parametrize('height,width', [(20, 24), (9, 5)])
+def test_images_smaller_than_one_window_run_through_a_detector(height, width):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    from mmdet.structures import DetDataSample
+    init_default_scope('mmdet')
+    model = MODELS.build(Config.fromfile(RETINANET).model).eval()
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8)
+    sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
+                                         scale_factor=(1., 1.)))
+    with torch.no_grad():
+        result, = model.test_step(dict(inputs=[image], data_samples=[sample]))
+    boxes = result.pred_instances.bboxes
+    assert boxes.shape[1] == 4 and (boxes[:, 2] <= width + 1e-3).all()
+
+
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
+    fake_python = tmp_path / 'python'  # reports CUDA with 2 devices
+    fake_python.write_text('#!/usr/bin/env bash\n'
+                           'case "$2" in *device_count*) echo 2; exit 0;; *is_available*) exit 0;; esac\n'
+                           'exit 3\n')
+    fake_python.chmod(0o755)
+    result = run_tool(['dist_train.sh', RETINANET, '8'], cwd=tmp_path, expect_ok=False,
+                      env={'PYTHON': str(fake_python)})
+    assert result.returncode == 2 and 'asked for 8 GPUs but this machine has 2' in result.stderr
+
+
+@pytest.mark.parametrize('gpus', ['0', 'two', '-1'])
+def test_a_gpu_count_that_is_not_a_positive_integer_is_refused(tmp_path, gpus):
+    result = run_tool(['dist_train.sh', RETINANET, gpus], cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2 and 'must be a positive integer' in result.stderr
