@@ -78,8 +78,13 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
 
 def test_image_demo_rejects_missing_inputs(coco_dir, tmp_path):
     demo = osp.join(REPO, 'demo', 'image_demo.py')
-    for args, message in [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
-                          ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images')]:
+    image = coco_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
+    cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
+             ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
+             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint '")]
+    if not torch.cuda.is_available():
+        cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
+    for args, message in cases:
         result = subprocess.run([sys.executable, demo] + args, capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr
 
@@ -173,6 +178,13 @@ def test_the_documented_example_config_builds():
     assert model.bbox_head.num_classes == 3 and model.backbone.with_cp
     model.train()
     assert not model.backbone.stages[0].training and model.backbone.stages[1].training
+
+
+def test_get_flops_reproduces_the_papers_retinanet_tiny_figure(coco_dir):
+    """244G multiply-adds at 800x1280 (paper), counted through the oneDNN inference path too."""
+    result = run_tool(['analysis/get_flops.py', osp.join(CONFIGS, 'davit_retinanet_1x_coco.py')], cwd=coco_dir)
+    flops = float(result.stdout.split('FLOPs (multiply-adds): ')[1].split('G')[0])
+    assert abs(flops / 244 - 1) < 0.05, flops
 
 
 def test_get_flops_prints_params_and_multiply_adds(coco_dir):

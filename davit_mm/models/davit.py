@@ -74,6 +74,26 @@ def _has_onednn_linear() -> bool:
 _ONEDNN_LINEAR = _has_onednn_linear()
 
 
+def _register_onednn_flops() -> None:
+    """Teach torch's FlopCounterMode (used by tools/analysis/get_flops.py) oneDNN's linear, which
+    it would otherwise skip: 2 * tokens * in * out, as for F.linear."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        # .binary(X, other, W, B, attr) / .default(X, W, B, attr, scalars, algorithm)
+        weight_shape = args[1] if len(args) == 4 else args[0]
+        tokens = 1
+        for size in x_shape[:-1]:
+            tokens *= size
+        return 2 * tokens * weight_shape[0] * weight_shape[1]
+
+    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(linear_flops)
+
+
+if _ONEDNN_LINEAR:
+    _register_onednn_flops()
+
+
 def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's linear can serve this call: CPU, fp32/bf16, outside autocast and
     torch.compile (which fuses by itself)."""
