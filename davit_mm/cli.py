@@ -25,6 +25,24 @@ def library_of(cfg: Config) -> str:
     return scope
 
 
+def add_launch_arguments(parser) -> None:
+    """``--cfg-options``, ``--launcher`` and ``--local_rank``, as mmdet's and mmseg's tools have."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. model.backbone.with_cp=True')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_launch_arguments(parser, argv=None):
+    """Parse, and export LOCAL_RANK for launchers that pass it as an argument."""
+    import os
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
 def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
     """Refuse ``--cfg-options`` keys whose parent does not exist (typos would silently add keys).
 

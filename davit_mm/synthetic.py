@@ -163,3 +163,14 @@ def write_ade20k(out_dir: str, num_train: int = 32, num_val: int = 8, size: Tupl
             cv2.imwrite(osp.join(image_dir, f'{name}.jpg'), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
             cv2.imwrite(osp.join(label_dir, f'{name}.png'), label)
     return root
+
+
+def add_arguments(parser) -> None:
+    """The command-line options of tools/dataset/make_synthetic_{coco,ade20k}.py."""
+    parser.add_argument('out_dir')
+    parser.add_argument('--num-train', type=int, default=32)
+    parser.add_argument('--num-val', type=int, default=8)
+    parser.add_argument('--size', type=int, nargs=2, default=(128, 160), metavar=('H', 'W'),
+                        help='typical image size; each image varies by +-15%%')
+    parser.add_argument('--max-objects', type=int, default=4)
+    parser.add_argument('--seed', type=int, default=0)

@@ -8,14 +8,13 @@ import sys
 import time
 
 import cv2
-import numpy as np
 import pytest
 import torch
 
 from conftest import REPO
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_ade20k, write_coco
-from helpers import CONFIGS, metric, run_tool
+from helpers import CONFIGS, run_tool
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')

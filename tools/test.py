@@ -9,16 +9,16 @@ predicted label maps into the folder OUT. ``--show-dir``: drawn predictions are 
 scales 0.5..1.75 + flip, as the paper reports; detection: flip).
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmengine.config import ConfigDict, DictAction  # noqa: E402
+from mmengine.config import ConfigDict  # noqa: E402
 
-from davit_mm.cli import (build_runner, check_checkpoint_fits, check_data_paths,  # noqa: E402
+from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
+                          check_checkpoint_fits, check_data_paths,
                           check_num_classes, explain_empty_datasets, innermost_dataset,
-                          library_of, load_config)
+                          library_of, load_config, parse_launch_arguments)
 
 # Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
 DEFAULT_DET_TTA_MODEL = dict(type='DetTTAModel',
@@ -34,14 +34,8 @@ def parse_args(argv=None):
                                       'predicted label maps')
     parser.add_argument('--show-dir', help='folder to write drawn predictions to')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, e.g. test_dataloader.batch_size=2')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
-                        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_launch_arguments(parser)
+    return parse_launch_arguments(parser, argv)
 
 
 def enable_tta(cfg, library: str) -> None:

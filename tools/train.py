@@ -7,16 +7,15 @@ The library is picked from the config's ``default_scope``. Multi-GPU: tools/dist
 slurm: tools/slurm_train.sh.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmengine.config import DictAction  # noqa: E402
 
-from davit_mm.cli import (build_runner, check_checkpoint_fits, check_data_paths,  # noqa: E402
+from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
+                          check_checkpoint_fits, check_data_paths,
                           check_num_classes, explain_empty_datasets, latest_valid_checkpoint,
-                          load_config, read_training_checkpoint)
+                          load_config, parse_launch_arguments, read_training_checkpoint)
 
 
 def parse_args(argv=None):
@@ -29,14 +28,8 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from CKPT, or without a value from the latest checkpoint in '
                              'the work dir (a fresh start when there is none)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, e.g. model.backbone.with_cp=True')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
-                        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_launch_arguments(parser)
+    return parse_launch_arguments(parser, argv)
 
 
 def main(argv=None):

@@ -269,7 +269,25 @@ class Downsample(nn.Module):
         return _nchw_to_nhwc(self.conv(_nhwc_to_nchw(x)))
 
 
-class WindowAttention(nn.Module):
+class _ProjectedAttention(nn.Module):
+    """What both attentions share: a qkv projection in, an output projection out, and a ``fused``
+    switch between the fast path and the plain reference path (both use the same weights)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, fused: bool) -> None:
+        super().__init__()
+        self.head_dim = dim // num_heads
+        self.fused = fused
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, tokens: torch.Tensor, heads: int):
+        """``(..., N, C)`` tokens -> q, k, v as ``(-1, heads, N, head_dim)`` views."""
+        n = tokens.shape[-2]
+        return fused_linear(tokens, self.qkv).view(-1, n, 3, heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+
+
+class WindowAttention(_ProjectedAttention):
     """Multi-head self-attention inside non-overlapping ``window_size`` windows.
 
     As in the official DaViT: the map is zero-padded at the bottom/right to whole windows, the
@@ -287,14 +305,10 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True,
                  fused: bool = True) -> None:
-        super().__init__()
+        super().__init__(dim, num_heads, qkv_bias, fused)
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.window_size = window_size
-        self.fused = fused
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
@@ -305,8 +319,7 @@ class WindowAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
         windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
-        q, k, v = fused_linear(windows, self.qkv).view(-1, ws * ws, 3, heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._qkv(windows, heads)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -321,7 +334,7 @@ class WindowAttention(nn.Module):
         return fused_linear(out, self.proj, residual=residual)
 
 
-class ChannelAttention(nn.Module):
+class ChannelAttention(_ProjectedAttention):
     """Channel group attention: each group of ``dim // num_groups`` channels attends over channels,
     with attention logits that sum over all ``N`` tokens.
 
@@ -342,24 +355,18 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, dim: int, num_groups: int, qkv_bias: bool = True, version: str = 'v1',
                  fused: bool = True) -> None:
-        super().__init__()
         if version not in CHANNEL_ATTENTION_VERSIONS:
             raise ValueError(f'channel_attention={version!r} is not supported; accepted: '
                              f'{CHANNEL_ATTENTION_VERSIONS}')
+        super().__init__(dim, num_groups, qkv_bias, fused)
         self.num_groups = num_groups
-        self.head_dim = dim // num_groups
         self.version = version
-        self.fused = fused
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
         N = H * W
-        # (B, N, 3, G, d) -> three (B, G, N, d) views.
-        q, k, v = fused_linear(x.reshape(B, N, C), self.qkv).view(
-            B, N, 3, self.num_groups, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._qkv(x.reshape(B, N, C), self.num_groups)  # each (B, G, N, d)
         if self.version == 'v1':
             left, right, values, scale = k, v, q, self.head_dim ** -0.5
         else:

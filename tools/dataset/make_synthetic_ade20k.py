@@ -11,18 +11,12 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from davit_mm.synthetic import write_ade20k  # noqa: E402
+from davit_mm.synthetic import add_arguments, write_ade20k  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('out_dir')
-    parser.add_argument('--num-train', type=int, default=32)
-    parser.add_argument('--num-val', type=int, default=8)
-    parser.add_argument('--size', type=int, nargs=2, default=(128, 160), metavar=('H', 'W'),
-                        help='typical image size; each image varies by +-15%%')
-    parser.add_argument('--max-objects', type=int, default=4)
-    parser.add_argument('--seed', type=int, default=0)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     root = write_ade20k(args.out_dir, args.num_train, args.num_val, tuple(args.size),
                         args.max_objects, args.seed)
