@@ -22,6 +22,7 @@ weights allowed to be absent are the output norms ``norm0..3``, which classifica
 never contain (they are reported in one line).
 """
 import argparse
+import hashlib
 import os
 import os.path as osp
 import pickle
@@ -145,12 +146,15 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
 
 
 def _download(url: str) -> str:
+    """Download ``url`` once into torch's hub cache; the cached name carries a hash of the URL,
+    since hub files share names (every timm model is ``.../resolve/main/model.safetensors``)."""
     cache = osp.join(torch.hub.get_dir(), 'checkpoints')
     os.makedirs(cache, exist_ok=True)
-    dst = osp.join(cache, osp.basename(url.split('?')[0]))
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    dst = osp.join(cache, f'{digest}-{osp.basename(url.split("?")[0])}')
     if not osp.exists(dst):
         print_log(f'Downloading {url} to {dst}', logger='current')
-        torch.hub.download_url_to_file(url, dst, progress=False)
+        torch.hub.download_url_to_file(url, dst, progress=False)  # writes a temp file, then moves
     return dst
 
 

@@ -283,8 +283,9 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def explain_empty_datasets():
-    """Turn the error an empty dataset causes deep in a data loader into one that says so."""
+def run_guarded():
+    """Run a runner's train/test: turn the error an empty dataset causes deep in a data loader into
+    one that says so, and close the process group afterwards (:func:`compat.close_distributed`)."""
     empty = ('need at least one array to concatenate',  # mmengine serialising an empty dataset
              'num_samples should be a positive integer', 'num_samples=0')
     try:
@@ -296,3 +297,4 @@ def explain_empty_datasets():
                              'every image filtered out by filter_cfg (filter_empty_gt=True drops '
                              'images without objects)') from exc
         raise
+    compat.close_distributed()

@@ -117,6 +117,20 @@ def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
     return notes
 
 
+def close_distributed() -> None:
+    """Tear the process group down once the run is over.
+
+    Upstream problem: mmengine 0.10.7 never destroys the process group it (or
+    :func:`adapt_config_to_machine`) created; a process then exiting while gloo's threads are
+    still running can die with "terminate called without an active exception" (SIGABRT) after
+    a successful run, and NCCL warns about the leak. The barrier keeps ranks from tearing down
+    while others still communicate.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def apply_all() -> None:
     """Apply every shim that fits the installed environment (idempotent)."""
     allow_mmengine_checkpoints()

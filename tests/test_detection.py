@@ -108,7 +108,7 @@ def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, me
 
 
 @pytest.mark.slow
-def test_dist_train_with_two_cpu_processes_completes(coco_dir):
+def test_dist_train_and_dist_test_with_two_cpu_processes_complete(coco_dir):
     work = coco_dir / 'dist'
     result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', work, '--cfg-options',
                        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'],
@@ -118,6 +118,9 @@ def test_dist_train_with_two_cpu_processes_completes(coco_dir):
     assert 'Epoch(train) [1][2/2]' in output  # 16 images / (2 processes x batch 4)
     assert 'Epoch(val) [1][1/1]' in output  # 4 images / (2 processes x batch 2)
     assert (work / 'epoch_1.pth').exists()
+    result = run_tool(['dist_test.sh', RETINANET, work / 'epoch_1.pth', '2', '--work-dir', work / 'test'],
+                      cwd=coco_dir, env={'PORT': '29612'})
+    assert 'Epoch(test) [1/1]' in result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------ configs and figures

@@ -17,7 +17,7 @@ from mmengine.config import ConfigDict  # noqa: E402
 
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
                           check_checkpoint_fits, check_data_paths,
-                          check_num_classes, explain_empty_datasets, innermost_dataset,
+                          check_num_classes, run_guarded, innermost_dataset,
                           library_of, load_config, parse_launch_arguments)
 
 # Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
@@ -82,7 +82,7 @@ def main(argv=None):
     if args.out and library == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    with explain_empty_datasets():
+    with run_guarded():
         return runner.test()
 
 

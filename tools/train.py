@@ -14,7 +14,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
                           check_checkpoint_fits, check_data_paths,
-                          check_num_classes, explain_empty_datasets, latest_valid_checkpoint,
+                          check_num_classes, run_guarded, latest_valid_checkpoint,
                           load_config, parse_launch_arguments, read_training_checkpoint)
 
 
@@ -62,7 +62,7 @@ def main(argv=None):
         note = check_checkpoint_fits(runner.model, cfg.load_from, allow_class_mismatch=not cfg.resume)
         if note:
             runner.logger.warning(f'load_from: {note}')
-    with explain_empty_datasets():
+    with run_guarded():
         runner.train()
 
 
