@@ -9,6 +9,9 @@ Layout: inside the backbone every feature map travels as a channels-last ``(B, H
 LayerNorm and Linear act on the last dimension without copies and the depth-wise convolutions see
 ``channels_last`` views. Conversion to the ``(B, C, H, W)`` tensors that necks expect happens once per
 returned stage, in :meth:`DaViT.forward`.
+
+On CPU the linear layers run through oneDNN with bias, GELU and residual additions fused into the
+matmul (:func:`fused_linear`, :class:`Mlp`); everywhere else they are the plain PyTorch ops.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
