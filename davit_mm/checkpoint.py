@@ -141,7 +141,7 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     if path.endswith('.safetensors'):
         obj = _read_safetensors(path, map_location)
     else:
-        obj = _torch_load(path, map_location)
+        obj = load_torch_file(path, map_location)
     return _flatten(obj, path)
 
 
@@ -170,7 +170,9 @@ def _read_safetensors(path: str, map_location) -> dict:
         raise CheckpointError(f'checkpoint={path!r} is not a readable safetensors file: {exc}') from exc
 
 
-def _torch_load(path: str, map_location) -> object:
+def load_torch_file(path: str, map_location='cpu') -> object:
+    """``torch.load(path, weights_only=True)``, with a :class:`CheckpointError` saying why a file
+    cannot be read (not a checkpoint, corrupt or truncated, pickled objects other than tensors)."""
     with open(path, 'rb') as f:
         head = f.read(2)
     # torch.save writes a zip archive ('PK'); files from torch < 1.6 are a pickle (PROTO 0x80).

@@ -4,7 +4,7 @@ import contextlib
 import difflib
 import os.path as osp
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 
@@ -192,30 +192,29 @@ _CLASS_SPECIFIC = ('cls', 'conv_seg', 'conv_logits', 'fc_reg')
 def read_training_checkpoint(path: str) -> dict:
     """A checkpoint written by tools/train.py (or mmdet/mmseg), fully read with weights_only, or
     a ValueError saying why it cannot be one (missing, truncated, corrupt, not a checkpoint)."""
-    from .checkpoint import CheckpointError, _torch_load
+    from .checkpoint import load_torch_file
     if not osp.isfile(path):
         raise ValueError(f'checkpoint {path!r}: no such file')
-    try:
-        checkpoint = _torch_load(path, 'cpu')
-    except CheckpointError as exc:
-        raise ValueError(str(exc)) from exc
+    checkpoint = load_torch_file(path)  # its CheckpointError is a ValueError
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('state_dict', checkpoint), dict):
         raise ValueError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a model checkpoint')
     return checkpoint
 
 
-def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False) -> str:
+def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
+                          checkpoint: Optional[dict] = None) -> str:
     """Compare a detector/segmentor checkpoint with the built model, key by key.
 
     Evaluating (``allow_class_mismatch=False``) needs every weight present with its shape.
     Fine-tuning from it (``True``) may differ in the class-count-dependent layers of the heads
     (another ``num_classes``), which are then left at init; returns a one-line note about them.
+    ``checkpoint`` is the file's content when it was already read.
 
     Raises:
-        ValueError: missing/unexpected keys or other shape mismatches (another model or size),
-            naming the first ones.
+        ValueError: an unreadable file (:func:`read_training_checkpoint`), missing/unexpected
+            keys or other shape mismatches (another model or size), naming the first ones.
     """
-    state = read_training_checkpoint(path)
+    state = checkpoint if checkpoint is not None else read_training_checkpoint(path)
     state = state.get('state_dict', state)
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
@@ -245,8 +244,9 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False) 
     return ''
 
 
-def latest_valid_checkpoint(work_dir: str) -> Optional[str]:
-    """The newest checkpoint in ``work_dir`` that loads, for ``--resume`` without a path.
+def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
+    """``(path, content)`` of the newest checkpoint in ``work_dir`` that loads, for ``--resume``
+    without a path.
 
     mmengine takes whatever ``last_checkpoint`` names; a checkpoint truncated by a kill (with
     writers other than davit_mm's atomic one) would then stop the resume with a load error.
@@ -275,8 +275,7 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[str]:
             continue
         seen.add(path)
         try:
-            read_training_checkpoint(path)
-            return path
+            return path, read_training_checkpoint(path)
         except ValueError as exc:
             print_log(f'davit_mm: not resuming from {path}: {exc}', logger='current', level=30)
     return None

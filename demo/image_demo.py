@@ -59,13 +59,11 @@ def main(argv=None):
                                    show_progress=False)
         inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr,
                    no_save_pred=False)
-        drawn = osp.join(args.out_dir, 'vis')
     else:
         from mmseg.apis import MMSegInferencer
         inferencer = MMSegInferencer(model=cfg, weights=args.checkpoint, device=args.device)
         inferencer(args.image, out_dir=args.out_dir)
-        drawn = osp.join(args.out_dir, 'vis')
-    print(f'drawn predictions: {drawn}')
+    print(f'drawn predictions: {osp.join(args.out_dir, "vis")}')
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
                           check_checkpoint_fits, check_data_paths,
                           check_num_classes, run_guarded, latest_valid_checkpoint,
-                          load_config, parse_launch_arguments, read_training_checkpoint)
+                          load_config, parse_launch_arguments)
 
 
 def parse_args(argv=None):
@@ -45,21 +45,23 @@ def main(argv=None):
         cfg.auto_scale_lr.enable = True
     check_data_paths(cfg, ('train', 'val'))
     check_num_classes(cfg)
+    checkpoint = None  # the content of load_from, when already read
     if args.resume == 'auto':
         latest = latest_valid_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
         cfg.resume = latest is not None
-        cfg.load_from = latest if latest else None
+        cfg.load_from, checkpoint = latest if latest else (None, None)
         if latest is None:
             print(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch')
     elif args.resume is not None:
-        read_training_checkpoint(args.resume)  # a clear error for missing/truncated/corrupt files
         cfg.resume = True
         cfg.load_from = args.resume
 
     runner = build_runner(cfg)
     if cfg.get('load_from'):
-        # Resuming needs the exact model; fine-tuning (load_from) may change num_classes.
-        note = check_checkpoint_fits(runner.model, cfg.load_from, allow_class_mismatch=not cfg.resume)
+        # Resuming needs the exact model; fine-tuning (load_from) may change num_classes. This also
+        # stops missing, truncated and corrupt files with a clear message.
+        note = check_checkpoint_fits(runner.model, cfg.load_from, allow_class_mismatch=not cfg.resume,
+                                     checkpoint=checkpoint)
         if note:
             runner.logger.warning(f'load_from: {note}')
     with run_guarded():
