@@ -10,8 +10,9 @@ LayerNorm and Linear act on the last dimension without copies and the depth-wise
 ``channels_last`` views. Conversion to the ``(B, C, H, W)`` tensors that necks expect happens once per
 returned stage, in :meth:`DaViT.forward`.
 
-On CPU the linear layers run through oneDNN with bias, GELU and residual additions fused into the
-matmul (:func:`fused_linear`, :class:`Mlp`); everywhere else they are the plain PyTorch ops.
+Linear and convolution layers are called through :mod:`davit_mm.ops`, which computes the same maths
+with kernels chosen per device (oneDNN fusions on CPU; no cuDNN convolutions on CUDA, whose per-shape
+planning costs seconds at every new input size) and the plain PyTorch ops while tracing or exporting.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -23,6 +24,8 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from davit_mm import ops
 
 ArchSpec = Dict[str, object]
 
@@ -59,143 +62,12 @@ def _nchw_to_nhwc(x: torch.Tensor) -> torch.Tensor:
 
 def _pad_bottom_right(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to multiples of ``multiple``."""
-    pad_h = -x.shape[1] % multiple
-    pad_w = -x.shape[2] % multiple
-    if pad_h or pad_w:
+    pad_h, pad_w = -x.shape[1] % multiple, -x.shape[2] % multiple
+    # A zero pad would still copy, so eager mode skips it; traced and exported graphs always pad,
+    # so that they hold for every input size (ops.is_tracing() comes first: no shape guard).
+    if ops.is_tracing() or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
-
-
-def _has_onednn_linear() -> bool:
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        return bool(torch.backends.mkldnn.is_available() and op.default and op.binary)
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _has_onednn_linear()
-
-
-def _register_onednn_flops() -> None:
-    """Teach torch's FlopCounterMode (used by tools/analysis/get_flops.py) oneDNN's linear, which
-    it would otherwise skip: 2 * tokens * in * out, as for F.linear."""
-    from torch.utils.flop_counter import register_flop_formula
-
-    def linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
-        # .binary(X, other, W, B, attr) / .default(X, W, B, attr, scalars, algorithm)
-        weight_shape = args[1] if len(args) == 4 else args[0]
-        tokens = 1
-        for size in x_shape[:-1]:
-            tokens *= size
-        return 2 * tokens * weight_shape[0] * weight_shape[1]
-
-    register_flop_formula(torch.ops.mkldnn._linear_pointwise)(linear_flops)
-
-
-if _ONEDNN_LINEAR:
-    _register_onednn_flops()
-
-
-def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's linear can serve this call: CPU, fp32/bf16, outside autocast and
-    torch.compile (which fuses by itself)."""
-    return (_ONEDNN_LINEAR and x.device.type == 'cpu' and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling())
-
-
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   activation: str = 'none') -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], 'none')
-
-
-class _OneDNNLinearFunction(torch.autograd.Function):
-    """Linear for training on CPU: oneDNN computes the forward matmul with its bias (no bias
-    copy) and the input gradient; the weight gradient is one ``mm`` (faster than oneDNN for most
-    shapes here). Saves what autograd would."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return _onednn_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        return _linear_backward(ctx, grad, x, weight)
-
-
-def _linear_backward(ctx, grad, x, weight, first: int = 0):
-    """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``."""
-    need = ctx.needs_input_grad[first:first + 3]
-    grad_x = _onednn_linear(grad, weight.t(), None) if need[0] else None  # grad @ weight
-    flat = grad.reshape(-1, grad.shape[-1])
-    grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
-    grad_b = flat.sum(0) if need[2] else None
-    return grad_x, grad_w, grad_b
-
-
-class _OneDNNMlpFunction(torch.autograd.Function):
-    """fc1 -> GELU -> fc2 for training on CPU, keeping only the input and the pre-GELU activation
-    for backward. The post-GELU activation (4x the block width, like the pre-GELU one) is
-    recomputed there, and the backward holds at most two such wide tensors at a time instead of
-    autograd's three: a quarter less activation memory per block, and a lower peak under
-    gradient checkpointing, for one extra GELU."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        pre = _onednn_linear(x, w1, b1)
-        ctx.save_for_backward(x, w1, pre, w2)
-        return _onednn_linear(F.gelu(pre), w2, b2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w1, pre, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_w2 = grad_b2 = None
-        if need[3]:
-            hidden = F.gelu(pre)
-            grad_w2 = flat.t().mm(hidden.reshape(-1, hidden.shape[-1]))
-            del hidden  # before the next wide tensor is allocated
-        if need[4]:
-            grad_b2 = flat.sum(0)
-        grad_pre = _onednn_linear(grad, w2.t(), None)  # grad @ w2
-        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
-        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, first=0)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
-
-
-def _needs_grad(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-
-
-def fused_linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
-                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + gelu(layer(x))`` (each part optional), on CPU through oneDNN.
-
-    On CPU, ``F.linear`` first copies the broadcast bias into the output, and GELU and the
-    residual add each take another pass over it (for the MLP, the widest tensor of the network).
-    Without gradients, oneDNN applies bias, GELU or the addition in the matmul's epilogue; with
-    gradients, :class:`_OneDNNLinearFunction` still skips the bias copy and speeds up the input
-    gradient. Both compute the values of the plain ops (tested against them). Everywhere else
-    (GPU, autocast, torch.compile, no oneDNN) the plain ops run.
-    """
-    if gelu and residual is not None:
-        raise ValueError('fused_linear: gelu and residual cannot be combined')
-    if not _onednn_fits(x, layer.weight):
-        out = F.linear(x, layer.weight, layer.bias)
-        out = F.gelu(out) if gelu else out
-    elif not _needs_grad(x, layer.weight, layer.bias):
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight,
-                                                             layer.bias, 'add')
-        return _onednn_linear(x, layer.weight, layer.bias, 'gelu' if gelu else 'none')
-    else:
-        out = _OneDNNLinearFunction.apply(x, layer.weight, layer.bias)
-        out = F.gelu(out) if gelu else out
-    return out if residual is None else residual + out
 
 
 class Mlp(nn.Module):
@@ -203,8 +75,8 @@ class Mlp(nn.Module):
 
     Written out rather than taken from mmcv's ``FFN``: that brick wraps ``forward`` in a deprecation
     decorator that calls ``inspect.getfullargspec`` on every call (overhead on the hot path and a
-    graph break under ``torch.compile``), and it could not use :func:`fused_linear` or keep
-    less for backward (:class:`_OneDNNMlpFunction`).
+    graph break under ``torch.compile``), and it could not use the fused kernels of
+    :func:`davit_mm.ops.mlp`.
     """
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -213,11 +85,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if _onednn_fits(x, self.fc1.weight) and _needs_grad(x, *params):
-            out = _OneDNNMlpFunction.apply(x, *params)
-            return out if residual is None else residual + out
-        return fused_linear(fused_linear(x, self.fc1, gelu=True), self.fc2, residual=residual)
+        return ops.mlp(x, self.fc1, self.fc2, residual)
 
 
 class ConvPosEnc(nn.Module):
@@ -228,7 +96,7 @@ class ConvPosEnc(nn.Module):
         self.proj = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _nchw_to_nhwc(self.proj(_nhwc_to_nchw(x)))
+        return x + _nchw_to_nhwc(ops.conv2d(self.proj, _nhwc_to_nchw(x)))
 
 
 class Stem(nn.Module):
@@ -245,11 +113,10 @@ class Stem(nn.Module):
         self.norm = nn.LayerNorm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = -x.shape[2] % self.stride
-        pad_w = -x.shape[3] % self.stride
-        if pad_h or pad_w:
+        pad_h, pad_w = -x.shape[2] % self.stride, -x.shape[3] % self.stride
+        if ops.is_tracing() or pad_h or pad_w:  # see _pad_bottom_right
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.norm(_nchw_to_nhwc(self.conv(x)))
+        return self.norm(_nchw_to_nhwc(ops.conv2d(self.conv, x)))
 
 
 class Downsample(nn.Module):
@@ -269,7 +136,7 @@ class Downsample(nn.Module):
             # A 3x3/s2/p1 conv already yields ceil(H/2) and reads zeros past the edge, exactly as
             # the official pad-to-even does; only the 2x2 conv needs the explicit pad.
             x = _pad_bottom_right(x, 2)
-        return _nchw_to_nhwc(self.conv(_nhwc_to_nchw(x)))
+        return _nchw_to_nhwc(ops.conv2d(self.conv, _nhwc_to_nchw(x)))
 
 
 class _ProjectedAttention(nn.Module):
@@ -286,7 +153,7 @@ class _ProjectedAttention(nn.Module):
     def _qkv(self, tokens: torch.Tensor, heads: int):
         """``(..., N, C)`` tokens -> q, k, v as ``(-1, heads, N, head_dim)`` views."""
         n = tokens.shape[-2]
-        return fused_linear(tokens, self.qkv).view(-1, n, 3, heads, self.head_dim).permute(
+        return ops.linear(tokens, self.qkv).view(-1, n, 3, heads, self.head_dim).permute(
             2, 0, 3, 1, 4).unbind(0)
 
 
@@ -332,9 +199,9 @@ class WindowAttention(_ProjectedAttention):
         # (B, nh, nw, heads, ws, ws, d) -> (B, nh, ws, nw, ws, heads, d) -> (B, Hp, Wp, C).
         out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, Hp, Wp, C)
-        if Hp != H or Wp != W:
+        if ops.is_tracing() or Hp != H or Wp != W:  # see _pad_bottom_right
             out = out[:, :H, :W]
-        return fused_linear(out, self.proj, residual=residual)
+        return ops.linear(out, self.proj, residual=residual)
 
 
 class ChannelAttention(_ProjectedAttention):
@@ -383,7 +250,7 @@ class ChannelAttention(_ProjectedAttention):
             attn = ((left * scale).transpose(-1, -2) @ right).softmax(dim=-1)
         out = values @ attn.transpose(-1, -2)  # (B, G, N, d)
         out = out.transpose(1, 2).reshape(B, H, W, C)
-        return fused_linear(out, self.proj, residual=residual)
+        return ops.linear(out, self.proj, residual=residual)
 
 
 class DualAttentionBlock(nn.Module):
@@ -413,7 +280,7 @@ class DualAttentionBlock(nn.Module):
             x = x + self.drop_path(self.attn(self.norm1(x)))
             x = self.cpe2(x)
             return x + self.drop_path(self.mlp(self.norm2(x)))
-        # No drop path: the residual additions go into the projections (see fused_linear).
+        # No drop path: the residual additions go into the projections (see davit_mm.ops.linear).
         x = self.attn(self.norm1(x), residual=x)
         x = self.cpe2(x)
         return self.mlp(self.norm2(x), residual=x)

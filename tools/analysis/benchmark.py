@@ -2,8 +2,11 @@
 
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
-        [--warmup 2] [--memory] [--with-cp] [--compile] [--threads N] [--json OUT]
-    python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2] ...
+        [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--timm]
+        [--threads N] [--json OUT]
+    python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
+    python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
+        [--swap-backbone swin-t] ...
 
 Backbone mode (default): davit_mm's ``DaViT`` and ``ReferenceDaViT`` (the official forward restated,
 davit_mm.models.reference) get the same weights (DaViT's official random init); for every size, after ``--warmup`` untimed
@@ -15,11 +18,16 @@ implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` 
 tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's memory timeline),
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
 and input in place, which also counts memory the C allocator keeps after frees.
-``--with-cp`` also measures ours training with gradient checkpointing.
+``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
+with :mod:`davit_mm.ops`' device-specific kernels off, ``--compile`` ``torch.compile(ours)``,
+``--timm`` timm's DaViT of the same arch (its own random weights: timing only).
+``new_shape`` mode times, for each size in turn (each new to the process), the first training step
+(forward + backward) and repeat steps, and reports the median extra cost of a first call.
 
 Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
 training step (forward with losses, backward, optimizer step) and an inference forward on random
-images of the given size, with the config's own data preprocessing skipped.
+images of the given size, with the config's own data preprocessing skipped; ``*_first_s`` is the
+first call at each size. ``--swap-backbone swin-t`` puts mmdet's Swin-T in DaViT-T's place.
 
 Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
 """
@@ -61,7 +69,9 @@ def parse_args(argv=None):
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='fp32',
                         help='fp16/bf16 run under autocast')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--modes', nargs='+', choices=('forward', 'train'), default=['forward', 'train'])
+    parser.add_argument('--modes', nargs='+', choices=('forward', 'train', 'new_shape'),
+                        default=['forward', 'train'],
+                        help='new_shape (backbone mode): the one-off cost of each new input size')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--memory', action='store_true',
@@ -69,6 +79,13 @@ def parse_args(argv=None):
     parser.add_argument('--with-cp', action='store_true', help='also measure ours with with_cp=True')
     parser.add_argument('--compile', action='store_true', help='also time torch.compile(ours)')
     parser.add_argument('--no-reference', action='store_true', help='time ours only')
+    parser.add_argument('--timm', action='store_true',
+                        help="also time timm's davit_<arch> (features_only; its own random init)")
+    parser.add_argument('--plain-kernels', action='store_true',
+                        help="also time ours with davit_mm.ops' device-specific kernels off")
+    parser.add_argument('--swap-backbone', choices=('swin-t',),
+                        help="config mode: replace the config's backbone by mmdet's Swin-T (same "
+                             'stage widths as DaViT-T, so the neck fits unchanged)')
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
@@ -231,9 +248,70 @@ def measure_memory(impl: str, mode: str, args, size) -> dict:
 
 
 # ----------------------------------------------------------------------------------- modes
+def timm_model(arch: str, device: str):
+    """timm's DaViT of the same arch as a multi-scale feature extractor (timing only)."""
+    import timm
+    return timm.create_model(f'davit_{arch}', features_only=True, pretrained=False).to(device)
+
+
+def plain_kernels(fn: Callable) -> Callable:
+    """``fn`` run with davit_mm.ops' device-specific kernels switched off."""
+    from davit_mm import ops
+
+    def run():
+        ops.set_fast_kernels(False)
+        try:
+            return fn()
+        finally:
+            ops.set_fast_kernels(True)
+    return run
+
+
+def bench_new_shapes(args) -> List[dict]:
+    """First call minus repeat call of a training step (forward + backward) at each size, every
+    size new to the process: what cuDNN-style per-shape planning costs."""
+    dtype = DTYPES[args.dtype]
+    ours, ref = build_pair(args.arch, args.device)
+    models = {'ours': ours}
+    if not args.no_reference:
+        models['reference'] = ref
+    if args.timm:
+        models['timm'] = timm_model(args.arch, args.device)
+    warm = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    for model in models.values():  # one-off start-up costs, at a size not measured below
+        step_fn(model, warm, 'train', dtype, args.device)()
+    rows, extra = [], {name: [] for name in models}
+    for size in args.sizes:
+        x = torch.randn(args.batch, 3, *size, device=args.device)
+        row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
+                   device=args.device)
+        for name, model in models.items():
+            fn = step_fn(model, x, 'train', dtype, args.device)
+            first = timed(fn, args.device)
+            repeat = statistics.median(timed(fn, args.device) for _ in range(max(2, args.repeats)))
+            row[f'new_shape_first_{name}_s'] = first
+            row[f'new_shape_repeat_{name}_s'] = repeat
+            extra[name].append(first - repeat)
+        rows.append(row)
+        print_row(row)
+    summary = dict(arch=args.arch, size='median over sizes', batch=args.batch, dtype=args.dtype,
+                   device=args.device)
+    for name, values in extra.items():
+        summary[f'new_shape_extra_{name}_ms'] = 1e3 * statistics.median(values)
+    rows.append(summary)
+    print_row(summary)
+    return rows
+
+
 def bench_backbone(args) -> List[dict]:
     rows = []
     dtype = DTYPES[args.dtype]
+    if 'new_shape' in args.modes:
+        rows += bench_new_shapes(args)
+        args.modes = [m for m in args.modes if m != 'new_shape']
+        if not args.modes:
+            return rows
+    timm_net = timm_model(args.arch, args.device) if args.timm else None
     for size in args.sizes:
         ours, ref = build_pair(args.arch, args.device)
         x = torch.randn(args.batch, 3, *size, device=args.device)
@@ -253,11 +331,19 @@ def bench_backbone(args) -> List[dict]:
                 fns['reference'] = step_fn(ref, x, mode, dtype, args.device)
             if compiled is not None:
                 fns['ours_compiled'] = step_fn(compiled, x, mode, dtype, args.device)
+            if args.plain_kernels:
+                fns['ours_plain_kernels'] = plain_kernels(step_fn(ours, x, mode, dtype, args.device))
+            if timm_net is not None:
+                fns['timm'] = step_fn(timm_net, x, mode, dtype, args.device)
             medians = interleaved(fns, args.warmup, args.repeats, args.device)
             for name, seconds in medians.items():
                 row[f'{mode}_{name}_s'] = seconds
             if 'reference' in medians:
-                row[f'{mode}_ratio'] = medians['ours'] / medians['reference']
+                for name in medians:
+                    if name != 'reference':
+                        suffix = '' if name == 'ours' else name[len('ours'):] if name.startswith(
+                            'ours') else f'_{name}'
+                        row[f'{mode}_ratio{suffix}'] = medians[name] / medians['reference']
         if args.memory:
             for mode in args.modes:
                 impls = ['ours'] + ([] if args.no_reference else ['reference'])
@@ -288,6 +374,8 @@ def bench_config(args) -> List[dict]:
     compat.adapt_config_to_machine(cfg)
     init_default_scope(library)
     cfg.model.backbone.init_cfg = None
+    if args.swap_backbone == 'swin-t':
+        cfg.model.backbone = SWIN_T
     model = MODELS.build(cfg.model).to(args.device)
     model.init_weights()
     optim_cfg = dict(cfg.optim_wrapper)
@@ -311,9 +399,12 @@ def bench_config(args) -> List[dict]:
                 model(inputs, samples, mode='tensor')
 
         fns = {'train': train, 'forward': forward}
-        medians = interleaved({m: fns[m] for m in args.modes}, args.warmup, args.repeats, args.device)
+        modes = [m for m in args.modes if m in fns]
         row = dict(config=osp.basename(args.config), size=f'{size[0]}x{size[1]}', batch=args.batch,
-                   dtype=args.dtype, device=args.device)
+                   dtype=args.dtype, device=args.device, backbone=args.swap_backbone or 'davit')
+        for mode in modes:  # the first call at a size new to the process
+            row[f'{mode}_first_s'] = timed(fns[mode], args.device)
+        medians = interleaved({m: fns[m] for m in modes}, args.warmup, args.repeats, args.device)
         for mode, seconds in medians.items():
             row[f'{mode}_s'] = seconds
             row[f'{mode}_images_per_s'] = args.batch / seconds
@@ -322,6 +413,12 @@ def bench_config(args) -> List[dict]:
         rows.append(row)
         print_row(row)
     return rows
+
+
+# mmdet's Swin-T as its RetinaNet/Mask R-CNN Swin configs build it (stage widths 96..768, as DaViT-T).
+SWIN_T = dict(type='mmdet.SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
+              num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4, qkv_bias=True,
+              drop_path_rate=0.2, patch_norm=True, out_indices=(0, 1, 2, 3), init_cfg=None)
 
 
 def fake_batch(library: str, batch: int, size, device):

@@ -1,0 +1,274 @@
+"""Device-specific kernels behind DaViT's linear and convolution layers, with one switch.
+
+The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp` and :func:`conv2d`
+where it would call ``F.linear``, ``fc2(gelu(fc1(x)))`` and ``conv(x)``. Each computes exactly
+the maths of the plain op (tested against it), and picks its kernel by device:
+
+- CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
+  GELU and residual additions fused into the matmul, and a leaner MLP backward; convolutions are
+  the plain ``F.conv2d`` (oneDNN already).
+- CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
+  per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
+  evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
+  depth-wise kernel, and the stem and downsample convolutions run as matrix products (a 2x2/s2
+  convolution is a reshape and a matmul; the 7x7/s4 stem and the overlapped 3x3/s2 downsample
+  go through ``unfold``). The user's other convolutions (FPN, heads) keep cuDNN.
+
+Everything falls back to the plain ops when the switch is off (:func:`set_fast_kernels`, or
+``DAVIT_MM_FAST_KERNELS=0`` in the environment), when torch lacks a private op (each is looked up
+behind a version check), and while the model is traced, scripted, compiled or exported, so
+``torch.jit.trace``, ``torch.export``, ``torch.onnx.export`` and ``torch.compile`` see only
+standard operators.
+"""
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TORCH_VERSION = tuple(int(part) for part in torch.__version__.split('+')[0].split('.')[:2])
+
+_enabled = os.environ.get('DAVIT_MM_FAST_KERNELS', '1').strip().lower() not in ('0', 'false', 'no',
+                                                                                'off')
+
+
+def set_fast_kernels(enabled: bool) -> None:
+    """Turn the device-specific kernels on or off for every DaViT in this process."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f'enabled must be a bool, got {type(enabled).__name__}: {enabled!r}')
+    global _enabled
+    _enabled = enabled
+
+
+def fast_kernels_enabled() -> bool:
+    return _enabled
+
+
+def _onednn_linear_op() -> Optional[object]:
+    """oneDNN's fused linear (with ``.default`` and ``.binary``), or None: private, and checked
+    for both overloads on torch >= 2.1 where it takes the arguments used here."""
+    if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        return op if (op.default and op.binary) else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _cuda_depthwise_op() -> Optional[Callable]:
+    """PyTorch's own CUDA depth-wise convolution (``aten::_conv_depthwise2d``, with autograd),
+    or None; private, present with this signature since torch 1.x."""
+    if _TORCH_VERSION < (2, 0):
+        return None
+    try:
+        return torch.ops.aten._conv_depthwise2d.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+_CUDA_DEPTHWISE = _cuda_depthwise_op()
+
+if _ONEDNN_LINEAR is not None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(_ONEDNN_LINEAR)
+    def _onednn_linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        """FLOPs of oneDNN's linear for torch's FlopCounterMode (tools/analysis/get_flops.py),
+        which would otherwise skip it: 2 * tokens * in * out, as for ``F.linear``."""
+        # .binary(X, other, W, B, attr) / .default(X, W, B, attr, scalars, algorithm)
+        weight_shape = args[1] if len(args) == 4 else args[0]
+        tokens = 1
+        for size in x_shape[:-1]:
+            tokens *= size
+        return 2 * tokens * weight_shape[0] * weight_shape[1]
+
+
+def _device_type(x: torch.Tensor) -> str:
+    return x.device.type
+
+
+def is_tracing() -> bool:
+    """Whether a tracer, scripter, compiler or exporter is looking: then only standard ops."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None:
+        for probe in ('is_compiling', 'is_exporting'):
+            fn = getattr(compiler, probe, None)
+            if fn is not None and fn():
+                return True
+    return bool(torch.onnx.is_in_onnx_export())
+
+
+def _fast(x: torch.Tensor, device_type: str) -> bool:
+    return _enabled and _device_type(x) == device_type and not is_tracing()
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes matmuls/convs in on ``device_type``, or None when it is off."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == 'cpu':
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+# ------------------------------------------------------------------------------------ linear
+def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's linear serves CPU fp32/bf16 calls outside autocast."""
+    return (_ONEDNN_LINEAR is not None and _fast(x, 'cpu') and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and _autocast_dtype('cpu') is None)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            activation: str = 'none') -> torch.Tensor:
+    return _ONEDNN_LINEAR.default(x, weight, bias, activation, [], 'none')
+
+
+def _linear_backward(ctx, grad, x, weight, first: int = 0):
+    """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``."""
+    need = ctx.needs_input_grad[first:first + 3]
+    grad_x = _onednn(grad, weight.t(), None) if need[0] else None  # grad @ weight
+    flat = grad.reshape(-1, grad.shape[-1])
+    grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
+    grad_b = flat.sum(0) if need[2] else None
+    return grad_x, grad_w, grad_b
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """Linear for CPU training: oneDNN computes the forward matmul with its bias (no bias copy)
+    and the input gradient; the weight gradient is one ``mm``. Saves what autograd would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return _linear_backward(ctx, grad, x, weight)
+
+
+class _OneDNNMlpFunction(torch.autograd.Function):
+    """fc1 -> GELU -> fc2 for CPU training, saving only the input and the pre-GELU activation.
+    The post-GELU activation (4x the block width) is recomputed in backward, which then holds
+    two such wide tensors at a time instead of autograd's three: a quarter less activation memory
+    per block, for one extra GELU."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        pre = _onednn(x, w1, b1)
+        ctx.save_for_backward(x, w1, pre, w2)
+        return _onednn(F.gelu(pre), w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, pre, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_w2 = grad_b2 = None
+        if need[3]:
+            hidden = F.gelu(pre)
+            grad_w2 = flat.t().mm(hidden.reshape(-1, hidden.shape[-1]))
+            del hidden  # before the next wide tensor is allocated
+        if need[4]:
+            grad_b2 = flat.sum(0)
+        grad_pre = _onednn(grad, w2.t(), None)  # grad @ w2
+        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
+        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, first=0)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gelu(layer(x))``, each part optional.
+
+    On CPU without gradients, oneDNN applies the bias, the GELU or the residual addition in the
+    matmul's epilogue (``F.linear`` copies the broadcast bias into the output first, and GELU and
+    the addition each take another pass over it); with gradients, :class:`_OneDNNLinearFunction`
+    still skips the bias copy.
+    """
+    if gelu and residual is not None:
+        raise ValueError('linear: gelu and residual cannot be combined')
+    if not _onednn_fits(x, layer.weight):
+        out = F.linear(x, layer.weight, layer.bias)
+        out = F.gelu(out) if gelu else out
+    elif not _needs_grad(x, layer.weight, layer.bias):
+        if residual is not None:
+            return _ONEDNN_LINEAR.binary(x, residual, layer.weight, layer.bias, 'add')
+        return _onednn(x, layer.weight, layer.bias, 'gelu' if gelu else 'none')
+    else:
+        out = _OneDNNLinearFunction.apply(x, layer.weight, layer.bias)
+        out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
+        residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional)."""
+    params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    if _onednn_fits(x, fc1.weight) and _needs_grad(x, *params):
+        out = _OneDNNMlpFunction.apply(x, *params)
+        return out if residual is None else residual + out
+    return linear(linear(x, fc1, gelu=True), fc2, residual=residual)
+
+
+# ------------------------------------------------------------------------------ convolution
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+
+
+def _in_autocast_dtype(device_type: str, *tensors: Optional[torch.Tensor]):
+    """``tensors`` cast as autocast would cast a convolution's operands (None stays None)."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A dense (groups=1) convolution as one matrix product: a reshape when the kernel tiles the
+    input (kernel == stride, no padding, divisible sizes), ``unfold`` otherwise. Takes and returns
+    ``(B, C, H, W)`` tensors (the result is a channels-last view)."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    x, weight, bias = _in_autocast_dtype(_device_type(x), x, conv.weight, conv.bias)
+    B, C, H, W = x.shape
+    out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if (kh, kw) == (sh, sw) and ph == pw == 0 and H % kh == 0 and W % kw == 0:
+        patches = x.permute(0, 2, 3, 1).reshape(B, out_h, kh, out_w, kw, C)
+        patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(B, out_h, out_w, kh * kw * C)
+        weight = weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    else:
+        patches = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C*kh*kw, L)
+        patches = patches.transpose(1, 2).view(B, out_h, out_w, -1)
+        weight = weight.reshape(conv.out_channels, -1)
+    return F.linear(patches, weight, bias).permute(0, 3, 1, 2)
+
+
+def _depthwise_cuda(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    x, weight, bias = _in_autocast_dtype('cuda', x, conv.weight, conv.bias)
+    return _CUDA_DEPTHWISE(x.contiguous(), weight.contiguous(), conv.kernel_size, bias,
+                           conv.stride, conv.padding, conv.dilation)
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a ``(B, C, H, W)`` tensor, on CUDA without cuDNN (see the module docs)."""
+    if not _fast(x, 'cuda') or conv.padding_mode != 'zeros' or conv.dilation != (1, 1):
+        return conv(x)
+    if _is_depthwise(conv):
+        return conv(x) if _CUDA_DEPTHWISE is None else _depthwise_cuda(x, conv)
+    if conv.groups == 1:
+        return _conv_as_matmul(x, conv)
+    return conv(x)

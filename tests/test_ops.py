@@ -1,0 +1,224 @@
+"""davit_mm.ops: every device-specific kernel computes what the plain op computes, the CUDA
+choices are the ones that run on CUDA inputs, and one switch turns them off (speed itself is
+measured by tools/analysis/benchmark.py, never by tests)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from davit_mm import ops
+from davit_mm.models import DaViT
+from davit_mm.models import davit as davit_module
+
+onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has no oneDNN linear')
+
+
+def plain(x, layer, gelu=False, residual=None):
+    out = F.linear(x, layer.weight, layer.bias)
+    out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+@onednn
+@pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize('strided', [False, True])
+def test_onednn_linear_without_grad_matches_the_plain_ops(gelu, with_residual, strided):
+    layer = nn.Linear(24, 24)
+    x = torch.randn(2, 9, 11, 24)
+    if strided:
+        x = x[:, 1:8, 2:9]  # a cropped, non-contiguous view (padded windows are cropped so)
+    residual = torch.randn(x.shape) if with_residual else None
+    with torch.no_grad():
+        fast = ops.linear(x, layer, gelu, residual)
+        expected = plain(x, layer, gelu, residual)
+    assert fast.shape == expected.shape
+    assert (fast - expected).abs().max() < 1e-5
+
+
+@onednn
+def test_onednn_linear_in_bf16_matches_the_plain_ops():
+    layer = nn.Linear(32, 64).bfloat16()
+    x = torch.randn(50, 32).bfloat16()
+    with torch.no_grad():
+        assert torch.allclose(ops.linear(x, layer, gelu=True).float(),
+                              plain(x, layer, gelu=True).float(), atol=2e-2, rtol=2e-2)
+
+
+@onednn
+@pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
+def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_residual):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 48)
+    x = torch.randn(3, 5, 7, 16)[:, :, :6].requires_grad_()
+    residual = torch.randn(3, 5, 6, 48, requires_grad=True) if with_residual else None
+    grads = []
+    for fn in (ops.linear, plain):
+        layer.zero_grad()
+        inputs = [x] + ([residual] if with_residual else [])
+        out = fn(x, layer, gelu, residual)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append([t.grad.clone() for t in inputs] + [layer.weight.grad.clone(), layer.bias.grad.clone()])
+        for t in inputs:
+            t.grad = None
+    for fast, expected in zip(*grads):
+        assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
+
+
+@onednn
+@pytest.mark.parametrize('with_residual', [False, True])
+@pytest.mark.parametrize('frozen_fc1', [False, True])
+def test_mlp_training_path_matches_autograd_of_the_plain_ops(with_residual, frozen_fc1):
+    """The MLP's training path keeps less for backward (it recomputes GELU): same gradients."""
+    torch.manual_seed(0)
+    mlp = davit_module.Mlp(16, 64)
+    mlp.fc1.requires_grad_(not frozen_fc1)
+    x = torch.randn(2, 5, 7, 16, requires_grad=True)
+    residual = torch.randn(2, 5, 7, 16, requires_grad=True) if with_residual else None
+    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    results = []
+    for forward in (mlp.forward,
+                    lambda t, residual: plain(F.gelu(plain(t, mlp.fc1)), mlp.fc2, residual=residual)):
+        mlp.zero_grad()
+        out = forward(x, residual=residual)
+        (out * weights).sum().backward()
+        tensors = [x] + ([residual] if with_residual else []) + [p for p in mlp.parameters() if p.requires_grad]
+        results.append([out.detach()] + [t.grad.clone() for t in tensors])
+        for t in (x, residual):
+            if t is not None:
+                t.grad = None
+    for fast, expected in zip(*results):
+        assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_onednn_linear_refuses_gelu_with_a_residual():
+    with pytest.raises(ValueError, match='cannot be combined'):
+        ops.linear(torch.randn(2, 4), nn.Linear(4, 4), gelu=True, residual=torch.randn(2, 4))
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train', 'train_with_cp'])
+def test_backbone_traces_without_graph_breaks(tiny_arch, mode):
+    model = DaViT(tiny_arch, with_cp=mode == 'train_with_cp')
+    model.train(mode != 'eval')
+    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 45, 67))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_conv_weight_gradients_have_the_weights_strides(tiny_arch):
+    """DDP's gradient buckets need matching strides, or it copies every gradient (and warns)."""
+    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    sum(o.sum() for o in model(torch.randn(2, 3, 40, 40))).backward()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 + 2 * 2 * sum(tiny_arch['depths'])
+    for conv in convs:
+        assert conv.weight.grad.stride() == conv.weight.stride()
+
+
+
+
+# ------------------------------------------------------------------------- the CUDA choices
+def _depthwise_on_cpu(calls):
+    """A CPU stand-in for aten::_conv_depthwise2d (CUDA-only) that records its calls."""
+    def kernel(x, weight, kernel_size, bias, stride, padding, dilation):
+        calls.append((tuple(x.shape), x.is_contiguous()))
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
+    return kernel
+
+
+@pytest.fixture
+def mocked_cuda(monkeypatch):
+    """ops sees every tensor as a CUDA tensor; the depth-wise kernel and every nn.Conv2d forward
+    (the call that would reach cuDNN) are recorded."""
+    depthwise_calls, conv_calls = [], []
+    monkeypatch.setattr(ops, '_device_type', lambda x: 'cuda')
+    monkeypatch.setattr(ops, '_CUDA_DEPTHWISE', _depthwise_on_cpu(depthwise_calls))
+    original = nn.Conv2d._conv_forward
+
+    def recorded(self, x, weight, bias):
+        conv_calls.append(self)
+        return original(self, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv2d, '_conv_forward', recorded)
+    return depthwise_calls, conv_calls
+
+
+def _outputs_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+    return [o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize('overlapped', [False, True])
+def test_on_cuda_no_convolution_reaches_cudnn_and_the_results_are_the_plain_ones(
+        tiny_arch, mocked_cuda, overlapped):
+    """On CUDA the depth-wise convs take PyTorch's own kernel and the stem and downsamples run as
+    matrix products: nn.Conv2d (cuDNN) is never called, and outputs and gradients are those of
+    the plain convolutions."""
+    depthwise_calls, conv_calls = mocked_cuda
+    tiny_arch['overlapped_downsample'] = overlapped
+    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 45, 67)  # odd sizes: stem, downsample and window padding all active
+    fast = _outputs_and_grads(model, x)
+    assert conv_calls == []
+    assert len(depthwise_calls) == 2 * 2 * sum(tiny_arch['depths'])  # two per block
+    assert all(contiguous for _, contiguous in depthwise_calls)
+    ops.set_fast_kernels(False)
+    try:
+        plain_results = _outputs_and_grads(model, x)
+    finally:
+        ops.set_fast_kernels(True)
+    assert len(conv_calls) == 1 + 3 + len(depthwise_calls)  # now every conv is nn.Conv2d's
+    for a, b in zip(fast, plain_results):
+        assert a.shape == b.shape
+        # fp32 rounding of a different summation order, relative to each tensor's scale
+        assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
+
+
+def test_on_cuda_under_autocast_the_convolutions_run_in_the_autocast_dtype(mocked_cuda):
+    """As autocast would run nn.Conv2d: the depth-wise kernel and the conv matmuls get bf16
+    operands (fp16 on a real GPU; bf16 is what CPU autocast accepts)."""
+    depthwise_calls, _ = mocked_cuda
+    seen = []
+    dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    dense = nn.Conv2d(8, 16, 2, stride=2)
+    x = torch.randn(1, 8, 6, 6)
+    real_autocast_dtype = ops._autocast_dtype
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        # ops asks about 'cuda' autocast; answer with the CPU autocast that is active here.
+        ops_autocast = lambda device_type: real_autocast_dtype('cpu')  # noqa: E731
+        original = ops._autocast_dtype
+        ops._autocast_dtype = ops_autocast
+        try:
+            for conv in (dw, dense):
+                seen.append(ops.conv2d(conv, x).dtype)
+        finally:
+            ops._autocast_dtype = original
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert len(depthwise_calls) == 1
+
+
+def test_the_switch_turns_every_kernel_off(tiny_arch, mocked_cuda):
+    _, conv_calls = mocked_cuda
+    model = DaViT(tiny_arch).eval()
+    ops.set_fast_kernels(False)
+    try:
+        assert not ops.fast_kernels_enabled()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        ops.set_fast_kernels(True)
+    assert len(conv_calls) == 1 + 3 + 2 * 2 * sum(tiny_arch['depths'])
+
+
+def test_set_fast_kernels_refuses_a_non_bool():
+    with pytest.raises(TypeError, match='enabled must be a bool'):
+        ops.set_fast_kernels('no')
+
+
+@pytest.mark.parametrize('kernel,stride,padding,size', [(2, 2, 0, (6, 8)), (7, 4, 3, (13, 17)),
+                                                        (3, 2, 1, (7, 9)), (2, 2, 0, (7, 9))])
+def test_conv_as_matmul_is_the_convolution(kernel, stride, padding, size):
+    conv = nn.Conv2d(5, 12, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 5, *size)
+    assert torch.allclose(ops._conv_as_matmul(x, conv), conv(x), atol=1e-5, rtol=1e-4)
