@@ -99,6 +99,9 @@ def build_runner(cfg: Config):
     from mmengine.runner import Runner
 
     notes = compat.adapt_config_to_machine(cfg, cfg.get('launcher', 'none'))
+    hooks = cfg.setdefault('custom_hooks', [])
+    if not any(hook.get('type') == 'OfficialCheckpointHook' for hook in hooks):
+        hooks.append(dict(type='OfficialCheckpointHook'))  # configs not based on davit_runtime.py
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     for note in notes:
         print_log(f'davit_mm: {note}', logger='current')
@@ -214,11 +217,13 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
         ValueError: an unreadable file (:func:`read_training_checkpoint`), missing/unexpected
             keys or other shape mismatches (another model or size), naming the first ones.
     """
+    from .checkpoint import adapt_model_checkpoint
     state = checkpoint if checkpoint is not None else read_training_checkpoint(path)
-    state = state.get('state_dict', state)
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
         model = model.module
+    state, _ = adapt_model_checkpoint(model, state, path)  # official detectors/segmentors
+    state = state.get('state_dict', state)
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
