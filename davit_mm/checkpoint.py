@@ -108,6 +108,9 @@ _ANCHORS: Dict[str, Tuple[str, str]] = {
     'florence2': ('convs.0.proj.weight', 'florence2'),
     'florence2_hf': ('convs.0.conv.weight', 'florence2'),
 }
+# Where each layout keeps its blocks (after the prefix).
+_BLOCKS = {'davit_mm': 'stages.', 'timm': 'stages.', 'official': 'main_blocks.', 'mmpretrain': 'stages.',
+           'florence2': 'blocks.', 'florence2_hf': 'blocks.'}
 # Channel attention each foreign format implies (davit_mm's own files hold either).
 _FORMAT_CHANNEL_ATTENTION = {'timm': 'v1', 'official': 'v1', 'mmpretrain': 'v1', 'florence2': 'v2'}
 _CLASSIFIER = re.compile(r'^(head|norms)(\.|$)')
@@ -143,6 +146,21 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     else:
         obj = load_torch_file(path, map_location)
     return _flatten(obj, path)
+
+
+def read_checkpoint_and_meta(path: str, map_location: Union[str, torch.device] = 'cpu'
+                             ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """:func:`read_checkpoint`, and the file's ``meta`` dict (empty for safetensors files and
+    files without one), for tools that carry it over."""
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith('.safetensors'):
+        return read_checkpoint(path, map_location), {}
+    path = os.fspath(path)
+    local = _download(path) if path.startswith(('http://', 'https://')) else path
+    if not osp.isfile(local):
+        return read_checkpoint(local, map_location), {}  # its error names the problem
+    obj = load_torch_file(local, map_location)
+    meta = obj.get('meta') if isinstance(obj, dict) and isinstance(obj.get('meta'), dict) else {}
+    return _flatten(obj, local), meta
 
 
 def _download(url: str) -> str:
@@ -242,6 +260,10 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
                 key_prefix = key[:-len(anchor)]
                 if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
                     found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
+    # A stem-like key alone is not a backbone: an FCN head's 'convs.0.conv.weight' (UperNet's
+    # auxiliary head) looks like Florence-2's stem, so the layout's blocks must be there too.
+    found = {(layout, p): None for layout, p in found
+             if any(k.startswith(p + _BLOCKS[layout]) for k in state_dict)} or found
     if not found:
         wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
         where = '' if prefix is None else f' under prefix={prefix!r}'

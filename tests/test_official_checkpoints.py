@@ -248,3 +248,48 @@ def test_image_demo_draws_with_an_official_file(official, data_root):
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'a model of the official DaViT code' in result.stdout
     assert len(glob.glob(str(out / 'vis' / '*.jpg'))) == 1
+
+
+# ------------------------------------------------------------------ convert_checkpoint.py
+def test_convert_tool_writes_a_whole_davit_mm_model_with_its_meta(official, tmp_path):
+    _, config, path = official['retinanet']
+    dst = tmp_path / 'retinanet_davit_mm.pth'
+    result = run_tool(['convert_checkpoint.py', path, dst], cwd=tmp_path)
+    assert 'format: whole mmdet model of the official DaViT code (mmdet 2.11)' in result.stdout
+    assert 'backbone.main_blocks.0.0.0.cpe.0.proj.weight -> ' \
+           'backbone.stages.0.blocks.0.spatial_block.cpe1.proj.weight' in result.stdout
+    converted = torch.load(dst, weights_only=True)
+    assert set(converted) == {'state_dict', 'meta'}  # no mmcv 1.x optimizer state
+    assert converted['meta']['dataset_meta']['classes'] == COCO_CLASSES
+    source = converted['meta']['converted_from']
+    assert (source['format'], source['mmdet_version'], source['epoch']) == ('official_mmdet2', '2.11.0', 12)
+    # The converted file holds exactly what loading the official file in memory gives.
+    model = build(config)
+    in_memory, _ = adapt_model_checkpoint(model, torch.load(path, weights_only=False), str(path))
+    written, note = adapt_model_checkpoint(model, converted, str(dst))
+    assert note == ''  # already davit_mm's layout: nothing to convert
+    written = {k: v for k, v in written['state_dict'].items() if k != 'backbone.norm0.weight'
+               and k != 'backbone.norm0.bias'}
+    assert written.keys() == in_memory['state_dict'].keys() == model.state_dict().keys()
+    assert all(torch.equal(written[k], in_memory['state_dict'][k]) for k in written)
+
+
+def test_convert_tool_keeps_only_the_backbone_on_request(official, tmp_path):
+    _, _, path = official['upernet']
+    dst = tmp_path / 'backbone.pth'
+    run_tool(['convert_checkpoint.py', path, dst, '--backbone-only'], cwd=tmp_path)
+    keys = torch.load(dst, weights_only=True)['state_dict']
+    assert 'stem.conv.weight' in keys and 'norm0.weight' in keys
+    assert not any(k.startswith(('decode_head', 'auxiliary_head', 'backbone.')) for k in keys)
+
+
+def test_convert_tool_refuses_what_it_does_not_recognise(official, tmp_path):
+    checkpoint = torch.load(official['maskrcnn'][2], weights_only=False)
+    checkpoint['state_dict']['mystery_head.weight'] = torch.zeros(1)
+    torch.save(checkpoint, tmp_path / 'odd.pth')
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}}, tmp_path / 'resnet.pth')
+    for src, message in [('odd.pth', "keys under ['mystery_head']"), ('resnet.pth', 'no DaViT weights found')]:
+        result = run_tool(['convert_checkpoint.py', tmp_path / src, tmp_path / 'out.pth'], cwd=tmp_path,
+                          expect_ok=False)
+        assert result.returncode == 2 and 'error: ' in result.stderr and message in result.stderr
+        assert not (tmp_path / 'out.pth').exists()
