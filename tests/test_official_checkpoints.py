@@ -8,6 +8,7 @@ random weights, and saved as mmcv 1.x saved the released files. davit_mm's quick
 from the same file.
 """
 import glob
+import json
 import os
 import os.path as osp
 import pickle
@@ -293,3 +294,74 @@ def test_convert_tool_refuses_what_it_does_not_recognise(official, tmp_path):
                           expect_ok=False)
         assert result.returncode == 2 and 'error: ' in result.stderr and message in result.stderr
         assert not (tmp_path / 'out.pth').exists()
+
+
+# ------------------------------------------------- configs evaluate as the official code did
+OFFICIAL_ASPECTS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg 0.11 --aug-test img_ratios
+
+
+@pytest.mark.parametrize('name', ['davit_retinanet_1x_coco', 'davit_small_retinanet_3x_coco',
+                                  'davit_base_maskrcnn_1x_coco', 'davit_maskrcnn_3x_coco'])
+def test_detection_configs_test_at_1333x800_without_flip_like_the_official_ones(name):
+    cfg = Config.fromfile(osp.join(CONFIGS, f'{name}.py'))
+    pipeline = cfg.test_dataloader.dataset.pipeline
+    resize = [t for t in pipeline if t['type'] == 'Resize']
+    assert [(t['scale'], t['keep_ratio']) for t in resize] == [((1333, 800), True)]
+    assert not any('Flip' in t['type'] for t in pipeline)
+    assert cfg.model.data_preprocessor.pad_size_divisor == 32
+
+
+@pytest.mark.parametrize('size', ['', 'small_', 'base_'])
+def test_upernet_tta_is_the_official_aug_test(size):
+    cfg = Config.fromfile(osp.join(CONFIGS, f'upernet_davit_{size}512x512_160k_ade20k.py'))
+    assert cfg.model.test_cfg.mode == 'whole'
+    resize = [t for t in cfg.test_dataloader.dataset.pipeline if t['type'] == 'Resize']
+    assert [(t['scale'], t['keep_ratio']) for t in resize] == [((2048, 512), True)]
+    scales, flips = cfg.tta_pipeline[1]['transforms'][:2]
+    # mmseg 0.11 MultiScaleFlipAug: img_scale (2048, 512) times each ratio, truncated to ints.
+    assert [t['scale'] for t in scales] == [(int(2048 * r), int(512 * r)) for r in OFFICIAL_ASPECTS]
+    assert all(t['keep_ratio'] for t in scales)
+    assert [t['prob'] for t in flips] == [0.0, 1.0]
+
+
+# ------------------------------------------------------------- tools/analysis/eval_official.py
+EVAL = osp.join(REPO, 'tools', 'analysis', 'eval_official.py')
+
+
+def test_eval_official_covers_the_15_releases_with_existing_configs(tmp_path):
+    result = subprocess.run([sys.executable, EVAL, '--checkpoint-dir', str(tmp_path), '--dry-run',
+                             '--out', str(tmp_path / 'table.md')], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if 'tools/test.py' in line]
+    assert len(commands) == 15 + 3  # UperNet: single scale and --tta
+    for line in commands:
+        assert osp.isfile(line.split()[2]), line
+    rows = (tmp_path / 'table.md').read_text().splitlines()[2:]
+    assert len(rows) == 12 + 6 + 6  # Mask R-CNN box + mask, RetinaNet box, UperNet x 2 protocols
+    assert '| maskrcnn_t_1x | `davit_maskrcnn_1x_coco.py` | mask_rcnn_davit_t_1x.pth | box mAP | 45.0 | file missing |  |' \
+        in rows
+    assert any('upernet_b_160k' in row and 'mIoU (multi-scale + flip) | 49.4' in row for row in rows)
+
+
+def test_eval_official_rejects_bad_options(tmp_path):
+    for args, message in [(['--checkpoint-dir', str(tmp_path / 'nope')], 'no such folder'),
+                          (['--checkpoint-dir', str(tmp_path), '--only', 'yolo'], "--only ['yolo']")]:
+        result = subprocess.run([sys.executable, EVAL] + args, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_official_tabulates_what_the_test_tool_measures(official, data_root):
+    _, config, path = official['upernet']
+    table = data_root / 'rows.json'
+    table.write_text(json.dumps([dict(name='mini_upernet', model='upernet', config=config,
+                                      checkpoint=path.name, published={'mIoU': 1.5})]))
+    out = data_root / 'eval.md'
+    result = subprocess.run([sys.executable, EVAL, '--checkpoint-dir', str(data_root), '--table', str(table),
+                             '--out', str(out), '--work-dir', str(data_root / 'eval')],
+                            cwd=data_root, capture_output=True, text=True, env=dict(os.environ, **TOOL_ENV))
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = out.read_text().splitlines()[2]
+    measured = metric(result.stdout, 'mIoU')
+    assert row == (f'| mini_upernet | `{osp.basename(config)}` | {path.name} | mIoU | 1.5 | {measured:.1f} | '
+                   f'{measured - 1.5:+.1f} |')
