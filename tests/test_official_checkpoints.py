@@ -365,3 +365,18 @@ def test_eval_official_tabulates_what_the_test_tool_measures(official, data_root
     measured = metric(result.stdout, 'mIoU')
     assert row == (f'| mini_upernet | `{osp.basename(config)}` | {path.name} | mIoU | 1.5 | {measured:.1f} | '
                    f'{measured - 1.5:+.1f} |')
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_an_official_file_with_another_num_classes(official, data_root):
+    _, config, path = official['retinanet']
+    classes = 'train_dataloader.dataset.metainfo.classes=[square,disk]'
+    result = run_tool(['train.py', config, '--work-dir', data_root / 'finetune', '--cfg-options',
+                       f'load_from={path}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
+                       'train_cfg.val_interval=5', classes, classes.replace('train_', 'val_')],
+                      cwd=data_root)
+    output = result.stdout + result.stderr
+    assert 'a model of the official DaViT code (mmdet 2.11)' in output
+    assert 'backbone.norm0 (2 tensors)' in output
+    assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
+    assert (data_root / 'finetune' / 'epoch_1.pth').exists()
