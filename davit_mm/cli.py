@@ -211,7 +211,9 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
     Evaluating (``allow_class_mismatch=False``) needs every weight present with its shape.
     Fine-tuning from it (``True``) may differ in the class-count-dependent layers of the heads
     (another ``num_classes``), which are then left at init; returns a one-line note about them.
-    ``checkpoint`` is the file's content when it was already read.
+    ``checkpoint`` is the file's content when it was already read. A whole detector/segmentor of
+    the official DaViT code is compared as converted for this model
+    (:func:`davit_mm.checkpoint.adapt_model_checkpoint`), which is how it is loaded.
 
     Raises:
         ValueError: an unreadable file (:func:`read_training_checkpoint`), missing/unexpected
