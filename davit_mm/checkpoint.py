@@ -108,6 +108,9 @@ _ANCHORS: Dict[str, Tuple[str, str]] = {
     'florence2': ('convs.0.proj.weight', 'florence2'),
     'florence2_hf': ('convs.0.conv.weight', 'florence2'),
 }
+# Where each layout keeps its blocks (after the prefix).
+_BLOCKS = {'davit_mm': 'stages.', 'timm': 'stages.', 'official': 'main_blocks.', 'mmpretrain': 'stages.',
+           'florence2': 'blocks.', 'florence2_hf': 'blocks.'}
 # Channel attention each foreign format implies (davit_mm's own files hold either).
 _FORMAT_CHANNEL_ATTENTION = {'timm': 'v1', 'official': 'v1', 'mmpretrain': 'v1', 'florence2': 'v2'}
 _CLASSIFIER = re.compile(r'^(head|norms)(\.|$)')
@@ -143,6 +146,21 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     else:
         obj = load_torch_file(path, map_location)
     return _flatten(obj, path)
+
+
+def read_checkpoint_and_meta(path: str, map_location: Union[str, torch.device] = 'cpu'
+                             ) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """:func:`read_checkpoint`, and the file's ``meta`` dict (empty for safetensors files and
+    files without one), for tools that carry it over."""
+    if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith('.safetensors'):
+        return read_checkpoint(path, map_location), {}
+    path = os.fspath(path)
+    local = _download(path) if path.startswith(('http://', 'https://')) else path
+    if not osp.isfile(local):
+        return read_checkpoint(local, map_location), {}  # its error names the problem
+    obj = load_torch_file(local, map_location)
+    meta = obj.get('meta') if isinstance(obj, dict) and isinstance(obj.get('meta'), dict) else {}
+    return _flatten(obj, local), meta
 
 
 def _download(url: str) -> str:
@@ -242,6 +260,10 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
                 key_prefix = key[:-len(anchor)]
                 if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
                     found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
+    # A stem-like key alone is not a backbone: an FCN head's 'convs.0.conv.weight' (UperNet's
+    # auxiliary head) looks like Florence-2's stem, so the layout's blocks must be there too.
+    found = {(layout, p): None for layout, p in found
+             if any(k.startswith(p + _BLOCKS[layout]) for k in state_dict)} or found
     if not found:
         wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
         where = '' if prefix is None else f' under prefix={prefix!r}'
@@ -416,3 +438,165 @@ def _not_built(model: torch.nn.Module, key: str) -> bool:
 def _summarise(keys: Sequence[str]) -> str:
     heads = sorted({'.'.join(k.split('.')[:2]) for k in keys})
     return ', '.join(heads[:6]) + (', ...' if len(heads) > 6 else '')
+
+
+# ------------------------------------------------------------- whole detectors and segmentors
+@dataclass(frozen=True)
+class ModelFormat:
+    """The layout of whole trained models (backbone, neck, heads) written by another codebase.
+
+    Attributes:
+        library: the library whose davit_mm configs evaluate these models.
+        written_by: what wrote them.
+        version_key: the ``meta`` entry naming that library's version.
+        modules: top-level modules next to ``backbone`` (anything else is refused).
+        rules: renames of neck/head keys into the names of ``library``'s current release.
+        checked: the neck/head modules of davit_mm's configs whose parameter names were compared
+            between the two releases' code.
+    """
+    library: str
+    written_by: str
+    version_key: str
+    modules: Tuple[str, ...]
+    rules: Tuple[Rule, ...]
+    checked: Tuple[str, ...]
+
+
+# The official DaViT code (github dingmyu/davit) trained its 15 released detectors/segmentors with
+# mmdet 2.11 / mmseg 0.11 (mmcv-full 1.3); their backbone keys are the official layout under
+# 'backbone.', with an output norm for every stage. In the modules our configs use, mmdet 3.x and
+# mmseg 1.x name every parameter as those releases did (FPN lateral_convs/fpn_convs.N.conv;
+# RetinaHead cls_convs/reg_convs.N.conv, retina_cls, retina_reg; RPNHead rpn_conv/rpn_cls/rpn_reg;
+# Shared2FCBBoxHead shared_fcs.N, fc_cls, fc_reg; FCNMaskHead convs.N.conv, upsample, conv_logits;
+# UPerHead psp_modules.N.1, bottleneck, lateral_convs, fpn_convs, fpn_bottleneck, conv_seg, ConvModule
+# conv/bn; FCNHead convs.N, conv_seg), so their rename lists are empty.
+MODEL_FORMATS: Dict[str, ModelFormat] = {
+    'official_mmdet2': ModelFormat(
+        library='mmdet', written_by='the official DaViT code (mmdet 2.11)',
+        version_key='mmdet_version', modules=('neck', 'rpn_head', 'roi_head', 'bbox_head'), rules=(),
+        checked=('FPN', 'RetinaHead', 'RPNHead', 'StandardRoIHead', 'Shared2FCBBoxHead', 'FCNMaskHead')),
+    'official_mmseg0': ModelFormat(
+        library='mmseg', written_by='the official DaViT code (mmseg 0.11)',
+        version_key='mmseg_version', modules=('decode_head', 'auxiliary_head'), rules=(),
+        checked=('UPerHead', 'FCNHead')),
+}
+_OFFICIAL_BACKBONE_ANCHOR = 'backbone.' + _ANCHORS['official'][0]
+# mmcv 1.x meta entries worth keeping as a record of where converted weights came from (the
+# optimizer state and hook messages of the old runner are not).
+_SOURCE_META_KEYS = ('mmcv_version', 'mmdet_version', 'mmseg_version', 'epoch', 'iter', 'time',
+                     'exp_name', 'seed', 'config')
+
+
+def detect_model_format(state_dict: Dict[str, torch.Tensor], meta: Optional[dict] = None) -> Optional[str]:
+    """The :data:`MODEL_FORMATS` key of a whole official detector/segmentor state dict, or None
+    (a backbone-only file, a davit_mm model, anything else)."""
+    if _OFFICIAL_BACKBONE_ANCHOR not in state_dict:
+        return None
+    modules = {key.split('.')[0] for key in state_dict} - {'backbone'}
+    if not modules:
+        return None
+    meta = meta if isinstance(meta, dict) else {}
+    segmentor = 'mmseg_version' in meta or bool(modules & set(MODEL_FORMATS['official_mmseg0'].modules))
+    return 'official_mmseg0' if segmentor else 'official_mmdet2'
+
+
+@dataclass
+class ModelConversion:
+    """A whole-model checkpoint converted to davit_mm's layout.
+
+    Attributes:
+        checkpoint: ``{'state_dict': ..., 'meta': ...}`` for mmdet 3.x / mmseg 1.x models.
+        format: the :data:`MODEL_FORMATS` key it came from.
+        renamed: new key -> old key, for every key whose name changed.
+        dropped: keys of the source that are not model weights (classifier leftovers).
+    """
+    checkpoint: dict
+    format: str
+    renamed: Dict[str, str]
+    dropped: List[str]
+
+
+def convert_model_checkpoint(checkpoint: dict, source: str = 'the checkpoint') -> ModelConversion:
+    """Convert a whole official DaViT detector/segmentor checkpoint (mmcv 1.x: ``meta``,
+    ``state_dict``, ``optimizer``) to davit_mm's layout, all keys at once.
+
+    Backbone keys are renamed as for the official backbone format; neck/head keys by the format's
+    rules. ``meta`` keeps the class names (and palette) as ``dataset_meta``, which mmdet 3.x /
+    mmseg 1.x read, and a record of the source under ``converted_from``; the old optimizer state
+    is dropped.
+
+    Raises:
+        CheckpointError: not a whole official detector/segmentor, or keys under modules that
+            such models do not have.
+    """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
+    name = detect_model_format(state_dict, meta)
+    if name is None:
+        raise CheckpointError(
+            f'{source} is not a whole detector/segmentor of the official DaViT code (expected '
+            f'{_OFFICIAL_BACKBONE_ANCHOR!r} next to neck/head keys); its keys start with '
+            f'{sorted(state_dict)[:5]}')
+    fmt = MODEL_FORMATS[name]
+    unknown = sorted({key.split('.')[0] for key in state_dict} - {'backbone', *fmt.modules})
+    if unknown:
+        raise CheckpointError(f'{source}: keys under {unknown}, which models of {fmt.written_by} '
+                              f"do not have; accepted: 'backbone' and {list(fmt.modules)}")
+    backbone = convert_state_dict(state_dict, 'official', 'backbone.')
+    converted = {f'backbone.{key}': value for key, value in backbone.state_dict.items()}
+    renamed = {f'backbone.{key}': old for key, old in backbone.sources.items()
+               if old != f'backbone.{key}'}
+    rules = [(re.compile(pattern), repl) for pattern, repl in fmt.rules]
+    for key, value in state_dict.items():
+        if key.startswith('backbone.'):
+            continue
+        new = key
+        for pattern, repl in rules:
+            new = pattern.sub(repl, new)
+        converted[new] = value
+        if new != key:
+            renamed[new] = key
+    new_meta = dict(converted_from=dict(format=name, source=str(source),
+                                        **{k: meta[k] for k in _SOURCE_META_KEYS if k in meta}))
+    if meta.get('CLASSES') is not None:
+        dataset_meta = dict(classes=tuple(meta['CLASSES']))
+        if meta.get('PALETTE') is not None:
+            dataset_meta['palette'] = [tuple(color) for color in meta['PALETTE']]
+        new_meta['dataset_meta'] = dataset_meta
+    return ModelConversion(dict(state_dict=converted, meta=new_meta), name, renamed,
+                           sorted(backbone.classifier))
+
+
+def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
+                           source: str = 'the checkpoint') -> Tuple[dict, str]:
+    """``(checkpoint, note)`` ready for ``model``: a whole official DaViT detector/segmentor
+    checkpoint is converted (:func:`convert_model_checkpoint`) when ``model`` has a davit_mm
+    :class:`DaViT` backbone, and its backbone weights for stages/output norms that the model does
+    not build (``norm0`` for RetinaNet, whose FPN starts at stage 2) are left out; ``note`` says
+    so in one line. Any other checkpoint is returned as it is, with an empty note."""
+    from .models.davit import DaViT
+    while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
+        model = model.module
+    backbone = getattr(model, 'backbone', None)
+    if not isinstance(backbone, DaViT) or not isinstance(checkpoint, dict):
+        return checkpoint, ''
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state_dict, dict) or detect_model_format(state_dict, checkpoint.get('meta')) is None:
+        return checkpoint, ''
+    conversion = convert_model_checkpoint(checkpoint, source)
+    converted = conversion.checkpoint['state_dict']
+    unused = [key for key in converted
+              if key.startswith('backbone.') and _not_built(backbone, key[len('backbone.'):])]
+    for key in unused:
+        del converted[key]
+    fmt = MODEL_FORMATS[conversion.format]
+    note = (f'{source}: a model of {fmt.written_by}; converted {len(conversion.renamed)} keys to '
+            f"davit_mm's layout")
+    if unused:
+        note += (f'; not used by this model (out_indices={backbone.out_indices}): '
+                 f'{_summarise(unused)} ({len(unused)} tensors)')
+    if conversion.dropped:
+        note += f'; dropped {_summarise(conversion.dropped)}'
+    return conversion.checkpoint, note

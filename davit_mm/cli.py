@@ -99,6 +99,9 @@ def build_runner(cfg: Config):
     from mmengine.runner import Runner
 
     notes = compat.adapt_config_to_machine(cfg, cfg.get('launcher', 'none'))
+    hooks = cfg.setdefault('custom_hooks', [])
+    if not any(hook.get('type') == 'OfficialCheckpointHook' for hook in hooks):
+        hooks.append(dict(type='OfficialCheckpointHook'))  # configs not based on davit_runtime.py
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     for note in notes:
         print_log(f'davit_mm: {note}', logger='current')
@@ -208,17 +211,21 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
     Evaluating (``allow_class_mismatch=False``) needs every weight present with its shape.
     Fine-tuning from it (``True``) may differ in the class-count-dependent layers of the heads
     (another ``num_classes``), which are then left at init; returns a one-line note about them.
-    ``checkpoint`` is the file's content when it was already read.
+    ``checkpoint`` is the file's content when it was already read. A whole detector/segmentor of
+    the official DaViT code is compared as converted for this model
+    (:func:`davit_mm.checkpoint.adapt_model_checkpoint`), which is how it is loaded.
 
     Raises:
         ValueError: an unreadable file (:func:`read_training_checkpoint`), missing/unexpected
             keys or other shape mismatches (another model or size), naming the first ones.
     """
+    from .checkpoint import adapt_model_checkpoint
     state = checkpoint if checkpoint is not None else read_training_checkpoint(path)
-    state = state.get('state_dict', state)
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
         model = model.module
+    state, _ = adapt_model_checkpoint(model, state, path)  # official detectors/segmentors
+    state = state.get('state_dict', state)
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

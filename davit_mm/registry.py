@@ -17,9 +17,9 @@ ATOMIC_BACKEND = 'davit_mm_atomic'
 
 def _to_register() -> Dict[str, List[type]]:
     """Registry name -> davit_mm classes to put there."""
-    from .engine import RandomStateHook
+    from .engine import OfficialCheckpointHook, RandomStateHook
     from .models import DaViT
-    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook])
+    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook, OfficialCheckpointHook])
 
 
 def register_all_modules() -> List[str]:

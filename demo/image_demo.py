@@ -47,6 +47,26 @@ def check_inputs(image: str, checkpoint: str, device: str) -> None:
         raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
 
 
+def checked_inferencer(base: type, checkpoint: str) -> type:
+    """``base`` (an mmdet/mmseg inferencer) loading ``checkpoint`` all or nothing: a whole
+    detector/segmentor of the official DaViT code is converted first, and a checkpoint that does
+    not fit the config's model is refused (the inferencers would load what fits and go on)."""
+    from davit_mm.checkpoint import adapt_model_checkpoint
+    from davit_mm.cli import check_checkpoint_fits
+
+    class CheckedInferencer(base):
+
+        def _load_weights_to_model(self, model, loaded, cfg) -> None:
+            if loaded is not None:
+                loaded, note = adapt_model_checkpoint(model, loaded, checkpoint)
+                if note:
+                    print(f'davit_mm: {note}')
+                check_checkpoint_fits(model, checkpoint, checkpoint=loaded)
+            super()._load_weights_to_model(model, loaded, cfg)
+
+    return CheckedInferencer
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args.image, args.checkpoint, args.device)
@@ -55,13 +75,14 @@ def main(argv=None):
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
     if library_of(cfg) == 'mmdet':
         from mmdet.apis import DetInferencer
-        inferencer = DetInferencer(model=cfg, weights=args.checkpoint, device=args.device,
-                                   show_progress=False)
+        inferencer = checked_inferencer(DetInferencer, args.checkpoint)(
+            model=cfg, weights=args.checkpoint, device=args.device, show_progress=False)
         inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr,
                    no_save_pred=False)
     else:
         from mmseg.apis import MMSegInferencer
-        inferencer = MMSegInferencer(model=cfg, weights=args.checkpoint, device=args.device)
+        inferencer = checked_inferencer(MMSegInferencer, args.checkpoint)(
+            model=cfg, weights=args.checkpoint, device=args.device)
         inferencer(args.image, out_dir=args.out_dir)
     print(f'drawn predictions: {osp.join(args.out_dir, "vis")}')
 

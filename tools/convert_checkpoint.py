@@ -1,11 +1,19 @@
 """Convert any public DaViT checkpoint into davit_mm's key layout.
 
     python tools/convert_checkpoint.py SRC DST [--format auto|official|timm|mmpretrain|florence2|davit_mm]
-                                       [--prefix PREFIX]
+                                       [--prefix PREFIX] [--backbone-only]
 
-SRC may be a .pth/.pt/.bin/.ckpt file, a .safetensors file or an http(s) URL. DST receives
-``{'state_dict': ..., 'meta': {...}}`` with backbone keys only (no prefix), which
-``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads directly. Every renamed key is printed.
+SRC may be a .pth/.pt/.bin/.ckpt file, a .safetensors file or an http(s) URL. Every renamed key is
+printed; anything not recognised is refused with exit status 2.
+
+- A backbone (classifier, or any checkpoint with ``--backbone-only``): DST receives
+  ``{'state_dict': ..., 'meta': {...}}`` with backbone keys only (no prefix), which
+  ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads directly.
+- A whole detector/segmentor released with the official DaViT code (mmdet 2.11 / mmseg 0.11): DST
+  receives the whole model in davit_mm's layout for the mmdet 3.x / mmseg 1.x configs
+  (``tools/test.py CONFIG DST``, ``load_from=DST``), with the class names (and palette) as
+  ``meta['dataset_meta']`` and where it came from as ``meta['converted_from']``; the old optimizer
+  state is dropped.
 """
 import argparse
 import os.path as osp
@@ -14,8 +22,10 @@ import sys
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from davit_mm.checkpoint import (FORMATS, CheckpointError, convert_state_dict,  # noqa: E402
-                                 describe_state_dict, detect_format, layout_format, read_checkpoint)
+from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS, CheckpointError,  # noqa: E402
+                                 convert_model_checkpoint, convert_state_dict, describe_state_dict,
+                                 detect_format, detect_model_format, layout_format,
+                                 read_checkpoint_and_meta)
 from davit_mm.version import __version__  # noqa: E402
 
 
@@ -27,17 +37,47 @@ def parse_args(argv=None):
                         help='source format (default: detected from the keys)')
     parser.add_argument('--prefix', default=None,
                         help="text before the backbone keys, e.g. 'backbone.' (default: detected)")
+    parser.add_argument('--backbone-only', action='store_true',
+                        help='of a whole official detector/segmentor, write only the backbone')
     return parser.parse_args(argv)
+
+
+def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> None:
+    conversion = convert_model_checkpoint(dict(state_dict=state_dict, meta=meta), src)
+    fmt = MODEL_FORMATS[conversion.format]
+    converted = conversion.checkpoint['state_dict']
+    print(f'source: {src}')
+    print(f'format: whole {fmt.library} model of {fmt.written_by}')
+    backbone = {k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')}
+    print(f'backbone: {describe_state_dict(backbone)}')
+    for new, old in conversion.renamed.items():
+        print(f'  {old} -> {new}')
+    others = sorted({k.split('.')[0] for k in converted} - {'backbone'})
+    print(f'kept {len(converted) - len(backbone)} neck/head tensors ({", ".join(others)}): their '
+          f'names are the same in {fmt.library} {"3.x" if fmt.library == "mmdet" else "1.x"}')
+    if conversion.dropped:
+        print(f'dropped: {", ".join(conversion.dropped)}')
+    dataset_meta = conversion.checkpoint['meta'].get('dataset_meta', {})
+    print(f'meta: {len(dataset_meta.get("classes", ()))} class names'
+          + (', palette' if 'palette' in dataset_meta else '') + '; converted_from: '
+          + ', '.join(sorted(conversion.checkpoint['meta']['converted_from'])))
+    conversion.checkpoint['meta']['converted_from']['davit_mm_version'] = __version__
+    torch.save(conversion.checkpoint, dst)
+    print(f'wrote {len(converted)} tensors to {dst}')
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        state_dict = read_checkpoint(args.src)
+        state_dict, meta = read_checkpoint_and_meta(args.src)
+        if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
+                and detect_model_format(state_dict, meta)):
+            convert_whole_model(state_dict, meta, args.src, args.dst)
+            return 0
         layout, prefix = detect_format(state_dict, args.prefix, args.format)
     except (CheckpointError, ValueError, TypeError) as exc:
         print(f'error: {exc}', file=sys.stderr)
-        return 1
+        return 2
     conversion = convert_state_dict(state_dict, layout, prefix)
     converted, classifier = conversion.state_dict, conversion.classifier
     fmt = layout_format(layout)

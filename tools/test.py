@@ -6,7 +6,9 @@
 ``--out``: mmdet configs dump raw predictions to OUT (a .pkl file); mmseg configs write the
 predicted label maps into the folder OUT. ``--show-dir``: drawn predictions are written there.
 ``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (segmentation:
-scales 0.5..1.75 + flip, as the paper reports; detection: flip).
+the official --aug-test, 6 scales + flip; detection: flip). CHECKPOINT may also be a whole
+detector/segmentor released with the official DaViT code (mmdet 2.11 / mmseg 0.11): it is
+converted in memory (docs/model_zoo.md).
 """
 import argparse
 import os.path as osp
