@@ -85,6 +85,13 @@ class RandomStateHook(Hook):
     after_test_epoch = _leave_eval
 
 
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` gives a new file under the process umask."""
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend, writing each file under a temporary name in the same folder
     and renaming it into place once complete (``os.replace`` is atomic), so a process killed while
@@ -96,6 +103,8 @@ class AtomicLocalBackend(LocalBackend):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(filepath)}.', suffix='.tmp', dir=folder)
         try:
+            # mkstemp creates the file with mode 0600, which the rename would keep.
+            os.chmod(tmp, default_file_mode())
             with os.fdopen(fd, 'wb') as f:
                 f.write(obj)
                 f.flush()

@@ -122,6 +122,19 @@ def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_1.pth']
 
 
+@pytest.mark.parametrize('umask', [0o022, 0o002, 0o077])
+def test_atomic_backend_gives_checkpoints_the_mode_a_plain_open_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        AtomicLocalBackend().put(b'checkpoint', tmp_path / 'epoch_1.pth')
+        with open(tmp_path / 'plain.pth', 'wb') as f:
+            f.write(b'checkpoint')
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / 'epoch_1.pth').st_mode & 0o777
+    assert mode == os.stat(tmp_path / 'plain.pth').st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_davit_configs_write_checkpoints_atomically_and_keep_random_state():
     from mmengine.config import Config
     for config in (RETINANET, UPERNET, osp.join(CONFIGS, 'davit_maskrcnn_3x_coco.py'),
