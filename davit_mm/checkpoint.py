@@ -242,11 +242,17 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
                 key_prefix = key[:-len(anchor)]
                 if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
                     found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
+    # Other backbones share anchor keys (mmdet/mmpretrain Swin has patch_embed.projection and
+    # stages.N.downsample; timm RegNets have stem.conv): a DaViT has spatial and channel blocks.
+    found = {(layout, key_prefix): None for layout, key_prefix in found
+             if _has_dual_attention_blocks(state_dict, layout, key_prefix)}
     if not found:
         wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
         where = '' if prefix is None else f' under prefix={prefix!r}'
-        raise CheckpointError(f'no {wanted} weights found{where}; the checkpoint starts with keys '
-                              f'{sorted(state_dict)[:5]}')
+        other = guess_model(state_dict)
+        looks = f'it looks like a {other[0]} checkpoint (key {other[1]!r}); ' if other else ''
+        raise CheckpointError(f'no {wanted} weights found{where}; {looks}the checkpoint starts '
+                              f'with keys {sorted(state_dict)[:5]}')
     if len(found) > 1:
         raise CheckpointError(f'the checkpoint holds several DaViT backbones {sorted(found)}; '
                               f'choose one with prefix=...')
@@ -259,6 +265,71 @@ def _refine(layout: str, state_dict: Dict[str, torch.Tensor], prefix: str) -> st
         timm_block = re.compile(re.escape(prefix) + r'stages\.\d+\.blocks\.\d+\.[01]\.')
         return 'timm' if any(timm_block.match(k) for k in state_dict) else 'davit_mm'
     return layout
+
+
+_DUAL_ATTENTION_BLOCK = re.compile(r'^stages\.\d+\.blocks\.\d+\.(spatial|channel)_block\.attn\.qkv\.')
+
+
+def _has_dual_attention_blocks(state_dict: Dict[str, torch.Tensor], layout: str, prefix: str) -> bool:
+    converted = convert_state_dict({k: v for k, v in state_dict.items() if k.startswith(prefix)},
+                                   layout, prefix).state_dict
+    return any(_DUAL_ATTENTION_BLOCK.match(k) for k in converted)
+
+
+# Keys that identify other backbones, to say what a checkpoint that is not DaViT looks like.
+_OTHER_MODELS: List[Tuple[str, re.Pattern]] = [
+    ('Swin Transformer', re.compile(r'relative_position_bias_table$|(^|\.)layers\.\d+\.blocks\.\d+\.attn\.')),
+    ('ResNet/ResNeXt', re.compile(r'(^|\.)layer[1-4]\.\d+\.(conv|bn)[123]\.')),
+    ('ConvNeXt', re.compile(r'(^|\.)downsample_layers\.\d+\.|(^|\.)stages\.\d+\.\d+\.(dw|depthwise_)conv\.')),
+    ('Vision Transformer', re.compile(r'(^|\.)(cls_token|pos_embed)$')),
+]
+
+
+def guess_model(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str, str]]:
+    """``(model family, a key that shows it)`` for a checkpoint of a known non-DaViT backbone."""
+    for name, pattern in _OTHER_MODELS:
+        key = next((k for k in state_dict if pattern.search(k)), None)
+        if key is not None:
+            return name, key
+    return None
+
+
+def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before anything is copied, tensors that cannot be the weights they would replace.
+
+    Every tensor of ``state_dict`` whose key is in ``own`` (the model's state dict) must be dense,
+    hold data (not on the meta device), have the same shape, be floating point where the model's
+    is (integer buffers such as BN's ``num_batches_tracked`` must keep their exact dtype) and hold
+    only finite values. ``load_state_dict`` would otherwise cast integers silently, load NaN/Inf
+    (a detector that then scores mAP 0), or fail on a sparse tensor after copying others.
+
+    Raises:
+        CheckpointError: naming each problem and its first offending keys.
+    """
+    problems: Dict[str, List[str]] = {}
+    for key, value in state_dict.items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.setdefault('values that are not tensors', []).append(f'{key} ({type(value).__name__})')
+        elif value.layout != torch.strided:
+            problems.setdefault('not dense tensors', []).append(f'{key} ({value.layout})')
+        elif value.is_meta:
+            problems.setdefault('tensors without data (meta device)', []).append(key)
+        elif tuple(value.shape) != tuple(target.shape):
+            problems.setdefault('shape mismatches', []).append(
+                f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}')
+        elif value.is_floating_point() != target.is_floating_point() or (
+                not target.is_floating_point() and value.dtype != target.dtype):
+            problems.setdefault('wrong dtypes', []).append(f'{key}: {value.dtype}, model {target.dtype}')
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            problems.setdefault('NaN/Inf values', []).append(f'{key} ({bad} of {value.numel()})')
+    if problems:
+        raise CheckpointError(f'{source}: tensors that cannot be loaded, nothing was: ' + '; '.join(
+            f'{len(keys)} with {what}: {", ".join(keys[:5])}{", ..." if len(keys) > 5 else ""}'
+            for what, keys in problems.items()))
 
 
 def layout_format(layout: str) -> str:
@@ -388,6 +459,7 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
             f'{source} ({fmt} format, prefix {found_prefix!r}) does not fit {arch} with '
             f'embed_dims={model.embed_dims}, depths={model.depths}: the checkpoint looks like '
             f'{describe_state_dict(converted)}; ' + '; '.join(problems))
+    check_tensors(converted, own, str(source))
     model.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
 
     parts = [f'Loaded {len(converted) - len(skipped)} DaViT tensors from {source} ({fmt} format, '

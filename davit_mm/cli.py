@@ -238,6 +238,8 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if class_layers else '')
         raise ValueError(f'checkpoint {path!r} does not fit the config\'s model{hint}: ' + '; '.join(problems))
+    from .checkpoint import check_tensors
+    check_tensors({k: v for k, v in state.items() if k not in class_layers}, own, f'checkpoint {path!r}')
     if class_layers:
         return (f'{len(class_layers)} class-specific tensors of {path} differ in shape (another '
                 f'num_classes) and stay at init: {", ".join(class_layers[:6])}')

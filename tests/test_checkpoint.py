@@ -236,6 +236,32 @@ def test_checkpoint_of_another_model_is_refused(tiny_arch, tmp_path):
         pretrained(tiny_arch, path)
 
 
+@pytest.mark.parametrize('bad_value', [float('nan'), float('inf')])
+def test_nan_or_inf_weights_are_refused_naming_the_keys(tiny_arch, tmp_path, bad_value):
+    state = formats.timm(reference(tiny_arch, identity_norms=True).state_dict())
+    state['stages.2.blocks.0.1.attn.qkv.weight'][0, 0] = bad_value
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(CheckpointError, match=r'1 with NaN/Inf values: stages.2.blocks.0.channel_block'
+                                              r'.attn.qkv.weight \(1 of'):
+        pretrained(tiny_arch, tmp_path / 'bad.pth')
+
+
+@pytest.mark.parametrize('make_bad,message', [
+    (lambda w: w.to(torch.int32), r'wrong dtypes: stem.conv.weight: torch.int32, model torch.float32'),
+    (lambda w: w.to_sparse(), r'not dense tensors: stem.conv.weight \(torch.sparse_coo\)'),
+])
+def test_integer_and_sparse_tensors_are_refused_before_anything_is_copied(tiny_arch, tmp_path, make_bad,
+                                                                          message):
+    state = formats.timm(reference(tiny_arch, identity_norms=True).state_dict())
+    state['stem.conv.weight'] = make_bad(state['stem.conv.weight'])
+    torch.save(state, tmp_path / 'bad.pth')
+    model = DaViT(tiny_arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(model, str(tmp_path / 'bad.pth'))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_missing_file(tiny_arch, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint='.*nope.pth': no such file"):
         pretrained(tiny_arch, tmp_path / 'nope.pth')
@@ -327,4 +353,28 @@ def test_convert_tool_rejects_a_non_davit_file(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     assert 'no official-format DaViT weights found' in result.stderr
+    assert not (tmp_path / 'out.pth').exists()
+
+
+SWIN_MMDET = {  # the key layout of mmdet's SwinTransformer inside a detector checkpoint
+    'backbone.patch_embed.projection.weight': torch.randn(8, 3, 4, 4),
+    'backbone.patch_embed.norm.weight': torch.ones(8),
+    'backbone.stages.0.blocks.0.attn.w_msa.relative_position_bias_table': torch.randn(169, 1),
+    'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight': torch.randn(24, 8),
+    'backbone.stages.0.blocks.0.ffn.layers.0.0.weight': torch.randn(32, 8),
+    'backbone.stages.0.downsample.reduction.weight': torch.randn(16, 32),
+    'backbone.stages.1.downsample.norm.weight': torch.ones(32),
+}
+RESNET = {'conv1.weight': torch.randn(8, 3, 7, 7), 'layer1.0.conv1.weight': torch.randn(8, 8, 1, 1),
+          'layer1.0.bn1.weight': torch.ones(8)}
+
+
+@pytest.mark.parametrize('state,name', [(SWIN_MMDET, 'Swin Transformer'), (RESNET, 'ResNet/ResNeXt')])
+def test_convert_tool_names_what_a_non_davit_checkpoint_looks_like(tmp_path, state, name):
+    src = tmp_path / 'other.pth'
+    torch.save({'state_dict': state}, src)
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                             str(src), str(tmp_path / 'out.pth')], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith('error: no DaViT weights found; it looks like a ' + name)
     assert not (tmp_path / 'out.pth').exists()

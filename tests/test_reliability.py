@@ -178,6 +178,15 @@ def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_pa
     assert result.returncode != 0 and message in result.stderr
 
 
+def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
+    checkpoint = torch.load(trained)
+    checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(checkpoint, tmp_path / 'nan.pth')
+    result = run_tool(['test.py', RETINANET, tmp_path / 'nan.pth'], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert '1 with NaN/Inf values: bbox_head.retina_reg.weight (1 of' in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
     result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',

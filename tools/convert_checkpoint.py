@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         layout, prefix = detect_format(state_dict, args.prefix, args.format)
     except (CheckpointError, ValueError, TypeError) as exc:
         print(f'error: {exc}', file=sys.stderr)
-        return 1
+        return 2
     conversion = convert_state_dict(state_dict, layout, prefix)
     converted, classifier = conversion.state_dict, conversion.classifier
     fmt = layout_format(layout)
