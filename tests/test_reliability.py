@@ -93,11 +93,14 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
               'train_cfg.val_interval=5', 'default_hooks.checkpoint.interval=1'], cwd=data_dir)
     latest = work / 'epoch_2.pth'
     latest.write_bytes(latest.read_bytes()[:100000])  # as another writer killed mid-save leaves it
-    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
+    # the work dir spelt relatively: last_checkpoint names the same file by its absolute path
+    result = run_tool(['train.py', RETINANET, '--work-dir', work.name, '--resume', '--cfg-options',
                        'train_cfg.max_epochs=3', 'train_cfg.val_interval=5',
                        'default_hooks.checkpoint.interval=1'], cwd=data_dir)
     output = result.stdout + result.stderr
+    assert output.count(f'not resuming from') == 1  # one warning, not one per spelling of the path
     assert f'not resuming from {latest}' in output and 'corrupt or truncated' in output
+    assert f'resuming from {work / "epoch_1.pth"}, the newest complete checkpoint' in output
     assert 'resumed epoch: 1' in output
     truncated = work / 'truncated.pth'
     truncated.write_bytes(latest.read_bytes()[:100000])
@@ -214,6 +217,36 @@ def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, 
                       cwd=data_dir, expect_ok=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def _initial_weights(work_dir, options):
+    from davit_mm.cli import build_runner, load_config
+    cfg = load_config(RETINANET, options, str(work_dir))
+    try:
+        runner = build_runner(cfg)
+        return runner.seed, runner.deterministic, runner.model.state_dict()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_path):
+    seed, deterministic, first = _initial_weights(
+        tmp_path, {'randomness.seed': 5, 'randomness.deterministic': True})
+    assert (seed, deterministic) == (5, True)
+    _, _, again = _initial_weights(tmp_path, {'randomness.seed': 5})
+    _, _, other = _initial_weights(tmp_path, {'randomness.seed': 6})
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first['bbox_head.retina_cls.weight'], other['bbox_head.retina_cls.weight'])
+
+
+@pytest.mark.parametrize('option,message', [
+    ('randomness.sed=0', "randomness.sed: randomness accepts ['deterministic', 'diff_rank_seed', 'seed']"),
+    ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
+])
+def test_bad_randomness_options_are_refused(data_dir, option, message):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options', option],
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_missing_and_broken_configs(data_dir, tmp_path):
