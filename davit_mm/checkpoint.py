@@ -22,7 +22,6 @@ weights allowed to be absent are the output norms ``norm0..3``, which classifica
 never contain (they are reported in one line).
 """
 import argparse
-import hashlib
 import os
 import os.path as osp
 import pickle
@@ -33,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
+
+from .fileio import resolve_checkpoint
 
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
 
@@ -118,7 +119,8 @@ _UNWRAP_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
 
 # --------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file (or http(s) URL) into a flat ``{key: tensor}`` dict.
+    """Read a checkpoint file (or http(s) URL, cached: :mod:`davit_mm.fileio`) into a flat
+    ``{key: tensor}`` dict.
 
     Accepts ``.pth``/``.pt``/``.bin``/``.ckpt`` files written by ``torch.save`` (read with
     ``weights_only=True``) and ``.safetensors``. A ``state_dict``/``model``/``module`` wrapper is
@@ -128,12 +130,11 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
         TypeError: ``path`` is not a str/PathLike.
         CheckpointError: the file is missing, unreadable, refused by ``weights_only`` or holds no
             tensors.
+        DownloadError: a URL neither cached nor downloadable (:mod:`davit_mm.fileio`).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'checkpoint must be a path (str), got {type(path).__name__}: {path!r}')
-    path = os.fspath(path)
-    if path.startswith(('http://', 'https://')):
-        path = _download(path)
+    path = resolve_checkpoint(os.fspath(path))  # a URL: its cached or downloaded copy
     if not osp.exists(path):
         raise CheckpointError(f'checkpoint={path!r}: no such file')
     if not osp.isfile(path):
@@ -143,19 +144,6 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     else:
         obj = load_torch_file(path, map_location)
     return _flatten(obj, path)
-
-
-def _download(url: str) -> str:
-    """Download ``url`` once into torch's hub cache; the cached name carries a hash of the URL,
-    since hub files share names (every timm model is ``.../resolve/main/model.safetensors``)."""
-    cache = osp.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(cache, exist_ok=True)
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    dst = osp.join(cache, f'{digest}-{osp.basename(url.split("?")[0])}')
-    if not osp.exists(dst):
-        print_log(f'Downloading {url} to {dst}', logger='current')
-        torch.hub.download_url_to_file(url, dst, progress=False)  # writes a temp file, then moves
-    return dst
 
 
 def _read_safetensors(path: str, map_location) -> dict:

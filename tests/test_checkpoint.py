@@ -86,31 +86,6 @@ def test_safetensors_file_loads(tiny_arch, tmp_path):
     assert_same_outputs(pretrained(tiny_arch, path), ref)
 
 
-def test_urls_are_downloaded_once_into_distinct_cache_files(tiny_arch, tmp_path, monkeypatch):
-    """Hub files share names (.../model.safetensors): each URL must get its own cache entry."""
-    tiny = reference(tiny_arch, identity_norms=True)
-    wide = reference(dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4)), identity_norms=True)
-    sources = {}
-    for name, ref in (('tiny', tiny), ('wide', wide)):
-        sources[f'https://hub.example/{name}/resolve/main/model.safetensors'] = tmp_path / f'{name}.st'
-        save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()},
-                  str(tmp_path / f'{name}.st'))
-    downloads = []
-
-    def fake_download(url, dst, progress=True):
-        downloads.append(url)
-        dst_path = tmp_path / 'hub' / 'checkpoints' / osp.basename(dst)
-        dst_path.write_bytes(sources[url].read_bytes())
-
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
-    tiny_url, wide_url = list(sources)
-    assert_same_outputs(pretrained(tiny_arch, tiny_url), tiny)
-    assert_same_outputs(pretrained(dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4)), wide_url), wide)
-    assert_same_outputs(pretrained(tiny_arch, tiny_url), tiny)  # cached: not downloaded again
-    assert downloads == [tiny_url, wide_url]
-
-
 def test_davit_mm_checkpoint_round_trips_through_the_runner_layout(tiny_arch, tmp_path):
     source = DaViT(tiny_arch).eval()
     with torch.no_grad():
