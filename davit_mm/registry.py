@@ -17,9 +17,10 @@ ATOMIC_BACKEND = 'davit_mm_atomic'
 
 def _to_register() -> Dict[str, List[type]]:
     """Registry name -> davit_mm classes to put there."""
-    from .engine import RandomStateHook
+    from .engine import PositionSeededDataset, PositionSeededSampler, RandomStateHook
     from .models import DaViT
-    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook])
+    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook], DATASETS=[PositionSeededDataset],
+                DATA_SAMPLERS=[PositionSeededSampler])
 
 
 def register_all_modules() -> List[str]:

@@ -77,6 +77,28 @@ def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(data_dir,
     assert_identical_checkpoints(straight / last, killed / last)
 
 
+# The paper configs' data loading: two workers that live across epochs.
+WORKERS = ['train_dataloader.num_workers=2', 'train_dataloader.persistent_workers=True']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['detector', 'segmentor'])
+def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
+    config, args, last, kill_after = (
+        (RETINANET, DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS, 'epoch_3.pth',
+         'epoch_1.pth') if task == 'detector' else
+        (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=8',
+                                 'param_scheduler.1.end=12'] + SEG_RUN[5:] + WORKERS, 'iter_12.pth',
+         'iter_4.pth'))
+    straight, killed = data_dir / f'{task}_workers_straight', data_dir / f'{task}_workers_killed'
+    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
+    train_killed_after(config, killed, args, data_dir, kill_after)
+    assert not (killed / last).exists()
+    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
+    assert 'resumed' in result.stdout
+    assert_identical_checkpoints(straight / last, killed / last)
+
+
 @pytest.mark.slow
 def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
     work = data_dir / 'fresh'

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from davit_mm.checks import preflight  # noqa: E402
+from davit_mm.engine import seed_samples_by_position  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
                           check_checkpoint_fits, run_guarded, latest_valid_checkpoint,
                           load_config, parse_launch_arguments)
@@ -55,6 +56,7 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
 
+    seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
     if cfg.get('load_from'):
         # Resuming needs the exact model; fine-tuning (load_from) may change num_classes. This also
