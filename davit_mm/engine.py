@@ -180,7 +180,8 @@ def seed_samples_by_position(cfg) -> bool:
     """Wrap ``train_dataloader``'s sampler and dataset in :class:`PositionSeededSampler` and
     :class:`PositionSeededDataset` (once); returns whether the config changed."""
     loader = cfg.get('train_dataloader')
-    if not loader or loader.get('dataset', {}).get('type') == 'PositionSeededDataset':
+    if not loader or not isinstance(loader.get('sampler'), dict) or \
+            loader.get('dataset', {}).get('type') == 'PositionSeededDataset':
         return False
     loader['sampler'] = dict(type='PositionSeededSampler', sampler=loader['sampler'])
     loader['dataset'] = dict(type='PositionSeededDataset', dataset=loader['dataset'])

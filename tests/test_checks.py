@@ -82,7 +82,8 @@ def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, mes
     cfg = Config.fromfile(QUICKSTART)
     cfg.val_dataloader.dataset.data_root = str(coco / 'data' / 'synthetic_coco') + '/'
     cfg.train_dataloader.dataset.data_root = cfg.val_dataloader.dataset.data_root
-    with pytest.raises(ValueError, match=rf"val_dataloader.dataset.ann_file='.*instances_val2017.json' {re.escape(message)}"):
+    key = "val_dataloader.dataset.ann_file='.*instances_val2017.json'"
+    with pytest.raises(ValueError, match=f'{key} {re.escape(message)}'):
         checks.check_annotation_files(cfg)
 
 
