@@ -1,4 +1,5 @@
 """Reliability: exact resume after a kill, safe checkpoints, and clear errors for bad inputs."""
+import contextlib
 import json
 import os
 import os.path as osp
@@ -35,18 +36,38 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def train_killed_after(config, work, args, cwd, checkpoint_name):
-    """Start tools/train.py and SIGKILL it as soon as ``checkpoint_name`` exists."""
-    process = subprocess.Popen([sys.executable, osp.join(REPO, 'tools', 'train.py'), config,
-                                '--work-dir', str(work)] + args, cwd=cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def train_killed_after(config, work, args, cwd, checkpoint_name, processes=None, env=None):
+    """Start tools/train.py (tools/dist_train.sh with ``processes``) and SIGKILL it, with every
+    process it started, as soon as ``checkpoint_name`` exists."""
+    command = ([sys.executable, osp.join(REPO, 'tools', 'train.py'), config] if processes is None else
+               ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), config, str(processes)])
+    process = subprocess.Popen(command + ['--work-dir', str(work)] + args, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
     deadline = time.time() + 300
     while not (work / checkpoint_name).exists():
         assert process.poll() is None, 'training ended before the checkpoint to kill after'
         assert time.time() < deadline, 'timed out waiting for the checkpoint'
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill the whole tree, children first
+    for pid in reversed(_process_tree(process.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+
+
+def _process_tree(root: int) -> list:
+    """``root`` and its descendants (from /proc), parents before children."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f'/proc/{entry}/stat') as f:
+                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
 
 
 def assert_identical_checkpoints(path_a, path_b):
@@ -97,6 +118,20 @@ def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
     result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
     assert 'resumed' in result.stdout
     assert_identical_checkpoints(straight / last, killed / last)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_two_gloo_processes_and_persistent_workers(data_dir):
+    args = DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS
+    straight, killed = data_dir / 'dist_workers_straight', data_dir / 'dist_workers_killed'
+    run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', straight] + args, cwd=data_dir,
+             env={'PORT': '29621'})
+    train_killed_after(RETINANET, killed, args, data_dir, 'epoch_1.pth', processes=2, env={'PORT': '29622'})
+    assert not (killed / 'epoch_3.pth').exists()
+    result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', killed, '--resume'] + args,
+                      cwd=data_dir, env={'PORT': '29623'})
+    assert 'resumed epoch: 1' in result.stdout + result.stderr
+    assert_identical_checkpoints(straight / 'epoch_3.pth', killed / 'epoch_3.pth')
 
 
 @pytest.mark.slow
