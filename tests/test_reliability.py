@@ -166,6 +166,22 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
     assert explicit.returncode != 0 and 'corrupt or truncated' in explicit.stderr
 
 
+def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
+    from davit_mm.cli import latest_valid_checkpoint
+    work = tmp_path / 'work'
+    work.mkdir()
+    for epoch in (1, 2, 10, 11):
+        torch.save({'meta': {'epoch': epoch}, 'state_dict': {'w': torch.ones(64)}}, work / f'epoch_{epoch}.pth')
+    (work / 'epoch_11.pth').write_bytes((work / 'epoch_11.pth').read_bytes()[:300])  # killed mid-save
+    (work / 'last_checkpoint').write_text(str(work / 'epoch_11.pth'))  # mmengine writes it absolute
+    monkeypatch.chdir(tmp_path)
+    path, content = latest_valid_checkpoint('work')
+    assert path == str(work / 'epoch_10.pth') and content['meta']['epoch'] == 10  # 10 > 2: by number
+    for name in ('epoch_1.pth', 'epoch_2.pth', 'epoch_10.pth'):
+        (work / name).write_bytes(b'')
+    assert latest_valid_checkpoint('work') is None
+
+
 def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / 'epoch_1.pth'
     backend = AtomicLocalBackend()
