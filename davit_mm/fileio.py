@@ -106,19 +106,20 @@ def resolve_checkpoint(path: str) -> str:
     if not is_url(path):
         return path
     dst = cached_path(path)
-    if osp.isfile(dst):
-        return dst
     timeout = _timeout()
     if not (dist.is_available() and dist.is_initialized()):
-        download(path, dst, timeout)
+        if not osp.isfile(dst):
+            download(path, dst, timeout)
         return dst
     error = None
-    if _local_rank() == 0:
+    if _local_rank() == 0 and not osp.isfile(dst):
         try:
             download(path, dst, timeout)
         except DownloadError as exc:
             error = exc
-    dist.barrier()  # every process waits for its node's download
+    # Every process reaches the barrier, cached file or not: one that skipped it because the
+    # file appeared meanwhile would leave the others waiting.
+    dist.barrier()
     if error is not None:
         raise error
     if not osp.isfile(dst):

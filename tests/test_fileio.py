@@ -1,5 +1,6 @@
 """Pretrained weights from a URL: cached once, shared by the processes of a node, and a clear
 error within seconds on an offline machine. A local HTTP server on 127.0.0.1 plays the hub."""
+import datetime
 import functools
 import http.server
 import os
@@ -125,18 +126,25 @@ def test_a_bad_timeout_setting_is_refused(monkeypatch):
         fileio.resolve_checkpoint('http://127.0.0.1:9/x.pth')
 
 
-def _resolve_in_process(rank, world_size, port, url, cache, results):
+def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, results):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), LOCAL_RANK=str(rank),
                       **{fileio.CACHE_ENV: cache})
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size)
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=20))
     try:
+        if rank == 1:
+            time.sleep(rank1_delay_s)
         path = fileio.resolve_checkpoint(url)
         results[rank] = (path, open(path, 'rb').read())
+        torch.distributed.barrier()  # fails if the ranks' barriers in resolve_checkpoint did not pair up
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub):
+# rank 1 asks while rank 0 downloads (it must wait), or only once the file is cached (it must
+# still meet rank 0 at its barrier)
+@pytest.mark.parametrize('rank1_delay_s', [0.0, 2.5])
+def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub, rank1_delay_s):
     base, served, server = hub
     server.delay_s = 1.0  # a slow download: rank 1 must wait for it, not race or re-download
     (served / 'w.pth').write_bytes(b'x' * 100000)
@@ -144,7 +152,7 @@ def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(t
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_resolve_in_process, args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), results),
-             nprocs=2, join=True)
+    mp.spawn(_resolve_in_process, nprocs=2, join=True,
+             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results))
     assert server.requests == ['/w.pth']
     assert results[0] == results[1] and results[0][1] == b'x' * 100000
