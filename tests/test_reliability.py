@@ -108,9 +108,9 @@ def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
     config, args, last, kill_after = (
         (RETINANET, DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS, 'epoch_3.pth',
          'epoch_1.pth') if task == 'detector' else
-        (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=8',
-                                 'param_scheduler.1.end=12'] + SEG_RUN[5:] + WORKERS, 'iter_12.pth',
-         'iter_4.pth'))
+        (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=12',
+                                 'param_scheduler.1.end=12', 'train_dataloader.batch_size=2']
+         + SEG_RUN[5:] + WORKERS, 'iter_12.pth', 'iter_4.pth'))
     straight, killed = data_dir / f'{task}_workers_straight', data_dir / f'{task}_workers_killed'
     run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
     train_killed_after(config, killed, args, data_dir, kill_after)
