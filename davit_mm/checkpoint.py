@@ -22,7 +22,6 @@ weights allowed to be absent are the output norms ``norm0..3``, which classifica
 never contain (they are reported in one line).
 """
 import argparse
-import hashlib
 import os
 import os.path as osp
 import pickle
@@ -33,6 +32,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
+
+from .fileio import resolve_checkpoint
 
 Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
 
@@ -108,9 +109,6 @@ _ANCHORS: Dict[str, Tuple[str, str]] = {
     'florence2': ('convs.0.proj.weight', 'florence2'),
     'florence2_hf': ('convs.0.conv.weight', 'florence2'),
 }
-# Where each layout keeps its blocks (after the prefix).
-_BLOCKS = {'davit_mm': 'stages.', 'timm': 'stages.', 'official': 'main_blocks.', 'mmpretrain': 'stages.',
-           'florence2': 'blocks.', 'florence2_hf': 'blocks.'}
 # Channel attention each foreign format implies (davit_mm's own files hold either).
 _FORMAT_CHANNEL_ATTENTION = {'timm': 'v1', 'official': 'v1', 'mmpretrain': 'v1', 'florence2': 'v2'}
 _CLASSIFIER = re.compile(r'^(head|norms)(\.|$)')
@@ -121,7 +119,8 @@ _UNWRAP_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
 
 # --------------------------------------------------------------------------------------- reading
 def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file (or http(s) URL) into a flat ``{key: tensor}`` dict.
+    """Read a checkpoint file (or http(s) URL, cached: :mod:`davit_mm.fileio`) into a flat
+    ``{key: tensor}`` dict.
 
     Accepts ``.pth``/``.pt``/``.bin``/``.ckpt`` files written by ``torch.save`` (read with
     ``weights_only=True``) and ``.safetensors``. A ``state_dict``/``model``/``module`` wrapper is
@@ -131,12 +130,11 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
         TypeError: ``path`` is not a str/PathLike.
         CheckpointError: the file is missing, unreadable, refused by ``weights_only`` or holds no
             tensors.
+        DownloadError: a URL neither cached nor downloadable (:mod:`davit_mm.fileio`).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'checkpoint must be a path (str), got {type(path).__name__}: {path!r}')
-    path = os.fspath(path)
-    if path.startswith(('http://', 'https://')):
-        path = _download(path)
+    path = resolve_checkpoint(os.fspath(path))  # a URL: its cached or downloaded copy
     if not osp.exists(path):
         raise CheckpointError(f'checkpoint={path!r}: no such file')
     if not osp.isfile(path):
@@ -155,25 +153,12 @@ def read_checkpoint_and_meta(path: str, map_location: Union[str, torch.device] =
     if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith('.safetensors'):
         return read_checkpoint(path, map_location), {}
     path = os.fspath(path)
-    local = _download(path) if path.startswith(('http://', 'https://')) else path
+    local = resolve_checkpoint(path)  # a URL: its cached or downloaded copy
     if not osp.isfile(local):
         return read_checkpoint(local, map_location), {}  # its error names the problem
     obj = load_torch_file(local, map_location)
     meta = obj.get('meta') if isinstance(obj, dict) and isinstance(obj.get('meta'), dict) else {}
     return _flatten(obj, local), meta
-
-
-def _download(url: str) -> str:
-    """Download ``url`` once into torch's hub cache; the cached name carries a hash of the URL,
-    since hub files share names (every timm model is ``.../resolve/main/model.safetensors``)."""
-    cache = osp.join(torch.hub.get_dir(), 'checkpoints')
-    os.makedirs(cache, exist_ok=True)
-    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    dst = osp.join(cache, f'{digest}-{osp.basename(url.split("?")[0])}')
-    if not osp.exists(dst):
-        print_log(f'Downloading {url} to {dst}', logger='current')
-        torch.hub.download_url_to_file(url, dst, progress=False)  # writes a temp file, then moves
-    return dst
 
 
 def _read_safetensors(path: str, map_location) -> dict:
@@ -260,15 +245,17 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
                 key_prefix = key[:-len(anchor)]
                 if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
                     found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
-    # A stem-like key alone is not a backbone: an FCN head's 'convs.0.conv.weight' (UperNet's
-    # auxiliary head) looks like Florence-2's stem, so the layout's blocks must be there too.
-    found = {(layout, p): None for layout, p in found
-             if any(k.startswith(p + _BLOCKS[layout]) for k in state_dict)} or found
+    # Other backbones share anchor keys (mmdet/mmpretrain Swin has patch_embed.projection and
+    # stages.N.downsample; timm RegNets have stem.conv): a DaViT has spatial and channel blocks.
+    found = {(layout, key_prefix): None for layout, key_prefix in found
+             if _has_dual_attention_blocks(state_dict, layout, key_prefix)}
     if not found:
         wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
         where = '' if prefix is None else f' under prefix={prefix!r}'
-        raise CheckpointError(f'no {wanted} weights found{where}; the checkpoint starts with keys '
-                              f'{sorted(state_dict)[:5]}')
+        other = guess_model(state_dict)
+        looks = f'it looks like a {other[0]} checkpoint (key {other[1]!r}); ' if other else ''
+        raise CheckpointError(f'no {wanted} weights found{where}; {looks}the checkpoint starts '
+                              f'with keys {sorted(state_dict)[:5]}')
     if len(found) > 1:
         raise CheckpointError(f'the checkpoint holds several DaViT backbones {sorted(found)}; '
                               f'choose one with prefix=...')
@@ -281,6 +268,71 @@ def _refine(layout: str, state_dict: Dict[str, torch.Tensor], prefix: str) -> st
         timm_block = re.compile(re.escape(prefix) + r'stages\.\d+\.blocks\.\d+\.[01]\.')
         return 'timm' if any(timm_block.match(k) for k in state_dict) else 'davit_mm'
     return layout
+
+
+_DUAL_ATTENTION_BLOCK = re.compile(r'^stages\.\d+\.blocks\.\d+\.(spatial|channel)_block\.attn\.qkv\.')
+
+
+def _has_dual_attention_blocks(state_dict: Dict[str, torch.Tensor], layout: str, prefix: str) -> bool:
+    converted = convert_state_dict({k: v for k, v in state_dict.items() if k.startswith(prefix)},
+                                   layout, prefix).state_dict
+    return any(_DUAL_ATTENTION_BLOCK.match(k) for k in converted)
+
+
+# Keys that identify other backbones, to say what a checkpoint that is not DaViT looks like.
+_OTHER_MODELS: List[Tuple[str, re.Pattern]] = [
+    ('Swin Transformer', re.compile(r'relative_position_bias_table$|(^|\.)layers\.\d+\.blocks\.\d+\.attn\.')),
+    ('ResNet/ResNeXt', re.compile(r'(^|\.)layer[1-4]\.\d+\.(conv|bn)[123]\.')),
+    ('ConvNeXt', re.compile(r'(^|\.)downsample_layers\.\d+\.|(^|\.)stages\.\d+\.\d+\.(dw|depthwise_)conv\.')),
+    ('Vision Transformer', re.compile(r'(^|\.)(cls_token|pos_embed)$')),
+]
+
+
+def guess_model(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str, str]]:
+    """``(model family, a key that shows it)`` for a checkpoint of a known non-DaViT backbone."""
+    for name, pattern in _OTHER_MODELS:
+        key = next((k for k in state_dict if pattern.search(k)), None)
+        if key is not None:
+            return name, key
+    return None
+
+
+def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse, before anything is copied, tensors that cannot be the weights they would replace.
+
+    Every tensor of ``state_dict`` whose key is in ``own`` (the model's state dict) must be dense,
+    hold data (not on the meta device), have the same shape, be floating point where the model's
+    is (integer buffers such as BN's ``num_batches_tracked`` must keep their exact dtype) and hold
+    only finite values. ``load_state_dict`` would otherwise cast integers silently, load NaN/Inf
+    (a detector that then scores mAP 0), or fail on a sparse tensor after copying others.
+
+    Raises:
+        CheckpointError: naming each problem and its first offending keys.
+    """
+    problems: Dict[str, List[str]] = {}
+    for key, value in state_dict.items():
+        target = own.get(key)
+        if target is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.setdefault('values that are not tensors', []).append(f'{key} ({type(value).__name__})')
+        elif value.layout != torch.strided:
+            problems.setdefault('not dense tensors', []).append(f'{key} ({value.layout})')
+        elif value.is_meta:
+            problems.setdefault('tensors without data (meta device)', []).append(key)
+        elif tuple(value.shape) != tuple(target.shape):
+            problems.setdefault('shape mismatches', []).append(
+                f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}')
+        elif value.is_floating_point() != target.is_floating_point() or (
+                not target.is_floating_point() and value.dtype != target.dtype):
+            problems.setdefault('wrong dtypes', []).append(f'{key}: {value.dtype}, model {target.dtype}')
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            problems.setdefault('NaN/Inf values', []).append(f'{key} ({bad} of {value.numel()})')
+    if problems:
+        raise CheckpointError(f'{source}: tensors that cannot be loaded, nothing was: ' + '; '.join(
+            f'{len(keys)} with {what}: {", ".join(keys[:5])}{", ..." if len(keys) > 5 else ""}'
+            for what, keys in problems.items()))
 
 
 def layout_format(layout: str) -> str:
@@ -410,6 +462,7 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
             f'{source} ({fmt} format, prefix {found_prefix!r}) does not fit {arch} with '
             f'embed_dims={model.embed_dims}, depths={model.depths}: the checkpoint looks like '
             f'{describe_state_dict(converted)}; ' + '; '.join(problems))
+    check_tensors(converted, own, str(source))
     model.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
 
     parts = [f'Loaded {len(converted) - len(skipped)} DaViT tensors from {source} ({fmt} format, '

@@ -52,6 +52,9 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
     for key in options:
         node = cfg._cfg_dict if isinstance(cfg, Config) else cfg
         parts = key.split('.')
+        if parts[0] == 'randomness' and len(parts) == 2:
+            check_randomness_option(key, options[key])
+            continue  # the runner's argument: valid whether or not the config sets it
         for depth, part in enumerate(parts[:-1]):
             if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
@@ -66,6 +69,23 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
             hint = f'; did you mean {", ".join(close)}?' if close else \
                 f'; it has {sorted(choices)[:12]}' if choices else ''
             raise ValueError(f'--cfg-options {key}: {where} has no key {part!r}{hint}')
+
+
+# mmengine's Runner(randomness=...): what `--cfg-options randomness.KEY=VALUE` may set, and the
+# types it accepts. mmengine's default (no `randomness` in the config) is dict(seed=None).
+RANDOMNESS_KEYS = {'seed': (int, type(None)), 'deterministic': (bool, ), 'diff_rank_seed': (bool, )}
+
+
+def check_randomness_option(key: str, value: object) -> None:
+    """Accept ``randomness.seed=N`` / ``randomness.deterministic=True`` / ``randomness.diff_rank_seed``
+    for configs that do not set ``randomness`` (mmdet's and mmseg's way of seeding a run)."""
+    name = key[len('randomness.'):]
+    if name not in RANDOMNESS_KEYS:
+        raise ValueError(f'--cfg-options {key}: randomness accepts {sorted(RANDOMNESS_KEYS)}')
+    accepted = RANDOMNESS_KEYS[name]
+    if not isinstance(value, accepted) or (accepted == (int, type(None)) and isinstance(value, bool)):
+        names = ' or '.join('None' if t is type(None) else t.__name__ for t in accepted)
+        raise ValueError(f'--cfg-options {key}={value!r}: accepted {names}')
 
 
 def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
@@ -245,6 +265,8 @@ def check_checkpoint_fits(model, path: str, allow_class_mismatch: bool = False,
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if class_layers else '')
         raise ValueError(f'checkpoint {path!r} does not fit the config\'s model{hint}: ' + '; '.join(problems))
+    from .checkpoint import check_tensors
+    check_tensors({k: v for k, v in state.items() if k not in class_layers}, own, f'checkpoint {path!r}')
     if class_layers:
         return (f'{len(class_layers)} class-specific tensors of {path} differ in shape (another '
                 f'num_classes) and stay at init: {", ".join(class_layers[:6])}')
@@ -271,20 +293,27 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
         if named:
             candidates.append(named)
     numbered = []
-    for path in glob.glob(osp.join(work_dir, '*.pth')):
+    for path in glob.glob(osp.join(osp.abspath(work_dir), '*.pth')):
         match = re.search(r'(epoch|iter)_(\d+)\.pth$', path)
         if match:
             numbered.append((int(match[2]), path))
     candidates += [path for _, path in sorted(numbered, reverse=True)]
-    seen = set()
+    seen, broken = set(), []
     for path in candidates:
-        if path in seen:
+        # last_checkpoint holds an absolute path, the glob the work dir's spelling of it
+        if osp.realpath(path) in seen:
             continue
-        seen.add(path)
+        seen.add(osp.realpath(path))
         try:
-            return path, read_training_checkpoint(path)
+            content = read_training_checkpoint(path)
         except ValueError as exc:
             print_log(f'davit_mm: not resuming from {path}: {exc}', logger='current', level=30)
+            broken.append(path)
+            continue
+        if broken:
+            print_log(f'davit_mm: resuming from {path}, the newest complete checkpoint in '
+                      f'{work_dir} (skipped: {", ".join(broken)})', logger='current')
+        return path, content
     return None
 
 

@@ -2,6 +2,7 @@
 is applied once when davit_mm is imported (``custom_imports`` in every davit_mm config does that in
 every training/testing process).
 """
+import os.path as osp
 import pickle
 from typing import List
 
@@ -131,6 +132,37 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def name_unreadable_images() -> None:
+    """Make an image file that cannot be decoded fail with its name.
+
+    Upstream problem: mmcv 2.1's ``LoadImageFromFile`` (used by mmdet and mmseg) lets the decoder's
+    error through as it is: a 0-byte or corrupt image stops training with cv2's
+    ``(-215:Assertion failed) !buf.empty()`` and no file name, somewhere among thousands of images.
+    """
+    if 'unreadable_images' in _applied:
+        return
+    import functools
+
+    from mmcv.transforms import LoadImageFromFile
+    load = LoadImageFromFile.transform
+
+    @functools.wraps(load)
+    def transform(self, results: dict):
+        try:
+            return load(self, results)
+        except Exception as exc:
+            path = str(results.get('img_path'))
+            if path in str(exc):  # e.g. FileNotFoundError already names it
+                raise
+            size = f'{osp.getsize(path)} bytes' if osp.isfile(path) else 'not a file'
+            raise ValueError(f'cannot read image {path!r} ({size}): {type(exc).__name__}: '
+                             f'{str(exc).strip()}') from exc
+
+    LoadImageFromFile.transform = transform
+    _applied.add('unreadable_images')
+
+
 def apply_all() -> None:
     """Apply every shim that fits the installed environment (idempotent)."""
     allow_mmengine_checkpoints()
+    name_unreadable_images()

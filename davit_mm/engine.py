@@ -17,6 +17,7 @@ import torch
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
+from torch.utils.data import Sampler
 
 _STATE_KEY = 'random_state'
 
@@ -66,6 +67,12 @@ class RandomStateHook(Hook):
         self._resumed_state = checkpoint.get(_STATE_KEY)
 
     def before_train(self, runner) -> None:
+        loader = runner.train_loop.dataloader
+        if loader.generator is None:
+            # torch draws each new data loader iterator's base seed from the global generator. With
+            # persistent workers a run creates one iterator per run, not per epoch, so a resumed
+            # run would draw once more than one that never stopped; give the loader its own.
+            loader.generator = torch.Generator().manual_seed(runner.seed or 0)
         state, self._resumed_state = self._resumed_state, None
         if state is None or runner.train_loop.iter == 0:
             return  # a fresh start, or load_from (fine-tuning) rather than a resume
@@ -85,6 +92,109 @@ class RandomStateHook(Hook):
     after_test_epoch = _leave_eval
 
 
+# ------------------------------------------------------------------ per-sample data randomness
+class SeededIndex(int):
+    """A dataset index that carries the seed of its sample's random transforms; it is an int
+    everywhere else (batch samplers read ``dataset.get_data_info(index)`` with it)."""
+
+    def __new__(cls, index: int, seed: int) -> 'SeededIndex':
+        obj = super().__new__(cls, index)
+        obj.seed = seed
+        return obj
+
+    def __reduce__(self):  # to worker processes
+        return SeededIndex, (int(self), self.seed)
+
+
+class PositionSeededSampler(Sampler):
+    """Wraps a sampler config (``DefaultSampler``, ``InfiniteSampler``, ...) and gives each index it
+    yields a seed derived from (sampler seed, rank, epoch, position in the epoch's stream).
+
+    With :class:`PositionSeededDataset`, every sample's augmentations then depend on where it
+    falls in the data stream only, not on which worker loads it or on that worker's history: a
+    run resumed with ``num_workers=2`` and persistent workers draws the same augmentations as one
+    that never stopped. Iteration-based loops replay the stream on resume (mmengine advances the
+    data loader through the batches already trained), so positions match there too.
+    """
+
+    def __init__(self, sampler: dict, dataset, seed: Optional[int] = None) -> None:
+        from mmengine.dist import get_dist_info
+        from mmengine.registry import DATA_SAMPLERS
+        self.sampler = DATA_SAMPLERS.build(sampler, default_args=dict(dataset=dataset, seed=seed))
+        self.dataset = dataset
+        self.rank = get_dist_info()[0]
+        base = getattr(self.sampler, 'seed', seed)
+        self.seed = 0 if base is None else int(base)
+        self.epoch = 0
+        self._position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._position = epoch, 0
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for index in self.sampler:
+            entropy = [self.seed % 2**32, self.rank, self.epoch, self._position]
+            self._position += 1
+            yield SeededIndex(index, int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class PositionSeededDataset:
+    """Wraps a dataset config; draws each sample's transforms (Python's, numpy's and torch's
+    generators) from the seed its :class:`SeededIndex` carries, leaving the process's own
+    generators as they were. Everything else (``metainfo``, ``get_data_info``, ...) is the
+    wrapped dataset's."""
+
+    def __init__(self, dataset: dict) -> None:
+        from mmengine.registry import DATASETS
+        self.dataset = DATASETS.build(dataset) if isinstance(dataset, dict) else dataset
+
+    def __getattr__(self, name: str):
+        if name == 'dataset':  # not yet set (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        seed = getattr(index, 'seed', None)
+        if seed is None:
+            return self.dataset[index]
+        outside = capture_random_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return self.dataset[int(index)]
+        finally:
+            restore_random_state(outside)
+
+
+def seed_samples_by_position(cfg) -> bool:
+    """Wrap ``train_dataloader``'s sampler and dataset in :class:`PositionSeededSampler` and
+    :class:`PositionSeededDataset` (once); returns whether the config changed."""
+    loader = cfg.get('train_dataloader')
+    if not loader or not isinstance(loader.get('sampler'), dict) or \
+            loader.get('dataset', {}).get('type') == 'PositionSeededDataset':
+        return False
+    loader['sampler'] = dict(type='PositionSeededSampler', sampler=loader['sampler'])
+    loader['dataset'] = dict(type='PositionSeededDataset', dataset=loader['dataset'])
+    return True
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` gives a new file under the process umask."""
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 class AtomicLocalBackend(LocalBackend):
     """mmengine's local file backend, writing each file under a temporary name in the same folder
     and renaming it into place once complete (``os.replace`` is atomic), so a process killed while
@@ -96,6 +206,8 @@ class AtomicLocalBackend(LocalBackend):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(filepath)}.', suffix='.tmp', dir=folder)
         try:
+            # mkstemp creates the file with mode 0600, which the rename would keep.
+            os.chmod(tmp, default_file_mode())
             with os.fdopen(fd, 'wb') as f:
                 f.write(obj)
                 f.flush()

@@ -17,9 +17,11 @@ ATOMIC_BACKEND = 'davit_mm_atomic'
 
 def _to_register() -> Dict[str, List[type]]:
     """Registry name -> davit_mm classes to put there."""
-    from .engine import OfficialCheckpointHook, RandomStateHook
+    from .engine import (OfficialCheckpointHook, PositionSeededDataset, PositionSeededSampler,
+                         RandomStateHook)
     from .models import DaViT
-    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook, OfficialCheckpointHook])
+    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook, OfficialCheckpointHook],
+                DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler])
 
 
 def register_all_modules() -> List[str]:

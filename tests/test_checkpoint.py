@@ -86,31 +86,6 @@ def test_safetensors_file_loads(tiny_arch, tmp_path):
     assert_same_outputs(pretrained(tiny_arch, path), ref)
 
 
-def test_urls_are_downloaded_once_into_distinct_cache_files(tiny_arch, tmp_path, monkeypatch):
-    """Hub files share names (.../model.safetensors): each URL must get its own cache entry."""
-    tiny = reference(tiny_arch, identity_norms=True)
-    wide = reference(dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4)), identity_norms=True)
-    sources = {}
-    for name, ref in (('tiny', tiny), ('wide', wide)):
-        sources[f'https://hub.example/{name}/resolve/main/model.safetensors'] = tmp_path / f'{name}.st'
-        save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()},
-                  str(tmp_path / f'{name}.st'))
-    downloads = []
-
-    def fake_download(url, dst, progress=True):
-        downloads.append(url)
-        dst_path = tmp_path / 'hub' / 'checkpoints' / osp.basename(dst)
-        dst_path.write_bytes(sources[url].read_bytes())
-
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
-    tiny_url, wide_url = list(sources)
-    assert_same_outputs(pretrained(tiny_arch, tiny_url), tiny)
-    assert_same_outputs(pretrained(dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4)), wide_url), wide)
-    assert_same_outputs(pretrained(tiny_arch, tiny_url), tiny)  # cached: not downloaded again
-    assert downloads == [tiny_url, wide_url]
-
-
 def test_davit_mm_checkpoint_round_trips_through_the_runner_layout(tiny_arch, tmp_path):
     source = DaViT(tiny_arch).eval()
     with torch.no_grad():
@@ -236,6 +211,32 @@ def test_checkpoint_of_another_model_is_refused(tiny_arch, tmp_path):
         pretrained(tiny_arch, path)
 
 
+@pytest.mark.parametrize('bad_value', [float('nan'), float('inf')])
+def test_nan_or_inf_weights_are_refused_naming_the_keys(tiny_arch, tmp_path, bad_value):
+    state = formats.timm(reference(tiny_arch, identity_norms=True).state_dict())
+    state['stages.2.blocks.0.1.attn.qkv.weight'][0, 0] = bad_value
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(CheckpointError, match=r'1 with NaN/Inf values: stages.2.blocks.0.channel_block'
+                                              r'.attn.qkv.weight \(1 of'):
+        pretrained(tiny_arch, tmp_path / 'bad.pth')
+
+
+@pytest.mark.parametrize('make_bad,message', [
+    (lambda w: w.to(torch.int32), r'wrong dtypes: stem.conv.weight: torch.int32, model torch.float32'),
+    (lambda w: w.to_sparse(), r'not dense tensors: stem.conv.weight \(torch.sparse_coo\)'),
+])
+def test_integer_and_sparse_tensors_are_refused_before_anything_is_copied(tiny_arch, tmp_path, make_bad,
+                                                                          message):
+    state = formats.timm(reference(tiny_arch, identity_norms=True).state_dict())
+    state['stem.conv.weight'] = make_bad(state['stem.conv.weight'])
+    torch.save(state, tmp_path / 'bad.pth')
+    model = DaViT(tiny_arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(model, str(tmp_path / 'bad.pth'))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_missing_file(tiny_arch, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint='.*nope.pth': no such file"):
         pretrained(tiny_arch, tmp_path / 'nope.pth')
@@ -327,4 +328,28 @@ def test_convert_tool_rejects_a_non_davit_file(tmp_path):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     assert 'no official-format DaViT weights found' in result.stderr
+    assert not (tmp_path / 'out.pth').exists()
+
+
+SWIN_MMDET = {  # the key layout of mmdet's SwinTransformer inside a detector checkpoint
+    'backbone.patch_embed.projection.weight': torch.randn(8, 3, 4, 4),
+    'backbone.patch_embed.norm.weight': torch.ones(8),
+    'backbone.stages.0.blocks.0.attn.w_msa.relative_position_bias_table': torch.randn(169, 1),
+    'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight': torch.randn(24, 8),
+    'backbone.stages.0.blocks.0.ffn.layers.0.0.weight': torch.randn(32, 8),
+    'backbone.stages.0.downsample.reduction.weight': torch.randn(16, 32),
+    'backbone.stages.1.downsample.norm.weight': torch.ones(32),
+}
+RESNET = {'conv1.weight': torch.randn(8, 3, 7, 7), 'layer1.0.conv1.weight': torch.randn(8, 8, 1, 1),
+          'layer1.0.bn1.weight': torch.ones(8)}
+
+
+@pytest.mark.parametrize('state,name', [(SWIN_MMDET, 'Swin Transformer'), (RESNET, 'ResNet/ResNeXt')])
+def test_convert_tool_names_what_a_non_davit_checkpoint_looks_like(tmp_path, state, name):
+    src = tmp_path / 'other.pth'
+    torch.save({'state_dict': state}, src)
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                             str(src), str(tmp_path / 'out.pth')], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith('error: no DaViT weights found; it looks like a ' + name)
     assert not (tmp_path / 'out.pth').exists()

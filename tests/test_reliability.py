@@ -1,4 +1,5 @@
 """Reliability: exact resume after a kill, safe checkpoints, and clear errors for bad inputs."""
+import contextlib
 import json
 import os
 import os.path as osp
@@ -35,18 +36,38 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def train_killed_after(config, work, args, cwd, checkpoint_name):
-    """Start tools/train.py and SIGKILL it as soon as ``checkpoint_name`` exists."""
-    process = subprocess.Popen([sys.executable, osp.join(REPO, 'tools', 'train.py'), config,
-                                '--work-dir', str(work)] + args, cwd=cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def train_killed_after(config, work, args, cwd, checkpoint_name, processes=None, env=None):
+    """Start tools/train.py (tools/dist_train.sh with ``processes``) and SIGKILL it, with every
+    process it started, as soon as ``checkpoint_name`` exists."""
+    command = ([sys.executable, osp.join(REPO, 'tools', 'train.py'), config] if processes is None else
+               ['bash', osp.join(REPO, 'tools', 'dist_train.sh'), config, str(processes)])
+    process = subprocess.Popen(command + ['--work-dir', str(work)] + args, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
     deadline = time.time() + 300
     while not (work / checkpoint_name).exists():
         assert process.poll() is None, 'training ended before the checkpoint to kill after'
         assert time.time() < deadline, 'timed out waiting for the checkpoint'
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    # torchrun starts its workers in sessions of their own: kill the whole tree, children first
+    for pid in reversed(_process_tree(process.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
+
+
+def _process_tree(root: int) -> list:
+    """``root`` and its descendants (from /proc), parents before children."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f'/proc/{entry}/stat') as f:
+                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
 
 
 def assert_identical_checkpoints(path_a, path_b):
@@ -77,6 +98,42 @@ def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(data_dir,
     assert_identical_checkpoints(straight / last, killed / last)
 
 
+# The paper configs' data loading: two workers that live across epochs.
+WORKERS = ['train_dataloader.num_workers=2', 'train_dataloader.persistent_workers=True']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['detector', 'segmentor'])
+def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
+    config, args, last, kill_after = (
+        (RETINANET, DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS, 'epoch_3.pth',
+         'epoch_1.pth') if task == 'detector' else
+        (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=12',
+                                 'param_scheduler.1.end=12', 'train_dataloader.batch_size=2']
+         + SEG_RUN[5:] + WORKERS, 'iter_12.pth', 'iter_4.pth'))
+    straight, killed = data_dir / f'{task}_workers_straight', data_dir / f'{task}_workers_killed'
+    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
+    train_killed_after(config, killed, args, data_dir, kill_after)
+    assert not (killed / last).exists()
+    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
+    assert 'resumed' in result.stdout
+    assert_identical_checkpoints(straight / last, killed / last)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_two_gloo_processes_and_persistent_workers(data_dir):
+    args = DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS
+    straight, killed = data_dir / 'dist_workers_straight', data_dir / 'dist_workers_killed'
+    run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', straight] + args, cwd=data_dir,
+             env={'PORT': '29621'})
+    train_killed_after(RETINANET, killed, args, data_dir, 'epoch_1.pth', processes=2, env={'PORT': '29622'})
+    assert not (killed / 'epoch_3.pth').exists()
+    result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', killed, '--resume'] + args,
+                      cwd=data_dir, env={'PORT': '29623'})
+    assert 'resumed epoch: 1' in result.stdout + result.stderr
+    assert_identical_checkpoints(straight / 'epoch_3.pth', killed / 'epoch_3.pth')
+
+
 @pytest.mark.slow
 def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
     work = data_dir / 'fresh'
@@ -93,17 +150,36 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
               'train_cfg.val_interval=5', 'default_hooks.checkpoint.interval=1'], cwd=data_dir)
     latest = work / 'epoch_2.pth'
     latest.write_bytes(latest.read_bytes()[:100000])  # as another writer killed mid-save leaves it
-    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
+    # the work dir spelt relatively: last_checkpoint names the same file by its absolute path
+    result = run_tool(['train.py', RETINANET, '--work-dir', work.name, '--resume', '--cfg-options',
                        'train_cfg.max_epochs=3', 'train_cfg.val_interval=5',
                        'default_hooks.checkpoint.interval=1'], cwd=data_dir)
     output = result.stdout + result.stderr
+    assert output.count('not resuming from') == 1  # one warning, not one per spelling of the path
     assert f'not resuming from {latest}' in output and 'corrupt or truncated' in output
+    assert f'resuming from {work / "epoch_1.pth"}, the newest complete checkpoint' in output
     assert 'resumed epoch: 1' in output
     truncated = work / 'truncated.pth'
     truncated.write_bytes(latest.read_bytes()[:100000])
     explicit = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', str(truncated)],
                         cwd=data_dir, expect_ok=False)
     assert explicit.returncode != 0 and 'corrupt or truncated' in explicit.stderr
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
+    from davit_mm.cli import latest_valid_checkpoint
+    work = tmp_path / 'work'
+    work.mkdir()
+    for epoch in (1, 2, 10, 11):
+        torch.save({'meta': {'epoch': epoch}, 'state_dict': {'w': torch.ones(64)}}, work / f'epoch_{epoch}.pth')
+    (work / 'epoch_11.pth').write_bytes((work / 'epoch_11.pth').read_bytes()[:300])  # killed mid-save
+    (work / 'last_checkpoint').write_text(str(work / 'epoch_11.pth'))  # mmengine writes it absolute
+    monkeypatch.chdir(tmp_path)
+    path, content = latest_valid_checkpoint('work')
+    assert path == str(work / 'epoch_10.pth') and content['meta']['epoch'] == 10  # 10 > 2: by number
+    for name in ('epoch_1.pth', 'epoch_2.pth', 'epoch_10.pth'):
+        (work / name).write_bytes(b'')
+    assert latest_valid_checkpoint('work') is None
 
 
 def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):
@@ -120,6 +196,19 @@ def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):
         backend.put(b'a newer checkpoint', target)
     assert target.read_bytes() == b'complete checkpoint'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['epoch_1.pth']
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o002, 0o077])
+def test_atomic_backend_gives_checkpoints_the_mode_a_plain_open_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        AtomicLocalBackend().put(b'checkpoint', tmp_path / 'epoch_1.pth')
+        with open(tmp_path / 'plain.pth', 'wb') as f:
+            f.write(b'checkpoint')
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / 'epoch_1.pth').st_mode & 0o777
+    assert mode == os.stat(tmp_path / 'plain.pth').st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_davit_configs_write_checkpoints_atomically_and_keep_random_state():
@@ -165,6 +254,15 @@ def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_pa
     assert result.returncode != 0 and message in result.stderr
 
 
+def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
+    checkpoint = torch.load(trained)
+    checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(checkpoint, tmp_path / 'nan.pth')
+    result = run_tool(['test.py', RETINANET, tmp_path / 'nan.pth'], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert '1 with NaN/Inf values: bbox_head.retina_reg.weight (1 of' in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
     result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',
@@ -192,6 +290,36 @@ def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, 
                       cwd=data_dir, expect_ok=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def _initial_weights(work_dir, options):
+    from davit_mm.cli import build_runner, load_config
+    cfg = load_config(RETINANET, options, str(work_dir))
+    try:
+        runner = build_runner(cfg)
+        return runner.seed, runner.deterministic, runner.model.state_dict()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_path):
+    seed, deterministic, first = _initial_weights(
+        tmp_path, {'randomness.seed': 5, 'randomness.deterministic': True})
+    assert (seed, deterministic) == (5, True)
+    _, _, again = _initial_weights(tmp_path, {'randomness.seed': 5})
+    _, _, other = _initial_weights(tmp_path, {'randomness.seed': 6})
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first['bbox_head.retina_cls.weight'], other['bbox_head.retina_cls.weight'])
+
+
+@pytest.mark.parametrize('option,message', [
+    ('randomness.sed=0', "randomness.sed: randomness accepts ['deterministic', 'diff_rank_seed', 'seed']"),
+    ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
+])
+def test_bad_randomness_options_are_refused(data_dir, option, message):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options', option],
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_missing_and_broken_configs(data_dir, tmp_path):

@@ -17,9 +17,9 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import ConfigDict  # noqa: E402
 
+from davit_mm.checks import preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
-                          check_checkpoint_fits, check_data_paths,
-                          check_num_classes, run_guarded, innermost_dataset,
+                          check_checkpoint_fits, run_guarded, innermost_dataset,
                           library_of, load_config, parse_launch_arguments)
 
 # Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
@@ -66,8 +66,7 @@ def main(argv=None):
         raise ValueError(f'checkpoint {args.checkpoint!r}: no such file')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
-    check_data_paths(cfg, ('test', ))
-    check_num_classes(cfg, 'test')
+    preflight(cfg, ('test', ))
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_drawing(cfg, library, args.show_dir)

@@ -12,9 +12,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from davit_mm.checks import preflight  # noqa: E402
+from davit_mm.engine import seed_samples_by_position  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
-                          check_checkpoint_fits, check_data_paths,
-                          check_num_classes, run_guarded, latest_valid_checkpoint,
+                          check_checkpoint_fits, run_guarded, latest_valid_checkpoint,
                           load_config, parse_launch_arguments)
 
 
@@ -43,8 +44,7 @@ def main(argv=None):
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'--auto-scale-lr: {args.config} has no auto_scale_lr.base_batch_size')
         cfg.auto_scale_lr.enable = True
-    check_data_paths(cfg, ('train', 'val'))
-    check_num_classes(cfg)
+    preflight(cfg, ('train', 'val'))
     checkpoint = None  # the content of load_from, when already read
     if args.resume == 'auto':
         latest = latest_valid_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
@@ -56,6 +56,7 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
 
+    seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
     if cfg.get('load_from'):
         # Resuming needs the exact model; fine-tuning (load_from) may change num_classes. This also

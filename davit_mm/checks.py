@@ -1,0 +1,170 @@
+"""Pre-flight checks of a config, run by the tools before the (slow) runner is built.
+
+Each check raises a ValueError naming the config key, its value and what it has to match, where
+mmdet/mmseg would fail later: at the first iteration deep in the FPN (channel counts), with a bare
+AssertionError (more feature maps than the neck takes), with a JSONDecodeError that names no file
+(annotation files), or at evaluation (class counts).
+"""
+import json
+import os
+import os.path as osp
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from mmengine.config import Config
+
+from .cli import check_data_paths, check_num_classes, innermost_dataset
+
+# Annotation files up to this size are parsed in full; larger ones (COCO train, ~450 MB) are
+# checked at both ends, which catches files that are not JSON or were cut off.
+_FULL_JSON_PARSE_BYTES = 64 * 2**20
+
+
+def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """Every check of this module for the dataloaders ``splits``: data roots and folders,
+    annotation files, class counts, and the channels between backbone, neck and heads."""
+    check_data_paths(cfg, splits)
+    check_annotation_files(cfg, splits)
+    check_num_classes(cfg, 'train' if 'train' in splits else splits[0])
+    check_channels(cfg)
+
+
+# ------------------------------------------------------------------------------ channels
+def backbone_out_channels(backbone: dict) -> Optional[List[int]]:
+    """Channels of each feature map a DaViT backbone config returns (None for other backbones).
+
+    Raises:
+        ValueError/TypeError: an invalid ``arch`` (from :func:`davit_mm.models.resolve_arch`).
+    """
+    if backbone.get('type') != 'DaViT':
+        return None
+    from .models import resolve_arch
+    embed_dims = resolve_arch(backbone.get('arch', 'tiny'))['embed_dims']
+    out_indices = backbone.get('out_indices', (0, 1, 2, 3))
+    if not all(isinstance(i, int) and -len(embed_dims) <= i < len(embed_dims) for i in out_indices):
+        return None  # the backbone itself refuses these, naming the accepted range
+    return [embed_dims[i] for i in sorted(i % len(embed_dims) for i in out_indices)]
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def check_channels(cfg: Config) -> None:
+    """Backbone output channels against ``model.neck.in_channels`` (mmdet, or an mmseg neck) or
+    the decode/auxiliary heads' ``in_channels`` at their ``in_index`` (mmseg without a neck), and
+    the neck's ``out_channels`` against the heads' ``in_channels`` (mmdet).
+
+    Raises:
+        ValueError: naming both config keys and both values.
+    """
+    model = cfg.get('model') or {}
+    backbone = model.get('backbone') or {}
+    channels = backbone_out_channels(backbone)
+    if channels is None:
+        return
+    arch = backbone.get('arch', 'tiny')
+    out_indices = tuple(backbone.get('out_indices', (0, 1, 2, 3)))
+    source = (f'model.backbone (DaViT arch={arch!r}, out_indices={out_indices}) returns '
+              f'{len(channels)} feature maps with channels {channels}')
+    neck = model.get('neck')
+    if isinstance(neck, (list, tuple)):
+        neck = neck[0] if neck else None
+    if neck and 'in_channels' in neck:
+        wanted = _as_list(neck['in_channels'])
+        if len(wanted) != len(channels):
+            raise ValueError(f'{source}, but model.neck.in_channels={wanted} takes {len(wanted)}: '
+                             f'make out_indices return {len(wanted)} stages, or set '
+                             f'model.neck.in_channels={channels}')
+        if wanted != channels:
+            raise ValueError(f'{source}, but model.neck.in_channels={wanted}: set '
+                             f'model.neck.in_channels={channels} (or the arch the neck was sized for)')
+        _check_heads_after_neck(model, neck)
+        return
+    for head_key in ('decode_head', 'auxiliary_head'):
+        for i, head in enumerate(_as_list(model.get(head_key) or [])):
+            key = head_key if not isinstance(model.get(head_key), (list, tuple)) else f'{head_key}.{i}'
+            _check_head_inputs(head, key, channels, source)
+
+
+def _check_head_inputs(head: dict, key: str, channels: List[int], source: str) -> None:
+    if 'in_channels' not in head:
+        return
+    in_channels, in_index = head['in_channels'], head.get('in_index', -1)
+    pairs = list(zip(_as_list(in_index), _as_list(in_channels)))
+    if len(_as_list(in_index)) != len(_as_list(in_channels)):
+        raise ValueError(f'model.{key}.in_index={in_index} and model.{key}.in_channels={in_channels} '
+                         f'have different lengths')
+    for index, wanted in pairs:
+        if not isinstance(index, int) or not -len(channels) <= index < len(channels):
+            raise ValueError(f'{source}, but model.{key}.in_index={in_index} asks for feature map '
+                             f'{index}: accepted -{len(channels)}..{len(channels) - 1}')
+        if wanted != channels[index]:
+            expected = [channels[i] for i, _ in pairs]
+            raise ValueError(f'{source}, but model.{key}.in_channels={in_channels} at '
+                             f'in_index={in_index}: set model.{key}.in_channels='
+                             f'{expected if isinstance(in_channels, (list, tuple)) else expected[0]}')
+
+
+def _check_heads_after_neck(model: dict, neck: dict) -> None:
+    out_channels = neck.get('out_channels')
+    if not isinstance(out_channels, int):
+        return
+    for key in ('rpn_head', 'bbox_head'):
+        head = model.get(key)
+        if isinstance(head, dict) and isinstance(head.get('in_channels'), int) \
+                and head['in_channels'] != out_channels:
+            raise ValueError(f'model.{key}.in_channels={head["in_channels"]} but '
+                             f'model.neck.out_channels={out_channels}: they must be equal')
+
+
+# ------------------------------------------------------------------------- annotation files
+def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str]]:
+    """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader or (split != 'train' and cfg.get(f'{split}_cfg') is None):
+            continue
+        dataset = innermost_dataset(loader['dataset'])
+        root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
+        if ann_file and '://' not in root + ann_file:
+            path = ann_file if not root or osp.isabs(ann_file) else osp.join(root, ann_file)
+            yield f'{split}_dataloader.dataset.ann_file', path
+        if split == 'train':
+            continue
+        for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
+            ann = evaluator.get('ann_file') if isinstance(evaluator, dict) else None
+            if ann and '://' not in ann:
+                where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
+                    else f'{split}_evaluator.{i}'
+                yield f'{where}.ann_file', ann
+
+
+def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """Refuse JSON annotation files that are missing, empty, not JSON or cut off, naming the key
+    and the file (mmdet's loader raises a JSONDecodeError that names neither).
+
+    Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
+    the matching bracket.
+    """
+    for key, path in _annotation_files(cfg, splits):
+        if not path.endswith('.json'):
+            continue
+        if not osp.isfile(path):
+            raise ValueError(f'{key}={path!r} does not exist')
+        size = osp.getsize(path)
+        if size == 0:
+            raise ValueError(f'{key}={path!r} is empty (0 bytes)')
+        if size <= _FULL_JSON_PARSE_BYTES:
+            try:
+                with open(path, 'rb') as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
+            continue
+        with open(path, 'rb') as f:
+            head = f.read(4096).lstrip()[:1]
+            f.seek(max(0, size - 4096), os.SEEK_SET)
+            tail = f.read().rstrip()[-1:]
+        if (head, tail) not in ((b'{', b'}'), (b'[', b']')):
+            raise ValueError(f'{key}={path!r} is not a JSON file, or was cut off: it starts with '
+                             f'{head!r} and ends with {tail!r}')

@@ -1,0 +1,128 @@
+"""Finding pretrained weights: a local path, a cache directory, or a download with a timeout.
+
+A URL is looked up in the cache first: ``$DAVIT_MM_CACHE`` when set, else torch hub's
+``checkpoints`` folder (``$TORCH_HOME/hub/checkpoints``). Cached names carry a hash of the URL,
+since hub files share names (every timm model is ``.../resolve/main/model.safetensors``). In a
+distributed run only the local rank 0 of each node downloads; the other processes wait for it and
+read the same file. Files are written under a temporary name and renamed into place, with the
+permissions a plain ``open()`` gives under the process umask.
+"""
+import hashlib
+import os
+import os.path as osp
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+
+import torch
+import torch.distributed as dist
+from mmengine.logging import print_log
+
+from .engine import default_file_mode
+
+CACHE_ENV = 'DAVIT_MM_CACHE'
+TIMEOUT_ENV = 'DAVIT_MM_DOWNLOAD_TIMEOUT'
+DEFAULT_TIMEOUT_S = 10.0  # per connection attempt and per read, not for the whole file
+CONFIG_KEY = 'model.backbone.init_cfg.checkpoint'  # where davit_mm's configs name the weights
+
+
+class DownloadError(ValueError):
+    """Weights that are neither cached nor downloadable (e.g. on an offline node)."""
+
+
+def is_url(path: str) -> bool:
+    return str(path).startswith(('http://', 'https://'))
+
+
+def cache_dir() -> str:
+    """``$DAVIT_MM_CACHE``, else torch hub's checkpoint folder."""
+    return os.environ.get(CACHE_ENV) or osp.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def cached_path(url: str) -> str:
+    """Where the download of ``url`` is (or will be) cached."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return osp.join(cache_dir(), f'{digest}-{osp.basename(url.split("?")[0])}')
+
+
+def _timeout() -> float:
+    value = os.environ.get(TIMEOUT_ENV)
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        timeout = float(value)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ValueError(f'{TIMEOUT_ENV}={value!r}: accepted a positive number of seconds')
+    return timeout
+
+
+def _offline_help(url: str, dst: str, reason: str) -> str:
+    return (f'could not download {url} ({reason}). davit_mm looked for a cached copy at {dst} '
+            f'(cache folder: ${CACHE_ENV}, else torch hub\'s {osp.join("$TORCH_HOME", "hub", "checkpoints")}). '
+            f'On a machine without internet access, download the file elsewhere and either put it '
+            f'at {dst}, or point the config at it: --cfg-options {CONFIG_KEY}=/path/to/file')
+
+
+def download(url: str, dst: str, timeout: float) -> None:
+    """Stream ``url`` to ``dst`` through a temporary file in the same folder.
+
+    Raises:
+        DownloadError: the URL cannot be reached or read within ``timeout`` seconds per attempt.
+    """
+    folder = osp.dirname(dst)
+    os.makedirs(folder, exist_ok=True)
+    print_log(f'Downloading {url} to {dst}', logger='current')
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(dst)}.', suffix='.part', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as out:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out, length=1 << 20)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, dst)
+    except (urllib.error.URLError, OSError, ValueError) as exc:  # socket.timeout is an OSError
+        reason = getattr(exc, 'reason', None) or exc
+        raise DownloadError(_offline_help(url, dst, f'{type(exc).__name__}: {reason}')) from exc
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def _local_rank() -> int:
+    # torchrun and mmengine's slurm launcher export LOCAL_RANK; without it, one downloader in all
+    return int(os.environ.get('LOCAL_RANK', dist.get_rank()))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """The local file for ``path``: itself when it is not a URL, else the cached download.
+
+    Raises:
+        DownloadError: a URL that is not cached and cannot be downloaded; the message names the
+            URL, the cache path and the ``--cfg-options`` line that points the config at a file.
+    """
+    path = os.fspath(path)
+    if not is_url(path):
+        return path
+    dst = cached_path(path)
+    timeout = _timeout()
+    if not (dist.is_available() and dist.is_initialized()):
+        if not osp.isfile(dst):
+            download(path, dst, timeout)
+        return dst
+    error = None
+    if _local_rank() == 0 and not osp.isfile(dst):
+        try:
+            download(path, dst, timeout)
+        except DownloadError as exc:
+            error = exc
+    # Every process reaches the barrier, cached file or not: one that skipped it because the
+    # file appeared meanwhile would leave the others waiting.
+    dist.barrier()
+    if error is not None:
+        raise error
+    if not osp.isfile(dst):
+        raise DownloadError(_offline_help(path, dst, 'the local rank 0 process of this node failed '
+                                                     'to download it; see its log'))
+    return dst

@@ -1,0 +1,120 @@
+"""Pre-flight checks: configs that cannot work are refused before the runner is built, naming the
+config key and both values; unreadable inputs are named."""
+import glob
+import json
+import os.path as osp
+import re
+
+import pytest
+from mmengine.config import Config
+
+from davit_mm import checks
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, run_tool
+
+RETINANET = osp.join(CONFIGS, 'davit_retinanet_1x_coco.py')
+MASK_RCNN = osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py')
+UPERNET = osp.join(CONFIGS, 'upernet_davit_512x512_160k_ade20k.py')
+QUICKSTART = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+
+
+@pytest.mark.parametrize('config', sorted(
+    c for c in glob.glob(osp.join(CONFIGS, '**', '*.py'), recursive=True) if '/_base_/' not in c))
+def test_every_shipped_config_passes_the_channel_check(config):
+    checks.check_channels(Config.fromfile(config))
+
+
+def test_neck_sized_for_another_width_is_refused():
+    cfg = Config.fromfile(MASK_RCNN)
+    cfg.model.backbone.arch = 'base'
+    with pytest.raises(ValueError, match=r"model.backbone \(DaViT arch='base', out_indices=\(0, 1, 2, 3\)\) "
+                                         r'returns 4 feature maps with channels \[128, 256, 512, 1024\], but '
+                                         r'model.neck.in_channels=\[96, 192, 384, 768\]'):
+        checks.check_channels(cfg)
+
+
+def test_one_more_stage_than_the_neck_takes_is_refused():
+    cfg = Config.fromfile(RETINANET)
+    cfg.model.backbone.out_indices = (0, 1, 2, 3)
+    with pytest.raises(ValueError, match=r'but model.neck.in_channels=\[192, 384, 768\] takes 3: make '
+                                         r'out_indices return 3 stages'):
+        checks.check_channels(cfg)
+
+
+def test_head_width_different_from_the_neck_output_is_refused():
+    cfg = Config.fromfile(RETINANET)
+    cfg.model.bbox_head.in_channels = 128
+    with pytest.raises(ValueError, match=r'model.bbox_head.in_channels=128 but model.neck.out_channels=256'):
+        checks.check_channels(cfg)
+
+
+def test_segmentation_heads_are_checked_at_their_in_index():
+    cfg = Config.fromfile(UPERNET)
+    cfg.model.backbone.arch = 'base'
+    with pytest.raises(ValueError, match=r'model.decode_head.in_channels=\[96, 192, 384, 768\] at '
+                                         r'in_index=\[0, 1, 2, 3\]: set model.decode_head.in_channels='
+                                         r'\[128, 256, 512, 1024\]'):
+        checks.check_channels(cfg)
+    cfg = Config.fromfile(UPERNET)
+    cfg.model.auxiliary_head.in_index = 3
+    with pytest.raises(ValueError, match=r'model.auxiliary_head.in_channels=384 at in_index=3: set '
+                                         r'model.auxiliary_head.in_channels=768'):
+        checks.check_channels(cfg)
+    cfg.model.auxiliary_head.in_index = 4
+    with pytest.raises(ValueError, match=r'model.auxiliary_head.in_index=4 asks for feature map 4'):
+        checks.check_channels(cfg)
+
+
+@pytest.fixture
+def coco(tmp_path):
+    root = tmp_path / 'data' / 'synthetic_coco'
+    write_coco(str(root), num_train=4, num_val=2, seed=1)
+    return tmp_path
+
+
+@pytest.mark.parametrize('content,message', [
+    (b'', 'is empty (0 bytes)'),
+    (b'<html>not json</html>', 'is not a readable JSON file: Expecting value: line 1 column 1'),
+])
+def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, message):
+    ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
+    ann.write_bytes(content)
+    cfg = Config.fromfile(QUICKSTART)
+    cfg.val_dataloader.dataset.data_root = str(coco / 'data' / 'synthetic_coco') + '/'
+    cfg.train_dataloader.dataset.data_root = cfg.val_dataloader.dataset.data_root
+    key = "val_dataloader.dataset.ann_file='.*instances_val2017.json'"
+    with pytest.raises(ValueError, match=f'{key} {re.escape(message)}'):
+        checks.check_annotation_files(cfg)
+
+
+def test_large_annotation_file_cut_off_is_refused(coco, monkeypatch):
+    monkeypatch.setattr(checks, '_FULL_JSON_PARSE_BYTES', 16)  # the cheap test for big files
+    ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
+    cfg = Config.fromfile(QUICKSTART)
+    cfg.train_dataloader.dataset.data_root = str(coco / 'data' / 'synthetic_coco') + '/'
+    cfg.val_cfg = None
+    checks.check_annotation_files(cfg)  # complete: passes
+    ann.write_bytes(ann.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=r"train_dataloader.dataset.ann_file='.*' is not a JSON file, or "
+                                         r"was cut off: it starts with b'\{' and ends with"):
+        checks.check_annotation_files(cfg)
+
+
+def test_train_tool_names_a_broken_val_annotation_file(coco):
+    ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
+    ann.write_text(json.dumps({'images': []})[:-1])
+    result = run_tool(['train.py', QUICKSTART, '--work-dir', coco / 'w'], cwd=coco, expect_ok=False)
+    assert result.returncode != 0
+    assert ("val_dataloader.dataset.ann_file='data/synthetic_coco/annotations/instances_val2017.json' "
+            'is not a readable JSON file') in result.stderr, result.stderr[-2000:]
+
+
+def test_train_tool_names_an_image_file_of_zero_bytes(coco):
+    images = sorted((coco / 'data' / 'synthetic_coco' / 'train2017').iterdir())
+    for image in images:
+        image.write_bytes(b'')
+    result = run_tool(['train.py', QUICKSTART, '--work-dir', coco / 'w', '--cfg-options',
+                       'train_cfg.max_epochs=1'], cwd=coco, expect_ok=False)
+    assert result.returncode != 0
+    assert re.search(r"cannot read image '.*data/synthetic_coco/train2017/\S+\.jpg' \(0 bytes\)",
+                     result.stderr), result.stderr[-2000:]

@@ -1,0 +1,158 @@
+"""Pretrained weights from a URL: cached once, shared by the processes of a node, and a clear
+error within seconds on an offline machine. A local HTTP server on 127.0.0.1 plays the hub."""
+import datetime
+import functools
+import http.server
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+import formats
+from davit_mm import fileio
+from davit_mm.checkpoint import load_pretrained
+from davit_mm.models import DaViT, ReferenceDaViT
+
+
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        time.sleep(self.server.delay_s)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """(base URL, served folder, list of requested paths); the server stops after the test."""
+    served = tmp_path / 'served'
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ('127.0.0.1', 0), functools.partial(_CountingHandler, directory=str(served)))
+    server.requests, server.delay_s = [], 0.0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.server_address[1]}', served, server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _publish(served, name, arch):
+    ref = ReferenceDaViT(arch).eval()
+    (served / name).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()}, str(served / name))
+    return ref
+
+
+def _outputs_equal(model, ref):
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        return all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.eval()(x), ref(x)))
+
+
+def test_urls_are_downloaded_once_into_distinct_cache_files(tiny_arch, tmp_path, hub, monkeypatch):
+    """Hub files share names (.../model.safetensors): each URL gets its own cache entry."""
+    base, served, server = hub
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    wide_arch = dict(tiny_arch, embed_dims=32, num_heads=(1, 2, 4, 4))
+    tiny = _publish(served, 'tiny/resolve/main/model.safetensors', tiny_arch)
+    wide = _publish(served, 'wide/resolve/main/model.safetensors', wide_arch)
+    for arch, ref, name in ((tiny_arch, tiny, 'tiny'), (wide_arch, wide, 'wide'), (tiny_arch, tiny, 'tiny')):
+        model = DaViT(arch)
+        load_pretrained(model, f'{base}/{name}/resolve/main/model.safetensors')
+        assert _outputs_equal(model, ref)
+    assert server.requests == ['/tiny/resolve/main/model.safetensors', '/wide/resolve/main/model.safetensors']
+    cached = sorted(os.listdir(tmp_path / 'cache'))
+    assert len(cached) == 2 and all(name.endswith('-model.safetensors') for name in cached)
+
+
+def test_cache_defaults_to_torch_hub_and_a_cached_file_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.delenv(fileio.CACHE_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    url = 'http://127.0.0.1:9/offline/model.safetensors'  # nothing listens on the discard port
+    dst = fileio.cached_path(url)
+    assert dst.startswith(str(tmp_path / 'hub' / 'checkpoints') + os.sep)
+    os.makedirs(os.path.dirname(dst))
+    open(dst, 'wb').close()
+    assert fileio.resolve_checkpoint(url) == dst
+    assert fileio.resolve_checkpoint(str(tmp_path / 'local.pth')) == str(tmp_path / 'local.pth')
+
+
+def test_downloaded_file_gets_the_umask_mode(tmp_path, hub, monkeypatch):
+    base, served, _ = hub
+    (served / 'w.pth').write_bytes(b'weights')
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    old = os.umask(0o002)
+    try:
+        path = fileio.resolve_checkpoint(f'{base}/w.pth')
+    finally:
+        os.umask(old)
+    assert open(path, 'rb').read() == b'weights'
+    assert os.stat(path).st_mode & 0o777 == 0o664
+
+
+def test_unreachable_url_fails_within_seconds_naming_url_cache_and_the_config_option(tmp_path, monkeypatch):
+    silent = socket.socket()  # accepts connections, never answers: an unreachable proxy/hub
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(4)
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    monkeypatch.setenv(fileio.TIMEOUT_ENV, '1')
+    url = f'http://127.0.0.1:{silent.getsockname()[1]}/davit_tiny/model.safetensors'
+    start = time.monotonic()
+    try:
+        with pytest.raises(fileio.DownloadError) as error:
+            load_pretrained(DaViT(dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))), url)
+    finally:
+        silent.close()
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert message.startswith(f'could not download {url} (')
+    assert f'looked for a cached copy at {fileio.cached_path(url)}' in message
+    assert '--cfg-options model.backbone.init_cfg.checkpoint=/path/to/file' in message
+    assert os.listdir(tmp_path / 'cache') == []  # no partial file left behind
+
+
+def test_a_bad_timeout_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(fileio.TIMEOUT_ENV, '0')
+    with pytest.raises(ValueError, match="DAVIT_MM_DOWNLOAD_TIMEOUT='0': accepted a positive number"):
+        fileio.resolve_checkpoint('http://127.0.0.1:9/x.pth')
+
+
+def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, results):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      **{fileio.CACHE_ENV: cache})
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=20))
+    try:
+        if rank == 1:
+            time.sleep(rank1_delay_s)
+        path = fileio.resolve_checkpoint(url)
+        results[rank] = (path, open(path, 'rb').read())
+        torch.distributed.barrier()  # fails if the ranks' barriers in resolve_checkpoint did not pair up
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# rank 1 asks while rank 0 downloads (it must wait), or only once the file is cached (it must
+# still meet rank 0 at its barrier)
+@pytest.mark.parametrize('rank1_delay_s', [0.0, 2.5])
+def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub, rank1_delay_s):
+    base, served, server = hub
+    server.delay_s = 1.0  # a slow download: rank 1 must wait for it, not race or re-download
+    (served / 'w.pth').write_bytes(b'x' * 100000)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_resolve_in_process, nprocs=2, join=True,
+             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results))
+    assert server.requests == ['/w.pth']
+    assert results[0] == results[1] and results[0][1] == b'x' * 100000
