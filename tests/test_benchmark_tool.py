@@ -3,6 +3,8 @@ measurements for docs/benchmark.md, never test assertions)."""
 import json
 import os.path as osp
 
+import pytest
+
 from helpers import CONFIGS, run_tool
 
 
@@ -26,3 +28,45 @@ def test_benchmark_tool_times_a_whole_config(tmp_path):
               '--repeats', '1', '--warmup', '0', '--json', out], cwd=tmp_path)
     row, = json.loads(out.read_text())
     assert row['train_s'] > 0 and row['forward_images_per_s'] > 0
+
+
+@pytest.mark.parametrize('baseline,ours,library', [
+    ('swin_t_maskrcnn_1x_coco', 'davit_maskrcnn_1x_coco', 'mmdet'),
+    ('swin_t_retinanet_1x_coco', 'davit_retinanet_1x_coco', 'mmdet'),
+    ('upernet_swin_t_512x512_160k_ade20k', 'upernet_davit_512x512_160k_ade20k', 'mmseg'),
+])
+def test_swin_baseline_configs_differ_from_ours_only_in_the_backbone(baseline, ours, library):
+    """The speed baselines keep our config's data, schedule, neck and heads, and their backbone
+    feeds the neck the same widths at the same strides."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_mm import compat
+    cfgs = [Config.fromfile(osp.join(CONFIGS, *name)) for name in
+            (('benchmark', f'{baseline}.py'), (f'{ours}.py',))]
+    dicts = [cfg.to_dict() for cfg in cfgs]
+    backbones = [d['model'].pop('backbone') for d in dicts]
+    assert backbones[0]['type'] == 'SwinTransformer' and backbones[1]['type'] == 'DaViT'
+    assert dicts[0] == dicts[1]
+    init_default_scope(library)
+    shapes = []
+    for cfg in cfgs:
+        compat.adapt_config_to_machine(cfg)
+        cfg.model.backbone.init_cfg = None
+        with torch.no_grad():
+            feats = MODELS.build(cfg.model).eval().extract_feat(torch.randn(1, 3, 64, 96))
+        shapes.append([tuple(f.shape) for f in feats])
+    assert shapes[0] == shapes[1]
+
+
+def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
+    out = tmp_path / 'bench.json'
+    run_tool(['analysis/benchmark.py', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
+              '--repeats', '2', '--json', out], cwd=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [row['size'] for row in rows] == ['64x96', '96x64', 'median over sizes']
+    for row in rows[:2]:
+        for impl in ('ours', 'reference'):
+            assert row[f'new_shape_first_{impl}_s'] > 0 and row[f'new_shape_repeat_{impl}_s'] > 0
+    assert set(rows[2]) >= {'new_shape_extra_ours_ms', 'new_shape_extra_reference_ms'}

@@ -6,7 +6,7 @@
         [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
-        [--swap-backbone swin-t] ...
+    python tools/analysis/benchmark.py --config configs/benchmark/swin_t_maskrcnn_1x_coco.py ...
 
 Backbone mode (default): davit_mm's ``DaViT`` and ``ReferenceDaViT`` (the official forward restated,
 davit_mm.models.reference) get the same weights (DaViT's official random init); for every size, after ``--warmup`` untimed
@@ -27,7 +27,8 @@ with :mod:`davit_mm.ops`' device-specific kernels off, ``--compile`` ``torch.com
 Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
 training step (forward with losses, backward, optimizer step) and an inference forward on random
 images of the given size, with the config's own data preprocessing skipped; ``*_first_s`` is the
-first call at each size. ``--swap-backbone swin-t`` puts mmdet's Swin-T in DaViT-T's place.
+first call at each size. configs/benchmark/ holds the paper
+configs with mmdet's/mmseg's Swin-T in DaViT-T's place, the baseline to compare against.
 
 Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
 """
@@ -83,9 +84,6 @@ def parse_args(argv=None):
                         help="also time timm's davit_<arch> (features_only; its own random init)")
     parser.add_argument('--plain-kernels', action='store_true',
                         help="also time ours with davit_mm.ops' device-specific kernels off")
-    parser.add_argument('--swap-backbone', choices=('swin-t',),
-                        help="config mode: replace the config's backbone by mmdet's Swin-T (same "
-                             'stage widths as DaViT-T, so the neck fits unchanged)')
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
@@ -373,9 +371,7 @@ def bench_config(args) -> List[dict]:
     library = library_of(cfg)
     compat.adapt_config_to_machine(cfg)
     init_default_scope(library)
-    cfg.model.backbone.init_cfg = None
-    if args.swap_backbone == 'swin-t':
-        cfg.model.backbone = SWIN_T
+    cfg.model.backbone.init_cfg = None  # random weights: timing only
     model = MODELS.build(cfg.model).to(args.device)
     model.init_weights()
     optim_cfg = dict(cfg.optim_wrapper)
@@ -401,7 +397,7 @@ def bench_config(args) -> List[dict]:
         fns = {'train': train, 'forward': forward}
         modes = [m for m in args.modes if m in fns]
         row = dict(config=osp.basename(args.config), size=f'{size[0]}x{size[1]}', batch=args.batch,
-                   dtype=args.dtype, device=args.device, backbone=args.swap_backbone or 'davit')
+                   dtype=args.dtype, device=args.device)
         for mode in modes:  # the first call at a size new to the process
             row[f'{mode}_first_s'] = timed(fns[mode], args.device)
         medians = interleaved({m: fns[m] for m in modes}, args.warmup, args.repeats, args.device)
@@ -413,12 +409,6 @@ def bench_config(args) -> List[dict]:
         rows.append(row)
         print_row(row)
     return rows
-
-
-# mmdet's Swin-T as its RetinaNet/Mask R-CNN Swin configs build it (stage widths 96..768, as DaViT-T).
-SWIN_T = dict(type='mmdet.SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
-              num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4, qkv_bias=True,
-              drop_path_rate=0.2, patch_norm=True, out_indices=(0, 1, 2, 3), init_cfg=None)
 
 
 def fake_batch(library: str, batch: int, size, device):
