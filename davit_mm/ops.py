@@ -6,7 +6,8 @@ the maths of the plain op (tested against it), and picks its kernel by device:
 
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
   GELU and residual additions fused into the matmul, and a leaner MLP backward; convolutions are
-  the plain ``F.conv2d`` (oneDNN already).
+  the plain ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused
+  into oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
@@ -68,7 +69,19 @@ def _cuda_depthwise_op() -> Optional[Callable]:
         return None
 
 
+def _onednn_conv_op() -> Optional[object]:
+    """oneDNN's convolution with a fused addition (``mkldnn::_convolution_pointwise.binary``), or
+    None: private, checked on torch >= 2.1."""
+    if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.binary
+    except (AttributeError, RuntimeError):
+        return None
+
+
 _ONEDNN_LINEAR = _onednn_linear_op()
+_ONEDNN_CONV = _onednn_conv_op()
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
 
 if _ONEDNN_LINEAR is not None:
@@ -263,12 +276,31 @@ def _depthwise_cuda(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
                            conv.stride, conv.padding, conv.dilation)
 
 
-def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a ``(B, C, H, W)`` tensor, on CUDA without cuDNN (see the module docs)."""
-    if not _fast(x, 'cuda') or conv.padding_mode != 'zeros' or conv.dilation != (1, 1):
+def _conv_cuda(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if conv.padding_mode != 'zeros' or conv.dilation != (1, 1):
         return conv(x)
     if _is_depthwise(conv):
         return conv(x) if _CUDA_DEPTHWISE is None else _depthwise_cuda(x, conv)
-    if conv.groups == 1:
-        return _conv_as_matmul(x, conv)
-    return conv(x)
+    return _conv_as_matmul(x, conv) if conv.groups == 1 else conv(x)
+
+
+def _onednn_conv_fits(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    """oneDNN's conv + add serves CPU fp32 inference on channels-last maps."""
+    return (_ONEDNN_CONV is not None and _fast(x, 'cpu') and conv.padding_mode == 'zeros'
+            and not _needs_grad(x, conv.weight, conv.bias, residual)
+            and x.dtype == conv.weight.dtype == residual.dtype == torch.float32
+            and _autocast_dtype('cpu') is None and residual.shape == x.shape
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and residual.is_contiguous(memory_format=torch.channels_last))
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor,
+           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv(x)`` (plus ``residual`` if given) for ``(B, C, H, W)`` tensors, on CUDA without
+    cuDNN and on CPU with the addition fused at inference (see the module docs)."""
+    if residual is not None and _onednn_conv_fits(conv, x, residual):
+        return _ONEDNN_CONV(x, residual, conv.weight, conv.bias, list(conv.padding),
+                            list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
+                            None, [], None)
+    out = _conv_cuda(conv, x) if _fast(x, 'cuda') else conv(x)
+    return out if residual is None else residual + out

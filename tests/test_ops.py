@@ -222,3 +222,17 @@ def test_conv_as_matmul_is_the_convolution(kernel, stride, padding, size):
     conv = nn.Conv2d(5, 12, kernel, stride=stride, padding=padding)
     x = torch.randn(2, 5, *size)
     assert torch.allclose(ops._conv_as_matmul(x, conv), conv(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(ops._ONEDNN_CONV is None, reason='this torch has no oneDNN fused convolution')
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_conv_with_residual_at_inference_is_the_plain_conv_plus_the_residual(channels_last):
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 9, 11, 16).permute(0, 3, 1, 2)  # a channels-last (B, C, H, W) view
+    if not channels_last:
+        x = x.contiguous()  # not served by oneDNN's fused kernel: the plain ops run
+    with torch.no_grad():
+        fused = ops.conv2d(conv, x, residual=x)
+        expected = x + conv(x)
+    assert fused.shape == expected.shape
+    assert (fused - expected).abs().max() < 1e-5

@@ -96,7 +96,8 @@ class ConvPosEnc(nn.Module):
         self.proj = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + _nchw_to_nhwc(ops.conv2d(self.proj, _nhwc_to_nchw(x)))
+        x = _nhwc_to_nchw(x)
+        return _nchw_to_nhwc(ops.conv2d(self.proj, x, residual=x))
 
 
 class Stem(nn.Module):
