@@ -7,8 +7,8 @@
 #
 # Environment variables:
 #   PYTHON                 interpreter to install into (default: python3, or python in an active venv)
-#   DAVIT_MM_WHEELHOUSE    a folder of prebuilt wheels pip looks in first (e.g. ../shared/wheelhouse, which
-#                          holds mmcv 2.1.0 built for cp311 + torch 2.13.0 CPU: seconds instead of ~18 min)
+#   DAVIT_MM_WHEELHOUSE    a folder of prebuilt wheels pip looks in first (e.g. one holding an mmcv 2.1.0
+#                          wheel built for your Python and torch: seconds instead of ~18 min on 2 cores)
 #   DAVIT_MM_TORCH         torch requirement used only when torch is missing (default: torch==2.13.0)
 #
 # A torch that is already installed is never replaced: every pip call runs with a constraint pinning
