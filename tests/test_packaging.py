@@ -4,6 +4,7 @@ OpenMMLab layout (davit_mm/.mim/), so a config outside the repository inherits
 import glob
 import os
 import os.path as osp
+import site
 import subprocess
 import sys
 import zipfile
@@ -50,11 +51,15 @@ print(cfg.model.backbone.type, cfg.model.backbone.arch, cfg.model.roi_head.bbox_
 @pytest.mark.slow
 def test_a_config_outside_the_repository_inherits_from_the_installed_package(wheel, tmp_path):
     venv = tmp_path / 'venv'
-    # the system's packages (torch, mmcv, ...) stay visible; davit_mm comes from the wheel
-    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True)
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
     python = str(venv / 'bin' / 'python')
-    subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-deps', '--ignore-installed', wheel], check=True,
-                   capture_output=True)
+    # torch, mmcv, ... of the interpreter running the tests stay visible after the venv's own
+    # packages (--system-site-packages would expose the base interpreter's, not a venv's)
+    own_site, = glob.glob(str(venv / 'lib' / 'python*' / 'site-packages'))
+    with open(osp.join(own_site, 'zz_test_packages.pth'), 'w') as f:
+        f.write('\n'.join(p for p in site.getsitepackages() if osp.isdir(p)) + '\n')
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--ignore-installed',
+                    '--prefix', str(venv), wheel], check=True, capture_output=True)  # into the venv
     project = tmp_path / 'my_project'
     project.mkdir()
     (project / 'my_maskrcnn.py').write_text(
