@@ -25,18 +25,20 @@ class FakeDetector(torch.nn.Module):
     """Predicts, in each view's own (possibly flipped) frame at the original size, the one object
     at BOX, as a detector with rescale=True does."""
 
-    def __init__(self, score_per_view):
+    def __init__(self, score_per_view, box_per_view=None):
         super().__init__()
         self.score_per_view = list(score_per_view)
+        self.box_per_view = list(box_per_view or [BOX] * len(self.score_per_view))
 
     def test_step(self, data):
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
         results = []
         for sample in data['data_samples']:
-            box, mask = BOX.clone(), box_mask(BOX)
+            seen = self.box_per_view.pop(0)
+            box, mask = seen.clone(), box_mask(seen)
             if sample.flip:
-                box = torch.tensor([WIDTH - BOX[2], BOX[1], WIDTH - BOX[0], BOX[3]])
+                box = torch.tensor([WIDTH - seen[2], seen[1], WIDTH - seen[0], seen[3]])
                 mask = mask.flip(-1)
             pred = InstanceData(bboxes=box[None], scores=torch.tensor([self.score_per_view.pop(0)]),
                                 labels=torch.tensor([1]), masks=mask[None])
@@ -54,11 +56,11 @@ def tta_batch(flips):
     return dict(inputs=[[torch.zeros(3, HEIGHT, WIDTH)] for _ in flips], data_samples=samples)
 
 
-def build_tta(score_per_view):
+def build_tta(score_per_view, box_per_view=None):
     from mmdet.registry import MODELS
     from mmengine.config import ConfigDict
     tta_cfg = ConfigDict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)  # as in a config
-    return MODELS.build(dict(type='DetTTAModelWithMasks', module=FakeDetector(score_per_view),
+    return MODELS.build(dict(type='DetTTAModelWithMasks', module=FakeDetector(score_per_view, box_per_view),
                              tta_cfg=tta_cfg))
 
 
@@ -71,6 +73,15 @@ def test_masks_of_flipped_views_are_flipped_back_and_duplicates_merged(flipped_v
     torch.testing.assert_close(pred.bboxes[0], BOX)
     assert pred.scores.tolist() == pytest.approx([0.9])
     assert torch.equal(pred.masks[0], box_mask(BOX))  # in the original frame, whichever view won
+
+
+def test_each_kept_instance_keeps_the_mask_of_its_own_view():
+    other = torch.tensor([18., 2., 27., 9.])  # no overlap with BOX: NMS keeps both
+    merged, = build_tta([0.7, 0.8], [BOX, other]).test_step(tta_batch([False, True]))
+    pred = merged.pred_instances
+    assert pred.scores.tolist() == pytest.approx([0.8, 0.7])  # sorted by score: other first
+    torch.testing.assert_close(pred.bboxes, torch.stack([other, BOX]))
+    assert torch.equal(pred.masks[0], box_mask(other)) and torch.equal(pred.masks[1], box_mask(BOX))
 
 
 def test_predictions_without_masks_are_merged_as_mmdets_det_tta_model_does():
