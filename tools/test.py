@@ -5,8 +5,8 @@
 
 ``--out``: mmdet configs dump raw predictions to OUT (a .pkl file); mmseg configs write the
 predicted label maps into the folder OUT. ``--show-dir``: drawn predictions are written there.
-``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (segmentation:
-scales 0.5..1.75 + flip, as the paper reports; detection: flip).
+``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (davit_mm's
+configs: segmentation scales 0.5..1.75 x flip; detection 3 scales x flip).
 """
 import argparse
 import os.path as osp
