@@ -45,3 +45,18 @@ def test_a_current_torch_gets_no_numpy_constraint(bare_python, tmp_path):
     result = run_setup(bare_python, tmp_path, '2.13.0+cpu')
     assert 'torch_before_2.3' not in result.stdout and 'needs torch >= 2.1' not in result.stderr
     assert 'No module named pip' in result.stderr
+
+
+def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_python, tmp_path):
+    fake = tmp_path / 'fake'
+    (fake / 'torch').mkdir(parents=True)
+    (fake / 'torch' / '__init__.py').write_text("raise ImportError('libcudart.so.12: cannot open')\n")
+    (fake / 'torch-2.1.2.dist-info').mkdir()
+    (fake / 'torch-2.1.2.dist-info' / 'METADATA').write_text('Name: torch\nVersion: 2.1.2\n')
+    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert 'torch 2.1.2 is installed but does not import' in result.stderr
+    assert 'libcudart.so.12: cannot open' in result.stderr
+    assert 'installing torch' not in result.stdout and 'No module named pip' not in result.stderr

@@ -149,7 +149,10 @@ fi
 say "installing into $("$py" -c 'import sys; print(sys.prefix)') ($("$py" --version 2>&1))"
 
 # 1. torch first: anything installed later must find it satisfied, or pip pulls a CUDA build (gigabytes).
-if ! "$py" -c 'import torch' >/dev/null 2>&1; then
+if ! torch_error=$("$py" -c 'import torch' 2>&1); then
+  if installed=$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null); then
+    die "torch $installed is installed but does not import (${torch_error##*$'\n'}); repair it yourself: this script does not replace a torch it finds"
+  fi
   say "torch missing: installing $torch_req"
   pip install "$torch_req"
 fi
