@@ -1,4 +1,10 @@
-"""Packaging for davit_mm (the version lives in davit_mm/version.py only)."""
+"""Packaging for davit_mm (the version lives in davit_mm/version.py only; static metadata in
+pyproject.toml).
+
+configs/, tools/, demo/ and model-index.yml are shipped inside the package as ``davit_mm/.mim/``
+(symlinks in the source tree, copied into wheels), the OpenMMLab layout: mmengine resolves
+``_base_ = ['davit_mm::davit_maskrcnn_1x_coco.py']`` there and mim finds the tools there.
+"""
 import os.path as osp
 
 from setuptools import find_packages, setup
@@ -20,18 +26,11 @@ def read_requirements(name: str) -> list:
         return [line for line in lines if line]
 
 
-with open(osp.join(HERE, 'README.md'), encoding='utf-8') as f:
-    long_description = f.read()
-
 setup(
-    name='davit_mm',
     version=read_version(),
-    description='DaViT (Dual Attention Vision Transformer) backbones for mmdet 3.x and mmseg 1.x',
-    long_description=long_description,
-    long_description_content_type='text/markdown',
-    license='Apache-2.0',
     packages=find_packages(include=['davit_mm', 'davit_mm.*']),
-    python_requires='>=3.8',
+    package_data={'davit_mm': ['.mim/model-index.yml', '.mim/configs/**/*.py', '.mim/configs/**/*.yml',
+                               '.mim/tools/**/*.py', '.mim/tools/**/*.sh', '.mim/demo/*.py']},
     install_requires=read_requirements('runtime'),
     extras_require={
         'det': read_requirements('det'),

@@ -1,5 +1,5 @@
 # UperNet, DaViT-Tiny, ADE20K, 512x512 crops, 160k iterations. Paper: 60M params, 940G FLOPs at
-# 512x2048, 46.3 mIoU (single scale); `tools/test.py --tta` gives the multi-scale + flip number.
+# 512x2048, 46.3 mIoU (protocol not stated); `tools/test.py --tta` gives the multi-scale + flip number.
 _base_ = [
     './_base_/models/upernet_davit.py',
     'mmseg::_base_/datasets/ade20k.py',

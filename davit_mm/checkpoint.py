@@ -22,6 +22,7 @@ weights allowed to be absent are the output norms ``norm0..3``, which classifica
 never contain (they are reported in one line).
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 import pickle
@@ -185,8 +186,11 @@ def load_torch_file(path: str, map_location='cpu') -> object:
                               f'torch.save archive nor a pickle; {osp.getsize(path)} bytes)')
     # Checkpoints written by timm-based training scripts (the official classification weights)
     # carry their argparse Namespace; it is plain data, so it is allowed here and nowhere else.
+    # torch < 2.5 has no safe_globals: such files are then refused with the re-save advice below.
+    allow_namespace = (torch.serialization.safe_globals([argparse.Namespace])
+                       if hasattr(torch.serialization, 'safe_globals') else contextlib.nullcontext())
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow_namespace:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()

@@ -162,7 +162,48 @@ def name_unreadable_images() -> None:
     _applied.add('unreadable_images')
 
 
+def allow_davit_mm_config_scope() -> None:
+    """Let configs inherit davit_mm's configs as ``_base_ = ['davit_mm::davit_maskrcnn_1x_coco.py']``.
+
+    Upstream problem: mmengine 0.10.7 resolves ``PACKAGE::PATH`` bases only for the OpenMMLab
+    packages it lists (``MODULE2PACKAGE``; others fail an assertion), only for a PATH with a folder
+    (``mmdet::retinanet/x.py``; ``davit_mm::x.py`` is refused by a regex), and finds the package's
+    ``.mim/configs`` through the distribution's location, which for an editable (PEP 660) install
+    is site-packages, where no ``davit_mm`` folder exists. For the ``davit_mm`` scope only, this
+    accepts a PATH without folder and points the lookup at the ``davit_mm`` package that is
+    imported, whose ``.mim/configs`` holds the configs (a copy in a wheel, a symlink in a checkout).
+    Every other scope goes through mmengine unchanged. Applies in processes that import davit_mm
+    before parsing a config: davit_mm's tools (also when run by mim) and scripts that
+    ``import davit_mm`` first.
+    """
+    if 'config_scope' in _applied:
+        return
+    import os.path as osp
+
+    from mmengine.config import config as config_module
+    from mmengine.config import utils as config_utils
+    package_and_path, installed_path = (config_module._get_package_and_cfg_path,
+                                        config_module.get_installed_path)
+
+    def get_package_and_cfg_path(cfg_path: str):
+        scope, _, path = cfg_path.partition('::')
+        if scope == 'davit_mm' and path and '::' not in path:
+            return 'davit_mm', path
+        return package_and_path(cfg_path)
+
+    def get_installed_path(package: str) -> str:
+        if package == 'davit_mm':
+            return osp.dirname(osp.abspath(__file__))
+        return installed_path(package)
+
+    config_utils.MODULE2PACKAGE.setdefault('davit_mm', 'davit_mm')
+    config_module._get_package_and_cfg_path = get_package_and_cfg_path
+    config_module.get_installed_path = get_installed_path
+    _applied.add('config_scope')
+
+
 def apply_all() -> None:
     """Apply every shim that fits the installed environment (idempotent)."""
     allow_mmengine_checkpoints()
     name_unreadable_images()
+    allow_davit_mm_config_scope()

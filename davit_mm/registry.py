@@ -15,12 +15,16 @@ _LIBRARIES = ('mmdet', 'mmseg')
 ATOMIC_BACKEND = 'davit_mm_atomic'
 
 
-def _to_register() -> Dict[str, List[type]]:
-    """Registry name -> davit_mm classes to put there."""
+def _to_register(library: str) -> Dict[str, List[type]]:
+    """Registry name -> davit_mm classes to put into ``library``'s registries."""
     from .engine import (OfficialCheckpointHook, PositionSeededDataset, PositionSeededSampler,
                          RandomStateHook)
     from .models import DaViT
-    return dict(MODELS=[DaViT], HOOKS=[RandomStateHook, OfficialCheckpointHook],
+    models = [DaViT]
+    if library == 'mmdet':
+        from .tta import DetTTAModelWithMasks
+        models.append(DetTTAModelWithMasks)
+    return dict(MODELS=models, HOOKS=[RandomStateHook, OfficialCheckpointHook],
                 DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler])
 
 
@@ -38,7 +42,7 @@ def register_all_modules() -> List[str]:
         if importlib.util.find_spec(library) is None:
             continue
         registries = importlib.import_module(f'{library}.registry')
-        for registry_name, classes in _to_register().items():
+        for registry_name, classes in _to_register(library).items():
             registry = getattr(registries, registry_name)
             for cls in classes:
                 existing = registry.module_dict.get(cls.__name__)

@@ -7,9 +7,13 @@
 #
 # Environment variables:
 #   PYTHON                 interpreter to install into (default: python3, or python in an active venv)
-#   DAVIT_MM_WHEELHOUSE    a folder of prebuilt wheels pip looks in first (e.g. ../shared/wheelhouse, which
-#                          holds mmcv 2.1.0 built for cp311 + torch 2.13.0 CPU: seconds instead of ~18 min)
+#   DAVIT_MM_WHEELHOUSE    a folder of prebuilt wheels pip looks in first (e.g. one holding an mmcv 2.1.0
+#                          wheel built for your Python and torch: seconds instead of ~18 min on 2 cores)
 #   DAVIT_MM_TORCH         torch requirement used only when torch is missing (default: torch==2.13.0)
+#
+# A torch that is already installed is never replaced: every pip call runs with a constraint pinning
+# it, plus requirements/torch_before_2.3.txt (numpy < 2) for torch < 2.3. A torch older than 2.1 is
+# refused. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -59,6 +63,52 @@ check('mmdet', lambda: __import__('mmdet.models'))
 check('mmseg', lambda: __import__('mmseg.models'))
 check('pkg_resources (setuptools<82)', lambda: __import__('pkg_resources'))
 check('davit_mm', davit_mm_here)
+def detector_step():
+    # The stack end to end: an image as numpy (cv2/mmcv), mmdet's packing (torch.from_numpy: fails
+    # for a numpy the torch build does not support), a DaViT RetinaNet's forward and backward.
+    import numpy as np
+    import torch
+    import mmcv
+    import davit_mm  # noqa: F401  (registers DaViT)
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS, TRANSFORMS
+    init_default_scope('mmdet')
+    image = mmcv.imresize(np.random.RandomState(0).randint(0, 255, (40, 50, 3), dtype=np.uint8), (64, 48))
+    pack = TRANSFORMS.build(dict(type='PackDetInputs'))
+    sample = pack(dict(img=image, img_shape=(48, 64), ori_shape=(40, 50), scale_factor=(1.28, 1.2),
+                       gt_bboxes=np.array([[4., 4., 30., 30.]], dtype=np.float32),
+                       gt_bboxes_labels=np.array([0]), gt_ignore_flags=np.array([False])))
+    model = MODELS.build(dict(
+        type='RetinaNet',
+        data_preprocessor=dict(type='DetDataPreprocessor', mean=[123.675, 116.28, 103.53],
+                               std=[58.395, 57.12, 57.375], bgr_to_rgb=True, pad_size_divisor=32),
+        backbone=dict(type='DaViT', arch=dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
+                      out_indices=(1, 2, 3)),
+        neck=dict(type='FPN', in_channels=[32, 64, 128], out_channels=16, start_level=0,
+                  add_extra_convs='on_input', num_outs=5),
+        bbox_head=dict(type='RetinaHead', num_classes=2, in_channels=16, feat_channels=16, stacked_convs=1,
+                       anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4,
+                                             scales_per_octave=3, ratios=[0.5, 1.0, 2.0],
+                                             strides=[8, 16, 32, 64, 128]),
+                       bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0, .0, .0, .0],
+                                       target_stds=[1.0, 1.0, 1.0, 1.0]),
+                       loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25,
+                                     loss_weight=1.0),
+                       loss_bbox=dict(type='L1Loss', loss_weight=1.0)),
+        train_cfg=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.5, neg_iou_thr=0.4,
+                                     min_pos_iou=0, ignore_iof_thr=-1),
+                       sampler=dict(type='PseudoSampler'), allowed_border=-1, pos_weight=-1,
+                       debug=False)))
+    data = model.data_preprocessor(dict(inputs=[sample['inputs']], data_samples=[sample['data_samples']]),
+                                   True)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    total = sum(sum(v) if isinstance(v, list) else v for k, v in losses.items() if 'loss' in k)
+    total.backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    if not (torch.isfinite(total) and grads and all(torch.isfinite(g).all() for g in grads)):
+        raise RuntimeError(f'loss {total} or backbone gradients not finite')
+if not problems:  # it needs every import above
+    check('one training step of a tiny DaViT RetinaNet through mmdet', detector_step)
 def requirements_met():
     # Every requirement file line must be satisfied, so a requirement added later is installed
     # on machines that were set up before it existed.
@@ -99,10 +149,32 @@ fi
 say "installing into $("$py" -c 'import sys; print(sys.prefix)') ($("$py" --version 2>&1))"
 
 # 1. torch first: anything installed later must find it satisfied, or pip pulls a CUDA build (gigabytes).
-if ! "$py" -c 'import torch' >/dev/null 2>&1; then
+if ! torch_error=$("$py" -c 'import torch' 2>&1); then
+  if installed=$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null); then
+    die "torch $installed is installed but does not import (${torch_error##*$'\n'}); repair it yourself: this script does not replace a torch it finds"
+  fi
   say "torch missing: installing $torch_req"
   pip install "$torch_req"
 fi
+# The torch found (or just installed) stays: each pip call below is constrained to it, so a
+# requirement it does not satisfy stops pip instead of replacing it.
+torch_version=$("$py" -c 'import torch; print(torch.__version__)')
+torch_line=$("$py" -c '
+import sys
+major, minor = (int(x) for x in sys.argv[1].split("+")[0].split(".")[:2])
+print("too-old" if (major, minor) < (2, 1) else "before-2.3" if (major, minor) < (2, 3) else "ok")
+' "$torch_version")
+if [ "$torch_line" = too-old ]; then
+  die "torch $torch_version is installed; davit_mm needs torch >= 2.1. Install a newer torch (and an mmcv 2.1.0 built for it) first; this script does not replace a torch it finds"
+fi
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==$torch_version" >"$constraints"
+if [ "$torch_line" = before-2.3 ]; then
+  say "torch $torch_version < 2.3: adding the constraints of requirements/torch_before_2.3.txt (numpy < 2)"
+  cat "$repo/requirements/torch_before_2.3.txt" >>"$constraints"
+fi
+export PIP_CONSTRAINT="$constraints"
 
 # 2. What mmcv's setup.py needs in the environment itself (it is built with --no-build-isolation).
 pip install -r "$repo/requirements/build.txt"

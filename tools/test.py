@@ -5,10 +5,10 @@
 
 ``--out``: mmdet configs dump raw predictions to OUT (a .pkl file); mmseg configs write the
 predicted label maps into the folder OUT. ``--show-dir``: drawn predictions are written there.
-``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (segmentation:
-the official --aug-test, 6 scales + flip; detection: flip). CHECKPOINT may also be a whole
-detector/segmentor released with the official DaViT code (mmdet 2.11 / mmseg 0.11): it is
-converted in memory (docs/model_zoo.md).
+``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (davit_mm's
+configs: segmentation the official --aug-test, 6 scales x flip; detection 3 scales x flip).
+CHECKPOINT may also be a whole detector/segmentor released with the official DaViT code (mmdet 2.11 /
+mmseg 0.11): it is converted in memory (docs/model_zoo.md).
 """
 import argparse
 import os.path as osp

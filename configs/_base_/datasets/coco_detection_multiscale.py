@@ -1,5 +1,5 @@
 # COCO boxes with the multi-scale + crop training pipeline.
-_base_ = ['mmdet::_base_/datasets/coco_detection.py', './multiscale_crop.py']
+_base_ = ['mmdet::_base_/datasets/coco_detection.py', './multiscale_crop.py', './coco_tta.py']
 
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),

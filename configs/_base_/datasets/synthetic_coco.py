@@ -33,3 +33,17 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
+
+# `tools/test.py --tta`: the COCO TTA (configs/_base_/datasets/coco_tta.py) at this dataset's scale:
+# 1x, 0.5x and 1.5x x horizontal flip.
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug',
+         transforms=[[dict(type='Resize', scale=s, keep_ratio=True)
+                      for s in [(160, 128), (80, 64), (240, 192)]],
+                     [dict(type='RandomFlip', prob=1.0), dict(type='RandomFlip', prob=0.0)],
+                     [dict(type='LoadAnnotations', with_bbox=True)],
+                     [dict(type='PackDetInputs',
+                           meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape',
+                                      'scale_factor', 'flip', 'flip_direction'))]]),
+]

@@ -11,3 +11,8 @@ model = dict(
         out_indices=(1, 2, 3),
         init_cfg=dict(type='Pretrained', checkpoint={{_base_.davit_tiny_in1k}})),
     neck=dict(in_channels=[192, 384, 768], start_level=0, num_outs=5))
+
+# Test-time augmentation (`tools/test.py --tta`): the views of the dataset's tta_pipeline, boxes
+# flipped back and merged by class-wise NMS (mmdet's DetTTAModel).
+tta_model = dict(type='DetTTAModel',
+                 tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

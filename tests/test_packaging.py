@@ -1,0 +1,97 @@
+"""`pip install .` (not editable) ships davit_mm's configs and tools inside the package in the
+OpenMMLab layout (davit_mm/.mim/), so a config outside the repository inherits
+`davit_mm::davit_maskrcnn_1x_coco.py`."""
+import glob
+import os
+import os.path as osp
+import site
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp('wheel')
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                    REPO, '-w', str(out)], check=True, capture_output=True)
+    wheel, = glob.glob(str(out / 'davit_mm-*.whl'))
+    return wheel
+
+
+def test_the_wheel_ships_every_config_tool_and_the_model_index(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'),
+                                                          recursive=True)}
+    tools = {osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'tools', '**', '*.*'), recursive=True)
+             if p.endswith(('.py', '.sh'))}
+    assert configs and tools
+    for path in sorted(configs | tools) + ['model-index.yml', 'configs/metafile.yml', 'demo/image_demo.py']:
+        assert f'davit_mm/.mim/{path}' in names, path
+    for legal in ('LICENSE', 'NOTICE'):
+        assert any(n.endswith(f'.dist-info/licenses/{legal}') or n.endswith(f'.dist-info/{legal}')
+                   for n in names), legal
+
+
+USER_SCRIPT = '''
+import os, sys
+import davit_mm
+from mmengine.config import Config
+cfg = Config.fromfile('my_maskrcnn.py')
+print(os.path.realpath(davit_mm.__file__))
+print(cfg.model.backbone.type, cfg.model.backbone.arch, cfg.model.roi_head.bbox_head.num_classes,
+      cfg.tta_model.type, cfg.default_scope)
+'''
+
+
+@pytest.mark.slow
+def test_a_config_outside_the_repository_inherits_from_the_installed_package(wheel, tmp_path):
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    python = str(venv / 'bin' / 'python')
+    # torch, mmcv, ... of the interpreter running the tests stay visible after the venv's own
+    # packages (--system-site-packages would expose the base interpreter's, not a venv's)
+    own_site, = glob.glob(str(venv / 'lib' / 'python*' / 'site-packages'))
+    with open(osp.join(own_site, 'zz_test_packages.pth'), 'w') as f:
+        f.write('\n'.join(p for p in site.getsitepackages() if osp.isdir(p)) + '\n')
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--ignore-installed',
+                    '--prefix', str(venv), wheel], check=True, capture_output=True)  # into the venv
+    project = tmp_path / 'my_project'
+    project.mkdir()
+    (project / 'my_maskrcnn.py').write_text(
+        "_base_ = ['davit_mm::davit_maskrcnn_1x_coco.py']\n"
+        "model = dict(roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))\n")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # no checkout on the path
+    result = subprocess.run([python, '-W', 'ignore', '-c', USER_SCRIPT], cwd=project, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    where, summary = result.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(venv)), where  # the installed copy, not the checkout
+    assert summary == 'DaViT tiny 3 DetTTAModelWithMasks mmdet'
+    # mim runs a package's tools from <package>/.mim/tools; they work from there
+    train = osp.join(osp.dirname(where), '.mim', 'tools', 'train.py')
+    result = subprocess.run([python, '-W', 'ignore', train, '--help'], cwd=project, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0 and 'usage' in result.stdout, result.stderr[-3000:]
+
+
+def test_davit_mm_scope_resolves_to_the_imported_package_in_a_checkout(tmp_path):
+    """Editable installs and checkouts: `davit_mm::` finds the configs of the davit_mm imported."""
+    import davit_mm
+    from mmengine.config import Config
+    config = tmp_path / 'mine.py'
+    config.write_text("_base_ = ['davit_mm::davit_retinanet_1x_coco.py',\n"
+                      "          'davit_mm::quickstart/davit_mini_maskrcnn_synthetic_coco.py']\n")
+    with pytest.raises(Exception, match='Duplicate key'):  # both bases define `model`: both were found
+        Config.fromfile(str(config))
+    config.write_text("_base_ = ['davit_mm::davit_retinanet_1x_coco.py']\n")
+    cfg = Config.fromfile(str(config))
+    assert cfg.model.backbone.type == 'DaViT' and cfg.model.neck.start_level == 0
+    assert osp.realpath(osp.dirname(davit_mm.__file__)) == osp.join(REPO, 'davit_mm')
+    config.write_text("_base_ = ['davit_mm::no_such_config.py']\n")
+    with pytest.raises(FileNotFoundError):
+        Config.fromfile(str(config))

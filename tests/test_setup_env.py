@@ -1,0 +1,62 @@
+"""tools/setup_env.sh never replaces a torch it finds: it refuses one older than 2.1 and constrains
+pip to numpy < 2 for torch < 2.3. Run against a throwaway venv without pip and a stand-in torch
+module, so nothing can be installed anywhere."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope='module')
+def bare_python(tmp_path_factory):
+    venv = tmp_path_factory.mktemp('venv')
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
+    return str(venv / 'bin' / 'python')
+
+
+def run_setup(bare_python, tmp_path, torch_version):
+    fake = tmp_path / 'fake'
+    (fake / 'torch').mkdir(parents=True)
+    (fake / 'torch' / '__init__.py').write_text(f'__version__ = {torch_version!r}\n')
+    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
+    env.pop('DAVIT_MM_WHEELHOUSE', None)
+    return subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_torch_older_than_2_1_is_refused_not_replaced(bare_python, tmp_path):
+    result = run_setup(bare_python, tmp_path, '1.13.1+cu117')
+    assert result.returncode == 1
+    assert 'torch 1.13.1+cu117 is installed; davit_mm needs torch >= 2.1' in result.stderr
+    assert 'No module named pip' not in result.stderr  # stopped before any pip call
+
+
+def test_torch_before_2_3_gets_the_numpy_1_constraints(bare_python, tmp_path):
+    result = run_setup(bare_python, tmp_path, '2.1.2+cu121')
+    assert 'torch 2.1.2+cu121 < 2.3: adding the constraints of requirements/torch_before_2.3.txt' \
+        in result.stdout
+    assert 'No module named pip' in result.stderr  # then pip runs, and is missing here: no install
+
+
+def test_a_current_torch_gets_no_numpy_constraint(bare_python, tmp_path):
+    result = run_setup(bare_python, tmp_path, '2.13.0+cpu')
+    assert 'torch_before_2.3' not in result.stdout and 'needs torch >= 2.1' not in result.stderr
+    assert 'No module named pip' in result.stderr
+
+
+def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_python, tmp_path):
+    fake = tmp_path / 'fake'
+    (fake / 'torch').mkdir(parents=True)
+    (fake / 'torch' / '__init__.py').write_text("raise ImportError('libcudart.so.12: cannot open')\n")
+    (fake / 'torch-2.1.2.dist-info').mkdir()
+    (fake / 'torch-2.1.2.dist-info' / 'METADATA').write_text('Name: torch\nVersion: 2.1.2\n')
+    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert 'torch 2.1.2 is installed but does not import' in result.stderr
+    assert 'libcudart.so.12: cannot open' in result.stderr
+    assert 'installing torch' not in result.stdout and 'No module named pip' not in result.stderr
