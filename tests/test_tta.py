@@ -60,7 +60,7 @@ def build_tta(score_per_view, box_per_view=None):
     from mmdet.registry import MODELS
     from mmengine.config import ConfigDict
     tta_cfg = ConfigDict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100)  # as in a config
-    return MODELS.build(dict(type='DetTTAModelWithMasks', module=FakeDetector(score_per_view, box_per_view),
+    return MODELS.build(dict(type='mmdet.DetTTAModelWithMasks', module=FakeDetector(score_per_view, box_per_view),
                              tta_cfg=tta_cfg))
 
 
