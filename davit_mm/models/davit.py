@@ -47,7 +47,9 @@ ARCH_ZOO: Dict[str, ArchSpec] = {
 ARCH_ALIASES: Dict[str, str] = {'t': 'tiny', 's': 'small', 'b': 'base', 'l': 'large', 'h': 'huge',
                                 'g': 'giant'}
 _REQUIRED_ARCH_KEYS = ('embed_dims', 'depths', 'num_heads')
-_OPTIONAL_ARCH_KEYS = ('window_size', 'overlapped_downsample', 'channel_attention')
+# The paper's settings, for arch dicts and names that do not set them (Florence-2's do).
+ARCH_DEFAULTS: ArchSpec = dict(window_size=7, overlapped_downsample=False, channel_attention='v1')
+_OPTIONAL_ARCH_KEYS = tuple(ARCH_DEFAULTS)
 CHANNEL_ATTENTION_VERSIONS = ('v1', 'v2')
 
 
@@ -340,8 +342,10 @@ class DaViTStage(nn.Module):
         return self.blocks(x)
 
 
-def resolve_arch(arch: Union[str, dict]) -> ArchSpec:
-    """Turn ``arch`` (a name, an alias or a dict) into a validated spec with per-stage lists.
+def resolve_arch(arch: Union[str, dict], **overrides) -> ArchSpec:
+    """Turn ``arch`` (a name, an alias or a dict) into a validated spec with per-stage lists and
+    every optional setting (:data:`ARCH_DEFAULTS`) filled in; ``overrides`` that are not None
+    (``window_size=``, ``overlapped_downsample=``, ``channel_attention=``) replace the arch's.
 
     Raises:
         TypeError: ``arch`` is neither a str nor a dict, or a field has the wrong type.
@@ -388,6 +392,10 @@ def resolve_arch(arch: Union[str, dict]) -> ArchSpec:
         if dim % heads:
             raise ValueError(f'arch.embed_dims[{stage}]={dim} is not divisible by '
                              f'arch.num_heads[{stage}]={heads}')
+    unknown = [key for key in overrides if key not in ARCH_DEFAULTS]
+    if unknown:
+        raise TypeError(f'resolve_arch() got unknown settings {unknown}; accepted: {list(ARCH_DEFAULTS)}')
+    spec = {**ARCH_DEFAULTS, **spec, **{k: v for k, v in overrides.items() if v is not None}}
     spec.update(embed_dims=embed_dims, depths=depths, num_heads=num_heads)
     return spec
 
@@ -451,16 +459,15 @@ class DaViT(BaseModule):
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None) -> None:
         super().__init__(init_cfg=init_cfg)
-        spec = resolve_arch(arch)
+        spec = resolve_arch(arch, window_size=window_size, overlapped_downsample=overlapped_downsample,
+                            channel_attention=channel_attention)
         self.arch = arch
         self.embed_dims: Tuple[int, ...] = spec['embed_dims']
         self.depths: Tuple[int, ...] = spec['depths']
         self.num_heads: Tuple[int, ...] = spec['num_heads']
-        self.window_size = spec.get('window_size', 7) if window_size is None else window_size
-        self.overlapped_downsample = bool(spec.get('overlapped_downsample', False)
-                                          if overlapped_downsample is None else overlapped_downsample)
-        self.channel_attention = (spec.get('channel_attention', 'v1')
-                                  if channel_attention is None else channel_attention)
+        self.window_size = spec['window_size']
+        self.overlapped_downsample = bool(spec['overlapped_downsample'])
+        self.channel_attention = spec['channel_attention']
         self.in_channels = in_channels
         num_stages = len(self.depths)
         self._check_args(num_stages, in_channels, self.window_size, self.channel_attention,

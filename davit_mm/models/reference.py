@@ -164,12 +164,11 @@ class ReferenceDaViT(nn.Module):
                  overlapped_downsample: bool = None, channel_attention: str = None,
                  out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
         super().__init__()
-        spec = resolve_arch(arch)
+        spec = resolve_arch(arch, window_size=window_size, overlapped_downsample=overlapped_downsample,
+                            channel_attention=channel_attention)
         dims, depths, heads = spec['embed_dims'], spec['depths'], spec['num_heads']
-        window_size = window_size or spec.get('window_size', 7)
-        overlapped = (spec.get('overlapped_downsample', False) if overlapped_downsample is None
-                      else overlapped_downsample)
-        version = channel_attention or spec.get('channel_attention', 'v1')
+        window_size, overlapped, version = (spec['window_size'], spec['overlapped_downsample'],
+                                            spec['channel_attention'])
         self.embed_dims = dims
         self.out_indices = tuple(out_indices)
         self.patch_embeds = nn.ModuleList([

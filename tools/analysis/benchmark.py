@@ -46,7 +46,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
 
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
-from davit_mm.models import DaViT, ReferenceDaViT  # noqa: E402
+from davit_mm.models import DaViT  # noqa: E402
+from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
@@ -365,11 +366,10 @@ def bench_config(args) -> List[dict]:
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import MODELS, init_default_scope
 
-    from davit_mm import compat
-    from davit_mm.cli import library_of, load_config
+    from davit_mm.cli import adapt_config_to_machine, library_of, load_config
     cfg = load_config(args.config)
     library = library_of(cfg)
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     init_default_scope(library)
     cfg.model.backbone.init_cfg = None  # random weights: timing only
     model = MODELS.build(cfg.model).to(args.device)
@@ -462,4 +462,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    from davit_mm.cli import run_tool
+    sys.exit(run_tool(main))
