@@ -1,136 +1,66 @@
-"""DaViT checkpoint formats: read, detect, convert to davit_mm's key layout, and load strictly.
+"""Reading, inspecting, converting and loading checkpoints: one reader for every file, one fit check
+for every model.
 
-Formats (keys shown for the stem; every block follows the same pattern):
+- :func:`read_file` is the one place a checkpoint file (or URL) is opened; :func:`read_checkpoint`
+  flattens it to ``{key: tensor}``, :func:`read_training_checkpoint` keeps a runner checkpoint whole.
+- :func:`detect_format` / :func:`convert_state_dict` turn any backbone layout of
+  :mod:`davit_mm.formats` into davit_mm's keys; :func:`convert_model_checkpoint` whole detectors and
+  segmentors of the official code.
+- :func:`compare_state_dict` + :func:`check_tensors` are the fit check: :func:`load_pretrained`
+  (``init_cfg``) and :func:`check_checkpoint_fits` (the tools, ``load_from``) both go through them.
 
-==============  ==============================================  ===================================
-format          where it comes from                             anchor key
-==============  ==============================================  ===================================
-``davit_mm``    this package (also timm's Florence-2 models)    ``stem.conv.weight`` + named blocks
-``timm``        timm ``davit_{tiny,small,base}.msft_in1k``      ``stem.conv.weight`` + ``blocks.N.0``
-``official``    github dingmyu/davit (classification, and       ``patch_embeds.0.proj.weight``
-                trained detectors/segmentors under backbone.)
-``mmpretrain``  mmpretrain ``davit-{t,s,b}_3rdparty_in1k``      ``patch_embed.projection.weight``
-``florence2``   Florence-2 vision towers (``vision_tower.``),   ``convs.0.proj.weight`` (remote
-                both the original and the transformers layout   code) / ``convs.0.conv.weight``
-==============  ==============================================  ===================================
-
-Any key prefix in front of the anchor (``backbone.``, ``vision_tower.``, ``module.``, ...) is found
-automatically unless ``prefix`` is given. Files are read with ``torch.load(weights_only=True)`` (or
-safetensors); nothing is ever half-loaded: keys the model does not have, shape mismatches and
-missing weights raise :class:`CheckpointError` naming the arch and the first offending keys. The only
-weights allowed to be absent are the output norms ``norm0..3``, which classification checkpoints
-never contain (they are reported in one line).
+Files are read with ``torch.load(weights_only=True)`` (or safetensors); nothing is ever half-loaded:
+keys the model does not have, shape mismatches and missing weights raise :class:`CheckpointError`
+naming the first offending keys. A backbone may lack only its output norms ``norm0..3``, which
+classification checkpoints never contain (they are reported in one line).
 """
 import argparse
 import contextlib
+import glob
 import os
 import os.path as osp
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
 
+from . import compat
 from .fileio import resolve_checkpoint
+from .formats import (CLASSIFIER_KEY, DUAL_ATTENTION_BLOCK, FORMATS, LAYOUTS, MODEL_FORMATS,
+                      OTHER_MODELS, Layout)
 
-Rule = Tuple[str, Union[str, Callable[[re.Match], str]]]
+__all__ = ['FORMATS', 'LAYOUTS', 'MODEL_FORMATS', 'CheckpointError', 'read_file', 'read_checkpoint',
+           'read_checkpoint_and_meta', 'read_training_checkpoint', 'detect_format',
+           'convert_state_dict', 'describe_state_dict', 'compare_state_dict', 'check_tensors',
+           'load_pretrained', 'detect_model_format', 'convert_model_checkpoint',
+           'adapt_model_checkpoint', 'check_checkpoint_fits', 'latest_valid_checkpoint']
 
-FORMATS = ('davit_mm', 'timm', 'official', 'mmpretrain', 'florence2')
+_OUTPUT_NORM = re.compile(r'^norm(\d+)\.')
+_STAGE = re.compile(r'^stages\.(\d+)\.')
+_UNWRAP_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
+# Layers of detection/segmentation heads whose shapes depend on num_classes.
+_CLASS_SPECIFIC = ('cls', 'conv_seg', 'conv_logits', 'fc_reg')
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
 
 
-def _shift_stage(kind: str) -> Callable[[re.Match], str]:
-    # mmpretrain keeps stage i's downsample at the end of stage i; davit_mm at the start of i + 1.
-    return lambda m: f'stages.{int(m[1]) + 1}.downsample.{kind}.'
-
-
-# Layout -> ordered (pattern, replacement) rules turning its keys into davit_mm keys.
-_RULES: Dict[str, List[Rule]] = {
-    'davit_mm': [],
-    'timm': [
-        (r'^(stages\.\d+\.blocks\.\d+)\.0\.', r'\1.spatial_block.'),
-        (r'^(stages\.\d+\.blocks\.\d+)\.1\.', r'\1.channel_block.'),
-    ],
-    'official': [
-        (r'^patch_embeds\.0\.proj\.', 'stem.conv.'),
-        (r'^patch_embeds\.0\.norm\.', 'stem.norm.'),
-        (r'^patch_embeds\.(\d+)\.proj\.', r'stages.\1.downsample.conv.'),
-        (r'^patch_embeds\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
-        (r'^main_blocks\.(\d+)\.(\d+)\.0\.', r'stages.\1.blocks.\2.spatial_block.'),
-        (r'^main_blocks\.(\d+)\.(\d+)\.1\.', r'stages.\1.blocks.\2.channel_block.'),
-        (r'\.cpe\.0\.', '.cpe1.'),
-        (r'\.cpe\.1\.', '.cpe2.'),
-    ],
-    'mmpretrain': [
-        (r'^patch_embed\.projection\.', 'stem.conv.'),
-        (r'^patch_embed\.norm\.', 'stem.norm.'),
-        (r'^stages\.(\d+)\.downsample\.projection\.', _shift_stage('conv')),
-        (r'^stages\.(\d+)\.downsample\.norm\.', _shift_stage('norm')),
-        (r'\.attn\.w_msa\.', '.attn.'),
-        (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
-        (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
-    ],
-    # Florence-2 as published with its remote code (microsoft/Florence-2-*).
-    'florence2': [
-        (r'^convs\.0\.proj\.', 'stem.conv.'),
-        (r'^convs\.0\.norm\.', 'stem.norm.'),
-        (r'^convs\.(\d+)\.proj\.', r'stages.\1.downsample.conv.'),
-        (r'^convs\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
-        (r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
-        (r'\.conv([12])\.fn\.dw\.', r'.cpe\1.proj.'),
-        (r'\.(?:window|channel)_attn\.norm\.', '.norm1.'),
-        (r'\.(?:window|channel)_attn\.fn\.', '.attn.'),
-        (r'\.ffn\.norm\.', '.norm2.'),
-        (r'\.ffn\.fn\.net\.', '.mlp.'),
-    ],
-    # Florence-2 as converted for transformers' native Florence2 model (model.vision_tower.).
-    'florence2_hf': [
-        (r'^convs\.0\.conv\.', 'stem.conv.'),
-        (r'^convs\.0\.norm\.', 'stem.norm.'),
-        (r'^convs\.(\d+)\.conv\.', r'stages.\1.downsample.conv.'),
-        (r'^convs\.(\d+)\.norm\.', r'stages.\1.downsample.norm.'),
-        (r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
-        (r'\.conv([12])\.', r'.cpe\1.proj.'),
-        (r'\.(?:window|channel)_attn\.', '.attn.'),
-        (r'\.ffn\.', '.mlp.'),
-    ],
-}
-# The key that identifies each layout (after its prefix), and the format it belongs to.
-_ANCHORS: Dict[str, Tuple[str, str]] = {
-    'davit_mm': ('stem.conv.weight', 'davit_mm'),
-    'timm': ('stem.conv.weight', 'timm'),
-    'official': ('patch_embeds.0.proj.weight', 'official'),
-    'mmpretrain': ('patch_embed.projection.weight', 'mmpretrain'),
-    'florence2': ('convs.0.proj.weight', 'florence2'),
-    'florence2_hf': ('convs.0.conv.weight', 'florence2'),
-}
-# Channel attention each foreign format implies (davit_mm's own files hold either).
-_FORMAT_CHANNEL_ATTENTION = {'timm': 'v1', 'official': 'v1', 'mmpretrain': 'v1', 'florence2': 'v2'}
-_CLASSIFIER = re.compile(r'^(head|norms)(\.|$)')
-_OUTPUT_NORM = re.compile(r'^norm(\d+)\.')
-_STAGE = re.compile(r'^stages\.(\d+)\.')
-_UNWRAP_KEYS = ('state_dict', 'model', 'module', 'model_state_dict')
-
-
 # --------------------------------------------------------------------------------------- reading
-def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file (or http(s) URL, cached: :mod:`davit_mm.fileio`) into a flat
-    ``{key: tensor}`` dict.
+def read_file(path: str, map_location: Union[str, torch.device] = 'cpu') -> object:
+    """The content of a checkpoint file or http(s) URL (cached: :mod:`davit_mm.fileio`), as saved.
 
     Accepts ``.pth``/``.pt``/``.bin``/``.ckpt`` files written by ``torch.save`` (read with
-    ``weights_only=True``) and ``.safetensors``. A ``state_dict``/``model``/``module`` wrapper is
-    unwrapped; non-tensor entries (epoch, args, ...) are dropped.
+    ``weights_only=True``) and ``.safetensors``.
 
     Raises:
         TypeError: ``path`` is not a str/PathLike.
-        CheckpointError: the file is missing, unreadable, refused by ``weights_only`` or holds no
-            tensors.
+        CheckpointError: the file is missing, not a file, not a checkpoint, corrupt or truncated,
+            or holds pickled objects other than tensors and plain data.
         DownloadError: a URL neither cached nor downloadable (:mod:`davit_mm.fileio`).
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -141,25 +71,37 @@ def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -
     if not osp.isfile(path):
         raise CheckpointError(f'checkpoint={path!r} is not a regular file')
     if path.endswith('.safetensors'):
-        obj = _read_safetensors(path, map_location)
-    else:
-        obj = load_torch_file(path, map_location)
-    return _flatten(obj, path)
+        return _read_safetensors(path, map_location)
+    return _read_torch_file(path, map_location)
+
+
+def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
+    """:func:`read_file` as a flat ``{key: tensor}`` dict: a ``state_dict``/``model``/``module``
+    wrapper is unwrapped; non-tensor entries (epoch, args, ...) are dropped.
+
+    Raises:
+        CheckpointError: as :func:`read_file`, or the file holds no tensors.
+    """
+    return _flatten(read_file(path, map_location), path)
 
 
 def read_checkpoint_and_meta(path: str, map_location: Union[str, torch.device] = 'cpu'
                              ) -> Tuple[Dict[str, torch.Tensor], dict]:
     """:func:`read_checkpoint`, and the file's ``meta`` dict (empty for safetensors files and
     files without one), for tools that carry it over."""
-    if not isinstance(path, (str, os.PathLike)) or os.fspath(path).endswith('.safetensors'):
-        return read_checkpoint(path, map_location), {}
-    path = os.fspath(path)
-    local = resolve_checkpoint(path)  # a URL: its cached or downloaded copy
-    if not osp.isfile(local):
-        return read_checkpoint(local, map_location), {}  # its error names the problem
-    obj = load_torch_file(local, map_location)
-    meta = obj.get('meta') if isinstance(obj, dict) and isinstance(obj.get('meta'), dict) else {}
-    return _flatten(obj, local), meta
+    content = read_file(path, map_location)
+    meta = content.get('meta') if isinstance(content, dict) else None
+    return _flatten(content, path), meta if isinstance(meta, dict) else {}
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """A checkpoint written by tools/train.py (or mmdet/mmseg), whole (``state_dict``, ``meta``,
+    ``optimizer``, ...), or a :class:`CheckpointError` saying why it cannot be one."""
+    content = read_file(path)
+    if not isinstance(content, dict) or not isinstance(content.get('state_dict', content), dict):
+        raise CheckpointError(f'checkpoint={path!r} holds a {type(content).__name__}, not a model '
+                              f'checkpoint')
+    return content
 
 
 def _read_safetensors(path: str, map_location) -> dict:
@@ -174,7 +116,7 @@ def _read_safetensors(path: str, map_location) -> dict:
         raise CheckpointError(f'checkpoint={path!r} is not a readable safetensors file: {exc}') from exc
 
 
-def load_torch_file(path: str, map_location='cpu') -> object:
+def _read_torch_file(path: str, map_location='cpu') -> object:
     """``torch.load(path, weights_only=True)``, with a :class:`CheckpointError` saying why a file
     cannot be read (not a checkpoint, corrupt or truncated, pickled objects other than tensors)."""
     with open(path, 'rb') as f:
@@ -185,12 +127,13 @@ def load_torch_file(path: str, map_location='cpu') -> object:
         raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
                               f'torch.save archive nor a pickle; {osp.getsize(path)} bytes)')
     # Checkpoints written by timm-based training scripts (the official classification weights)
-    # carry their argparse Namespace; it is plain data, so it is allowed here and nowhere else.
-    # torch < 2.5 has no safe_globals: such files are then refused with the re-save advice below.
-    allow_namespace = (torch.serialization.safe_globals([argparse.Namespace])
-                       if hasattr(torch.serialization, 'safe_globals') else contextlib.nullcontext())
+    # carry their argparse Namespace, mmengine's runner its message hub: plain data, allowed here
+    # for this read only. torch < 2.5 has no safe_globals: such files are then refused with the
+    # re-save advice below.
+    allowed = (torch.serialization.safe_globals([argparse.Namespace, *compat.runner_checkpoint_globals()])
+               if hasattr(torch.serialization, 'safe_globals') else contextlib.nullcontext())
     try:
-        with allow_namespace:
+        with allowed:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
@@ -230,8 +173,8 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
                   format: str = 'auto') -> Tuple[str, str]:
     """Return ``(layout, prefix)`` for a flat state dict.
 
-    ``layout`` is a key of the conversion table (a format name, or ``'florence2_hf'`` for the
-    transformers layout of Florence-2). ``prefix`` is the text before every backbone key.
+    ``layout`` is a key of :data:`davit_mm.formats.LAYOUTS`; ``prefix`` is the text before every
+    backbone key.
 
     Raises:
         ValueError: unknown ``format``.
@@ -240,19 +183,16 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
     """
     if format != 'auto' and format not in FORMATS:
         raise ValueError(f"format={format!r}: accepted 'auto' or one of {FORMATS}")
-    layouts = [name for name, (_, fmt) in _ANCHORS.items() if format in ('auto', fmt)]
+    layouts = [layout for layout in LAYOUTS.values() if format in ('auto', layout.format)]
     found: Dict[Tuple[str, str], None] = {}
     for key in state_dict:
         for layout in layouts:
-            anchor = _ANCHORS[layout][0]
-            if key.endswith(anchor):
-                key_prefix = key[:-len(anchor)]
-                if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')):
-                    found[(_refine(layout, state_dict, key_prefix), key_prefix)] = None
-    # Other backbones share anchor keys (mmdet/mmpretrain Swin has patch_embed.projection and
-    # stages.N.downsample; timm RegNets have stem.conv): a DaViT has spatial and channel blocks.
-    found = {(layout, key_prefix): None for layout, key_prefix in found
-             if _has_dual_attention_blocks(state_dict, layout, key_prefix)}
+            if not key.endswith(layout.anchor):
+                continue
+            key_prefix = key[:-len(layout.anchor)]
+            if (prefix is None or key_prefix == prefix) and (key_prefix == '' or key_prefix.endswith('.')) \
+                    and _is_dual_attention_layout(state_dict, layout, key_prefix):
+                found[(layout.name, key_prefix)] = None
     if not found:
         wanted = 'DaViT' if format == 'auto' else f'{format}-format DaViT'
         where = '' if prefix is None else f' under prefix={prefix!r}'
@@ -266,39 +206,137 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
     return next(iter(found))
 
 
-def _refine(layout: str, state_dict: Dict[str, torch.Tensor], prefix: str) -> str:
-    # timm and davit_mm share the stem; timm numbers the two blocks of a layer (.0/.1).
-    if layout in ('davit_mm', 'timm'):
-        timm_block = re.compile(re.escape(prefix) + r'stages\.\d+\.blocks\.\d+\.[01]\.')
-        return 'timm' if any(timm_block.match(k) for k in state_dict) else 'davit_mm'
-    return layout
-
-
-_DUAL_ATTENTION_BLOCK = re.compile(r'^stages\.\d+\.blocks\.\d+\.(spatial|channel)_block\.attn\.qkv\.')
-
-
-def _has_dual_attention_blocks(state_dict: Dict[str, torch.Tensor], layout: str, prefix: str) -> bool:
+def _is_dual_attention_layout(state_dict: Dict[str, torch.Tensor], layout: Layout, prefix: str) -> bool:
+    """Whether the keys under ``prefix`` are a DaViT in ``layout``: its block keys (where layouts
+    share an anchor) are there, and renamed they hold spatial and channel attention blocks."""
+    keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+    if layout.block_key and not any(re.match(layout.block_key, k) for k in keys):
+        return False
     converted = convert_state_dict({k: v for k, v in state_dict.items() if k.startswith(prefix)},
-                                   layout, prefix).state_dict
-    return any(_DUAL_ATTENTION_BLOCK.match(k) for k in converted)
-
-
-# Keys that identify other backbones, to say what a checkpoint that is not DaViT looks like.
-_OTHER_MODELS: List[Tuple[str, re.Pattern]] = [
-    ('Swin Transformer', re.compile(r'relative_position_bias_table$|(^|\.)layers\.\d+\.blocks\.\d+\.attn\.')),
-    ('ResNet/ResNeXt', re.compile(r'(^|\.)layer[1-4]\.\d+\.(conv|bn)[123]\.')),
-    ('ConvNeXt', re.compile(r'(^|\.)downsample_layers\.\d+\.|(^|\.)stages\.\d+\.\d+\.(dw|depthwise_)conv\.')),
-    ('Vision Transformer', re.compile(r'(^|\.)(cls_token|pos_embed)$')),
-]
+                                   layout.name, prefix).state_dict
+    return any(DUAL_ATTENTION_BLOCK.match(k) for k in converted)
 
 
 def guess_model(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str, str]]:
     """``(model family, a key that shows it)`` for a checkpoint of a known non-DaViT backbone."""
-    for name, pattern in _OTHER_MODELS:
+    for name, pattern in OTHER_MODELS:
         key = next((k for k in state_dict if pattern.search(k)), None)
         if key is not None:
             return name, key
     return None
+
+
+def layout_format(layout: str) -> str:
+    """The user-facing format name of a layout (``'florence2_hf'`` -> ``'florence2'``)."""
+    return LAYOUTS[layout].format
+
+
+@dataclass
+class Conversion:
+    """A state dict renamed to davit_mm's layout.
+
+    Attributes:
+        state_dict: backbone tensors under davit_mm names (no prefix).
+        sources: davit_mm name -> the key it came from.
+        classifier: original keys of classifier weights (``head``, ``norms``, and the layout's
+            classification norm when it is the only output norm); they are not part of a
+            backbone and are left out of ``state_dict``.
+    """
+    state_dict: Dict[str, torch.Tensor]
+    sources: Dict[str, str]
+    classifier: List[str]
+
+
+def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
+                       prefix: str = '') -> Conversion:
+    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored)."""
+    spec = LAYOUTS[layout]
+    rules = [(re.compile(pattern), repl) for pattern, repl in spec.rules]
+    converted: Dict[str, torch.Tensor] = {}
+    sources: Dict[str, str] = {}
+    classifier: List[str] = []
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if CLASSIFIER_KEY.match(name):
+            classifier.append(key)
+            continue
+        for pattern, repl in rules:
+            name = pattern.sub(repl, name)
+        converted[name] = value
+        sources[name] = key
+    if spec.classification_norm:
+        norms = [k for k in converted if _OUTPUT_NORM.match(k)]
+        if norms and all(k.startswith(spec.classification_norm + '.') for k in norms):
+            for k in norms:
+                classifier.append(sources.pop(k))
+                del converted[k]
+    return Conversion(converted, sources, classifier)
+
+
+def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Infer the arch of a davit_mm-layout state dict, e.g. for error messages."""
+    dims, depths = [], []
+    stage = 0
+    while True:
+        conv = 'stem.conv.weight' if stage == 0 else f'stages.{stage}.downsample.conv.weight'
+        if conv not in state_dict:
+            break
+        dims.append(state_dict[conv].shape[0])
+        layers = {int(m[1]) for k in state_dict
+                  for m in [re.match(rf'stages\.{stage}\.blocks\.(\d+)\.', k)] if m}
+        depths.append(len(layers))
+        stage += 1
+    if not dims:
+        return 'an unrecognised layout'
+    return f'embed_dims={tuple(dims)}, depths={tuple(depths)}'
+
+
+# ------------------------------------------------------------------------------------ fit check
+@dataclass
+class Fit:
+    """How a state dict compares with a model's, key by key.
+
+    ``missing``/``unexpected``/``mismatched`` are the problems; ``tolerated`` the keys the caller
+    allowed to be absent, extra or of another shape.
+    """
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+    tolerated: List[str] = field(default_factory=list)
+
+    def problems(self, state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> str:
+        """The problems in one line ('' when it fits)."""
+        parts = []
+        if self.mismatched:
+            parts.append('shape mismatches: ' + ', '.join(
+                f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+                for k in self.mismatched[:4]))
+        if self.unexpected:
+            parts.append(f'{len(self.unexpected)} keys the model does not have: {self.unexpected[:4]}')
+        if self.missing:
+            parts.append(f'{len(self.missing)} model weights the checkpoint lacks: {self.missing[:4]}')
+        return '; '.join(parts)
+
+
+def compare_state_dict(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor],
+                       may_lack: Callable[[str], bool] = lambda key: False,
+                       may_have: Callable[[str], bool] = lambda key: False,
+                       may_differ: Callable[[str], bool] = lambda key: False) -> Fit:
+    """Compare ``state`` with a model's state dict ``own``: model keys absent from ``state``,
+    keys of ``state`` the model does not have, and shape mismatches; keys for which ``may_lack``,
+    ``may_have`` or ``may_differ`` say so are tolerated instead."""
+    fit = Fit()
+    for key in own:
+        if key not in state:
+            (fit.tolerated if may_lack(key) else fit.missing).append(key)
+        elif tuple(state[key].shape) != tuple(own[key].shape):
+            (fit.tolerated if may_differ(key) else fit.mismatched).append(key)
+    for key in state:
+        if key not in own:
+            (fit.tolerated if may_have(key) else fit.unexpected).append(key)
+    return fit
 
 
 def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
@@ -339,73 +377,7 @@ def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
             for what, keys in problems.items()))
 
 
-def layout_format(layout: str) -> str:
-    """The user-facing format name of a layout (``'florence2_hf'`` -> ``'florence2'``)."""
-    return _ANCHORS[layout][1]
-
-
-@dataclass
-class Conversion:
-    """A state dict renamed to davit_mm's layout.
-
-    Attributes:
-        state_dict: backbone tensors under davit_mm names (no prefix).
-        sources: davit_mm name -> the key it came from.
-        classifier: original keys of classifier weights (``head``, ``norms``, and mmpretrain's
-            ``norm3`` when it is the only output norm, i.e. the classification norm); they are not
-            part of a backbone and are left out of ``state_dict``.
-    """
-    state_dict: Dict[str, torch.Tensor]
-    sources: Dict[str, str]
-    classifier: List[str]
-
-
-def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
-                       prefix: str = '') -> Conversion:
-    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored)."""
-    rules = [(re.compile(pattern), repl) for pattern, repl in _RULES[layout]]
-    converted: Dict[str, torch.Tensor] = {}
-    sources: Dict[str, str] = {}
-    classifier: List[str] = []
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        if _CLASSIFIER.match(name):
-            classifier.append(key)
-            continue
-        for pattern, repl in rules:
-            name = pattern.sub(repl, name)
-        converted[name] = value
-        sources[name] = key
-    if layout == 'mmpretrain':
-        norms = [k for k in converted if _OUTPUT_NORM.match(k)]
-        if norms and all(k.startswith('norm3.') for k in norms):
-            for k in norms:
-                classifier.append(sources.pop(k))
-                del converted[k]
-    return Conversion(converted, sources, classifier)
-
-
-def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
-    """Infer the arch of a davit_mm-layout state dict, e.g. for error messages."""
-    dims, depths = [], []
-    stage = 0
-    while True:
-        conv = 'stem.conv.weight' if stage == 0 else f'stages.{stage}.downsample.conv.weight'
-        if conv not in state_dict:
-            break
-        dims.append(state_dict[conv].shape[0])
-        layers = {int(m[1]) for k in state_dict
-                  for m in [re.match(rf'stages\.{stage}\.blocks\.(\d+)\.', k)] if m}
-        depths.append(len(layers))
-        stage += 1
-    if not dims:
-        return 'an unrecognised layout'
-    return f'embed_dims={tuple(dims)}, depths={tuple(depths)}'
-
-
-# ----------------------------------------------------------------------------------------- load
+# ---------------------------------------------------------------------------- backbone loading
 def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, torch.Tensor]],
                     prefix: Optional[str] = None, format: str = 'auto',
                     map_location: Union[str, torch.device] = 'cpu') -> Dict[str, List[str]]:
@@ -433,41 +405,30 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
     source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'the given state dict'
     state_dict = read_checkpoint(checkpoint, map_location) if not isinstance(checkpoint, dict) else checkpoint
     layout, found_prefix = detect_format(state_dict, prefix, format)
-    fmt = layout_format(layout)
+    spec = LAYOUTS[layout]
+    fmt = spec.format
     arch = f'DaViT(arch={model.arch!r})'
-    wanted_attention = _FORMAT_CHANNEL_ATTENTION.get(fmt)
-    if wanted_attention and wanted_attention != model.channel_attention:
+    if spec.channel_attention and spec.channel_attention != model.channel_attention:
         hint = " (use arch='florence2-base' or 'florence2-large')" if fmt == 'florence2' else ''
         raise CheckpointError(f'{source} is a {fmt} checkpoint, whose channel attention is '
-                              f"'{wanted_attention}', but {arch} uses channel_attention="
+                              f"'{spec.channel_attention}', but {arch} uses channel_attention="
                               f"'{model.channel_attention}'{hint}")
     conversion = convert_state_dict(state_dict, layout, found_prefix)
     converted, classifier = conversion.state_dict, conversion.classifier
 
     own = model.state_dict()
-    skipped, unexpected, mismatched = [], [], []
-    for key, value in converted.items():
-        if key not in own:
-            (skipped if _not_built(model, key) else unexpected).append(key)
-        elif tuple(value.shape) != tuple(own[key].shape):
-            mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
-    missing = [k for k in own if k not in converted]
-    norms_missing = [k for k in missing if _OUTPUT_NORM.match(k)]
-    other_missing = [k for k in missing if not _OUTPUT_NORM.match(k)]
-    if mismatched or unexpected or other_missing:
-        problems = []
-        if mismatched:
-            problems.append(f'shape mismatches: {mismatched[:5]}')
-        if unexpected:
-            problems.append(f'keys the model does not have: {unexpected[:5]}')
-        if other_missing:
-            problems.append(f'model weights the checkpoint lacks: {other_missing[:5]}')
+    fit = compare_state_dict(converted, own, may_lack=lambda key: bool(_OUTPUT_NORM.match(key)),
+                             may_have=lambda key: _not_built(model, key))
+    problems = fit.problems(converted, own)
+    if problems:
         raise CheckpointError(
             f'{source} ({fmt} format, prefix {found_prefix!r}) does not fit {arch} with '
             f'embed_dims={model.embed_dims}, depths={model.depths}: the checkpoint looks like '
-            f'{describe_state_dict(converted)}; ' + '; '.join(problems))
+            f'{describe_state_dict(converted)}; {problems}')
     check_tensors(converted, own, str(source))
     model.load_state_dict({k: v for k, v in converted.items() if k in own}, strict=False)
+    norms_missing = [k for k in fit.tolerated if k in own]
+    skipped = [k for k in fit.tolerated if k not in own]
 
     parts = [f'Loaded {len(converted) - len(skipped)} DaViT tensors from {source} ({fmt} format, '
              f'prefix {found_prefix!r})']
@@ -498,63 +459,27 @@ def _summarise(keys: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------- whole detectors and segmentors
-@dataclass(frozen=True)
-class ModelFormat:
-    """The layout of whole trained models (backbone, neck, heads) written by another codebase.
-
-    Attributes:
-        library: the library whose davit_mm configs evaluate these models.
-        written_by: what wrote them.
-        version_key: the ``meta`` entry naming that library's version.
-        modules: top-level modules next to ``backbone`` (anything else is refused).
-        rules: renames of neck/head keys into the names of ``library``'s current release.
-        checked: the neck/head modules of davit_mm's configs whose parameter names were compared
-            between the two releases' code.
-    """
-    library: str
-    written_by: str
-    version_key: str
-    modules: Tuple[str, ...]
-    rules: Tuple[Rule, ...]
-    checked: Tuple[str, ...]
-
-
-# The official DaViT code (github dingmyu/davit) trained its 15 released detectors/segmentors with
-# mmdet 2.11 / mmseg 0.11 (mmcv-full 1.3); their backbone keys are the official layout under
-# 'backbone.', with an output norm for every stage. In the modules our configs use, mmdet 3.x and
-# mmseg 1.x name every parameter as those releases did (FPN lateral_convs/fpn_convs.N.conv;
-# RetinaHead cls_convs/reg_convs.N.conv, retina_cls, retina_reg; RPNHead rpn_conv/rpn_cls/rpn_reg;
-# Shared2FCBBoxHead shared_fcs.N, fc_cls, fc_reg; FCNMaskHead convs.N.conv, upsample, conv_logits;
-# UPerHead psp_modules.N.1, bottleneck, lateral_convs, fpn_convs, fpn_bottleneck, conv_seg, ConvModule
-# conv/bn; FCNHead convs.N, conv_seg), so their rename lists are empty.
-MODEL_FORMATS: Dict[str, ModelFormat] = {
-    'official_mmdet2': ModelFormat(
-        library='mmdet', written_by='the official DaViT code (mmdet 2.11)',
-        version_key='mmdet_version', modules=('neck', 'rpn_head', 'roi_head', 'bbox_head'), rules=(),
-        checked=('FPN', 'RetinaHead', 'RPNHead', 'StandardRoIHead', 'Shared2FCBBoxHead', 'FCNMaskHead')),
-    'official_mmseg0': ModelFormat(
-        library='mmseg', written_by='the official DaViT code (mmseg 0.11)',
-        version_key='mmseg_version', modules=('decode_head', 'auxiliary_head'), rules=(),
-        checked=('UPerHead', 'FCNHead')),
-}
-_OFFICIAL_BACKBONE_ANCHOR = 'backbone.' + _ANCHORS['official'][0]
-# mmcv 1.x meta entries worth keeping as a record of where converted weights came from (the
-# optimizer state and hook messages of the old runner are not).
-_SOURCE_META_KEYS = ('mmcv_version', 'mmdet_version', 'mmseg_version', 'epoch', 'iter', 'time',
-                     'exp_name', 'seed', 'config')
-
-
 def detect_model_format(state_dict: Dict[str, torch.Tensor], meta: Optional[dict] = None) -> Optional[str]:
-    """The :data:`MODEL_FORMATS` key of a whole official detector/segmentor state dict, or None
-    (a backbone-only file, a davit_mm model, anything else)."""
-    if _OFFICIAL_BACKBONE_ANCHOR not in state_dict:
-        return None
+    """The :data:`MODEL_FORMATS` key of a whole trained detector/segmentor state dict of another
+    codebase, or None (a backbone-only file, a davit_mm model, anything else)."""
     modules = {key.split('.')[0] for key in state_dict} - {'backbone'}
-    if not modules:
-        return None
     meta = meta if isinstance(meta, dict) else {}
-    segmentor = 'mmseg_version' in meta or bool(modules & set(MODEL_FORMATS['official_mmseg0'].modules))
-    return 'official_mmseg0' if segmentor else 'official_mmdet2'
+    candidates = [fmt for fmt in MODEL_FORMATS.values()
+                  if 'backbone.' + LAYOUTS[fmt.backbone_layout].anchor in state_dict]
+    if not modules or not candidates:
+        return None
+    # The first whose version or modules the file shows; else the last (e.g. unknown modules only,
+    # which its conversion then names).
+    return next((fmt.name for fmt in candidates if fmt.version_key in meta or modules & set(fmt.modules)),
+                candidates[-1].name)
+
+
+def _model_anchors() -> List[str]:
+    return sorted({'backbone.' + LAYOUTS[fmt.backbone_layout].anchor for fmt in MODEL_FORMATS.values()})
+
+
+_SOURCE_META_KEYS = ('mmcv_version', 'mmdet_version', 'mmseg_version', 'epoch', 'iter', 'time',
+                     'exp_name', 'seed', 'config')  # kept as a record of where converted weights came from
 
 
 @dataclass
@@ -594,14 +519,14 @@ def convert_model_checkpoint(checkpoint: dict, source: str = 'the checkpoint') -
     if name is None:
         raise CheckpointError(
             f'{source} is not a whole detector/segmentor of the official DaViT code (expected '
-            f'{_OFFICIAL_BACKBONE_ANCHOR!r} next to neck/head keys); its keys start with '
+            f'backbone keys such as {_model_anchors()} next to neck/head keys); its keys start with '
             f'{sorted(state_dict)[:5]}')
     fmt = MODEL_FORMATS[name]
     unknown = sorted({key.split('.')[0] for key in state_dict} - {'backbone', *fmt.modules})
     if unknown:
         raise CheckpointError(f'{source}: keys under {unknown}, which models of {fmt.written_by} '
                               f"do not have; accepted: 'backbone' and {list(fmt.modules)}")
-    backbone = convert_state_dict(state_dict, 'official', 'backbone.')
+    backbone = convert_state_dict(state_dict, fmt.backbone_layout, 'backbone.')
     converted = {f'backbone.{key}': value for key, value in backbone.state_dict.items()}
     renamed = {f'backbone.{key}': old for key, old in backbone.sources.items()
                if old != f'backbone.{key}'}
@@ -657,3 +582,83 @@ def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
     if conversion.dropped:
         note += f'; dropped {_summarise(conversion.dropped)}'
     return conversion.checkpoint, note
+
+
+def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatch: bool = False,
+                          checkpoint: Optional[dict] = None) -> str:
+    """Compare a detector/segmentor checkpoint with the built model, key by key.
+
+    Evaluating (``allow_class_mismatch=False``) needs every weight present with its shape.
+    Fine-tuning from it (``True``) may differ in the class-count-dependent layers of the heads
+    (another ``num_classes``), which are then left at init; returns a one-line note about them.
+    ``checkpoint`` is the file's content when it was already read. A whole detector/segmentor of
+    another codebase (:data:`MODEL_FORMATS`) is compared as converted for this model
+    (:func:`adapt_model_checkpoint`), which is how it is loaded.
+
+    Raises:
+        CheckpointError: an unreadable file (:func:`read_training_checkpoint`), missing or
+            unexpected keys, other shape mismatches (another model or size), or tensors that
+            cannot be loaded (:func:`check_tensors`), naming the first ones.
+    """
+    state = checkpoint if checkpoint is not None else read_training_checkpoint(path)
+    while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
+        model = model.module
+    state, _ = adapt_model_checkpoint(model, state, path)
+    state = state.get('state_dict', state)
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = model.state_dict()
+
+    def class_specific(key: str) -> bool:
+        return any(part in key.split('.')[-2] for part in _CLASS_SPECIFIC)
+
+    fit = compare_state_dict(state, own, may_differ=lambda key: allow_class_mismatch and class_specific(key))
+    problems = fit.problems(state, own)
+    if problems:
+        hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
+                if any(class_specific(k) for k in fit.mismatched) else '')
+        raise CheckpointError(f"checkpoint {path!r} does not fit the config's model{hint}: {problems}")
+    check_tensors({k: v for k, v in state.items() if k not in fit.tolerated}, own, f'checkpoint {path!r}')
+    if fit.tolerated:
+        return (f'{len(fit.tolerated)} class-specific tensors of {path} differ in shape (another '
+                f'num_classes) and stay at init: {", ".join(fit.tolerated[:6])}')
+    return ''
+
+
+def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
+    """``(path, content)`` of the newest checkpoint in ``work_dir`` that loads, for ``--resume``
+    without a path.
+
+    mmengine takes whatever ``last_checkpoint`` names; a checkpoint truncated by a kill (with
+    writers other than davit_mm's atomic one) would then stop the resume with a load error.
+    Broken candidates are skipped with a warning naming them; None when there is none.
+    """
+    candidates = []
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named:
+            candidates.append(named)
+    numbered = []
+    for path in glob.glob(osp.join(osp.abspath(work_dir), '*.pth')):
+        match = re.search(r'(epoch|iter)_(\d+)\.pth$', path)
+        if match:
+            numbered.append((int(match[2]), path))
+    candidates += [path for _, path in sorted(numbered, reverse=True)]
+    seen, broken = set(), []
+    for path in candidates:
+        # last_checkpoint holds an absolute path, the glob the work dir's spelling of it
+        if osp.realpath(path) in seen:
+            continue
+        seen.add(osp.realpath(path))
+        try:
+            content = read_training_checkpoint(path)
+        except CheckpointError as exc:
+            print_log(f'davit_mm: not resuming from {path}: {exc}', logger='current', level=30)
+            broken.append(path)
+            continue
+        if broken:
+            print_log(f'davit_mm: resuming from {path}, the newest complete checkpoint in '
+                      f'{work_dir} (skipped: {", ".join(broken)})', logger='current')
+        return path, content
+    return None

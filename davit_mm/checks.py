@@ -3,16 +3,16 @@
 Each check raises a ValueError naming the config key, its value and what it has to match, where
 mmdet/mmseg would fail later: at the first iteration deep in the FPN (channel counts), with a bare
 AssertionError (more feature maps than the neck takes), with a JSONDecodeError that names no file
-(annotation files), or at evaluation (class counts).
+(annotation files), deep in a data loader (missing folders, empty datasets) or at evaluation
+(class counts). :func:`empty_datasets` diagnoses, after the fact, a run that failed on a dataset
+without samples.
 """
 import json
 import os
 import os.path as osp
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from mmengine.config import Config
-
-from .cli import check_data_paths, check_num_classes, innermost_dataset
+from mmengine.config import Config, ConfigDict
 
 # Annotation files up to this size are parsed in full; larger ones (COCO train, ~450 MB) are
 # checked at both ends, which catches files that are not JSON or were cut off.
@@ -26,6 +26,112 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     check_annotation_files(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0])
     check_channels(cfg)
+
+
+# ------------------------------------------------------------------------- data and classes
+def innermost_dataset(dataset_cfg: ConfigDict) -> ConfigDict:
+    """The dataset config inside wrappers such as RepeatDataset/ConcatDataset's first member."""
+    while 'dataset' in dataset_cfg:
+        dataset_cfg = dataset_cfg['dataset']
+    return dataset_cfg
+
+
+def _joined(root: str, path: str) -> str:
+    return path if not root or osp.isabs(path) else osp.join(root, path)
+
+
+def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
+    """Refuse dataloaders whose data root, annotation file or image/label folders do not exist,
+    naming the dataloader and the path (mmdet/mmseg would fail later, deep in dataset code)."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader or (split != 'train' and cfg.get(f'{split}_cfg') is None):
+            continue
+        dataset = innermost_dataset(loader['dataset'])
+        root = dataset.get('data_root') or ''
+        where = f'{split}_dataloader.dataset'
+        if '://' in root:
+            continue  # remote storage: nothing to check locally
+        if root and not osp.isdir(root):
+            raise ValueError(f'{where}.data_root={root!r} does not exist (working directory '
+                             f'{osp.abspath(".")}); point it at your data, e.g. --cfg-options '
+                             f'{where}.data_root=/path/to/data/')
+        ann_file = dataset.get('ann_file') or ''
+        if ann_file and not osp.isfile(_joined(root, ann_file)):
+            raise ValueError(f'{where}.ann_file={ann_file!r}: {_joined(root, ann_file)!r} does not exist')
+        for key, folder in (dataset.get('data_prefix') or {}).items():
+            if folder and '://' not in folder and not osp.isdir(_joined(root, folder)):
+                raise ValueError(f'{where}.data_prefix.{key}={folder!r}: folder '
+                                 f'{_joined(root, folder)!r} does not exist')
+
+
+def _dataset_classes(dataset_cfg) -> Optional[tuple]:
+    classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+    if classes is not None:
+        return tuple(classes)
+    from mmengine.registry import DATASETS
+    dataset_type = DATASETS.get(dataset_cfg.get('type', ''))
+    meta = getattr(dataset_type, 'METAINFO', None) or {}
+    return tuple(meta['classes']) if 'classes' in meta else None
+
+
+def _num_classes_fields(node, path='model'):
+    """(path, value) of every ``num_classes`` in a model config, except class-agnostic RPN heads."""
+    if isinstance(node, dict):
+        if 'RPN' in str(node.get('type', '')):
+            return
+        for key, value in node.items():
+            if key == 'num_classes' and isinstance(value, int):
+                yield f'{path}.num_classes', value
+            else:
+                yield from _num_classes_fields(value, f'{path}.{key}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _num_classes_fields(value, f'{path}.{i}')
+
+
+def check_num_classes(cfg: Config, split: str = 'train') -> None:
+    """Refuse heads whose ``num_classes`` differs from the dataset's class count (mmdet would train,
+    then fail or mislabel at evaluation)."""
+    loader = cfg.get(f'{split}_dataloader')
+    if not loader:
+        return
+    from mmengine.registry import init_default_scope
+    init_default_scope(cfg.get('default_scope'))
+    classes = _dataset_classes(innermost_dataset(loader['dataset']))
+    if classes is None:
+        return
+    for path, value in _num_classes_fields(cfg.model):
+        if value != len(classes):
+            raise ValueError(f'{path}={value} but {split}_dataloader.dataset has {len(classes)} '
+                             f'classes {classes[:5]}{"..." if len(classes) > 5 else ""}: set '
+                             f'num_classes={len(classes)} in every head, or the dataset metainfo')
+
+
+def empty_datasets(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> List[str]:
+    """The dataloaders of ``splits`` whose dataset holds no samples once loaded and filtered (an
+    annotation file without images or objects, metainfo classes that name none of its categories,
+    every image dropped by ``filter_cfg``). Builds each dataset without serialising it; for
+    diagnosing a run that failed, not for every run (it reads the annotation files again)."""
+    import copy
+
+    from mmengine.registry import DATASETS, init_default_scope
+    init_default_scope(cfg.get('default_scope'))
+    empty = []
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if not loader or 'dataset' not in loader:
+            continue
+        dataset_cfg = copy.deepcopy(innermost_dataset(loader['dataset']))
+        dataset_cfg['lazy_init'] = True
+        try:
+            dataset = DATASETS.build(dataset_cfg)
+            dataset.data_list = dataset.load_data_list()
+            if not dataset.filter_data():
+                empty.append(f'{split}_dataloader')
+        except Exception:  # noqa: BLE001 - a dataset that cannot even load is not "empty"
+            continue
+    return empty
 
 
 # ------------------------------------------------------------------------------ channels

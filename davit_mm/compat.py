@@ -1,17 +1,57 @@
-"""Environment shims. Each one works around one named upstream problem, as narrowly as possible, and
-is applied once when davit_mm is imported (``custom_imports`` in every davit_mm config does that in
-every training/testing process).
+"""Environment shims: each works around one named upstream problem, only on the versions that have it
+(:data:`SHIMS` says which), as narrowly as possible.
+
+- :func:`runner_checkpoint_globals` (torch >= 2.6 with mmengine <= 0.10.7): what mmengine's runner
+  checkpoints hold besides tensors, allowed for ``torch.load(weights_only=True)`` only while a
+  davit_mm read or a runner with :class:`davit_mm.engine.RunnerCheckpointsHook` is at work (never
+  process-wide).
+- :func:`name_unreadable_images` (mmcv 2.x) and :func:`allow_davit_mm_config_scope`
+  (mmengine <= 0.10.7) are applied when davit_mm is imported (:func:`apply_at_import`): every
+  process that builds datasets or parses configs with davit_mm imports it first (``custom_imports``).
 """
+import contextlib
 import os.path as osp
 import pickle
-from typing import List
+import re
+from typing import Dict, Iterator, List, Tuple
 
 import torch
-import torch.distributed as dist
 
 _applied = set()
 
 
+def _version(text: str) -> Tuple[int, ...]:
+    """``'2.13.0+cpu'`` -> ``(2, 13, 0)``."""
+    parts = []
+    for part in text.split('+')[0].split('.')[:3]:
+        digits = re.match(r'\d*', part)[0]  # '0rc1' -> 0
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _installed(package: str) -> Tuple[int, ...]:
+    import importlib
+    return _version(importlib.import_module(package).__version__)
+
+
+# Shim -> (package, first affected version, last version known to be affected; None: no fix yet).
+SHIMS: Dict[str, Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]] = {
+    'runner_checkpoint_globals': (('torch', (2, 6), (99, )), ('mmengine', (0, 0), (0, 10, 7))),
+    'name_unreadable_images': (('mmcv', (2, 0), (2, 2, 0)), ),
+    'allow_davit_mm_config_scope': (('mmengine', (0, 0), (0, 10, 7)), ),
+}
+
+
+def needed(shim: str) -> bool:
+    """Whether the installed packages are the versions :data:`SHIMS` lists for ``shim``."""
+    for package, first, last in SHIMS[shim]:
+        version = _installed(package)
+        if not (first <= version and version[:len(last)] <= last):
+            return False
+    return True
+
+
+# --------------------------------------------------------- torch.load(weights_only) vs mmengine
 def _restricted_getattr(obj, name: str):
     """``getattr`` for the unpickler, limited to ``HistoryBuffer``'s statistics methods.
 
@@ -26,18 +66,19 @@ def _restricted_getattr(obj, name: str):
                                  f'checkpoint with weights_only=True')
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` read the checkpoints mmengine's runner writes.
+def runner_checkpoint_globals() -> List[object]:
+    """The globals mmengine's runner checkpoints hold besides tensors, for
+    ``torch.serialization.safe_globals`` ([] where the shim is not needed).
 
     Upstream problem: torch >= 2.6 defaults ``torch.load`` to ``weights_only=True``, and mmengine
     0.10.7's ``CheckpointLoader`` calls ``torch.load`` without ``weights_only``, so ``load_from``,
     ``resume`` and ``tools/test.py`` fail on the runner's own checkpoints, whose ``message_hub``
     holds ``HistoryBuffer`` objects with numpy arrays (mmengine issue 1655; fixed upstream after
-    0.10.7). Instead of turning ``weights_only`` off, this allowlists exactly the globals those
-    checkpoints contain (found with ``torch.serialization.get_unsafe_globals_in_checkpoint``).
+    0.10.7). Instead of turning ``weights_only`` off, exactly the globals those checkpoints contain
+    are allowed (found with ``torch.serialization.get_unsafe_globals_in_checkpoint``).
     """
-    if 'mmengine_checkpoints' in _applied or not hasattr(torch.serialization, 'add_safe_globals'):
-        return
+    if not needed('runner_checkpoint_globals'):
+        return []
     import numpy as np
     from mmengine.logging import HistoryBuffer
 
@@ -52,94 +93,26 @@ def allow_mmengine_checkpoints() -> None:
     if hasattr(np, 'dtypes'):
         safe += [cls for cls in vars(np.dtypes).values()
                  if isinstance(cls, type) and issubclass(cls, np.dtype)]
-    torch.serialization.add_safe_globals(safe)
-    _applied.add('mmengine_checkpoints')
+    return safe
 
 
-_SYNC_BN_TYPES = ('SyncBN', 'SyncBatchNorm', 'MMSyncBN')
+@contextlib.contextmanager
+def runner_checkpoints_readable() -> Iterator[None]:
+    """Within this block, ``torch.load`` (weights_only) reads mmengine's runner checkpoints."""
+    allowed = runner_checkpoint_globals()
+    with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
+        yield
 
 
-def _replace_sync_bn(node) -> int:
-    """Turn every SyncBN norm config inside a (nested) config into BN; returns how many."""
-    count = 0
-    if isinstance(node, dict):
-        if node.get('type') in _SYNC_BN_TYPES:
-            node['type'] = 'BN'
-            count += 1
-        for value in node.values():
-            count += _replace_sync_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            count += _replace_sync_bn(value)
-    return count
-
-
-def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
-    """Make one config run unchanged on 8 GPUs, 1 GPU or a CPU-only machine; returns what changed.
-
-    The single place davit_mm's tools adapt a config to the machine (and refuse what cannot run:
-    mixed precision without a GPU):
-
-    - SyncBN (the paper's segmentation setting) only works on CUDA with several processes, and
-      has no CPU implementation: it becomes BN for a non-distributed or CPU-only run.
-    - Upstream problem: mmengine 0.10.7's ``_init_dist_pytorch`` calls ``torch.cuda.set_device``
-      and its runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]`` unconditionally, so
-      ``--launcher pytorch`` cannot run on a machine without CUDA. Here the process group is
-      initialised with gloo first (mmengine then skips its own init) and the wrapper gets
-      ``device_ids=None``, which is what DDP needs for CPU modules.
-    """
-    distributed = launcher != 'none'
-    cuda = torch.cuda.is_available()
-    notes = []
-    optim_wrapper = cfg.get('optim_wrapper') or {}
-    if optim_wrapper.get('type') == 'AmpOptimWrapper' and not cuda:
-        raise ValueError("optim_wrapper.type='AmpOptimWrapper' (--amp or an *_amp config) needs a "
-                         "GPU: mmengine's AmpOptimWrapper supports cuda/npu/mlu/musa only, and this "
-                         "machine has no CUDA device; train without --amp here")
-    if not (distributed and cuda):
-        converted = _replace_sync_bn(cfg.get('model', {}))
-        if converted:
-            notes.append(f'SyncBN -> BN in {converted} norm configs (SyncBN needs CUDA and several '
-                         f'processes)')
-    if distributed and not cuda:
-        if launcher != 'pytorch':
-            raise ValueError(f'--launcher {launcher!r} needs CUDA; on a CPU-only machine use '
-                             f"--launcher 'pytorch' (tools/dist_train.sh / dist_test.sh)")
-        env_cfg = cfg.setdefault('env_cfg', {})
-        env_cfg['dist_cfg'] = dict(env_cfg.get('dist_cfg', {}), backend='gloo')
-        if not dist.is_initialized():
-            dist.init_process_group(backend='gloo')
-        wrapper = dict(cfg.get('model_wrapper_cfg') or dict(
-            type='MMDistributedDataParallel', broadcast_buffers=False,
-            find_unused_parameters=cfg.get('find_unused_parameters', False)))
-        wrapper['device_ids'] = None
-        cfg.model_wrapper_cfg = wrapper
-        notes.append('no CUDA: distributed over gloo, DDP without device_ids')
-    return notes
-
-
-def close_distributed() -> None:
-    """Tear the process group down once the run is over.
-
-    Upstream problem: mmengine 0.10.7 never destroys the process group it (or
-    :func:`adapt_config_to_machine`) created; a process then exiting while gloo's threads are
-    still running can die with "terminate called without an active exception" (SIGABRT) after
-    a successful run, and NCCL warns about the leak. The barrier keeps ranks from tearing down
-    while others still communicate.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
+# ------------------------------------------------------------------------------- mmcv images
 def name_unreadable_images() -> None:
     """Make an image file that cannot be decoded fail with its name.
 
-    Upstream problem: mmcv 2.1's ``LoadImageFromFile`` (used by mmdet and mmseg) lets the decoder's
-    error through as it is: a 0-byte or corrupt image stops training with cv2's
-    ``(-215:Assertion failed) !buf.empty()`` and no file name, somewhere among thousands of images.
+    Upstream problem: mmcv 2.x's ``LoadImageFromFile`` (used by mmdet and mmseg; checked up to
+    2.2.0) lets the decoder's error through as it is: a 0-byte or corrupt image stops training with
+    cv2's ``(-215:Assertion failed) !buf.empty()`` and no file name, somewhere among thousands.
     """
-    if 'unreadable_images' in _applied:
+    if 'unreadable_images' in _applied or not needed('name_unreadable_images'):
         return
     import functools
 
@@ -162,6 +135,7 @@ def name_unreadable_images() -> None:
     _applied.add('unreadable_images')
 
 
+# --------------------------------------------------------------------- mmengine config scopes
 def allow_davit_mm_config_scope() -> None:
     """Let configs inherit davit_mm's configs as ``_base_ = ['davit_mm::davit_maskrcnn_1x_coco.py']``.
 
@@ -172,14 +146,10 @@ def allow_davit_mm_config_scope() -> None:
     is site-packages, where no ``davit_mm`` folder exists. For the ``davit_mm`` scope only, this
     accepts a PATH without folder and points the lookup at the ``davit_mm`` package that is
     imported, whose ``.mim/configs`` holds the configs (a copy in a wheel, a symlink in a checkout).
-    Every other scope goes through mmengine unchanged. Applies in processes that import davit_mm
-    before parsing a config: davit_mm's tools (also when run by mim) and scripts that
-    ``import davit_mm`` first.
+    Every other scope goes through mmengine unchanged.
     """
-    if 'config_scope' in _applied:
+    if 'config_scope' in _applied or not needed('allow_davit_mm_config_scope'):
         return
-    import os.path as osp
-
     from mmengine.config import config as config_module
     from mmengine.config import utils as config_utils
     package_and_path, installed_path = (config_module._get_package_and_cfg_path,
@@ -202,8 +172,7 @@ def allow_davit_mm_config_scope() -> None:
     _applied.add('config_scope')
 
 
-def apply_all() -> None:
-    """Apply every shim that fits the installed environment (idempotent)."""
-    allow_mmengine_checkpoints()
+def apply_at_import() -> None:
+    """The shims every process importing davit_mm needs, where its versions need them (idempotent)."""
     name_unreadable_images()
     allow_davit_mm_config_scope()

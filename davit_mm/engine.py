@@ -3,9 +3,14 @@
 - :class:`RandomStateHook` makes a resumed run continue exactly as if it had never stopped.
 - :class:`AtomicLocalBackend` writes checkpoints so that a killed process never leaves a
   truncated checkpoint under its final name.
+- :class:`RunnerCheckpointsHook` lets the runner read its own checkpoints under torch's
+  ``weights_only`` loading, :class:`OfficialCheckpointHook` load whole official models.
+- :class:`PositionSeededSampler` / :class:`PositionSeededDataset` make data augmentation depend
+  on a sample's position in the data stream only.
 
-Both are registered by :mod:`davit_mm.registry` and switched on by davit_mm's base configs.
+They are registered by :mod:`davit_mm.registry` and switched on by davit_mm's base configs.
 """
+import contextlib
 import os
 import os.path as osp
 import random
@@ -18,6 +23,8 @@ from mmengine.fileio import LocalBackend
 from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
 from torch.utils.data import Sampler
+
+from . import compat
 
 _STATE_KEY = 'random_state'
 
@@ -243,3 +250,21 @@ class OfficialCheckpointHook(Hook):
             checkpoint.clear()
             checkpoint.update(converted)
             print_log(f'davit_mm: {note}', logger='current')
+
+
+class RunnerCheckpointsHook(Hook):
+    """Lets mmengine's runner read its own checkpoints (``resume``, ``load_from``, testing) while it
+    runs, under torch >= 2.6's ``weights_only`` loading: the globals their message hub holds are
+    allowed from ``before_run`` (which precedes the runner's checkpoint loading) to ``after_run``,
+    for this process's runner only (:func:`davit_mm.compat.runner_checkpoints_readable`)."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self) -> None:
+        self._scope = contextlib.ExitStack()
+
+    def before_run(self, runner) -> None:
+        self._scope.enter_context(compat.runner_checkpoints_readable())
+
+    def after_run(self, runner) -> None:
+        self._scope.close()

@@ -10,7 +10,8 @@ from typing import Dict, List
 
 from mmengine.fileio import register_backend
 
-_LIBRARIES = ('mmdet', 'mmseg')
+# The libraries whose registries davit_mm fills, and whose configs its tools run.
+LIBRARIES = ('mmdet', 'mmseg')
 # The file backend davit_mm's configs give the CheckpointHook (backend_args).
 ATOMIC_BACKEND = 'davit_mm_atomic'
 
@@ -18,13 +19,13 @@ ATOMIC_BACKEND = 'davit_mm_atomic'
 def _to_register(library: str) -> Dict[str, List[type]]:
     """Registry name -> davit_mm classes to put into ``library``'s registries."""
     from .engine import (OfficialCheckpointHook, PositionSeededDataset, PositionSeededSampler,
-                         RandomStateHook)
+                         RandomStateHook, RunnerCheckpointsHook)
     from .models import DaViT
     models = [DaViT]
     if library == 'mmdet':
         from .tta import DetTTAModelWithMasks
         models.append(DetTTAModelWithMasks)
-    return dict(MODELS=models, HOOKS=[RandomStateHook, OfficialCheckpointHook],
+    return dict(MODELS=models, HOOKS=[RandomStateHook, OfficialCheckpointHook, RunnerCheckpointsHook],
                 DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler])
 
 
@@ -38,7 +39,7 @@ def register_all_modules() -> List[str]:
     from .engine import AtomicLocalBackend
     register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
     used = []
-    for library in _LIBRARIES:
+    for library in LIBRARIES:
         if importlib.util.find_spec(library) is None:
             continue
         registries = importlib.import_module(f'{library}.registry')

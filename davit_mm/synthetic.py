@@ -165,8 +165,14 @@ def write_ade20k(out_dir: str, num_train: int = 32, num_val: int = 8, size: Tupl
     return root
 
 
-def add_arguments(parser) -> None:
-    """The command-line options of tools/dataset/make_synthetic_{coco,ade20k}.py."""
+def parse_arguments(description: str, argv=None):
+    """The command line of tools/dataset/make_synthetic_{coco,ade20k}.py, checked.
+
+    Raises:
+        ValueError: image counts below 1 (train) / 0 (val), objects below 1, sides below 32.
+    """
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument('out_dir')
     parser.add_argument('--num-train', type=int, default=32)
     parser.add_argument('--num-val', type=int, default=8)
@@ -174,3 +180,11 @@ def add_arguments(parser) -> None:
                         help='typical image size; each image varies by +-15%%')
     parser.add_argument('--max-objects', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, least in (('num_train', 1), ('num_val', 0), ('max_objects', 1)):
+        if getattr(args, name) < least:
+            raise ValueError(f'--{name.replace("_", "-")} {getattr(args, name)}: accepted {least} or more')
+    if min(args.size) < 32:
+        raise ValueError(f'--size {args.size[0]} {args.size[1]}: accepted sides of 32 pixels or more')
+    args.size = tuple(args.size)
+    return args

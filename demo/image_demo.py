@@ -17,7 +17,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 from davit_mm import compat  # noqa: E402
-from davit_mm.cli import library_of, load_config  # noqa: E402
+from davit_mm.checkpoint import adapt_model_checkpoint, check_checkpoint_fits  # noqa: E402
+from davit_mm.cli import adapt_config_to_machine, library_of, load_config, run_tool  # noqa: E402
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -42,7 +43,7 @@ def check_inputs(image: str, checkpoint: str, device: str) -> None:
     elif not osp.isfile(image):
         raise ValueError(f'image {image!r}: no such file or folder')
     if not osp.isfile(checkpoint):
-        raise ValueError(f'checkpoint {checkpoint!r}: no such file')
+        raise ValueError(f'checkpoint={checkpoint!r}: no such file')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
 
@@ -51,9 +52,6 @@ def checked_inferencer(base: type, checkpoint: str) -> type:
     """``base`` (an mmdet/mmseg inferencer) loading ``checkpoint`` all or nothing: a whole
     detector/segmentor of the official DaViT code is converted first, and a checkpoint that does
     not fit the config's model is refused (the inferencers would load what fits and go on)."""
-    from davit_mm.checkpoint import adapt_model_checkpoint
-    from davit_mm.cli import check_checkpoint_fits
-
     class CheckedInferencer(base):
 
         def _load_weights_to_model(self, model, loaded, cfg) -> None:
@@ -71,7 +69,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args.image, args.checkpoint, args.device)
     cfg = load_config(args.config)
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
     if library_of(cfg) == 'mmdet':
         from mmdet.apis import DetInferencer
@@ -88,4 +86,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    with compat.runner_checkpoints_readable():  # the inferencers read checkpoints with mmengine's loader
+        sys.exit(run_tool(main))

@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 
 from davit_mm.checkpoint import convert_state_dict
-from davit_mm.models import DaViT, ReferenceDaViT
+from davit_mm.models import DaViT
+from davit_mm.models.reference import ReferenceDaViT
 from davit_mm.models.davit import ChannelAttention, DualAttentionBlock, WindowAttention
 
 ODD_SIZES = [(1, 45, 67), (2, 50, 50), (1, 33, 19), (1, 8, 8)]

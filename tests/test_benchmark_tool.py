@@ -42,7 +42,7 @@ def test_swin_baseline_configs_differ_from_ours_only_in_the_backbone(baseline, o
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
 
-    from davit_mm import compat
+    from davit_mm.cli import adapt_config_to_machine
     cfgs = [Config.fromfile(osp.join(CONFIGS, *name)) for name in
             (('benchmark', f'{baseline}.py'), (f'{ours}.py',))]
     dicts = [cfg.to_dict() for cfg in cfgs]
@@ -52,7 +52,7 @@ def test_swin_baseline_configs_differ_from_ours_only_in_the_backbone(baseline, o
     init_default_scope(library)
     shapes = []
     for cfg in cfgs:
-        compat.adapt_config_to_machine(cfg)
+        adapt_config_to_machine(cfg)
         cfg.model.backbone.init_cfg = None
         with torch.no_grad():
             feats = MODELS.build(cfg.model).eval().extract_feat(torch.randn(1, 3, 64, 96))

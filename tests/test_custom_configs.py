@@ -8,7 +8,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from davit_mm import compat
+from davit_mm.cli import adapt_config_to_machine
 from conftest import REPO
 
 SIZE = 128  # a square input: every stride's map is SIZE / stride
@@ -34,7 +34,7 @@ def build_pasted(tmp_path, family):
     cfg = Config.fromfile(str(path))
     assert cfg.model.backbone.arch == 'small'
     cfg.model.backbone.arch = 'tiny'  # the same widths (96..768) with fewer layers: faster to build
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
     return cfg, model.eval()

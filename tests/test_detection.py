@@ -9,7 +9,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from davit_mm import compat
+from davit_mm.cli import adapt_config_to_machine
 from davit_mm.models.davit import ChannelAttention
 from davit_mm.synthetic import write_coco
 from conftest import REPO
@@ -115,7 +115,7 @@ def test_image_demo_rejects_missing_inputs(coco_dir, tmp_path):
     image = coco_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
     cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
              ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
-             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint '")]
+             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint='")]
     if not torch.cuda.is_available():
         cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
     for args, message in cases:
@@ -255,4 +255,4 @@ def test_amp_without_a_gpu_is_refused_with_a_clear_message():
         pytest.skip('this machine has a GPU')
     cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
     with pytest.raises(ValueError, match="AmpOptimWrapper.*needs a GPU"):
-        compat.adapt_config_to_machine(cfg)
+        adapt_config_to_machine(cfg)

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 import formats
 from davit_mm import fileio
 from davit_mm.checkpoint import load_pretrained
-from davit_mm.models import DaViT, ReferenceDaViT
+from davit_mm.models import DaViT
+from davit_mm.models.reference import ReferenceDaViT
 
 
 class _CountingHandler(http.server.SimpleHTTPRequestHandler):

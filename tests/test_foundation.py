@@ -17,7 +17,9 @@ from torch.utils.data import Dataset
 import davit_mm
 from conftest import REPO
 from davit_mm import compat
+from davit_mm.cli import adapt_config_to_machine
 from davit_mm.models import DaViT
+from davit_mm.engine import RunnerCheckpointsHook
 from davit_mm.registry import register_all_modules
 
 
@@ -73,23 +75,20 @@ def _runner(work_dir, max_epochs, **kwargs):
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
         param_scheduler=[dict(type='LinearLR', start_factor=0.5, by_epoch=False, begin=0, end=2)],
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-        randomness=dict(seed=0), **kwargs)
+        custom_hooks=[RunnerCheckpointsHook()], randomness=dict(seed=0), **kwargs)
 
 
-def test_runner_checkpoints_fail_under_weights_only_without_the_shim(tmp_path):
+def test_runner_checkpoints_fail_under_weights_only_outside_the_runners_scope(tmp_path):
     _runner(tmp_path, 1).train()
-    saved = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
-    try:
-        with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
-            torch.load(tmp_path / 'epoch_1.pth')
-    finally:
-        torch.serialization.add_safe_globals(saved)
+    assert HistoryBuffer not in torch.serialization.get_safe_globals()  # the hook's scope ended with the run
+    with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+        torch.load(tmp_path / 'epoch_1.pth')
 
 
 def test_runner_resumes_from_its_own_checkpoint(tmp_path):
     _runner(tmp_path, 1).train()
-    assert torch.load(tmp_path / 'epoch_1.pth')['meta']['epoch'] == 1  # weights_only default
+    with compat.runner_checkpoints_readable():
+        assert torch.load(tmp_path / 'epoch_1.pth')['meta']['epoch'] == 1  # weights_only default
     resumed = _runner(tmp_path, 2, resume=True, load_from=str(tmp_path / 'epoch_1.pth'))
     resumed.train()
     assert resumed.epoch == 2
@@ -110,7 +109,7 @@ def test_sync_bn_becomes_bn_when_not_distributed():
     from mmengine.config import Config
     cfg = Config(dict(model=dict(decode_head=dict(norm_cfg=dict(type='SyncBN')),
                                  auxiliary_head=[dict(norm_cfg=dict(type='SyncBN'))])))
-    notes = compat.adapt_config_to_machine(cfg, launcher='none')
+    notes = adapt_config_to_machine(cfg, launcher='none')
     assert cfg.model.decode_head.norm_cfg.type == 'BN'
     assert cfg.model.auxiliary_head[0].norm_cfg.type == 'BN'
     assert 'SyncBN -> BN in 2 norm configs' in notes[0]
@@ -121,7 +120,7 @@ def test_slurm_launcher_without_cuda_is_refused():
     if torch.cuda.is_available():
         pytest.skip('this machine has a GPU')
     with pytest.raises(ValueError, match="launcher 'slurm'.*needs CUDA"):
-        compat.adapt_config_to_machine(Config(dict(model=dict())), launcher='slurm')
+        adapt_config_to_machine(Config(dict(model=dict())), launcher='slurm')
 
 
 # --------------------------------------------------------------------------------- setup script

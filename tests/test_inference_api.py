@@ -16,9 +16,9 @@ UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.p
 def save_checkpoint(config, scope, path, classes):
     """An untrained model of ``config``, saved as mmengine's runner saves one."""
     from mmengine.registry import MODELS, init_default_scope
-    from davit_mm import compat
+    from davit_mm.cli import adapt_config_to_machine
     cfg = Config.fromfile(config)
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     init_default_scope(scope)
     model = MODELS.build(cfg.model)
     model.init_weights()

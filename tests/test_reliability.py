@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_ade20k, write_coco
 from helpers import CONFIGS, run_tool
@@ -71,7 +72,7 @@ def _process_tree(root: int) -> list:
 
 
 def assert_identical_checkpoints(path_a, path_b):
-    a, b = torch.load(path_a), torch.load(path_b)
+    a, b = read_training_checkpoint(path_a), read_training_checkpoint(path_b)
     assert a['meta']['epoch'] == b['meta']['epoch'] and a['meta']['iter'] == b['meta']['iter']
     for key, value in a['state_dict'].items():
         assert torch.equal(value, b['state_dict'][key]), f'weights differ: {key}'
@@ -167,7 +168,7 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
 
 
 def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
-    from davit_mm.cli import latest_valid_checkpoint
+    from davit_mm.checkpoint import latest_valid_checkpoint
     work = tmp_path / 'work'
     work.mkdir()
     for epoch in (1, 2, 10, 11):
@@ -241,7 +242,7 @@ def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, train
 def test_test_tool_refuses_a_checkpoint_of_another_size(data_dir, trained):
     result = run_tool(['test.py', RETINANET, trained, '--cfg-options',
                        'model.backbone.arch.depths=[1,1,2,1]'], cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0 and 'model weights missing' in result.stderr
+    assert result.returncode != 0 and 'model weights the checkpoint lacks' in result.stderr
     assert 'backbone.stages.2.blocks.1' in result.stderr
 
 
@@ -255,7 +256,7 @@ def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_pa
 
 
 def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
-    checkpoint = torch.load(trained)
+    checkpoint = read_training_checkpoint(trained)
     checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')
     torch.save(checkpoint, tmp_path / 'nan.pth')
     result = run_tool(['test.py', RETINANET, tmp_path / 'nan.pth'], cwd=data_dir, expect_ok=False)

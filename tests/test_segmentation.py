@@ -6,7 +6,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from davit_mm import compat
+from davit_mm.cli import adapt_config_to_machine
 from davit_mm.synthetic import write_ade20k
 from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
 
@@ -55,7 +55,7 @@ def test_multi_scale_flip_tta_runs_and_reports_miou(trained):
 def build_segmentor(config, **test_cfg):
     from mmengine.registry import MODELS, init_default_scope
     cfg = Config.fromfile(config)
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     cfg.model.test_cfg = dict(test_cfg)
     init_default_scope('mmseg')
     return MODELS.build(cfg.model).eval()

@@ -22,10 +22,11 @@ import sys
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS, CheckpointError,  # noqa: E402
+from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS,  # noqa: E402
                                  convert_model_checkpoint, convert_state_dict, describe_state_dict,
                                  detect_format, detect_model_format, layout_format,
                                  read_checkpoint_and_meta)
+from davit_mm.cli import run_tool  # noqa: E402
 from davit_mm.version import __version__  # noqa: E402
 
 
@@ -66,18 +67,14 @@ def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> Non
     print(f'wrote {len(converted)} tensors to {dst}')
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        state_dict, meta = read_checkpoint_and_meta(args.src)
-        if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
-                and detect_model_format(state_dict, meta)):
-            convert_whole_model(state_dict, meta, args.src, args.dst)
-            return 0
-        layout, prefix = detect_format(state_dict, args.prefix, args.format)
-    except (CheckpointError, ValueError, TypeError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
+    state_dict, meta = read_checkpoint_and_meta(args.src)
+    if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
+            and detect_model_format(state_dict, meta)):
+        convert_whole_model(state_dict, meta, args.src, args.dst)
+        return
+    layout, prefix = detect_format(state_dict, args.prefix, args.format)
     conversion = convert_state_dict(state_dict, layout, prefix)
     converted, classifier = conversion.state_dict, conversion.classifier
     fmt = layout_format(layout)
@@ -94,8 +91,7 @@ def main(argv=None) -> int:
     meta = dict(davit_mm_version=__version__, source=str(args.src), source_format=fmt)
     torch.save({'state_dict': converted, 'meta': meta}, args.dst)
     print(f'wrote {len(converted)} tensors to {args.dst}')
-    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -17,10 +17,10 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import ConfigDict  # noqa: E402
 
-from davit_mm.checks import preflight  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
-                          check_checkpoint_fits, run_guarded, innermost_dataset,
-                          library_of, load_config, parse_launch_arguments)
+from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
+from davit_mm.checks import innermost_dataset, preflight  # noqa: E402
+from davit_mm.cli import (add_launch_arguments, build_runner, library_of,  # noqa: E402
+                          load_config, parse_launch_arguments, run_guarded, run_tool)
 
 # Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
 DEFAULT_DET_TTA_MODEL = dict(type='DetTTAModel',
@@ -63,7 +63,7 @@ def enable_drawing(cfg, library: str, show_dir: str) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if not osp.isfile(args.checkpoint):
-        raise ValueError(f'checkpoint {args.checkpoint!r}: no such file')
+        raise ValueError(f'checkpoint={args.checkpoint!r}: no such file')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
     preflight(cfg, ('test', ))
@@ -83,9 +83,9 @@ def main(argv=None):
     if args.out and library == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    with run_guarded():
+    with run_guarded(cfg):
         return runner.test()
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

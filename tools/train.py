@@ -12,11 +12,11 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from davit_mm.checkpoint import check_checkpoint_fits, latest_valid_checkpoint  # noqa: E402
 from davit_mm.checks import preflight  # noqa: E402
+from davit_mm.cli import (add_launch_arguments, build_runner, load_config,  # noqa: E402
+                          parse_launch_arguments, run_guarded, run_tool)
 from davit_mm.engine import seed_samples_by_position  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner,  # noqa: E402
-                          check_checkpoint_fits, run_guarded, latest_valid_checkpoint,
-                          load_config, parse_launch_arguments)
 
 
 def parse_args(argv=None):
@@ -65,9 +65,9 @@ def main(argv=None):
                                      checkpoint=checkpoint)
         if note:
             runner.logger.warning(f'load_from: {note}')
-    with run_guarded():
+    with run_guarded(cfg):
         runner.train()
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

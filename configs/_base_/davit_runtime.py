@@ -6,7 +6,9 @@ custom_imports = dict(imports=['davit_mm'], allow_failed_imports=False)
 # Checkpoints also hold the random generators' states, so `--resume` continues exactly as if the run
 # had never stopped (davit_mm.engine.RandomStateHook). Whole detectors/segmentors released with the
 # official DaViT code load directly as load_from / test checkpoints (davit_mm.engine.OfficialCheckpointHook).
-custom_hooks = [dict(type='RandomStateHook'), dict(type='OfficialCheckpointHook')]
+# The runner reads its own checkpoints under torch's weights_only loading (RunnerCheckpointsHook).
+custom_hooks = [dict(type='RandomStateHook'), dict(type='OfficialCheckpointHook'),
+                dict(type='RunnerCheckpointsHook')]
 
 # ImageNet-1k DaViT weights as published on the Hugging Face hub by timm (converted from the official
 # release); davit_mm downloads, detects the format and converts them on first use. Any other public

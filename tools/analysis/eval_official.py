@@ -22,6 +22,8 @@ import sys
 from typing import Dict, List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from davit_mm.cli import run_tool  # noqa: E402
 
 # The official README's numbers (box/mask mAP on COCO val2017, mIoU on ADE20K val).
 _SIZES = {'t': ('', 'Tiny'), 's': ('small_', 'Small'), 'b': ('base_', 'Base')}
@@ -121,15 +123,11 @@ def fmt(value: Optional[float], factor: float = 1) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.gpus < 1:
-            raise ValueError(f'--gpus {args.gpus}: must be a positive integer')
-        if not osp.isdir(args.checkpoint_dir):
-            raise ValueError(f'--checkpoint-dir {args.checkpoint_dir!r}: no such folder')
-        rows = load_rows(args)
-    except (ValueError, OSError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
+    if args.gpus < 1:
+        raise ValueError(f'--gpus {args.gpus}: must be a positive integer')
+    if not osp.isdir(args.checkpoint_dir):
+        raise ValueError(f'--checkpoint-dir {args.checkpoint_dir!r}: no such folder')
+    rows = load_rows(args)
     lines = ['| model | config | checkpoint | metric | published | measured | difference |',
              '|---|---|---|---|---|---|---|']
     failed = 0
@@ -161,8 +159,9 @@ def main(argv=None) -> int:
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print(f'table: {args.out}')
-    return 1 if failed else 0
+    if failed:
+        raise SystemExit(1)  # some evaluations failed; their errors are printed above
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

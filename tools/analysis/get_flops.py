@@ -18,8 +18,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from davit_mm import compat  # noqa: E402
-from davit_mm.cli import library_of, load_config  # noqa: E402
+from davit_mm.cli import adapt_config_to_machine, library_of, load_config, run_tool  # noqa: E402
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
 
@@ -28,7 +27,7 @@ def count(config: str, shape=None, cfg_options=None):
     """Returns ``(params, multiply_adds, (H, W))`` of the config's model."""
     cfg = load_config(config, cfg_options)
     library = library_of(cfg)
-    compat.adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg)
     init_default_scope(library)
     from mmengine.registry import MODELS
     model = MODELS.build(cfg.model).eval()  # random init: weights do not change the count
@@ -62,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -9,11 +9,15 @@ import argparse
 import glob
 import json
 import os.path as osp
+import sys
 
 import matplotlib
 
 matplotlib.use('Agg')  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from davit_mm.cli import run_tool  # noqa: E402
 
 
 def read_scalars(work_dir: str):
@@ -54,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -9,12 +9,17 @@ neighbourhood (a straight line = cost linear in pixels), and prints each fit's R
 """
 import argparse
 import json
+import os.path as osp
+import sys
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from davit_mm.cli import run_tool  # noqa: E402
 
 SERIES = (('ours', 'davit_mm', '#1f77b4'), ('reference', 'reference (official code)', '#d62728'))
 
@@ -62,14 +67,17 @@ def main(argv=None):
     parser.add_argument('json', help='benchmark.py --json output with several sizes')
     parser.add_argument('--out', default='benchmark_scaling.png')
     args = parser.parse_args(argv)
+    if not osp.isfile(args.json):
+        raise ValueError(f'json={args.json!r}: no such file')
     with open(args.json) as f:
-        rows = json.load(f)
-    if len(rows) < 3:
-        raise SystemExit(f'{args.json} has {len(rows)} sizes; a scaling plot needs at least 3')
+        rows = json.load(f)  # a JSONDecodeError is a ValueError
+    if not isinstance(rows, list) or len(rows) < 3:
+        raise ValueError(f'json={args.json!r} has {len(rows)} sizes; a scaling plot needs at least 3 '
+                         f'(tools/analysis/benchmark.py --sizes A B C ... --json)')
     for name, fit in plot(rows, args.out).items():
         print(f"{name}: {fit['slope']:.4g} per megapixel + {fit['intercept']:.4g}, R^2 = {fit['r2']:.4f}")
     print(f'plot: {args.out}')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -7,24 +7,21 @@ OUT_DIR receives annotations/instances_{train,val}2017.json and {train,val}2017/
 layout, so a COCO config runs on it with data_root=OUT_DIR/ and the three class names
 (davit_mm.synthetic.COCO_CLASSES) as metainfo.
 """
-import argparse
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from davit_mm.synthetic import COCO_CLASSES, add_arguments, write_coco  # noqa: E402
+from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.synthetic import COCO_CLASSES, parse_arguments, write_coco  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    paths = write_coco(args.out_dir, args.num_train, args.num_val, tuple(args.size),
-                       args.max_objects, args.seed)
+    args = parse_arguments(__doc__.split('\n\n')[0], argv)
+    paths = write_coco(args.out_dir, args.num_train, args.num_val, args.size, args.max_objects, args.seed)
     print(f'wrote {args.num_train} train / {args.num_val} val images, classes {COCO_CLASSES}:')
     for split, path in paths.items():
         print(f'  {split}: {path}')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main))

@@ -1,0 +1,138 @@
+"""davit_mm.cli, the tools' plumbing: every tool reports a user's mistake as ``error: ...`` with exit
+status 2 and no traceback; run_guarded closes the process group whatever happens and names an
+empty dataset; registry misses are reported as config errors."""
+import glob
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+from mmengine.config import Config
+
+from davit_mm import cli
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, REPO
+
+RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+
+
+def _tool(path, args, cwd):
+    return subprocess.run([sys.executable, osp.join(REPO, path)] + [str(a) for a in args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONWARNINGS='ignore'))
+
+
+# script -> arguments with one user mistake, and words the message must hold
+MISTAKES = {
+    'tools/train.py': (['nope.py'], "config 'nope.py': no such file"),
+    'tools/test.py': ([RETINANET, 'nope.pth'], "checkpoint='nope.pth': no such file"),
+    'tools/convert_checkpoint.py': (['nope.pth', 'out.pth'], 'no such file'),
+    'demo/image_demo.py': (['nope.jpg', RETINANET, 'nope.pth', '--device', 'cpu'],
+                           "image 'nope.jpg': no such file or folder"),
+    'tools/analysis/get_flops.py': (['nope.py'], "config 'nope.py': no such file"),
+    'tools/analysis/benchmark.py': (['--config', 'nope.py', '--sizes', '64x64', '--repeats', '1'],
+                                    "config 'nope.py': no such file"),
+    'tools/analysis/eval_official.py': (['--checkpoint-dir', '.', '--gpus', '0'],
+                                        '--gpus 0: must be a positive integer'),
+    'tools/analysis/plot_loss.py': (['.'], 'has no */vis_data/scalars.json'),
+    'tools/analysis/plot_scaling.py': (['nope.json'], "json='nope.json': no such file"),
+    'tools/dataset/make_synthetic_coco.py': (['out', '--num-train', '0'], '--num-train 0: accepted 1 or more'),
+    'tools/dataset/make_synthetic_ade20k.py': (['out', '--size', '8', '8'], '--size 8 8: accepted sides'),
+}
+
+
+def test_every_python_tool_is_covered_and_exits_through_run_tool():
+    scripts = sorted(osp.relpath(p, REPO) for pattern in ('tools/*.py', 'tools/*/*.py', 'demo/*.py')
+                     for p in glob.glob(osp.join(REPO, pattern)))
+    assert sorted(MISTAKES) == scripts
+    for script in scripts:
+        with open(osp.join(REPO, script)) as f:
+            assert 'sys.exit(run_tool(main))' in f.read(), script
+
+
+@pytest.mark.parametrize('script', sorted(MISTAKES))
+def test_each_tool_reports_a_user_error_with_exit_status_2_and_no_traceback(script, tmp_path):
+    args, words = MISTAKES[script]
+    result = _tool(script, args, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith('error: ') and words in result.stderr, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+
+
+def test_traceback_on_request(tmp_path):
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), 'nope.py'], cwd=tmp_path,
+                            capture_output=True, text=True, env=dict(os.environ, DAVIT_MM_TRACEBACK='1'))
+    assert result.returncode == 1 and 'Traceback' in result.stderr and 'no such file' in result.stderr
+
+
+def test_run_tool_keeps_the_traceback_of_errors_that_are_not_the_users(capsys):
+    def broken(argv):
+        raise RuntimeError('a bug')
+
+    def refused(argv):
+        raise ValueError('--x 3: accepted 1 or 2')
+
+    with pytest.raises(RuntimeError, match='a bug'):
+        cli.run_tool(broken)
+    assert cli.run_tool(refused) == 2
+    assert capsys.readouterr().err.startswith('error: --x 3: accepted 1 or 2\n')
+    assert cli.run_tool(lambda argv: 'metrics') == 0
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_run_guarded_closes_the_process_group_after_a_run(process_group):
+    with cli.run_guarded(Config(dict())):
+        assert dist.is_initialized()
+    assert not dist.is_initialized()
+
+
+def test_run_guarded_closes_the_process_group_after_a_failure(process_group):
+    with pytest.raises(RuntimeError, match='boom'):
+        with cli.run_guarded(Config(dict())):
+            raise RuntimeError('boom')
+    assert not dist.is_initialized()
+
+
+def _coco(tmp_path, objects=True):
+    root = tmp_path / 'data' / 'synthetic_coco'
+    write_coco(str(root), num_train=2, num_val=1, seed=5)
+    if not objects:
+        ann = root / 'annotations' / 'instances_train2017.json'
+        content = json.loads(ann.read_text())
+        content['annotations'] = []  # images without objects: filter_empty_gt drops them all
+        ann.write_text(json.dumps(content))
+    return tmp_path
+
+
+def test_run_guarded_names_the_empty_dataset_only_when_one_is(tmp_path):
+    cwd = os.getcwd()
+    os.chdir(_coco(tmp_path, objects=False))
+    try:
+        cfg = Config.fromfile(RETINANET)
+        with pytest.raises(ValueError, match=r'^train_dataloader: the dataset has no samples') as info:
+            with cli.run_guarded(cfg):
+                raise ValueError('need at least one array to concatenate')
+        assert str(info.value.__cause__) == 'need at least one array to concatenate'
+        cfg.train_dataloader.dataset.filter_cfg = dict(filter_empty_gt=False)  # now it has samples
+        with pytest.raises(ValueError, match='^need at least one array'):
+            with cli.run_guarded(cfg):
+                raise ValueError('need at least one array to concatenate')
+    finally:
+        os.chdir(cwd)
+
+
+def test_a_type_no_registry_has_is_a_config_error(tmp_path):
+    result = _tool('tools/train.py', [RETINANET, '--work-dir', tmp_path / 'w', '--cfg-options',
+                                      'model.neck.type=NoSuchNeck'], _coco(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith('error: the config cannot be built: ') and 'NoSuchNeck' in result.stderr
