@@ -87,9 +87,11 @@ def official(data_root):
 
 def load_like_the_runner(model, path):
     """What mmengine's runner does with ``load_from``: read the file (weights_only), call the
-    after_load_checkpoint hooks, load the state dict (strictly here)."""
+    after_load_checkpoint hooks, load the state dict (strictly here). RunnerCheckpointsHook's
+    scope lets the runner read the old meta under weights_only."""
     from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model
-    checkpoint = _load_checkpoint(str(path), map_location='cpu')
+    with compat.runner_checkpoints_readable():
+        checkpoint = _load_checkpoint(str(path), map_location='cpu')
     runner = SimpleNamespace(model=model, _load_from=str(path), _resume=False)
     OfficialCheckpointHook().after_load_checkpoint(runner, checkpoint)
     _load_checkpoint_to_model(model, checkpoint, strict=True)
