@@ -1,4 +1,6 @@
-"""Running the real tools as a user would, and reading what they leave behind."""
+"""What several test files share: the checkout's paths, the tiny architecture, running the real tools
+as a user would and reading what they leave behind. Test files import from here, never from
+conftest (pytest loads conftest.py itself; importing it again as a module gives a second copy)."""
 import glob
 import json
 import os
@@ -7,9 +9,10 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
-from conftest import REPO
-
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
+# A 4-stage DaViT small enough for CPU tests, with several windows per map at small images.
+TINY_ARCH = dict(embed_dims=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
 
 
 def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,

@@ -12,8 +12,7 @@ from mmengine.config import Config
 from davit_mm import compat
 from davit_mm.models.davit import ChannelAttention
 from davit_mm.synthetic import write_coco
-from conftest import REPO
-from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+from helpers import CONFIGS, REPO, assert_loss_goes_down, metric, run_tool
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')

@@ -15,10 +15,10 @@ from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
 import davit_mm
-from conftest import REPO
 from davit_mm import compat
 from davit_mm.models import DaViT
 from davit_mm.registry import register_all_modules
+from helpers import REPO
 
 
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])

@@ -22,14 +22,13 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import REPO
 from davit_mm import compat
 from davit_mm.checkpoint import (CheckpointError, adapt_model_checkpoint, convert_model_checkpoint,
                                  detect_model_format)
 from davit_mm.engine import OfficialCheckpointHook
 from davit_mm.synthetic import (ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES, write_ade20k,
                                write_coco)
-from helpers import CONFIGS, metric, run_tool
+from helpers import CONFIGS, REPO, metric, run_tool
 from official_models import official_checkpoint, official_config, randomise_
 
 TESTS = osp.dirname(osp.abspath(__file__))

@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope='module')

@@ -12,10 +12,9 @@ import cv2
 import pytest
 import torch
 
-from conftest import REPO
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_ade20k, write_coco
-from helpers import CONFIGS, run_tool
+from helpers import CONFIGS, REPO, run_tool
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')

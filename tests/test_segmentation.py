@@ -8,7 +8,7 @@ from mmengine.config import Config
 
 from davit_mm import compat
 from davit_mm.synthetic import write_ade20k
-from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+from helpers import CONFIGS, REPO, assert_loss_goes_down, metric, run_tool
 
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
 
@@ -112,7 +112,6 @@ def test_image_demo_draws_a_segmentation(trained):
 
     import cv2
 
-    from conftest import REPO
     root, work = trained
     image = root / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016' / 'images' / 'validation' / \
         'ADE_valid_00000001.jpg'
