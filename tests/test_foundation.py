@@ -1,6 +1,5 @@
 """Packaging, registration and the environment shims."""
 import os
-import os.path as osp
 import pickle
 import subprocess
 import sys
@@ -122,18 +121,3 @@ def test_slurm_launcher_without_cuda_is_refused():
         pytest.skip('this machine has a GPU')
     with pytest.raises(ValueError, match="launcher 'slurm'.*needs CUDA"):
         compat.adapt_config_to_machine(Config(dict(model=dict())), launcher='slurm')
-
-
-# --------------------------------------------------------------------------------- setup script
-def test_setup_env_is_fast_when_everything_is_in_place():
-    result = subprocess.run(['bash', osp.join(REPO, 'tools', 'setup_env.sh')], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert 'already set up: torch' in result.stdout
-
-
-def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
-    result = subprocess.run(['bash', osp.join(REPO, 'tools', 'setup_env.sh')], capture_output=True,
-                            text=True, env=dict(os.environ, DAVIT_MM_WHEELHOUSE=str(tmp_path / 'no')))
-    assert result.returncode != 0
-    assert 'DAVIT_MM_WHEELHOUSE=' in result.stderr and 'is not a directory' in result.stderr
