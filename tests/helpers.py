@@ -57,3 +57,24 @@ def metric(output: str, name: str) -> float:
         if f'{name}:' in line:
             return float(line.split(f'{name}:')[1].split()[0])
     raise AssertionError(f'{name} not found in the output:\n{output[-3000:]}')
+
+
+def write_datasets(root, coco: dict = None, ade20k: dict = None):
+    """Generated datasets under ``root/data`` where the quickstart configs look: ``coco`` and
+    ``ade20k`` are ``write_coco``/``write_ade20k`` arguments (num_train, num_val, seed); None
+    writes none. Returns ``root``."""
+    from davit_mm.synthetic import write_ade20k, write_coco
+    if coco is not None:
+        write_coco(str(root / 'data' / 'synthetic_coco'), **coco)
+    if ade20k is not None:
+        write_ade20k(str(root / 'data' / 'synthetic_ade20k'), **ade20k)
+    return root
+
+
+def edited_config(path: str, edits: Dict[str, object] = None):
+    """``Config.fromfile(path)`` with ``edits`` merged in as ``--cfg-options`` would (dotted keys)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    if edits:
+        cfg.merge_from_dict(edits)
+    return cfg
