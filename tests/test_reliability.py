@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from davit_mm.engine import AtomicLocalBackend
-from davit_mm.synthetic import write_ade20k, write_coco
-from helpers import CONFIGS, REPO, run_tool
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, REPO, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -29,10 +29,9 @@ SEG_RUN = ['--cfg-options', 'model.backbone.drop_path_rate=0.2', 'train_cfg.max_
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('reliability')
-    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=16, num_val=4, seed=3)
-    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=8, num_val=2, seed=4)
-    return root
+    return write_datasets(tmp_path_factory.mktemp('reliability'),
+                          coco=dict(num_train=16, num_val=4, seed=3),
+                          ade20k=dict(num_train=8, num_val=2, seed=4))
 
 
 def train_killed_after(config, work, args, cwd, checkpoint_name, processes=None, env=None):
@@ -82,19 +81,35 @@ def assert_identical_checkpoints(path_a, path_b):
     assert a['param_schedulers'] == b['param_schedulers']
 
 
+def assert_resume_is_exact(data_dir, name, config, args, last, kill_after, resumed='resumed',
+                           processes=None, ports=(None, None, None)):
+    """Train ``config`` straight through to ``last``; train it again, killed once ``kill_after`` is
+    written, and resume it to ``last``: both ``last`` checkpoints must be identical. With
+    ``processes``, every run goes through tools/dist_train.sh, on ``ports`` (straight, killed,
+    resumed). ``resumed`` is what the resumed run must print."""
+    def train(work, port, *extra):
+        tool = ['train.py', config] if processes is None else ['dist_train.sh', config, str(processes)]
+        return run_tool(tool + ['--work-dir', work, *extra] + args, cwd=data_dir,
+                        env=None if port is None else {'PORT': port})
+
+    straight, killed = data_dir / f'{name}_straight', data_dir / f'{name}_killed'
+    train(straight, ports[0])
+    train_killed_after(config, killed, args, data_dir, kill_after, processes=processes,
+                       env=None if ports[1] is None else {'PORT': ports[1]})
+    assert not (killed / last).exists()
+    result = train(killed, ports[2], '--resume')
+    # torchrun's workers log to stderr; a single train.py logs to stdout
+    assert resumed in (result.stdout if processes is None else result.stdout + result.stderr)
+    assert_identical_checkpoints(straight / last, killed / last)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('task', ['detector', 'segmentor'])
 def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(data_dir, task):
     config, args, last, kill_after = (
         (RETINANET, DET_RUN, 'epoch_6.pth', 'epoch_2.pth') if task == 'detector' else
         (UPERNET, SEG_RUN, 'iter_24.pth', 'iter_8.pth'))
-    straight, killed = data_dir / f'{task}_straight', data_dir / f'{task}_killed'
-    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
-    train_killed_after(config, killed, args, data_dir, kill_after)
-    assert not (killed / last).exists()
-    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
-    assert 'resumed' in result.stdout
-    assert_identical_checkpoints(straight / last, killed / last)
+    assert_resume_is_exact(data_dir, task, config, args, last, kill_after)
 
 
 # The paper configs' data loading: two workers that live across epochs.
@@ -110,27 +125,14 @@ def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
         (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=12',
                                  'param_scheduler.1.end=12', 'train_dataloader.batch_size=2']
          + SEG_RUN[5:] + WORKERS, 'iter_12.pth', 'iter_4.pth'))
-    straight, killed = data_dir / f'{task}_workers_straight', data_dir / f'{task}_workers_killed'
-    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
-    train_killed_after(config, killed, args, data_dir, kill_after)
-    assert not (killed / last).exists()
-    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
-    assert 'resumed' in result.stdout
-    assert_identical_checkpoints(straight / last, killed / last)
+    assert_resume_is_exact(data_dir, f'{task}_workers', config, args, last, kill_after)
 
 
 @pytest.mark.slow
 def test_resume_is_exact_with_two_gloo_processes_and_persistent_workers(data_dir):
     args = DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS
-    straight, killed = data_dir / 'dist_workers_straight', data_dir / 'dist_workers_killed'
-    run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', straight] + args, cwd=data_dir,
-             env={'PORT': '29621'})
-    train_killed_after(RETINANET, killed, args, data_dir, 'epoch_1.pth', processes=2, env={'PORT': '29622'})
-    assert not (killed / 'epoch_3.pth').exists()
-    result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', killed, '--resume'] + args,
-                      cwd=data_dir, env={'PORT': '29623'})
-    assert 'resumed epoch: 1' in result.stdout + result.stderr
-    assert_identical_checkpoints(straight / 'epoch_3.pth', killed / 'epoch_3.pth')
+    assert_resume_is_exact(data_dir, 'dist_workers', RETINANET, args, 'epoch_3.pth', 'epoch_1.pth',
+                           resumed='resumed epoch: 1', processes=2, ports=('29621', '29622', '29623'))
 
 
 @pytest.mark.slow
