@@ -205,6 +205,26 @@ def test_norm_eval_keeps_batchnorm_in_eval(tiny_arch):
     assert not model.extra_bn.training and model.stages[0].training
 
 
+# ------------------------------------------------------------------------------ fp16 / AMP
+def test_channel_attention_in_fp16_matches_fp32_at_detection_resolution():
+    """The logits sum over every token: at 800x1216 (200x304 stage-1 tokens) they reach ~1.5e5
+    here, past fp16's 65504, unless computed in fp32; the fast path does, the plain reference
+    path shows the overflow."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(96, 3).eval()
+    torch.nn.init.normal_(attn.qkv.weight, std=0.1)
+    x = torch.randn(1, 200, 304, 96) * 0.5 + 1.5  # correlated tokens, as real features are
+    with torch.no_grad():
+        expected = attn(x)
+        half = attn.half()
+        fast = half(x.half()).float()
+        half.fused = False
+        plain = half(x.half()).float()
+    assert torch.isfinite(fast).all()
+    assert (fast - expected).abs().max() < 5e-3 * expected.abs().max()
+    assert not torch.isfinite(plain).all()  # what the fp32 logits prevent
+
+
 # ------------------------------------------------------------------------- parameter counts
 OFFICIAL_IMAGENET_PARAMS = {'tiny': 28_360_168, 'small': 49_745_896, 'base': 87_954_408}
 

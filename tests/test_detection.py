@@ -6,11 +6,8 @@ import sys
 
 import cv2
 import pytest
-import torch
 from mmengine.config import Config
 
-from davit_mm import compat
-from davit_mm.models.davit import ChannelAttention
 from davit_mm.synthetic import write_coco
 from helpers import CONFIGS, REPO, assert_loss_goes_down, metric, run_tool
 
@@ -109,35 +106,12 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
         assert len(glob.glob(str(out / 'preds' / '*.json'))) == expected
 
 
-def test_image_demo_rejects_missing_inputs(coco_dir, tmp_path):
-    demo = osp.join(REPO, 'demo', 'image_demo.py')
-    image = coco_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
-    cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
-             ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
-             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint '")]
-    if not torch.cuda.is_available():
-        cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
-    for args, message in cases:
-        result = subprocess.run([sys.executable, demo] + args, capture_output=True, text=True)
-        assert result.returncode != 0 and message in result.stderr
-
-
 @pytest.mark.slow
 def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path):
     out = tmp_path / 'curve.png'
     run_tool(['analysis/plot_loss.py', trained_maskrcnn, '--out', out], cwd=tmp_path)
     image = cv2.imread(str(out))
     assert image is not None and image.shape[0] > 200 and image.std() > 10
-
-
-@pytest.mark.parametrize('args,message', [(['--iters', '0'], '--iters must be a positive integer'),
-                                          (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
-                                          (['--epochs', '3'], "unknown argument '--epochs'")])
-def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, message):
-    result = run_tool(['quickstart.sh'] + args + ['--out-dir', tmp_path / 'q'], cwd=tmp_path,
-                      expect_ok=False)
-    assert result.returncode == 2 and message in result.stderr
-    assert not (tmp_path / 'q').exists()
 
 
 @pytest.mark.slow
@@ -227,31 +201,3 @@ def test_get_flops_prints_params_and_multiply_adds(coco_dir):
     result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96'], cwd=coco_dir)
     assert 'input: 1x3x64x96' in result.stdout
     assert 'params: ' in result.stdout and 'FLOPs (multiply-adds): ' in result.stdout
-
-
-# ----------------------------------------------------------------------------------- AMP
-def test_channel_attention_in_fp16_matches_fp32_at_detection_resolution():
-    """The logits sum over every token: at 800x1216 (200x304 stage-1 tokens) they reach ~1.5e5
-    here, past fp16's 65504, unless computed in fp32; the fast path does, the plain reference
-    path shows the overflow."""
-    torch.manual_seed(0)
-    attn = ChannelAttention(96, 3).eval()
-    torch.nn.init.normal_(attn.qkv.weight, std=0.1)
-    x = torch.randn(1, 200, 304, 96) * 0.5 + 1.5  # correlated tokens, as real features are
-    with torch.no_grad():
-        expected = attn(x)
-        half = attn.half()
-        fast = half(x.half()).float()
-        half.fused = False
-        plain = half(x.half()).float()
-    assert torch.isfinite(fast).all()
-    assert (fast - expected).abs().max() < 5e-3 * expected.abs().max()
-    assert not torch.isfinite(plain).all()  # what the fp32 logits prevent
-
-
-def test_amp_without_a_gpu_is_refused_with_a_clear_message():
-    if torch.cuda.is_available():
-        pytest.skip('this machine has a GPU')
-    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
-    with pytest.raises(ValueError, match="AmpOptimWrapper.*needs a GPU"):
-        compat.adapt_config_to_machine(cfg)
