@@ -13,6 +13,9 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
 # A 4-stage DaViT small enough for CPU tests, with several windows per map at small images.
 TINY_ARCH = dict(embed_dims=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
+# The paper's variants: embed dims and depths per stage.
+PAPER_ARCH = {'tiny': ((96, 192, 384, 768), (1, 1, 3, 1)), 'small': ((96, 192, 384, 768), (1, 1, 9, 1)),
+              'base': ((128, 256, 512, 1024), (1, 1, 9, 1))}
 
 
 def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,

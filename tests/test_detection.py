@@ -9,7 +9,7 @@ import pytest
 from mmengine.config import Config
 
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, assert_loss_goes_down, metric, run_tool
+from helpers import CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, metric, run_tool
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -153,6 +153,7 @@ def test_detector_parameter_count_matches_the_paper_within_1_percent(name):
 
 
 def test_every_detection_config_builds_with_its_schedule_and_recipe():
+    from davit_mm.models import DaViT
     names = sorted(glob.glob(osp.join(CONFIGS, 'davit*_coco*.py')))
     assert len(names) == 16  # {tiny, small, base} x {retinanet, maskrcnn} x {1x, 3x} + 4 AMP
     for name in names:
@@ -167,6 +168,18 @@ def test_every_detection_config_builds_with_its_schedule_and_recipe():
         assert backbone.out_indices == ((1, 2, 3) if 'retinanet' in name else (0, 1, 2, 3))
         assert backbone.init_cfg.checkpoint.startswith('https://')
         assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
+        # the model itself (built, not run): the named DaViT, and a neck taking what it returns
+        model = build_model(name)
+        size = 'base' if '_base_' in name else 'small' if '_small_' in name else 'tiny'
+        assert type(model.backbone) is DaViT and model.backbone.out_indices == backbone.out_indices
+        assert (model.backbone.embed_dims, model.backbone.depths) == PAPER_ARCH[size], name
+        returned = [PAPER_ARCH[size][0][i] for i in backbone.out_indices]
+        assert model.backbone.out_channels == returned, name
+        assert model.neck.in_channels == returned, name
+        assert [lateral.conv.in_channels for lateral in model.neck.lateral_convs] == returned, name
+        head = model.bbox_head if 'retinanet' in name else model.rpn_head
+        assert head.in_channels == model.neck.out_channels, name
+        assert type(model).__name__ == ('RetinaNet' if 'retinanet' in name else 'MaskRCNN')
 
 
 def test_a_user_config_in_another_folder_inherits_ours(tmp_path):

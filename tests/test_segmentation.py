@@ -8,7 +8,7 @@ from mmengine.config import Config
 
 from davit_mm import compat
 from davit_mm.synthetic import write_ade20k
-from helpers import CONFIGS, REPO, assert_loss_goes_down, metric, run_tool
+from helpers import CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, metric, run_tool
 
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
 
@@ -103,6 +103,18 @@ def test_segmentation_configs_follow_the_official_recipe(name):
     assert (head.type, head.channels, head.pool_scales, head.num_classes) == ('UPerHead', 512, (1, 2, 3, 6), 150)
     assert (aux.type, aux.in_index, aux.loss_decode.loss_weight) == ('FCNHead', 2, 0.4)
     assert head.norm_cfg.type == 'SyncBN'
+    # the model itself (built, not run): the named DaViT, and heads taking what it returns
+    from davit_mm.models import DaViT
+    model = build_segmentor(osp.join(CONFIGS, f'{name}.py'))
+    size = 'base' if '_base_' in name else 'small' if '_small_' in name else 'tiny'
+    returned = list(PAPER_ARCH[size][0])
+    assert type(model.backbone) is DaViT and model.backbone.out_indices == (0, 1, 2, 3)
+    assert (model.backbone.embed_dims, model.backbone.depths) == PAPER_ARCH[size]
+    assert model.backbone.out_channels == returned and model.decode_head.in_channels == returned
+    assert [conv.conv.in_channels for conv in model.decode_head.lateral_convs] == returned[:-1]
+    assert model.decode_head.psp_modules[0][1].conv.in_channels == returned[-1]
+    assert model.auxiliary_head.in_channels == returned[aux.in_index]
+    assert model.auxiliary_head.convs[0].conv.in_channels == returned[aux.in_index]
 
 
 @pytest.mark.slow
