@@ -40,6 +40,14 @@ def logged_scalars(work_dir: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def logged_metric(work_dir: str, name: str) -> float:
+    """The last value of ``name`` (e.g. ``coco/bbox_mAP``) the training run logged: its final
+    validation."""
+    values = [record[name] for record in logged_scalars(work_dir) if name in record]
+    assert values, f'{name} was never logged under {work_dir}'
+    return values[-1]
+
+
 def losses(work_dir: str, key: str = 'loss') -> List[float]:
     return [record[key] for record in logged_scalars(work_dir) if key in record]
 
