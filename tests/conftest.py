@@ -1,18 +1,15 @@
 """Shared fixtures: tiny architectures and small inputs keep the whole suite to minutes on 2 cores."""
 import os
-import os.path as osp
 import sys
 import warnings
 
 import pytest
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import REPO, TINY_ARCH
+
 if REPO not in sys.path:  # the checkout, not whatever davit_mm an environment may hold
     sys.path.insert(0, REPO)
-
-# A 4-stage DaViT small enough for CPU tests, with several windows per map at small images.
-TINY_ARCH = dict(embed_dims=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
 
 
 def pytest_configure(config):

@@ -2,9 +2,22 @@
 
 Each starts from an official-layout state dict (``ReferenceDaViT.state_dict()``) and renames keys the
 way that codebase names them, adding the non-backbone keys its files really carry (classifier
-heads, detector necks, Florence-2's language model). They are written key by key from the
-layouts in REFERENCE.md, independently of :mod:`davit_mm.checkpoint`'s rules, so a round trip
-through the loader checks the converter rather than restating it.
+heads, detector necks, Florence-2's language model). The key names are those of each codebase's
+public model definition and released checkpoints:
+
+* official: the DaViT authors' code (github.com/dingmyu/davit): ``patch_embeds.N``,
+  ``main_blocks.S.L.{0,1}`` (spatial, channel), ``cpe.{0,1}``, ``norms`` + ``head`` classifier;
+* timm: timm's ``davit.py``: ``stem``, ``stages.S.downsample``, ``stages.S.blocks.L.{0,1}``,
+  ``cpe1``/``cpe2``, ``head.norm`` + ``head.fc``;
+* mmpretrain: its ``DaViT`` backbone: ``backbone.patch_embed``, the downsample at the end of the
+  previous stage, ``spatial_block``/``channel_block``, ``attn.w_msa``, mmcv FFN names
+  (``ffn.layers``), the classification norm as ``norm3``;
+* Florence-2: the vision tower of Microsoft's remote code on the Hugging Face hub
+  (``vision_tower.convs``/``blocks``, ``fn``/``dw`` wrappers) and of transformers' native
+  ``Florence2`` model (``model.vision_tower.``, ``conv``, no wrappers).
+
+They are written key by key from those names, independently of :mod:`davit_mm.checkpoint`'s
+rules, so a round trip through the loader checks the converter rather than restating it.
 """
 import re
 from typing import Dict

@@ -1,4 +1,6 @@
-"""Running the real tools as a user would, and reading what they leave behind."""
+"""What several test files share: the checkout's paths, the tiny architecture, running the real tools
+as a user would and reading what they leave behind. Test files import from here, never from
+conftest (pytest loads conftest.py itself; importing it again as a module gives a second copy)."""
 import glob
 import json
 import os
@@ -7,9 +9,13 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
-from conftest import REPO
-
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
+# A 4-stage DaViT small enough for CPU tests, with several windows per map at small images.
+TINY_ARCH = dict(embed_dims=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
+# The paper's variants: embed dims and depths per stage.
+PAPER_ARCH = {'tiny': ((96, 192, 384, 768), (1, 1, 3, 1)), 'small': ((96, 192, 384, 768), (1, 1, 9, 1)),
+              'base': ((128, 256, 512, 1024), (1, 1, 9, 1))}
 
 
 def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,
@@ -34,6 +40,14 @@ def logged_scalars(work_dir: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def logged_metric(work_dir: str, name: str) -> float:
+    """The last value of ``name`` (e.g. ``coco/bbox_mAP``) the training run logged: its final
+    validation."""
+    values = [record[name] for record in logged_scalars(work_dir) if name in record]
+    assert values, f'{name} was never logged under {work_dir}'
+    return values[-1]
+
+
 def losses(work_dir: str, key: str = 'loss') -> List[float]:
     return [record[key] for record in logged_scalars(work_dir) if key in record]
 
@@ -54,3 +68,24 @@ def metric(output: str, name: str) -> float:
         if f'{name}:' in line:
             return float(line.split(f'{name}:')[1].split()[0])
     raise AssertionError(f'{name} not found in the output:\n{output[-3000:]}')
+
+
+def write_datasets(root, coco: dict = None, ade20k: dict = None):
+    """Generated datasets under ``root/data`` where the quickstart configs look: ``coco`` and
+    ``ade20k`` are ``write_coco``/``write_ade20k`` arguments (num_train, num_val, seed); None
+    writes none. Returns ``root``."""
+    from davit_mm.synthetic import write_ade20k, write_coco
+    if coco is not None:
+        write_coco(str(root / 'data' / 'synthetic_coco'), **coco)
+    if ade20k is not None:
+        write_ade20k(str(root / 'data' / 'synthetic_ade20k'), **ade20k)
+    return root
+
+
+def edited_config(path: str, edits: Dict[str, object] = None):
+    """``Config.fromfile(path)`` with ``edits`` merged in as ``--cfg-options`` would (dotted keys)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(path)
+    if edits:
+        cfg.merge_from_dict(edits)
+    return cfg

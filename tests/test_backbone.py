@@ -6,6 +6,7 @@ import torch.nn as nn
 from davit_mm.checkpoint import convert_state_dict
 from davit_mm.models import DaViT
 from davit_mm.models.reference import ReferenceDaViT
+from davit_mm.models import davit as davit_module
 from davit_mm.models.davit import ChannelAttention, DualAttentionBlock, WindowAttention
 
 ODD_SIZES = [(1, 45, 67), (2, 50, 50), (1, 33, 19), (1, 8, 8)]
@@ -175,7 +176,27 @@ def test_frozen_stages_survive_init_weights(tiny_arch):
     assert not model.stages[0].training and not any(p.requires_grad for p in model.stem.parameters())
 
 
-def test_with_cp_gives_same_outputs_and_gradients(tiny_arch):
+@pytest.fixture
+def checkpointed(monkeypatch):
+    """The blocks whose forward went through torch.utils.checkpoint.checkpoint (the function
+    davit.py calls, as ``cp.checkpoint``), one entry per call."""
+    calls = []
+    original = davit_module.cp.checkpoint
+
+    def spy(function, *args, **kwargs):
+        calls.append(function.__self__)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(davit_module.cp, 'checkpoint', spy)
+    return calls
+
+
+def all_blocks(model):
+    return [block for stage in model.stages for layer in stage.blocks
+            for block in (layer.spatial_block, layer.channel_block)]
+
+
+def test_with_cp_gives_same_outputs_and_gradients(tiny_arch, checkpointed):
     plain = DaViT(tiny_arch, drop_path_rate=0.).train()
     ckpt = DaViT(tiny_arch, drop_path_rate=0., with_cp=True).train()
     ckpt.load_state_dict(plain.state_dict())
@@ -187,23 +208,73 @@ def test_with_cp_gives_same_outputs_and_gradients(tiny_arch):
         sum((o * o).mean() for o in out).backward()
         outs.append(out)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    # every block of the with_cp model, and only those, ran under checkpoint, once each
+    assert len(checkpointed) == 2 * sum(tiny_arch['depths'])
+    assert set(map(id, checkpointed)) == set(map(id, all_blocks(ckpt)))
     assert max_diff(*outs) < 1e-6
+    assert grads[0].keys() == grads[1].keys() == dict(plain.named_parameters()).keys()
     for name in grads[0]:
+        assert grads[0][name].abs().max() > 0, name  # a real gradient, not two zeros agreeing
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
 
 
-def test_with_cp_is_a_no_op_without_grad(tiny_arch):
-    model = DaViT(tiny_arch, with_cp=True).eval()
+def test_with_cp_is_a_no_op_without_grad(tiny_arch, checkpointed):
+    plain = DaViT(tiny_arch).eval()
+    ckpt = DaViT(tiny_arch, with_cp=True).eval()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert len(model(torch.randn(1, 3, 32, 32))) == 4
+        expected, outs = plain(x), ckpt(x)
+    assert checkpointed == []  # no checkpoint call without grad
+    assert len(outs) == 4 and all(torch.equal(a, b) for a, b in zip(outs, expected))
+    ckpt(x)  # the same model with grad enabled does checkpoint every block
+    assert len(checkpointed) == 2 * sum(tiny_arch['depths'])
 
 
-def test_norm_eval_keeps_batchnorm_in_eval(tiny_arch):
-    model = DaViT(tiny_arch, norm_eval=True)
-    model.stages[0].blocks[0].spatial_block.attn.proj = nn.Sequential(nn.Linear(16, 16))
-    model.extra_bn = nn.BatchNorm2d(4)  # DaViT has none of its own
+class _ChannelsLastBatchNorm(nn.Module):
+    """A BatchNorm2d on DaViT's (B, H, W, C) maps, as a user might swap in for a LayerNorm."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize('norm_eval', [True, False])
+def test_norm_eval_keeps_batchnorm_in_eval(tiny_arch, norm_eval):
+    model = DaViT(tiny_arch, norm_eval=norm_eval)
+    model.stem.norm = _ChannelsLastBatchNorm(16)  # DaViT has none of its own: in the forward path
+    bn = model.stem.norm.bn
     model.train()
-    assert not model.extra_bn.training and model.stages[0].training
+    assert bn.training is not norm_eval
+    assert all(m.training for m in model.modules() if m is not bn)  # only BatchNorm is affected
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    model(torch.randn(2, 3, 32, 32) * 3 + 1)
+    stats = ('running_mean', 'running_var', 'num_batches_tracked')
+    changed = [k for k in stats if not torch.equal(before[k], bn.state_dict()[k])]
+    assert changed == ([] if norm_eval else list(stats))
+
+
+# ------------------------------------------------------------------------------ fp16 / AMP
+def test_channel_attention_in_fp16_matches_fp32_at_detection_resolution():
+    """The logits sum over every token: at 800x1216 (200x304 stage-1 tokens) they reach ~1.5e5
+    here, past fp16's 65504, unless computed in fp32; the fast path does, the plain reference
+    path shows the overflow."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(96, 3).eval()
+    torch.nn.init.normal_(attn.qkv.weight, std=0.1)
+    x = torch.randn(1, 200, 304, 96) * 0.5 + 1.5  # correlated tokens, as real features are
+    with torch.no_grad():
+        expected = attn(x)
+        half = attn.half()
+        fast = half(x.half()).float()
+        half.fused = False
+        plain = half(x.half()).float()
+    assert torch.isfinite(fast).all()
+    assert (fast - expected).abs().max() < 5e-3 * expected.abs().max()
+    assert not torch.isfinite(plain).all()  # what the fp32 logits prevent
 
 
 # ------------------------------------------------------------------------- parameter counts

@@ -12,10 +12,10 @@ from mmengine.logging import MMLogger
 from safetensors.torch import save_file
 
 import formats
-from conftest import REPO
 from davit_mm.checkpoint import CheckpointError, load_pretrained, read_checkpoint
 from davit_mm.models import DaViT
 from davit_mm.models.reference import ReferenceDaViT
+from helpers import REPO
 
 FLORENCE_KW = dict(overlapped_downsample=True, channel_attention='v2')
 

@@ -9,8 +9,7 @@ import pytest
 from mmengine.config import Config
 
 from davit_mm import checks
-from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, run_tool
+from helpers import CONFIGS, edited_config, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'davit_retinanet_1x_coco.py')
 MASK_RCNN = osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py')
@@ -25,8 +24,7 @@ def test_every_shipped_config_passes_the_channel_check(config):
 
 
 def test_neck_sized_for_another_width_is_refused():
-    cfg = Config.fromfile(MASK_RCNN)
-    cfg.model.backbone.arch = 'base'
+    cfg = edited_config(MASK_RCNN, {'model.backbone.arch': 'base'})
     with pytest.raises(ValueError, match=r"model.backbone \(DaViT arch='base', out_indices=\(0, 1, 2, 3\)\) "
                                          r'returns 4 feature maps with channels \[128, 256, 512, 1024\], but '
                                          r'model.neck.in_channels=\[96, 192, 384, 768\]'):
@@ -34,29 +32,25 @@ def test_neck_sized_for_another_width_is_refused():
 
 
 def test_one_more_stage_than_the_neck_takes_is_refused():
-    cfg = Config.fromfile(RETINANET)
-    cfg.model.backbone.out_indices = (0, 1, 2, 3)
+    cfg = edited_config(RETINANET, {'model.backbone.out_indices': (0, 1, 2, 3)})
     with pytest.raises(ValueError, match=r'but model.neck.in_channels=\[192, 384, 768\] takes 3: make '
                                          r'out_indices return 3 stages'):
         checks.check_channels(cfg)
 
 
 def test_head_width_different_from_the_neck_output_is_refused():
-    cfg = Config.fromfile(RETINANET)
-    cfg.model.bbox_head.in_channels = 128
+    cfg = edited_config(RETINANET, {'model.bbox_head.in_channels': 128})
     with pytest.raises(ValueError, match=r'model.bbox_head.in_channels=128 but model.neck.out_channels=256'):
         checks.check_channels(cfg)
 
 
 def test_segmentation_heads_are_checked_at_their_in_index():
-    cfg = Config.fromfile(UPERNET)
-    cfg.model.backbone.arch = 'base'
+    cfg = edited_config(UPERNET, {'model.backbone.arch': 'base'})
     with pytest.raises(ValueError, match=r'model.decode_head.in_channels=\[96, 192, 384, 768\] at '
                                          r'in_index=\[0, 1, 2, 3\]: set model.decode_head.in_channels='
                                          r'\[128, 256, 512, 1024\]'):
         checks.check_channels(cfg)
-    cfg = Config.fromfile(UPERNET)
-    cfg.model.auxiliary_head.in_index = 3
+    cfg = edited_config(UPERNET, {'model.auxiliary_head.in_index': 3})
     with pytest.raises(ValueError, match=r'model.auxiliary_head.in_channels=384 at in_index=3: set '
                                          r'model.auxiliary_head.in_channels=768'):
         checks.check_channels(cfg)
@@ -67,9 +61,13 @@ def test_segmentation_heads_are_checked_at_their_in_index():
 
 @pytest.fixture
 def coco(tmp_path):
-    root = tmp_path / 'data' / 'synthetic_coco'
-    write_coco(str(root), num_train=4, num_val=2, seed=1)
-    return tmp_path
+    return write_datasets(tmp_path, coco=dict(num_train=4, num_val=2, seed=1))
+
+
+def quickstart_on(coco, *splits):
+    """The quickstart RetinaNet config reading ``splits`` of the dataset generated under ``coco``."""
+    root = str(coco / 'data' / 'synthetic_coco') + '/'
+    return edited_config(QUICKSTART, {f'{split}_dataloader.dataset.data_root': root for split in splits})
 
 
 @pytest.mark.parametrize('content,message', [
@@ -79,9 +77,7 @@ def coco(tmp_path):
 def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, message):
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
     ann.write_bytes(content)
-    cfg = Config.fromfile(QUICKSTART)
-    cfg.val_dataloader.dataset.data_root = str(coco / 'data' / 'synthetic_coco') + '/'
-    cfg.train_dataloader.dataset.data_root = cfg.val_dataloader.dataset.data_root
+    cfg = quickstart_on(coco, 'train', 'val')
     key = "val_dataloader.dataset.ann_file='.*instances_val2017.json'"
     with pytest.raises(ValueError, match=f'{key} {re.escape(message)}'):
         checks.check_annotation_files(cfg)
@@ -90,8 +86,7 @@ def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, mes
 def test_large_annotation_file_cut_off_is_refused(coco, monkeypatch):
     monkeypatch.setattr(checks, '_FULL_JSON_PARSE_BYTES', 16)  # the cheap test for big files
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
-    cfg = Config.fromfile(QUICKSTART)
-    cfg.train_dataloader.dataset.data_root = str(coco / 'data' / 'synthetic_coco') + '/'
+    cfg = quickstart_on(coco, 'train')
     cfg.val_cfg = None
     checks.check_annotation_files(cfg)  # complete: passes
     ann.write_bytes(ann.read_bytes()[:-40])

@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 
 from davit_mm.cli import adapt_config_to_machine
-from conftest import REPO
+from helpers import REPO
 
 SIZE = 128  # a square input: every stride's map is SIZE / stride
 

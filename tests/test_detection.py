@@ -6,14 +6,10 @@ import sys
 
 import cv2
 import pytest
-import torch
 from mmengine.config import Config
 
-from davit_mm.cli import adapt_config_to_machine
-from davit_mm.models.davit import ChannelAttention
-from davit_mm.synthetic import write_coco
-from conftest import REPO
-from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, logged_metric, metric, run_tool,
+                     write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -24,9 +20,36 @@ LOG_OFTEN = ['--cfg-options', 'default_hooks.logger.interval=2']
 @pytest.fixture(scope='module')
 def coco_dir(tmp_path_factory):
     """A working directory with data/synthetic_coco, where the quickstart configs look."""
-    root = tmp_path_factory.mktemp('det')
-    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=16, num_val=4, seed=1)
-    return root
+    return write_datasets(tmp_path_factory.mktemp('det'), coco=dict(num_train=16, num_val=4, seed=1))
+
+
+# Calibration of the accuracy bars below: the quickstart configs on this data (16 training, 4
+# validation images), trained with randomness.seed 0..4 (the tests use the configs' seed 0; runs
+# are deterministic on one machine), evaluated with tools/test.py; "untrained" is tools/test.py on
+# each seed's initialised model before any training step. Measured on 2 AVX-512 CPU cores:
+#
+#                          seed 0  seed 1  seed 2  seed 3  seed 4   untrained (seeds 0-4)
+#   RetinaNet   bbox mAP    0.070   0.127   0.104   0.138   0.055   no box above the score
+#               bbox mAP50  0.239   0.271   0.235   0.362   0.148   threshold: mAP 0
+#     --tta     bbox mAP    0.110   0.106   0.124   0.193   0.068
+#   Mask R-CNN  bbox mAP    0.084   0.131   0.241   0.236   0.289   0.000-0.011
+#               segm mAP    0.111   0.089   0.373   0.224   0.341   0.000-0.023
+#     --tta     bbox mAP    0.127   0.233   0.226   0.243   0.282
+#               segm mAP    0.127   0.242   0.274   0.268   0.347
+#
+# Each bar sits at about half the lowest trained value and above every untrained one.
+RETINANET_BARS = {'coco/bbox_mAP': 0.025, 'coco/bbox_mAP_50': 0.07}
+MASKRCNN_BARS = {'coco/bbox_mAP': 0.04, 'coco/segm_mAP': 0.045}
+MASKRCNN_TTA_BARS = {'coco/bbox_mAP': 0.06, 'coco/segm_mAP': 0.06}
+
+
+def assert_above(output, bars, work):
+    """Each metric tools/test.py printed clears its bar, and equals the training's final validation
+    of the same checkpoint on the same images (the test tool evaluates what was trained)."""
+    for name, bar in bars.items():
+        value = metric(output, name)
+        assert value > bar, (name, value)
+        assert value == pytest.approx(logged_metric(str(work), name), abs=1e-3), name
 
 
 @pytest.fixture(scope='module')
@@ -42,8 +65,7 @@ def test_retinanet_trains_with_falling_loss_and_reports_coco_bbox_map(coco_dir, 
     assert_loss_goes_down(str(work))
     result = run_tool(['test.py', RETINANET, work / 'epoch_12.pth', '--work-dir', work / 'test',
                        '--out', work / 'results.pkl'], cwd=coco_dir)
-    assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
-    assert 0 <= metric(result.stdout, 'coco/bbox_mAP_50') <= 1
+    assert_above(result.stdout, RETINANET_BARS, work)
     assert (work / 'results.pkl').exists()
 
 
@@ -61,37 +83,38 @@ def test_mask_rcnn_trains_with_falling_loss_and_reports_bbox_and_segm_map(coco_d
     assert_loss_goes_down(str(work), key='loss_rpn_cls')
     result = run_tool(['test.py', MASKRCNN, work / 'epoch_12.pth', '--work-dir', work / 'test',
                        '--show-dir', 'drawn'], cwd=coco_dir)
-    assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
-    assert 0 <= metric(result.stdout, 'coco/segm_mAP') <= 1
+    assert_above(result.stdout, MASKRCNN_BARS, work)
     assert len(glob.glob(str(work / 'test' / '*' / 'drawn' / '*.jpg'))) == 4
 
 
 def tta_against_single_scale(config, work, coco_dir, metrics):
-    """{metric: (single-scale value, TTA value)} of `tools/test.py` without and with --tta."""
-    plain = run_tool(['test.py', config, work / 'epoch_12.pth', '--work-dir', work / 'plain'],
-                     cwd=coco_dir).stdout
+    """{metric: (single-scale value, TTA value)}: the training's final validation (what
+    `tools/test.py` without --tta reports, checked above) and `tools/test.py --tta`."""
     tta = run_tool(['test.py', config, work / 'epoch_12.pth', '--tta', '--work-dir', work / 'tta'],
                    cwd=coco_dir).stdout
-    return {name: (metric(plain, name), metric(tta, name)) for name in metrics}
+    return {name: (logged_metric(str(work), name), metric(tta, name)) for name in metrics}
 
 
 @pytest.mark.slow
 def test_retinanet_flip_and_multi_scale_tta_reports_coco_bbox_map(coco_dir, trained_retinanet):
-    # 16 training images leave RetinaNet too weak (bbox mAP ~0.04) for an accuracy bar; the merge
-    # itself is checked in tests/test_tta.py
-    result = run_tool(['test.py', RETINANET, trained_retinanet / 'epoch_12.pth', '--tta',
-                       '--work-dir', trained_retinanet / 'tta'], cwd=coco_dir)
-    assert 0 <= metric(result.stdout, 'coco/bbox_mAP') <= 1
+    # the merge itself is checked in tests/test_tta.py; here the tool's TTA keeps a trained
+    # model's accuracy: TTA - single-scale bbox mAP was +0.040, -0.021, +0.020, +0.055, +0.013
+    # (seeds 0-4, table above): one box of 4 images' worth either way, hence the 0.05
+    (single, tta), = tta_against_single_scale(RETINANET, trained_retinanet, coco_dir,
+                                              ['coco/bbox_mAP']).values()
+    assert tta > 0.035 and tta > single - 0.05, (single, tta)
 
 
 @pytest.mark.slow
 def test_mask_rcnn_flip_and_multi_scale_tta_merges_boxes_and_masks(coco_dir, trained_maskrcnn):
     values = tta_against_single_scale(MASKRCNN, trained_maskrcnn, coco_dir,
                                       ['coco/bbox_mAP', 'coco/segm_mAP'])
-    # measured (16 training images, 4 validation images): bbox 0.109 -> 0.141, segm 0.105 -> 0.157
-    # with TTA; an untrained model scores ~0, masks flipped the wrong way would lose segm mAP
+    # TTA - single-scale over seeds 0-4 (table above): bbox +0.043, +0.102, -0.015, +0.007,
+    # -0.007; segm +0.016, +0.153, -0.099, +0.044, +0.006. On 4 images TTA can cost a few boxes,
+    # so the tolerance is 0.12; masks flipped the wrong way fall towards the untrained model's
+    # <= 0.023, below the bars.
     for name, (single, tta) in values.items():
-        assert single > 0.05 and tta > single - 0.05, values
+        assert tta > MASKRCNN_TTA_BARS[name] and tta > single - 0.12, values
 
 
 @pytest.mark.slow
@@ -110,35 +133,12 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
         assert len(glob.glob(str(out / 'preds' / '*.json'))) == expected
 
 
-def test_image_demo_rejects_missing_inputs(coco_dir, tmp_path):
-    demo = osp.join(REPO, 'demo', 'image_demo.py')
-    image = coco_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
-    cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
-             ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
-             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint='")]
-    if not torch.cuda.is_available():
-        cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
-    for args, message in cases:
-        result = subprocess.run([sys.executable, demo] + args, capture_output=True, text=True)
-        assert result.returncode != 0 and message in result.stderr
-
-
 @pytest.mark.slow
 def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path):
     out = tmp_path / 'curve.png'
     run_tool(['analysis/plot_loss.py', trained_maskrcnn, '--out', out], cwd=tmp_path)
     image = cv2.imread(str(out))
     assert image is not None and image.shape[0] > 200 and image.std() > 10
-
-
-@pytest.mark.parametrize('args,message', [(['--iters', '0'], '--iters must be a positive integer'),
-                                          (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
-                                          (['--epochs', '3'], "unknown argument '--epochs'")])
-def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, message):
-    result = run_tool(['quickstart.sh'] + args + ['--out-dir', tmp_path / 'q'], cwd=tmp_path,
-                      expect_ok=False)
-    assert result.returncode == 2 and message in result.stderr
-    assert not (tmp_path / 'q').exists()
 
 
 @pytest.mark.slow
@@ -180,6 +180,7 @@ def test_detector_parameter_count_matches_the_paper_within_1_percent(name):
 
 
 def test_every_detection_config_builds_with_its_schedule_and_recipe():
+    from davit_mm.models import DaViT
     names = sorted(glob.glob(osp.join(CONFIGS, 'davit*_coco*.py')))
     assert len(names) == 16  # {tiny, small, base} x {retinanet, maskrcnn} x {1x, 3x} + 4 AMP
     for name in names:
@@ -194,6 +195,18 @@ def test_every_detection_config_builds_with_its_schedule_and_recipe():
         assert backbone.out_indices == ((1, 2, 3) if 'retinanet' in name else (0, 1, 2, 3))
         assert backbone.init_cfg.checkpoint.startswith('https://')
         assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
+        # the model itself (built, not run): the named DaViT, and a neck taking what it returns
+        model = build_model(name)
+        size = 'base' if '_base_' in name else 'small' if '_small_' in name else 'tiny'
+        assert type(model.backbone) is DaViT and model.backbone.out_indices == backbone.out_indices
+        assert (model.backbone.embed_dims, model.backbone.depths) == PAPER_ARCH[size], name
+        returned = [PAPER_ARCH[size][0][i] for i in backbone.out_indices]
+        assert model.backbone.out_channels == returned, name
+        assert model.neck.in_channels == returned, name
+        assert [lateral.conv.in_channels for lateral in model.neck.lateral_convs] == returned, name
+        head = model.bbox_head if 'retinanet' in name else model.rpn_head
+        assert head.in_channels == model.neck.out_channels, name
+        assert type(model).__name__ == ('RetinaNet' if 'retinanet' in name else 'MaskRCNN')
 
 
 def test_a_user_config_in_another_folder_inherits_ours(tmp_path):
@@ -228,31 +241,3 @@ def test_get_flops_prints_params_and_multiply_adds(coco_dir):
     result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96'], cwd=coco_dir)
     assert 'input: 1x3x64x96' in result.stdout
     assert 'params: ' in result.stdout and 'FLOPs (multiply-adds): ' in result.stdout
-
-
-# ----------------------------------------------------------------------------------- AMP
-def test_channel_attention_in_fp16_matches_fp32_at_detection_resolution():
-    """The logits sum over every token: at 800x1216 (200x304 stage-1 tokens) they reach ~1.5e5
-    here, past fp16's 65504, unless computed in fp32; the fast path does, the plain reference
-    path shows the overflow."""
-    torch.manual_seed(0)
-    attn = ChannelAttention(96, 3).eval()
-    torch.nn.init.normal_(attn.qkv.weight, std=0.1)
-    x = torch.randn(1, 200, 304, 96) * 0.5 + 1.5  # correlated tokens, as real features are
-    with torch.no_grad():
-        expected = attn(x)
-        half = attn.half()
-        fast = half(x.half()).float()
-        half.fused = False
-        plain = half(x.half()).float()
-    assert torch.isfinite(fast).all()
-    assert (fast - expected).abs().max() < 5e-3 * expected.abs().max()
-    assert not torch.isfinite(plain).all()  # what the fp32 logits prevent
-
-
-def test_amp_without_a_gpu_is_refused_with_a_clear_message():
-    if torch.cuda.is_available():
-        pytest.skip('this machine has a GPU')
-    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
-    with pytest.raises(ValueError, match="AmpOptimWrapper.*needs a GPU"):
-        adapt_config_to_machine(cfg)

@@ -22,15 +22,13 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from conftest import REPO
 from davit_mm import compat
 from davit_mm.cli import adapt_config_to_machine
 from davit_mm.checkpoint import (CheckpointError, adapt_model_checkpoint, convert_model_checkpoint,
                                  detect_model_format)
 from davit_mm.engine import OfficialCheckpointHook
-from davit_mm.synthetic import (ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES, write_ade20k,
-                               write_coco)
-from helpers import CONFIGS, metric, run_tool
+from davit_mm.synthetic import ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES
+from helpers import CONFIGS, REPO, metric, run_tool, write_datasets
 from official_models import official_checkpoint, official_config, randomise_
 
 TESTS = osp.dirname(osp.abspath(__file__))
@@ -55,10 +53,8 @@ def build(config: str):
 @pytest.fixture(scope='module')
 def data_root(tmp_path_factory):
     """A working directory with both generated datasets where the quickstart configs look."""
-    root = tmp_path_factory.mktemp('official')
-    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=2, num_val=4, seed=3)
-    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=2, num_val=4, seed=4)
-    return root
+    return write_datasets(tmp_path_factory.mktemp('official'), coco=dict(num_train=2, num_val=4, seed=3),
+                          ade20k=dict(num_train=2, num_val=4, seed=4))
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,6 @@
 """`pip install .` (not editable) ships davit_mm's configs and tools inside the package in the
 OpenMMLab layout (davit_mm/.mim/), so a config outside the repository inherits
-`davit_mm::davit_maskrcnn_1x_coco.py`."""
+`davit_mm::davit_maskrcnn_1x_coco.py`; the version is defined once."""
 import glob
 import os
 import os.path as osp
@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope='module')
@@ -95,3 +95,10 @@ def test_davit_mm_scope_resolves_to_the_imported_package_in_a_checkout(tmp_path)
     config.write_text("_base_ = ['davit_mm::no_such_config.py']\n")
     with pytest.raises(FileNotFoundError):
         Config.fromfile(str(config))
+
+
+def test_version_lives_in_one_place():
+    import davit_mm
+    result = subprocess.run([sys.executable, 'setup.py', '--version'], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == davit_mm.__version__

@@ -1,6 +1,7 @@
-"""Reliability: exact resume after a kill, safe checkpoints, and clear errors for bad inputs."""
+"""Reliability: exact resume after a kill, safe checkpoints, and inputs a user's data may hold
+(grayscale/RGBA images, images smaller than a window). The tools' refusals of bad arguments, configs
+and checkpoints are in tests/test_tools.py."""
 import contextlib
-import json
 import os
 import os.path as osp
 import signal
@@ -12,11 +13,10 @@ import cv2
 import pytest
 import torch
 
-from conftest import REPO
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.engine import AtomicLocalBackend
-from davit_mm.synthetic import write_ade20k, write_coco
-from helpers import CONFIGS, run_tool
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, REPO, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -31,10 +31,9 @@ SEG_RUN = ['--cfg-options', 'model.backbone.drop_path_rate=0.2', 'train_cfg.max_
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('reliability')
-    write_coco(str(root / 'data' / 'synthetic_coco'), num_train=16, num_val=4, seed=3)
-    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=8, num_val=2, seed=4)
-    return root
+    return write_datasets(tmp_path_factory.mktemp('reliability'),
+                          coco=dict(num_train=16, num_val=4, seed=3),
+                          ade20k=dict(num_train=8, num_val=2, seed=4))
 
 
 def train_killed_after(config, work, args, cwd, checkpoint_name, processes=None, env=None):
@@ -84,19 +83,35 @@ def assert_identical_checkpoints(path_a, path_b):
     assert a['param_schedulers'] == b['param_schedulers']
 
 
+def assert_resume_is_exact(data_dir, name, config, args, last, kill_after, resumed='resumed',
+                           processes=None, ports=(None, None, None)):
+    """Train ``config`` straight through to ``last``; train it again, killed once ``kill_after`` is
+    written, and resume it to ``last``: both ``last`` checkpoints must be identical. With
+    ``processes``, every run goes through tools/dist_train.sh, on ``ports`` (straight, killed,
+    resumed). ``resumed`` is what the resumed run must print."""
+    def train(work, port, *extra):
+        tool = ['train.py', config] if processes is None else ['dist_train.sh', config, str(processes)]
+        return run_tool(tool + ['--work-dir', work, *extra] + args, cwd=data_dir,
+                        env=None if port is None else {'PORT': port})
+
+    straight, killed = data_dir / f'{name}_straight', data_dir / f'{name}_killed'
+    train(straight, ports[0])
+    train_killed_after(config, killed, args, data_dir, kill_after, processes=processes,
+                       env=None if ports[1] is None else {'PORT': ports[1]})
+    assert not (killed / last).exists()
+    result = train(killed, ports[2], '--resume')
+    # torchrun's workers log to stderr; a single train.py logs to stdout
+    assert resumed in (result.stdout if processes is None else result.stdout + result.stderr)
+    assert_identical_checkpoints(straight / last, killed / last)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('task', ['detector', 'segmentor'])
 def test_killed_and_resumed_run_ends_identical_to_an_uninterrupted_one(data_dir, task):
     config, args, last, kill_after = (
         (RETINANET, DET_RUN, 'epoch_6.pth', 'epoch_2.pth') if task == 'detector' else
         (UPERNET, SEG_RUN, 'iter_24.pth', 'iter_8.pth'))
-    straight, killed = data_dir / f'{task}_straight', data_dir / f'{task}_killed'
-    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
-    train_killed_after(config, killed, args, data_dir, kill_after)
-    assert not (killed / last).exists()
-    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
-    assert 'resumed' in result.stdout
-    assert_identical_checkpoints(straight / last, killed / last)
+    assert_resume_is_exact(data_dir, task, config, args, last, kill_after)
 
 
 # The paper configs' data loading: two workers that live across epochs.
@@ -112,27 +127,14 @@ def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
         (UPERNET, SEG_RUN[:2] + ['train_cfg.max_iters=12', 'train_cfg.val_interval=12',
                                  'param_scheduler.1.end=12', 'train_dataloader.batch_size=2']
          + SEG_RUN[5:] + WORKERS, 'iter_12.pth', 'iter_4.pth'))
-    straight, killed = data_dir / f'{task}_workers_straight', data_dir / f'{task}_workers_killed'
-    run_tool(['train.py', config, '--work-dir', straight] + args, cwd=data_dir)
-    train_killed_after(config, killed, args, data_dir, kill_after)
-    assert not (killed / last).exists()
-    result = run_tool(['train.py', config, '--work-dir', killed, '--resume'] + args, cwd=data_dir)
-    assert 'resumed' in result.stdout
-    assert_identical_checkpoints(straight / last, killed / last)
+    assert_resume_is_exact(data_dir, f'{task}_workers', config, args, last, kill_after)
 
 
 @pytest.mark.slow
 def test_resume_is_exact_with_two_gloo_processes_and_persistent_workers(data_dir):
     args = DET_RUN[:2] + ['train_cfg.max_epochs=3'] + DET_RUN[3:] + WORKERS
-    straight, killed = data_dir / 'dist_workers_straight', data_dir / 'dist_workers_killed'
-    run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', straight] + args, cwd=data_dir,
-             env={'PORT': '29621'})
-    train_killed_after(RETINANET, killed, args, data_dir, 'epoch_1.pth', processes=2, env={'PORT': '29622'})
-    assert not (killed / 'epoch_3.pth').exists()
-    result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', killed, '--resume'] + args,
-                      cwd=data_dir, env={'PORT': '29623'})
-    assert 'resumed epoch: 1' in result.stdout + result.stderr
-    assert_identical_checkpoints(straight / 'epoch_3.pth', killed / 'epoch_3.pth')
+    assert_resume_is_exact(data_dir, 'dist_workers', RETINANET, args, 'epoch_3.pth', 'epoch_1.pth',
+                           resumed='resumed epoch: 1', processes=2, ports=('29621', '29622', '29623'))
 
 
 @pytest.mark.slow
@@ -221,130 +223,6 @@ def test_davit_configs_write_checkpoints_atomically_and_keep_random_state():
         assert dict(type='RandomStateHook') in cfg.custom_hooks
 
 
-# --------------------------------------------------------------------------- checkpoints in tools
-@pytest.fixture(scope='module')
-def trained(data_dir):
-    work = data_dir / 'trained'
-    run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'train_cfg.max_epochs=1',
-              'train_cfg.val_interval=5'], cwd=data_dir)
-    return work / 'epoch_1.pth'
-
-
-def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, trained):
-    result = run_tool(['test.py', RETINANET, trained, '--cfg-options', 'model.bbox_head.num_classes=5',
-                       'test_dataloader.dataset.metainfo.classes=[a,b,c,d,e]'],
-                      cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0
-    assert 'does not fit' in result.stderr and 'another num_classes' in result.stderr
-    assert 'bbox_head.retina_cls.weight' in result.stderr
-
-
-def test_test_tool_refuses_a_checkpoint_of_another_size(data_dir, trained):
-    result = run_tool(['test.py', RETINANET, trained, '--cfg-options',
-                       'model.backbone.arch.depths=[1,1,2,1]'], cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0 and 'model weights the checkpoint lacks' in result.stderr
-    assert 'backbone.stages.2.blocks.1' in result.stderr
-
-
-@pytest.mark.parametrize('content,message', [(None, 'corrupt or truncated'),
-                                             (b'hello', 'not a PyTorch checkpoint')])
-def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_path, content, message):
-    bad = tmp_path / 'bad.pth'
-    bad.write_bytes(trained.read_bytes()[:50000] if content is None else content)
-    result = run_tool(['test.py', RETINANET, bad], cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0 and message in result.stderr
-
-
-def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
-    checkpoint = read_training_checkpoint(trained)
-    checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')
-    torch.save(checkpoint, tmp_path / 'nan.pth')
-    result = run_tool(['test.py', RETINANET, tmp_path / 'nan.pth'], cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0
-    assert '1 with NaN/Inf values: bbox_head.retina_reg.weight (1 of' in result.stderr, result.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',
-                       f'load_from={trained}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
-                       'train_cfg.val_interval=5', 'train_dataloader.dataset.metainfo.classes=[square,disk]',
-                       'val_dataloader.dataset.metainfo.classes=[square,disk]'], cwd=data_dir)
-    output = result.stdout + result.stderr
-    assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
-
-
-# ------------------------------------------------------------------------------ bad inputs
-@pytest.mark.parametrize('options,message', [
-    (['train_dataloader.dataset.data_root=nowhere/'],
-     "train_dataloader.dataset.data_root='nowhere/' does not exist"),
-    (['train_dataloader.dataset.ann_file=annotations/missing.json'],
-     "ann_file='annotations/missing.json'"),
-    (['val_dataloader.dataset.data_prefix.img=val_missing/'], "data_prefix.img='val_missing/'"),
-    (['model.backbon.arch=small'], "has no key 'backbon'; did you mean backbone"),
-    (['model.backbone.arch=tinyy'], "arch='tinyy' is not a known DaViT variant"),
-    (['model.bbox_head.num_classes=80'], 'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'),
-    (['model.backbone.out_indices=(1,2,4)'], 'out_indices=(1, 2, 4) has [4] out of range'),
-])
-def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options'] + options,
-                      cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
-
-
-def _initial_weights(work_dir, options):
-    from davit_mm.cli import build_runner, load_config
-    cfg = load_config(RETINANET, options, str(work_dir))
-    try:
-        runner = build_runner(cfg)
-        return runner.seed, runner.deterministic, runner.model.state_dict()
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_path):
-    seed, deterministic, first = _initial_weights(
-        tmp_path, {'randomness.seed': 5, 'randomness.deterministic': True})
-    assert (seed, deterministic) == (5, True)
-    _, _, again = _initial_weights(tmp_path, {'randomness.seed': 5})
-    _, _, other = _initial_weights(tmp_path, {'randomness.seed': 6})
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    assert not torch.equal(first['bbox_head.retina_cls.weight'], other['bbox_head.retina_cls.weight'])
-
-
-@pytest.mark.parametrize('option,message', [
-    ('randomness.sed=0', "randomness.sed: randomness accepts ['deterministic', 'diff_rank_seed', 'seed']"),
-    ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
-])
-def test_bad_randomness_options_are_refused(data_dir, option, message):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options', option],
-                      cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-
-
-def test_missing_and_broken_configs(data_dir, tmp_path):
-    result = run_tool(['train.py', tmp_path / 'nope.py'], cwd=data_dir, expect_ok=False)
-    assert "config '" in result.stderr and 'nope.py' in result.stderr and 'no such file' in result.stderr
-    broken = tmp_path / 'broken.py'
-    broken.write_text("_base_ = ['" + RETINANET + "']\nmodel = dict(backbone=dict(arch='tiny'\n")
-    result = run_tool(['train.py', broken], cwd=data_dir, expect_ok=False)
-    assert result.returncode != 0
-    assert f"config '{broken}' has a syntax error at line 2: '(' was never closed" in result.stderr
-
-
-@pytest.mark.slow
-def test_an_empty_dataset_is_reported_as_such(data_dir, tmp_path):
-    empty = tmp_path / 'data' / 'synthetic_coco'
-    write_coco(str(empty), num_train=2, num_val=1, seed=5)
-    ann = empty / 'annotations' / 'instances_train2017.json'
-    content = json.loads(ann.read_text())
-    content['annotations'] = []  # images without objects: filter_empty_gt drops them all
-    ann.write_text(json.dumps(content))
-    result = run_tool(['train.py', RETINANET, '--work-dir', tmp_path / 'w'], cwd=tmp_path, expect_ok=False)
-    assert result.returncode != 0 and 'has no samples' in result.stderr, result.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_grayscale_and_rgba_images_train_and_evaluate(tmp_path):
     root = tmp_path / 'data' / 'synthetic_coco'
@@ -380,20 +258,3 @@ def test_images_smaller_than_one_window_run_through_a_detector(height, width):
         result, = model.test_step(dict(inputs=[image], data_samples=[sample]))
     boxes = result.pred_instances.bboxes
     assert boxes.shape[1] == 4 and (boxes[:, 2] <= width + 1e-3).all()
-
-
-def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
-    fake_python = tmp_path / 'python'  # reports CUDA with 2 devices
-    fake_python.write_text('#!/usr/bin/env bash\n'
-                           'case "$2" in *device_count*) echo 2; exit 0;; *is_available*) exit 0;; esac\n'
-                           'exit 3\n')
-    fake_python.chmod(0o755)
-    result = run_tool(['dist_train.sh', RETINANET, '8'], cwd=tmp_path, expect_ok=False,
-                      env={'PYTHON': str(fake_python)})
-    assert result.returncode == 2 and 'asked for 8 GPUs but this machine has 2' in result.stderr
-
-
-@pytest.mark.parametrize('gpus', ['0', 'two', '-1'])
-def test_a_gpu_count_that_is_not_a_positive_integer_is_refused(tmp_path, gpus):
-    result = run_tool(['dist_train.sh', RETINANET, gpus], cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 2 and 'must be a positive integer' in result.stderr

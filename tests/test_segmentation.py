@@ -7,8 +7,8 @@ import torch
 from mmengine.config import Config
 
 from davit_mm.cli import adapt_config_to_machine
-from davit_mm.synthetic import write_ade20k
-from helpers import CONFIGS, assert_loss_goes_down, metric, run_tool
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, logged_metric, metric, run_tool,
+                     write_datasets)
 
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
 
@@ -16,13 +16,20 @@ UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.p
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """(working dir with data/synthetic_ade20k, work dir of a 60-iteration UperNet run)."""
-    root = tmp_path_factory.mktemp('seg')
-    write_ade20k(str(root / 'data' / 'synthetic_ade20k'), num_train=16, num_val=4, seed=2)
+    root = write_datasets(tmp_path_factory.mktemp('seg'), ade20k=dict(num_train=16, num_val=4, seed=2))
     work = root / 'upernet'
     run_tool(['train.py', UPERNET, '--work-dir', work, '--cfg-options', 'max_iters=60',
               'train_cfg.max_iters=60', 'train_cfg.val_interval=60', 'param_scheduler.1.end=60',
               'default_hooks.logger.interval=5', 'default_hooks.checkpoint.interval=60'], cwd=root)
     return root, work
+
+
+# Calibration of the mIoU bar: this 60-iteration run with randomness.seed 0..4 (the test uses the
+# config's seed 0; runs are deterministic on one machine), evaluated with tools/test.py on 2
+# AVX-512 CPU cores: mIoU 41.31, 35.57, 37.11, 36.31, 44.84; with --tta 41.74, 37.12, 38.42,
+# 36.44, 46.18 (TTA - single scale +0.13 to +1.55). The initialised model before any training
+# step scores mIoU 0.00 for every seed.
+MIOU_BAR = 20.0
 
 
 @pytest.mark.slow
@@ -37,7 +44,9 @@ def test_test_tool_reports_miou_and_writes_label_maps(trained):
     root, work = trained
     result = run_tool(['test.py', UPERNET, work / 'iter_60.pth', '--work-dir', work / 'test',
                        '--out', work / 'labels'], cwd=root)
-    assert 0 <= metric(result.stdout, 'mIoU') <= 100
+    miou = metric(result.stdout, 'mIoU')
+    assert miou > MIOU_BAR
+    assert miou == pytest.approx(logged_metric(str(work), 'mIoU'), abs=0.01)  # the final validation
     assert len(glob.glob(str(work / 'labels' / '*.png'))) == 4
 
 
@@ -46,7 +55,9 @@ def test_multi_scale_flip_tta_runs_and_reports_miou(trained):
     root, work = trained
     result = run_tool(['test.py', UPERNET, work / 'iter_60.pth', '--tta', '--work-dir',
                        work / 'tta'], cwd=root)
-    assert 0 <= metric(result.stdout, 'mIoU') <= 100
+    single, tta = logged_metric(str(work), 'mIoU'), metric(result.stdout, 'mIoU')
+    # TTA never lost mIoU in calibration (above); 2 points of slack for other machines' numerics
+    assert tta > MIOU_BAR and tta > single - 2, (single, tta)
     cfg = Config.fromfile(UPERNET)  # the paper's protocol: 6 scales x flip
     scales = [t['scale_factor'] for t in cfg.tta_pipeline[1]['transforms'][0]]
     assert scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -103,6 +114,18 @@ def test_segmentation_configs_follow_the_official_recipe(name):
     assert (head.type, head.channels, head.pool_scales, head.num_classes) == ('UPerHead', 512, (1, 2, 3, 6), 150)
     assert (aux.type, aux.in_index, aux.loss_decode.loss_weight) == ('FCNHead', 2, 0.4)
     assert head.norm_cfg.type == 'SyncBN'
+    # the model itself (built, not run): the named DaViT, and heads taking what it returns
+    from davit_mm.models import DaViT
+    model = build_segmentor(osp.join(CONFIGS, f'{name}.py'))
+    size = 'base' if '_base_' in name else 'small' if '_small_' in name else 'tiny'
+    returned = list(PAPER_ARCH[size][0])
+    assert type(model.backbone) is DaViT and model.backbone.out_indices == (0, 1, 2, 3)
+    assert (model.backbone.embed_dims, model.backbone.depths) == PAPER_ARCH[size]
+    assert model.backbone.out_channels == returned and model.decode_head.in_channels == returned
+    assert [conv.conv.in_channels for conv in model.decode_head.lateral_convs] == returned[:-1]
+    assert model.decode_head.psp_modules[0][1].conv.in_channels == returned[-1]
+    assert model.auxiliary_head.in_channels == returned[aux.in_index]
+    assert model.auxiliary_head.convs[0].conv.in_channels == returned[aux.in_index]
 
 
 @pytest.mark.slow
@@ -112,7 +135,6 @@ def test_image_demo_draws_a_segmentation(trained):
 
     import cv2
 
-    from conftest import REPO
     root, work = trained
     image = root / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016' / 'images' / 'validation' / \
         'ADE_valid_00000001.jpg'

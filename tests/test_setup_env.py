@@ -1,13 +1,14 @@
 """tools/setup_env.sh never replaces a torch it finds: it refuses one older than 2.1 and constrains
 pip to numpy < 2 for torch < 2.3. Run against a throwaway venv without pip and a stand-in torch
-module, so nothing can be installed anywhere."""
+module, or with --check (which never calls pip) in the environment running the tests, so nothing
+can be installed anywhere."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope='module')
@@ -17,13 +18,13 @@ def bare_python(tmp_path_factory):
     return str(venv / 'bin' / 'python')
 
 
-def run_setup(bare_python, tmp_path, torch_version):
+def run_setup(bare_python, tmp_path, torch_version, *args):
     fake = tmp_path / 'fake'
     (fake / 'torch').mkdir(parents=True)
     (fake / 'torch' / '__init__.py').write_text(f'__version__ = {torch_version!r}\n')
     env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
     env.pop('DAVIT_MM_WHEELHOUSE', None)
-    return subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
+    return subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh'), *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -60,3 +61,33 @@ def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_p
     assert 'torch 2.1.2 is installed but does not import' in result.stderr
     assert 'libcudart.so.12: cannot open' in result.stderr
     assert 'installing torch' not in result.stdout and 'No module named pip' not in result.stderr
+
+
+def test_check_names_what_is_missing_and_installs_nothing(bare_python, tmp_path):
+    result = run_setup(bare_python, tmp_path, '2.13.0+cpu', '--check')
+    assert result.returncode == 1
+    assert 'not set up (--check installs nothing)' in result.stderr
+    assert "mmcv.ops: ModuleNotFoundError: No module named 'mmcv'" in result.stderr
+    assert 'installing' not in result.stdout and 'No module named pip' not in result.stderr
+
+
+def test_an_unknown_argument_is_refused_before_anything_runs(bare_python, tmp_path):
+    result = run_setup(bare_python, tmp_path, '2.13.0+cpu', '--chek')
+    assert result.returncode == 2 and "unknown argument '--chek'" in result.stderr
+    assert result.stdout == ''
+
+
+def test_setup_env_is_fast_when_everything_is_in_place():
+    # --check: verifies the environment running the tests, and can never install into it
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh'), '--check'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 'already set up: torch' in result.stdout
+
+
+def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh'), '--check'],
+                            capture_output=True, text=True,
+                            env=dict(os.environ, DAVIT_MM_WHEELHOUSE=str(tmp_path / 'no')))
+    assert result.returncode != 0
+    assert 'DAVIT_MM_WHEELHOUSE=' in result.stderr and 'is not a directory' in result.stderr

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install davit_mm and the tested OpenMMLab 2.0 stack into the active Python environment (a venv or not).
 #
-#   bash tools/setup_env.sh
+#   bash tools/setup_env.sh [--check]
 #
 # Idempotent: a second run with everything in place only verifies it (seconds).
+#
+#   --check   only verify the environment, never install: prints "already set up: torch ..." and
+#             exits 0 when everything is in place, otherwise names each missing or broken piece
+#             (and unmet requirement) on stderr and exits 1 without calling pip.
 #
 # Environment variables:
 #   PYTHON                 interpreter to install into (default: python3, or python in an active venv)
@@ -23,6 +27,15 @@ torch_req=${DAVIT_MM_TORCH:-torch==2.13.0}
 
 say() { printf '[setup_env] %s\n' "$*"; }
 die() { printf '[setup_env] ERROR: %s\n' "$*" >&2; exit 1; }
+
+check_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --check) check_only=1 ;;
+    *) printf '[setup_env] ERROR: unknown argument %s (usage: bash tools/setup_env.sh [--check])\n' \
+         "'$arg'" >&2; exit 2 ;;
+  esac
+done
 
 command -v "$py" >/dev/null 2>&1 || die "no Python interpreter '$py' (set PYTHON=/path/to/python)"
 
@@ -144,6 +157,10 @@ EOF
 if report=$(verify 2>/dev/null); then
   say "already set up: $report"
   exit 0
+fi
+if [ "$check_only" = 1 ]; then
+  die "not set up (--check installs nothing):
+$report"
 fi
 
 say "installing into $("$py" -c 'import sys; print(sys.prefix)') ($("$py" --version 2>&1))"

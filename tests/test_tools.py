@@ -1,0 +1,215 @@
+"""The command-line tools' handling of their arguments and configs: --cfg-options and config files
+checked before anything runs, configs adapted to the machine (or refused), checkpoints given to
+tools/test.py and tools/train.py checked, and the launchers' and demo's refusals."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from davit_mm.checkpoint import read_training_checkpoint
+from davit_mm.cli import adapt_config_to_machine
+from davit_mm.synthetic import write_coco
+from helpers import CONFIGS, REPO, run_tool, write_datasets
+
+RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """A working directory with data/synthetic_coco, where the quickstart configs look."""
+    return write_datasets(tmp_path_factory.mktemp('tools'), coco=dict(num_train=16, num_val=4, seed=3))
+
+
+# ------------------------------------------------------------------- configs and --cfg-options
+@pytest.mark.parametrize('options,message', [
+    (['train_dataloader.dataset.data_root=nowhere/'],
+     "train_dataloader.dataset.data_root='nowhere/' does not exist"),
+    (['train_dataloader.dataset.ann_file=annotations/missing.json'],
+     "ann_file='annotations/missing.json'"),
+    (['val_dataloader.dataset.data_prefix.img=val_missing/'], "data_prefix.img='val_missing/'"),
+    (['model.backbon.arch=small'], "has no key 'backbon'; did you mean backbone"),
+    (['model.backbone.arch=tinyy'], "arch='tinyy' is not a known DaViT variant"),
+    (['model.bbox_head.num_classes=80'], 'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'),
+    (['model.backbone.out_indices=(1,2,4)'], 'out_indices=(1, 2, 4) has [4] out of range'),
+])
+def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options'] + options,
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def _initial_weights(work_dir, options):
+    from davit_mm.cli import build_runner, load_config
+    cfg = load_config(RETINANET, options, str(work_dir))
+    try:
+        runner = build_runner(cfg)
+        return runner.seed, runner.deterministic, runner.model.state_dict()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_path):
+    seed, deterministic, first = _initial_weights(
+        tmp_path, {'randomness.seed': 5, 'randomness.deterministic': True})
+    assert (seed, deterministic) == (5, True)
+    _, _, again = _initial_weights(tmp_path, {'randomness.seed': 5})
+    _, _, other = _initial_weights(tmp_path, {'randomness.seed': 6})
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first['bbox_head.retina_cls.weight'], other['bbox_head.retina_cls.weight'])
+
+
+@pytest.mark.parametrize('option,message', [
+    ('randomness.sed=0', "randomness.sed: randomness accepts ['deterministic', 'diff_rank_seed', 'seed']"),
+    ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
+])
+def test_bad_randomness_options_are_refused(data_dir, option, message):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options', option],
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_missing_and_broken_configs(data_dir, tmp_path):
+    result = run_tool(['train.py', tmp_path / 'nope.py'], cwd=data_dir, expect_ok=False)
+    assert "config '" in result.stderr and 'nope.py' in result.stderr and 'no such file' in result.stderr
+    broken = tmp_path / 'broken.py'
+    broken.write_text("_base_ = ['" + RETINANET + "']\nmodel = dict(backbone=dict(arch='tiny'\n")
+    result = run_tool(['train.py', broken], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert f"config '{broken}' has a syntax error at line 2: '(' was never closed" in result.stderr
+
+
+@pytest.mark.slow
+def test_an_empty_dataset_is_reported_as_such(data_dir, tmp_path):
+    empty = tmp_path / 'data' / 'synthetic_coco'
+    write_coco(str(empty), num_train=2, num_val=1, seed=5)
+    ann = empty / 'annotations' / 'instances_train2017.json'
+    content = json.loads(ann.read_text())
+    content['annotations'] = []  # images without objects: filter_empty_gt drops them all
+    ann.write_text(json.dumps(content))
+    result = run_tool(['train.py', RETINANET, '--work-dir', tmp_path / 'w'], cwd=tmp_path, expect_ok=False)
+    assert result.returncode != 0 and 'has no samples' in result.stderr, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------- configs adapted to the machine
+def test_sync_bn_becomes_bn_when_not_distributed():
+    cfg = Config(dict(model=dict(decode_head=dict(norm_cfg=dict(type='SyncBN')),
+                                 auxiliary_head=[dict(norm_cfg=dict(type='SyncBN'))])))
+    notes = adapt_config_to_machine(cfg, launcher='none')
+    assert cfg.model.decode_head.norm_cfg.type == 'BN'
+    assert cfg.model.auxiliary_head[0].norm_cfg.type == 'BN'
+    assert 'SyncBN -> BN in 2 norm configs' in notes[0]
+
+
+def test_slurm_launcher_without_cuda_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(ValueError, match="launcher 'slurm'.*needs CUDA"):
+        adapt_config_to_machine(Config(dict(model=dict())), launcher='slurm')
+
+
+def test_amp_without_a_gpu_is_refused_with_a_clear_message():
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
+    with pytest.raises(ValueError, match="AmpOptimWrapper.*needs a GPU"):
+        adapt_config_to_machine(cfg)
+
+
+# --------------------------------------------------------------------------- checkpoints in tools
+@pytest.fixture(scope='module')
+def trained(data_dir):
+    work = data_dir / 'trained'
+    run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'train_cfg.max_epochs=1',
+              'train_cfg.val_interval=5'], cwd=data_dir)
+    return work / 'epoch_1.pth'
+
+
+def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, trained):
+    result = run_tool(['test.py', RETINANET, trained, '--cfg-options', 'model.bbox_head.num_classes=5',
+                       'test_dataloader.dataset.metainfo.classes=[a,b,c,d,e]'],
+                      cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert 'does not fit' in result.stderr and 'another num_classes' in result.stderr
+    assert 'bbox_head.retina_cls.weight' in result.stderr
+
+
+def test_test_tool_refuses_a_checkpoint_of_another_size(data_dir, trained):
+    result = run_tool(['test.py', RETINANET, trained, '--cfg-options',
+                       'model.backbone.arch.depths=[1,1,2,1]'], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and 'model weights the checkpoint lacks' in result.stderr
+    assert 'backbone.stages.2.blocks.1' in result.stderr
+
+
+@pytest.mark.parametrize('content,message', [(None, 'corrupt or truncated'),
+                                             (b'hello', 'not a PyTorch checkpoint')])
+def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_path, content, message):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(trained.read_bytes()[:50000] if content is None else content)
+    result = run_tool(['test.py', RETINANET, bad], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
+    checkpoint = read_training_checkpoint(trained)
+    checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')
+    torch.save(checkpoint, tmp_path / 'nan.pth')
+    result = run_tool(['test.py', RETINANET, tmp_path / 'nan.pth'], cwd=data_dir, expect_ok=False)
+    assert result.returncode != 0
+    assert '1 with NaN/Inf values: bbox_head.retina_reg.weight (1 of' in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
+    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',
+                       f'load_from={trained}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
+                       'train_cfg.val_interval=5', 'train_dataloader.dataset.metainfo.classes=[square,disk]',
+                       'val_dataloader.dataset.metainfo.classes=[square,disk]'], cwd=data_dir)
+    output = result.stdout + result.stderr
+    assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
+
+
+# -------------------------------------------------------------- launchers, quickstart and demo
+def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
+    fake_python = tmp_path / 'python'  # reports CUDA with 2 devices
+    fake_python.write_text('#!/usr/bin/env bash\n'
+                           'case "$2" in *device_count*) echo 2; exit 0;; *is_available*) exit 0;; esac\n'
+                           'exit 3\n')
+    fake_python.chmod(0o755)
+    result = run_tool(['dist_train.sh', RETINANET, '8'], cwd=tmp_path, expect_ok=False,
+                      env={'PYTHON': str(fake_python)})
+    assert result.returncode == 2 and 'asked for 8 GPUs but this machine has 2' in result.stderr
+
+
+@pytest.mark.parametrize('gpus', ['0', 'two', '-1'])
+def test_a_gpu_count_that_is_not_a_positive_integer_is_refused(tmp_path, gpus):
+    result = run_tool(['dist_train.sh', RETINANET, gpus], cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2 and 'must be a positive integer' in result.stderr
+
+
+@pytest.mark.parametrize('args,message', [(['--iters', '0'], '--iters must be a positive integer'),
+                                          (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
+                                          (['--epochs', '3'], "unknown argument '--epochs'")])
+def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, message):
+    result = run_tool(['quickstart.sh'] + args + ['--out-dir', tmp_path / 'q'], cwd=tmp_path,
+                      expect_ok=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / 'q').exists()
+
+
+def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
+    demo = osp.join(REPO, 'demo', 'image_demo.py')
+    image = data_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
+    cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
+             ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
+             ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint='")]
+    if not torch.cuda.is_available():
+        cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
+    for args, message in cases:
+        result = subprocess.run([sys.executable, demo] + args, capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr
