@@ -40,14 +40,19 @@ def _joined(root: str, path: str) -> str:
     return path if not root or osp.isabs(path) else osp.join(root, path)
 
 
+def _datasets_that_run(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, ConfigDict]]:
+    """(split, innermost dataset config) of each of ``splits`` whose dataloader the run uses
+    (val/test only with a ``val_cfg``/``test_cfg``)."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        if loader and (split == 'train' or cfg.get(f'{split}_cfg') is not None):
+            yield split, innermost_dataset(loader['dataset'])
+
+
 def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
     """Refuse dataloaders whose data root, annotation file or image/label folders do not exist,
     naming the dataloader and the path (mmdet/mmseg would fail later, deep in dataset code)."""
-    for split in splits:
-        loader = cfg.get(f'{split}_dataloader')
-        if not loader or (split != 'train' and cfg.get(f'{split}_cfg') is None):
-            continue
-        dataset = innermost_dataset(loader['dataset'])
+    for split, dataset in _datasets_that_run(cfg, splits):
         root = dataset.get('data_root') or ''
         where = f'{split}_dataloader.dataset'
         if '://' in root:
@@ -226,15 +231,10 @@ def _check_heads_after_neck(model: dict, neck: dict) -> None:
 # ------------------------------------------------------------------------- annotation files
 def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str]]:
     """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
-    for split in splits:
-        loader = cfg.get(f'{split}_dataloader')
-        if not loader or (split != 'train' and cfg.get(f'{split}_cfg') is None):
-            continue
-        dataset = innermost_dataset(loader['dataset'])
+    for split, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
         if ann_file and '://' not in root + ann_file:
-            path = ann_file if not root or osp.isabs(ann_file) else osp.join(root, ann_file)
-            yield f'{split}_dataloader.dataset.ann_file', path
+            yield f'{split}_dataloader.dataset.ann_file', _joined(root, ann_file)
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
