@@ -49,3 +49,38 @@ def test_onnx_export_runs_in_onnxruntime_at_another_size(model, tmp_path):
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     assert_matches_eager(model, lambda x: session.run(names, {'x': x.numpy()}),
                          torch.randn(2, 3, 96, 160))
+
+
+
+def dynamic_example(model):
+    """The docs' recipe: an example that pads in every window partition, and dynamic batch,
+    height and width (multiples of 32, at least 32 * (window_size + 1))."""
+    window = model.stages[0].blocks[0].spatial_block.attn.window_size
+    side = torch.export.Dim('side', min=window + 1, max=16)
+    other = torch.export.Dim('other', min=window + 1, max=16)
+    batch = torch.export.Dim('batch', min=1, max=4)
+    x = torch.randn(2, 3, 32 * (window + 1), 160)
+    return x, {'x': {0: batch, 2: 32 * side, 3: 32 * other}}
+
+
+# 192 x 128 needs no padding anywhere (tiny arch, window 3); 224 x 288 pads.
+OTHER_SHAPES = ((1, 3, 192, 128), (3, 3, 224, 288))
+
+
+def test_torch_export_dynamic_size_holds_at_other_sizes(model):
+    x, shapes = dynamic_example(model)
+    exported = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    for shape in OTHER_SHAPES:
+        assert_matches_eager(model, exported.module(), torch.randn(*shape))
+
+
+def test_dynamo_onnx_export_holds_at_other_sizes(model, tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    x, shapes = dynamic_example(model)
+    path = str(tmp_path / 'davit.onnx')
+    torch.onnx.export(model, (x,), path, dynamo=True, input_names=['x'], dynamic_shapes=shapes)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for shape in OTHER_SHAPES:
+        assert_matches_eager(model, lambda t: session.run(None, {'x': t.numpy()}),
+                             torch.randn(*shape))

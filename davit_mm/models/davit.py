@@ -62,14 +62,18 @@ def _nchw_to_nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def _pad_bottom_right(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to multiples of ``multiple``."""
-    pad_h, pad_w = -x.shape[1] % multiple, -x.shape[2] % multiple
+def _pad_bottom_right(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, int, int]:
+    """Zero-pad a ``(B, H, W, C)`` map at the bottom and right to ``multiple * n`` rows and
+    ``multiple * m`` columns; returns the map, ``n`` and ``m`` (``ceil(H / multiple)``, ...)."""
+    H, W = x.shape[1], x.shape[2]
+    # Sizes written as multiples of the counts, never as remainders, so that a graph exported
+    # with dynamic H/W can prove every later view of the padded map (see docs/backbone.md).
+    n, m = (H + multiple - 1) // multiple, (W + multiple - 1) // multiple
     # A zero pad would still copy, so eager mode skips it; traced and exported graphs always pad,
     # so that they hold for every input size (ops.is_tracing() comes first: no shape guard).
-    if ops.is_tracing() or pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
+    if ops.is_tracing() or n * multiple != H or m * multiple != W:
+        x = F.pad(x, (0, 0, 0, m * multiple - W, 0, n * multiple - H))
+    return x, n, m
 
 
 class Mlp(nn.Module):
@@ -138,7 +142,7 @@ class Downsample(nn.Module):
         if not self.overlapped:
             # A 3x3/s2/p1 conv already yields ceil(H/2) and reads zeros past the edge, exactly as
             # the official pad-to-even does; only the 2x2 conv needs the explicit pad.
-            x = _pad_bottom_right(x, 2)
+            x = _pad_bottom_right(x, 2)[0]
         return _nchw_to_nhwc(ops.conv2d(self.conv, _nhwc_to_nchw(x)))
 
 
@@ -187,9 +191,8 @@ class WindowAttention(_ProjectedAttention):
         """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
         ws, heads = self.window_size, self.num_heads
-        x = _pad_bottom_right(x, ws)
-        Hp, Wp = x.shape[1], x.shape[2]
-        nh, nw = Hp // ws, Wp // ws
+        x, nh, nw = _pad_bottom_right(x, ws)
+        Hp, Wp = nh * ws, nw * ws
         # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
         windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
         q, k, v = self._qkv(windows, heads)
@@ -202,7 +205,13 @@ class WindowAttention(_ProjectedAttention):
         # (B, nh, nw, heads, ws, ws, d) -> (B, nh, ws, nw, ws, heads, d) -> (B, Hp, Wp, C).
         out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, Hp, Wp, C)
-        if ops.is_tracing() or Hp != H or Wp != W:  # see _pad_bottom_right
+        if ops.is_tracing():
+            # Project the padded map (per token: the padded tokens are simply dropped), then crop
+            # with a negative pad, which copies. A slice is contiguous only when nothing was
+            # padded, and an exported graph would keep a stride guard for the example's case.
+            out = F.pad(ops.linear(out, self.proj), (0, 0, 0, W - Wp, 0, H - Hp))
+            return out if residual is None else residual + out
+        if Hp != H or Wp != W:
             out = out[:, :H, :W]
         return ops.linear(out, self.proj, residual=residual)
 
