@@ -12,7 +12,9 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
     out = tmp_path / 'bench.json'
     run_tool(['analysis/benchmark.py', '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
               '--memory', '--with-cp', '--accuracy', '--json', out], cwd=tmp_path)
-    row, = json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    assert data['machine']['device'] == 'cpu' and data['machine']['cpu_capability']
+    row, = data['rows']
     for key in ('forward_ours_s', 'forward_reference_s', 'forward_ratio', 'train_ours_s',
                 'train_reference_s', 'train_ratio', 'train_peak_mb_ours', 'train_peak_mb_reference',
                 'train_peak_mb_ours_cp', 'with_cp_memory_ratio', 'forward_peak_mb_ours',
@@ -26,7 +28,7 @@ def test_benchmark_tool_times_a_whole_config(tmp_path):
     config = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
     run_tool(['analysis/benchmark.py', '--config', config, '--sizes', '96x128', '--batch', '2',
               '--repeats', '1', '--warmup', '0', '--json', out], cwd=tmp_path)
-    row, = json.loads(out.read_text())
+    row, = json.loads(out.read_text())['rows']
     assert row['train_s'] > 0 and row['forward_images_per_s'] > 0
 
 
@@ -62,9 +64,14 @@ def test_swin_baseline_configs_differ_from_ours_only_in_the_backbone(baseline, o
 
 def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
     out = tmp_path / 'bench.json'
+    avx2 = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2')
     run_tool(['analysis/benchmark.py', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
-              '--repeats', '2', '--json', out], cwd=tmp_path)
-    rows = json.loads(out.read_text())
+              '--repeats', '2', '--json', out], cwd=tmp_path, env=avx2)
+    data = json.loads(out.read_text())
+    # The machine record says which instruction set torch's CPU kernels were held to.
+    assert data['machine']['cpu_capability'] == 'AVX2'
+    assert {k: data['machine'][k] for k in avx2} == avx2
+    rows = data['rows']
     assert [row['size'] for row in rows] == ['64x96', '96x64', 'median over sizes']
     for row in rows[:2]:
         for impl in ('ours', 'reference'):

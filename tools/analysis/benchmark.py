@@ -445,6 +445,41 @@ def print_row(row: dict) -> None:
     print('  '.join(parts), flush=True)
 
 
+# Environment variables that cap the instruction set torch's CPU libraries use: with all three
+# set to AVX2, an AVX-512 machine runs the kernels an AVX2-only machine would (docs/benchmark.md).
+CPU_ISA_CAPS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
+
+
+def cpu_model() -> str:
+    """The CPU's name with its family and model numbers (the name alone, e.g. 'AMD EPYC' on
+    cloud VMs, does not tell CPU generations apart, and speed ratios differ between them)."""
+    fields = {}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return 'unknown'
+    name = fields.get('model name', 'unknown')
+    if 'cpu family' in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
+def machine(device: str) -> dict:
+    """What the numbers were measured on, printed first and written into ``--json``."""
+    info = dict(torch=torch.__version__, device=device, threads=torch.get_num_threads())
+    if device.startswith('cuda'):
+        info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        info['cpu'] = cpu_model()
+        info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
+        info.update({name: os.environ[name] for name in CPU_ISA_CAPS if name in os.environ})
+    return info
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
@@ -452,13 +487,13 @@ def main(argv=None):
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f'torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}',
-          flush=True)
+    info = machine(args.device)
+    print(', '.join(f'{key} {value}' for key, value in info.items()), flush=True)
     rows = bench_config(args) if args.config else bench_backbone(args)
     if args.json:
         os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
         with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(machine=info, rows=rows), f, indent=1)
 
 
 if __name__ == '__main__':

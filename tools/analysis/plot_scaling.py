@@ -71,6 +71,8 @@ def main(argv=None):
         raise ValueError(f'json={args.json!r}: no such file')
     with open(args.json) as f:
         rows = json.load(f)  # a JSONDecodeError is a ValueError
+    if isinstance(rows, dict):  # {'machine': ..., 'rows': [...]}; older files hold the list only
+        rows = rows.get('rows', [])
     if not isinstance(rows, list) or len(rows) < 3:
         raise ValueError(f'json={args.json!r} has {len(rows)} sizes; a scaling plot needs at least 3 '
                          f'(tools/analysis/benchmark.py --sizes A B C ... --json)')
