@@ -11,7 +11,7 @@ from helpers import CONFIGS, run_tool
 def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
     out = tmp_path / 'bench.json'
     run_tool(['analysis/benchmark.py', '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
-              '--memory', '--with-cp', '--accuracy', '--json', out], cwd=tmp_path)
+              '--memory', '--with-cp', '--accuracy', '--profile', '--json', out], cwd=tmp_path)
     data = json.loads(out.read_text())
     assert data['machine']['device'] == 'cpu' and data['machine']['cpu_capability']
     row, = data['rows']
@@ -21,6 +21,12 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
                 'forward_peak_mb_reference', 'train_rss_mb_ours', 'ours_err_vs_fp64'):
         assert row[key] > 0, key
     assert row['max_abs_diff'] < 1e-4
+    # --profile: the costliest operators of one forward each, within that forward's total.
+    for impl in ('ours', 'reference'):
+        profile = row[f'forward_profile_{impl}_ms']
+        ops = {op: ms for op, ms in profile.items() if op != 'total'}
+        assert 1 <= len(ops) <= 8 and 0 < sum(ops.values()) <= profile['total'] + 1e-6
+    assert 'aten::addmm' in row['forward_profile_reference_ms']  # nn.Linear on CPU
 
 
 def test_benchmark_tool_times_a_whole_config(tmp_path):

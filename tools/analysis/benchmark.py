@@ -2,7 +2,7 @@
 
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
-        [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--timm]
+        [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--timm] [--profile]
         [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
@@ -20,7 +20,8 @@ tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler'
 and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--compile`` ``torch.compile(ours)``,
-``--timm`` timm's DaViT of the same arch (its own random weights: timing only).
+``--timm`` timm's DaViT of the same arch (its own random weights: timing only), ``--profile``
+the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
 ``new_shape`` mode times, for each size in turn (each new to the process), the first training step
 (forward + backward) and repeat steps, and reports the median extra cost of a first call.
 
@@ -87,6 +88,8 @@ def parse_args(argv=None):
                         help="also time ours with davit_mm.ops' device-specific kernels off")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
+    parser.add_argument('--profile', action='store_true',
+                        help='also record the costliest operators of one run of each (torch.profiler)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
     parser.add_argument('--json', help='write all results to this file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: one memory measurement
@@ -159,6 +162,27 @@ def timed(fn, device: str) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def profile_ops(fn, device: str, top: int = 8) -> Dict[str, float]:
+    """Milliseconds of self time of the ``top`` costliest operators in one call of ``fn`` (after
+    one untimed call), plus ``'total'``: device time on CUDA, CPU time otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith('cuda')
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    field = ('self_device_time_total', 'self_cuda_time_total') if cuda else ('self_cpu_time_total',)
+
+    def self_us(event) -> float:
+        return next(getattr(event, name) for name in field if hasattr(event, name))
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    result = {event.key: self_us(event) / 1e3 for event in events[:top]}
+    result['total'] = sum(self_us(event) for event in events) / 1e3
+    return result
 
 
 def interleaved(fns: Dict[str, Callable], warmup: int, repeats: int, device: str) -> Dict[str, float]:
@@ -337,6 +361,9 @@ def bench_backbone(args) -> List[dict]:
             medians = interleaved(fns, args.warmup, args.repeats, args.device)
             for name, seconds in medians.items():
                 row[f'{mode}_{name}_s'] = seconds
+            if args.profile:
+                for name, fn in fns.items():
+                    row[f'{mode}_profile_{name}_ms'] = profile_ops(fn, args.device)
             if 'reference' in medians:
                 for name in medians:
                     if name != 'reference':
@@ -441,6 +468,8 @@ def fake_batch(library: str, batch: int, size, device):
 def print_row(row: dict) -> None:
     parts = []
     for key, value in row.items():
+        if isinstance(value, dict):  # --profile: operator -> ms
+            value = '{' + ', '.join(f'{op}: {ms:.1f}' for op, ms in value.items()) + '}'
         parts.append(f'{key}={value:.4g}' if isinstance(value, float) else f'{key}={value}')
     print('  '.join(parts), flush=True)
 
