@@ -51,7 +51,6 @@ def test_onnx_export_runs_in_onnxruntime_at_another_size(model, tmp_path):
                          torch.randn(2, 3, 96, 160))
 
 
-
 def dynamic_example(model):
     """The docs' recipe: an example that pads in every window partition, and dynamic batch,
     height and width (multiples of 32, at least 32 * (window_size + 1))."""

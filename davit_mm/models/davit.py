@@ -206,12 +206,10 @@ class WindowAttention(_ProjectedAttention):
         out = out.view(B, nh, nw, heads, ws, ws, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, Hp, Wp, C)
         if ops.is_tracing():
-            # Project the padded map (per token: the padded tokens are simply dropped), then crop
-            # with a negative pad, which copies. A slice is contiguous only when nothing was
+            # Crop with a negative pad, which copies: a slice is contiguous only when nothing was
             # padded, and an exported graph would keep a stride guard for the example's case.
-            out = F.pad(ops.linear(out, self.proj), (0, 0, 0, W - Wp, 0, H - Hp))
-            return out if residual is None else residual + out
-        if Hp != H or Wp != W:
+            out = F.pad(out, (0, 0, 0, W - Wp, 0, H - Hp))
+        elif Hp != H or Wp != W:
             out = out[:, :H, :W]
         return ops.linear(out, self.proj, residual=residual)
 
