@@ -5,9 +5,10 @@ where it would call ``F.linear``, ``fc2(gelu(fc1(x)))`` and ``conv(x)``. Each co
 the maths of the plain op (tested against it), and picks its kernel by device:
 
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul, and a leaner MLP backward; convolutions are
-  the plain ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused
-  into oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``).
+  GELU and residual additions fused into the matmul, inference MLPs in cache-sized blocks of
+  tokens, and a leaner MLP backward; convolutions are the plain ``F.conv2d`` (oneDNN already),
+  with the position encodings' residual addition fused into oneDNN's convolution at inference
+  (``torch.ops.mkldnn._convolution_pointwise``).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
@@ -228,13 +229,55 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
     return out if residual is None else residual + out
 
 
+# An inference MLP on CPU runs over blocks of tokens whose hidden activation (4x the width) takes
+# about this many bytes, so that GELU and fc2 read fc1's output from cache rather than from
+# memory: at 800 x 1216 DaViT-T's first stage would otherwise write and read back a 93 MB tensor
+# per block (docs/benchmark.md measures the gain).
+MLP_BLOCK_BYTES = 8 << 20
+
+
+def _mlp_block_rows(hidden: int, element_size: int) -> int:
+    """Tokens per block of a blocked inference MLP: :data:`MLP_BLOCK_BYTES` of hidden
+    activation, and at least 64 tokens per thread."""
+    return max(64 * torch.get_num_threads(), MLP_BLOCK_BYTES // (hidden * element_size))
+
+
+def _onednn_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
+                          residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The blocked inference MLP, or None where one block would hold every token (or where the
+    residual broadcasts): then the two fused linears of :func:`linear` do as well."""
+    tokens = x.reshape(-1, x.shape[-1])
+    rows = _mlp_block_rows(fc1.out_features, x.element_size())
+    out_shape = x.shape[:-1] + (fc2.out_features,)
+    if tokens.shape[0] <= rows or (residual is not None and residual.shape != out_shape):
+        return None
+    out = x.new_empty(tokens.shape[0], fc2.out_features)
+    if residual is not None:
+        residual = residual.reshape(out.shape)
+    for start in range(0, tokens.shape[0], rows):
+        block = slice(start, start + rows)
+        hidden = _onednn(tokens[block], fc1.weight, fc1.bias)
+        torch.ops.aten.gelu_(hidden)  # in cache, cheaper than oneDNN's epilogue with AVX2
+        out[block] = (_onednn(hidden, fc2.weight, fc2.bias) if residual is None else
+                      _ONEDNN_LINEAR.binary(hidden, residual[block], fc2.weight, fc2.bias, 'add'))
+    return out.view(out_shape)
+
+
 def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional)."""
+    """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional).
+
+    On CPU, training saves less for backward (:class:`_OneDNNMlpFunction`), and inference runs
+    over blocks of tokens whose hidden activation stays in cache.
+    """
     params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-    if _onednn_fits(x, fc1.weight) and _needs_grad(x, *params):
-        out = _OneDNNMlpFunction.apply(x, *params)
-        return out if residual is None else residual + out
+    if _onednn_fits(x, fc1.weight):
+        if _needs_grad(x, *params):
+            out = _OneDNNMlpFunction.apply(x, *params)
+            return out if residual is None else residual + out
+        out = _onednn_mlp_inference(x, fc1, fc2, residual)
+        if out is not None:
+            return out
     return linear(linear(x, fc1, gelu=True), fc2, residual=residual)
 
 

@@ -90,6 +90,35 @@ def test_mlp_training_path_matches_autograd_of_the_plain_ops(with_residual, froz
         assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
 
 
+@onednn
+@pytest.mark.parametrize('with_residual', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual, dtype):
+    """Inference MLPs run over blocks of tokens (the last one partial): same result as one pass."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, 'MLP_BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    rows = ops._mlp_block_rows(64, 4)
+    mlp = davit_module.Mlp(16, 64).to(dtype)
+    x = torch.randn(2, 9, 2 * rows // 9 + 1, 16, dtype=dtype)[:, :, 1:]  # a non-contiguous view
+    residual = torch.randn(x.shape, dtype=dtype) if with_residual else None
+    fc1_calls, onednn = [], ops._onednn
+
+    def recorded(t, weight, *args):
+        if weight is mlp.fc1.weight:
+            fc1_calls.append(t.shape[0])
+        return onednn(t, weight, *args)
+
+    monkeypatch.setattr(ops, '_onednn', recorded)
+    with torch.no_grad():
+        fast = mlp(x, residual=residual)
+        expected = plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
+    tokens = x.numel() // 16
+    assert fc1_calls == [rows] * (tokens // rows) + [tokens % rows]  # blocked, as documented
+    assert fast.shape == expected.shape and fast.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(fast.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
 def test_onednn_linear_refuses_gelu_with_a_residual():
     with pytest.raises(ValueError, match='cannot be combined'):
         ops.linear(torch.randn(2, 4), nn.Linear(4, 4), gelu=True, residual=torch.randn(2, 4))
