@@ -23,7 +23,7 @@ behind a version check), and while the model is traced, scripted, compiled or ex
 standard operators.
 """
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -205,9 +205,10 @@ def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
         x.requires_grad or any(p is not None and p.requires_grad for p in params))
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``residual + gelu(layer(x))``, each part optional.
+def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional[torch.Tensor]]],
+           gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + gelu(layer(x))``, each part optional; ``layer`` is an ``nn.Linear`` or its
+    ``(weight, bias)``.
 
     On CPU without gradients, oneDNN applies the bias, the GELU or the residual addition in the
     matmul's epilogue (``F.linear`` copies the broadcast bias into the output first, and GELU and
@@ -216,16 +217,35 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
     """
     if gelu and residual is not None:
         raise ValueError('linear: gelu and residual cannot be combined')
-    if not _onednn_fits(x, layer.weight):
-        out = F.linear(x, layer.weight, layer.bias)
+    weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
+    if not _onednn_fits(x, weight):
+        out = F.linear(x, weight, bias)
         out = F.gelu(out) if gelu else out
-    elif not _needs_grad(x, layer.weight, layer.bias):
+    elif not _needs_grad(x, weight, bias):
         if residual is not None:
-            return _ONEDNN_LINEAR.binary(x, residual, layer.weight, layer.bias, 'add')
-        return _onednn(x, layer.weight, layer.bias, 'gelu' if gelu else 'none')
+            return _ONEDNN_LINEAR.binary(x, residual, weight, bias, 'add')
+        return _onednn(x, weight, bias, 'gelu' if gelu else 'none')
     else:
-        out = _OneDNNLinearFunction.apply(x, layer.weight, layer.bias)
+        out = _OneDNNLinearFunction.apply(x, weight, bias)
         out = F.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``residual + x @ weight^T + bias`` with a weight per sample: ``(B, N, in)`` tokens,
+    ``(B, out, in)`` weights, ``(B, out)`` biases (or None) and ``(B, N, out)`` residuals.
+
+    On CPU without gradients each sample is one oneDNN linear with its bias and residual fused
+    (see :func:`linear`); elsewhere one ``baddbmm``.
+    """
+    if _onednn_fits(x, weight) and not _needs_grad(x, weight, bias, residual):
+        outs = [linear(x[i], (weight[i], None if bias is None else bias[i]),
+                       residual=None if residual is None else residual[i])
+                for i in range(x.shape[0])]
+        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)
+    weight = weight.transpose(1, 2)
+    out = torch.bmm(x, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, weight)
     return out if residual is None else residual + out
 
 

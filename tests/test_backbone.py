@@ -97,6 +97,62 @@ def test_each_attention_fast_path_matches_its_reference_path_with_gradients(attn
     assert (grad_fast - grad_ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize('version', ['v1', 'v2'])
+@pytest.mark.parametrize('qkv_bias', [True, False])
+@pytest.mark.parametrize('hw', [(3, 4), (9, 10)], ids=['N<C', 'N>=C'])  # C = 32
+def test_channel_attention_fold_matches_the_reference_path(version, qkv_bias, hw):
+    """The fused path folds the attended and output projections into one weight per image (the
+    output projection only where N >= C): outputs and every gradient as the official steps."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(32, 4, qkv_bias, version)
+    x = torch.randn(2, *hw, 32, requires_grad=True)
+    residual = torch.randn(2, *hw, 32, requires_grad=True)
+    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    results = []
+    for fused in (True, False):
+        attn.fused = fused
+        attn.zero_grad()
+        out = attn(x, residual=residual)
+        grads = torch.autograd.grad((out * weights).sum(), [x, residual, *attn.parameters()])
+        results.append([out] + list(grads))
+    for fast, expected in zip(*results):
+        assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('hw,saved', [((16, 20), True), ((4, 5), False)])
+def test_channel_attention_fold_skips_a_projection_per_token_where_it_pays(hw, saved):
+    """Where N >= C the fused path does one C x C product per token fewer than the official steps
+    (the attended projection and the output projection become one); below, it folds only the
+    attended projection, at C^2 d per image against N C d."""
+    from torch.utils.flop_counter import FlopCounterMode
+    attn = ChannelAttention(64, 2).eval()
+    x = torch.randn(1, *hw, 64)
+    counts = []
+    for fused in (True, False):
+        attn.fused = fused
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            attn(x, residual=x)
+        counts.append(counter.get_total_flops() // 2)
+    N, C, d = hw[0] * hw[1], 64, 32
+    # Both: no (N x d) @ (d x d) per group, but the folded weight and bias, (d x d) @ (d x C).
+    folded = counts[1] - N * C * d + C * C * d + C * d
+    if saved:  # and no attended projection, for the output projection folded in, C x C @ C x C
+        assert counts[0] == folded - N * C * C + C * C * C + C * C
+    else:
+        assert counts[0] == folded
+
+
+def test_channel_attention_fold_under_autocast_matches_fp32():
+    torch.manual_seed(0)
+    attn = ChannelAttention(64, 2).eval()
+    x = torch.randn(2, 12, 10, 64)
+    with torch.no_grad():
+        expected = attn(x, residual=x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = attn(x, residual=x)
+    assert (low.float() - expected).abs().max() < 3e-2 * expected.abs().max()
+
+
 def test_drop_path_rates_rise_over_twice_the_number_of_layers(tiny_arch):
     model = DaViT(tiny_arch, drop_path_rate=0.5)
     rates = []

@@ -119,6 +119,26 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
     assert torch.allclose(fast.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize('batch', [1, 2])
+@pytest.mark.parametrize('with_bias,with_residual', [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize('grad', [False, True])
+def test_batched_linear_matches_a_loop_of_plain_linears(batch, with_bias, with_residual, grad):
+    """A weight per sample (the folded channel attention): oneDNN per sample at CPU inference,
+    one baddbmm otherwise."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 30, 12, requires_grad=grad)
+    weight = torch.randn(batch, 20, 12, requires_grad=grad)
+    bias = torch.randn(batch, 20) if with_bias else None
+    residual = torch.randn(batch, 30, 20) if with_residual else None
+    with torch.set_grad_enabled(grad):
+        out = ops.batched_linear(x, weight, bias, residual)
+    for i in range(batch):
+        expected = F.linear(x[i], weight[i], None if bias is None else bias[i])
+        expected = expected if residual is None else residual[i] + expected
+        assert torch.allclose(out[i], expected, atol=1e-5)
+    assert out.shape == (batch, 30, 20) and out.requires_grad == grad
+
+
 def test_onednn_linear_refuses_gelu_with_a_residual():
     with pytest.raises(ValueError, match='cannot be combined'):
         ops.linear(torch.randn(2, 4), nn.Linear(4, 4), gelu=True, residual=torch.randn(2, 4))

@@ -221,8 +221,19 @@ class ChannelAttention(_ProjectedAttention):
     - ``'v1'`` (DaViT): ``A = softmax((k * d^-0.5)^T v)``, ``out = q A^T``.
     - ``'v2'`` (Florence-2): ``A = softmax((q * N^-0.5)^T k)``, ``out = v A^T``.
 
-    The ``d x d`` logits and their softmax are computed in float32 even under fp16/bf16 autocast:
-    they sum over every token of the map, and at detection resolutions that overflows fp16.
+    The fused path computes the same maths in fewer steps. The attended projection (q in v1, v in
+    v2) is linear in the tokens, and so is the output projection, so for group ``g``
+    ``proj(out)`` is ``tokens @ (W_p blockdiag(A_g W_g))^T`` plus a bias: one ``C x C`` weight per
+    image (:func:`davit_mm.ops.batched_linear`), built from the weights and ``A`` at
+    ``C^2 d`` (+ ``C^3`` with the projection) multiply-adds per image. The attended projection
+    and ``out`` are never computed, and only the two projections the logits need are. The output
+    projection is folded in where that costs less than applying it (``N >= C``) and the model
+    is not being traced (a traced graph holds for every size); :mod:`tools/analysis/get_flops`
+    counts the paper's steps (``fused=False``).
+
+    The ``d x d`` logits, their softmax and the folded weights are computed in float32 even
+    under fp16/bf16 autocast: the logits sum over every token of the map, and at detection
+    resolutions that overflows fp16.
 
     Args:
         dim (int): Channels.
@@ -233,6 +244,9 @@ class ChannelAttention(_ProjectedAttention):
             input dtype). Defaults to True.
     """
 
+    # Which of q, k, v (0, 1, 2) make the logits (left^T right) and which one is attended.
+    ROLES = {'v1': (1, 2, 0), 'v2': (0, 1, 2)}
+
     def __init__(self, dim: int, num_groups: int, qkv_bias: bool = True, version: str = 'v1',
                  fused: bool = True) -> None:
         if version not in CHANNEL_ATTENTION_VERSIONS:
@@ -242,25 +256,56 @@ class ChannelAttention(_ProjectedAttention):
         self.num_groups = num_groups
         self.version = version
 
+    def _scale(self, N: int) -> float:
+        return self.head_dim ** -0.5 if self.version == 'v1' else N ** -0.5
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
         N = H * W
-        q, k, v = self._qkv(x.reshape(B, N, C), self.num_groups)  # each (B, G, N, d)
-        if self.version == 'v1':
-            left, right, values, scale = k, v, q, self.head_dim ** -0.5
-        else:
-            left, right, values, scale = q, k, v, N ** -0.5
-        if self.fused:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                # Scaling the d x d product instead of an N x d operand: same maths, less work.
-                logits = (left.float().transpose(-1, -2) @ right.float()) * scale
-                attn = logits.softmax(dim=-1).to(values.dtype)
-        else:
-            attn = ((left * scale).transpose(-1, -2) @ right).softmax(dim=-1)
-        out = values @ attn.transpose(-1, -2)  # (B, G, N, d)
-        out = out.transpose(1, 2).reshape(B, H, W, C)
+        tokens = x.reshape(B, N, C)
+        if not self.fused:
+            qkv = self._qkv(tokens, self.num_groups)  # each (B, G, N, d)
+            left, right, values = (qkv[i] for i in self.ROLES[self.version])
+            attn = ((left * self._scale(N)).transpose(-1, -2) @ right).softmax(dim=-1)
+            out = (values @ attn.transpose(-1, -2)).transpose(1, 2).reshape(B, H, W, C)
+            return ops.linear(out, self.proj, residual=residual)
+        first, second, attended = self.ROLES[self.version]
+        # The logits' two projections, side by side in the qkv weight (k, v or q, k).
+        rows = slice(min(first, second) * C, (max(first, second) + 1) * C)
+        bias = None if self.qkv.bias is None else self.qkv.bias[rows]
+        pair = ops.linear(tokens, (self.qkv.weight[rows], bias))
+        pair = pair.view(B, N, 2, self.num_groups, self.head_dim).permute(2, 0, 3, 1, 4)
+        fold_proj = N >= C and not ops.is_tracing()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # Scaling the d x d product instead of an N x d operand: same maths, less work.
+            logits = (pair[0].float().transpose(-1, -2) @ pair[1].float()) * self._scale(N)
+            weight, bias = self._fold(logits.softmax(dim=-1), attended, fold_proj)
+        weight, bias = weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype)
+        if fold_proj:
+            residual = None if residual is None else residual.reshape(B, N, C)
+            return ops.batched_linear(tokens, weight, bias, residual).view(B, H, W, C)
+        out = ops.batched_linear(tokens, weight, bias).view(B, H, W, C)
         return ops.linear(out, self.proj, residual=residual)
+
+    def _fold(self, attn: torch.Tensor, attended: int, fold_proj: bool):
+        """Per-image float32 ``(B, C, C)`` weight and ``(B, C)`` bias (or None) that map the
+        tokens to the attention's output: group ``g`` gives ``tokens @ (A_g W_g)^T + A_g b_g``
+        (``W_g``, ``b_g``: its rows of the attended projection), and with ``fold_proj`` the
+        output projection is applied to both."""
+        B, G, d, _ = attn.shape
+        C = G * d
+        rows = slice(attended * C, (attended + 1) * C)
+        weight = (attn @ self.qkv.weight[rows].float().view(G, d, C)).reshape(B, C, C)
+        bias = None
+        if self.qkv.bias is not None:
+            bias = (attn @ self.qkv.bias[rows].float().view(G, d, 1)).reshape(B, C)
+        if fold_proj:
+            proj_weight = self.proj.weight.float()
+            weight = proj_weight @ weight
+            bias = self.proj.bias.float().expand(B, C) if bias is None else torch.addmm(
+                self.proj.bias.float(), bias, proj_weight.t())
+        return weight, bias
 
 
 class DualAttentionBlock(nn.Module):

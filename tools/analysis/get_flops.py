@@ -5,7 +5,8 @@
 FLOPs are multiply-adds (one fused multiply-add = one FLOP, as the paper and most detection papers
 count) of one forward pass of backbone + neck + heads on a 1 x 3 x H x W input, measured by
 torch's FlopCounterMode (matrix multiplies, convolutions and attention; normalisation and
-activation layers are not counted, as usual). Default shapes are the paper's: 800 x 1280 for mmdet
+activation layers are not counted, as usual), with DaViT's attention computed in the paper's steps
+(``set_fused_attention(False)``). Default shapes are the paper's: 800 x 1280 for mmdet
 configs and 512 x 2048 for mmseg configs.
 """
 import argparse
@@ -31,6 +32,11 @@ def count(config: str, shape=None, cfg_options=None):
     init_default_scope(library)
     from mmengine.registry import MODELS
     model = MODELS.build(cfg.model).eval()  # random init: weights do not change the count
+    for module in model.modules():
+        if hasattr(module, 'set_fused_attention'):
+            # The paper's steps: the fused channel attention folds its projections into one
+            # product per image and does fewer multiply-adds at detection sizes.
+            module.set_fused_attention(False)
     shape = tuple(shape or DEFAULT_SHAPES[library])
     params = sum(p.numel() for p in model.parameters())
     inputs = torch.randn(1, 3, *shape)
