@@ -23,7 +23,7 @@ behind a version check), and while the model is traced, scripted, compiled or ex
 standard operators.
 """
 import os
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -249,17 +249,23 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out if residual is None else residual + out
 
 
-# An inference MLP on CPU runs over blocks of tokens whose hidden activation (4x the width) takes
-# about this many bytes, so that GELU and fc2 read fc1's output from cache rather than from
-# memory: at 800 x 1216 DaViT-T's first stage would otherwise write and read back a 93 MB tensor
-# per block (docs/benchmark.md measures the gain).
-MLP_BLOCK_BYTES = 8 << 20
+# CPU inference runs the MLP, and window attention, over blocks of tokens whose widest
+# intermediate (the MLP's 4x-wide hidden activation, the attention's qkv) takes about this many
+# bytes, so that the next step reads it from cache rather than from memory: at 800 x 1216
+# DaViT-T's first stage would otherwise write and read back a 93 MB MLP activation per block
+# (docs/benchmark.md measures the gain).
+BLOCK_BYTES = 8 << 20
 
 
-def _mlp_block_rows(hidden: int, element_size: int) -> int:
-    """Tokens per block of a blocked inference MLP: :data:`MLP_BLOCK_BYTES` of hidden
-    activation, and at least 64 tokens per thread."""
-    return max(64 * torch.get_num_threads(), MLP_BLOCK_BYTES // (hidden * element_size))
+def inference_blocks(x: torch.Tensor, count: int, bytes_each: int, minimum: int = 1,
+                     params: Sequence[Optional[torch.Tensor]] = ()) -> List[slice]:
+    """Slices that split ``count`` items (tokens, rows of windows) of ``bytes_each`` bytes of
+    intermediate each into blocks of about :data:`BLOCK_BYTES` (at least ``minimum`` items) on
+    the CPU fast path when no gradient flows to ``x`` or ``params``; otherwise one slice."""
+    if not _fast(x, 'cpu') or _needs_grad(x, *params):
+        return [slice(0, count)]
+    step = max(minimum, BLOCK_BYTES // max(bytes_each, 1))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
 
 
 def _onednn_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
@@ -267,15 +273,15 @@ def _onednn_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     """The blocked inference MLP, or None where one block would hold every token (or where the
     residual broadcasts): then the two fused linears of :func:`linear` do as well."""
     tokens = x.reshape(-1, x.shape[-1])
-    rows = _mlp_block_rows(fc1.out_features, x.element_size())
+    blocks = inference_blocks(x, tokens.shape[0], fc1.out_features * x.element_size(),
+                              minimum=64 * torch.get_num_threads())
     out_shape = x.shape[:-1] + (fc2.out_features,)
-    if tokens.shape[0] <= rows or (residual is not None and residual.shape != out_shape):
+    if len(blocks) == 1 or (residual is not None and residual.shape != out_shape):
         return None
     out = x.new_empty(tokens.shape[0], fc2.out_features)
     if residual is not None:
         residual = residual.reshape(out.shape)
-    for start in range(0, tokens.shape[0], rows):
-        block = slice(start, start + rows)
+    for block in blocks:
         hidden = _onednn(tokens[block], fc1.weight, fc1.bias)
         torch.ops.aten.gelu_(hidden)  # in cache, cheaper than oneDNN's epilogue with AVX2
         out[block] = (_onednn(hidden, fc2.weight, fc2.bias) if residual is None else

@@ -96,8 +96,8 @@ def test_mlp_training_path_matches_autograd_of_the_plain_ops(with_residual, froz
 def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual, dtype):
     """Inference MLPs run over blocks of tokens (the last one partial): same result as one pass."""
     torch.manual_seed(0)
-    monkeypatch.setattr(ops, 'MLP_BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
-    rows = ops._mlp_block_rows(64, 4)
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    rows = 64 * torch.get_num_threads()
     mlp = davit_module.Mlp(16, 64).to(dtype)
     x = torch.randn(2, 9, 2 * rows // 9 + 1, 16, dtype=dtype)[:, :, 1:]  # a non-contiguous view
     residual = torch.randn(x.shape, dtype=dtype) if with_residual else None
@@ -117,6 +117,31 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
     assert fast.shape == expected.shape and fast.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(fast.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize('with_residual', [False, True])
+@pytest.mark.parametrize('size', [(17, 11), (21, 12)], ids=['padded', 'whole-windows'])
+def test_window_attention_in_bands_of_window_rows_matches_one_pass(monkeypatch, with_residual, size):
+    """CPU inference runs window attention over bands of window rows (the last one cropped by the
+    padding): same result as one pass over the map."""
+    torch.manual_seed(0)
+    attn = davit_module.WindowAttention(16, 2, window_size=3).eval()
+    x = torch.randn(2, *size, 16)
+    residual = torch.randn(x.shape) if with_residual else None
+    with torch.no_grad():
+        expected = attn(x, residual=residual)
+        bands, attend = [], attn._attend
+
+        def recorded(band, *args):
+            bands.append(band.shape[1])
+            return attend(band, *args)
+
+        monkeypatch.setattr(attn, '_attend', recorded)
+        monkeypatch.setattr(ops, 'BLOCK_BYTES', 2 * 2 * 3 * 4 * 3 * 3 * 16 * 4)  # 2 window rows
+        banded = attn(x, residual=residual)
+    rows = -(-size[0] // 3)
+    assert bands == [6] * (rows // 2) + [3] * (rows % 2)
+    assert (banded - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize('batch', [1, 2])

@@ -190,8 +190,28 @@ class WindowAttention(_ProjectedAttention):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, H, W, C) -> (B, H, W, C)``, plus ``residual`` if given."""
         B, H, W, C = x.shape
-        ws, heads = self.window_size, self.num_heads
+        ws = self.window_size
         x, nh, nw = _pad_bottom_right(x, ws)
+        # Rows of windows are independent: CPU inference takes them in cache-sized bands
+        # (davit_mm.ops.inference_blocks, sized by the band's qkv); elsewhere one band.
+        bands = ops.inference_blocks(x, nh, B * ws * nw * ws * 3 * C * x.element_size(),
+                                     params=(self.qkv.weight, self.proj.weight))
+        if len(bands) == 1:
+            return self._attend(x, nh, nw, H, W, residual)
+        out = x.new_empty(B, H, W, C)
+        for band in bands:
+            top, bottom = band.start * ws, min(band.stop * ws, H)
+            out[:, top:bottom] = self._attend(
+                x[:, band.start * ws:band.stop * ws], band.stop - band.start, nw, bottom - top, W,
+                None if residual is None else residual[:, top:bottom])
+        return out
+
+    def _attend(self, x: torch.Tensor, nh: int, nw: int, H: int, W: int,
+                residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention in the ``nh x nw`` windows of a padded ``(B, nh * ws, nw * ws, C)`` map,
+        cropped to ``H x W``."""
+        B, C = x.shape[0], x.shape[-1]
+        ws, heads = self.window_size, self.num_heads
         Hp, Wp = nh * ws, nw * ws
         # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
         windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
