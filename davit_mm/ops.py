@@ -117,6 +117,17 @@ def is_tracing() -> bool:
     return bool(torch.onnx.is_in_onnx_export())
 
 
+def is_exporting() -> bool:
+    """Whether the graph being built must hold at every input size (``torch.jit.trace``/script,
+    ``torch.export``, ONNX export); ``torch.compile`` guards on sizes and recompiles instead. On
+    a torch without ``torch.compiler.is_exporting``, any tracing counts."""
+    exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
+    if exporting is None:
+        return is_tracing()
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or exporting()
+            or bool(torch.onnx.is_in_onnx_export()))
+
+
 def _fast(x: torch.Tensor, device_type: str) -> bool:
     return _enabled and _device_type(x) == device_type and not is_tracing()
 

@@ -142,6 +142,28 @@ def test_channel_attention_fold_skips_a_projection_per_token_where_it_pays(hw, s
         assert counts[0] == folded
 
 
+def test_channel_attention_folds_the_projection_under_compile_but_not_in_exported_graphs():
+    """torch.compile guards on sizes, so it gets the folded projection; torch.export's graph must
+    hold at every size, so it keeps the projection (N >= C here, and not at all sizes)."""
+    attn = ChannelAttention(32, 2).eval()
+    x = torch.randn(2, 8, 9, 32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == 'call_function'])
+        return gm.forward
+
+    with torch.no_grad():
+        expected = attn(x, residual=x)
+        compiled = torch.compile(attn, backend=backend)(x, residual=x)
+    exported = torch.export.export(attn, (x, ), {'residual': x})
+    exported_ops = [str(node.target) for node in exported.graph.nodes if node.op == 'call_function']
+    assert torch.allclose(compiled, expected, atol=1e-5)
+    assert sum('linear' in op for op in graphs[0]) == 1  # only the logits' projections
+    assert sum('linear' in op for op in exported_ops) == 2  # and the output projection
+    assert torch.allclose(exported.module()(x, residual=x), expected, atol=1e-5)
+
+
 def test_channel_attention_fold_under_autocast_matches_fp32():
     torch.manual_seed(0)
     attn = ChannelAttention(64, 2).eval()

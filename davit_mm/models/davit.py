@@ -248,8 +248,8 @@ class ChannelAttention(_ProjectedAttention):
     ``C^2 d`` (+ ``C^3`` with the projection) multiply-adds per image. The attended projection
     and ``out`` are never computed, and only the two projections the logits need are. The output
     projection is folded in where that costs less than applying it (``N >= C``) and the model
-    is not being traced (a traced graph holds for every size); :mod:`tools/analysis/get_flops`
-    counts the paper's steps (``fused=False``).
+    is not being exported (an exported graph holds for every size; ``torch.compile`` folds);
+    :mod:`tools/analysis/get_flops` counts the paper's steps (``fused=False``).
 
     The ``d x d`` logits, their softmax and the folded weights are computed in float32 even
     under fp16/bf16 autocast: the logits sum over every token of the map, and at detection
@@ -296,7 +296,7 @@ class ChannelAttention(_ProjectedAttention):
         bias = None if self.qkv.bias is None else self.qkv.bias[rows]
         pair = ops.linear(tokens, (self.qkv.weight[rows], bias))
         pair = pair.view(B, N, 2, self.num_groups, self.head_dim).permute(2, 0, 3, 1, 4)
-        fold_proj = N >= C and not ops.is_tracing()
+        fold_proj = N >= C and not ops.is_exporting()
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Scaling the d x d product instead of an N x d operand: same maths, less work.
             logits = (pair[0].float().transpose(-1, -2) @ pair[1].float()) * self._scale(N)
