@@ -1,14 +1,16 @@
 """Device-specific kernels behind DaViT's linear and convolution layers, with one switch.
 
-The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp` and :func:`conv2d`
-where it would call ``F.linear``, ``fc2(gelu(fc1(x)))`` and ``conv(x)``. Each computes exactly
-the maths of the plain op (tested against it), and picks its kernel by device:
+The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`conv2d` and
+:func:`batched_linear` where it would call ``F.linear``, ``fc2(gelu(fc1(x)))``, ``conv(x)`` and
+``baddbmm``, and asks :func:`inference_blocks` how to split its window attention at CPU
+inference. Each computes exactly the maths of the plain op (tested against it), and picks its
+kernel by device:
 
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul, inference MLPs in cache-sized blocks of
-  tokens, and a leaner MLP backward; convolutions are the plain ``F.conv2d`` (oneDNN already),
-  with the position encodings' residual addition fused into oneDNN's convolution at inference
-  (``torch.ops.mkldnn._convolution_pointwise``).
+  GELU and residual additions fused into the matmul, inference MLPs (and window attention) in
+  cache-sized blocks of tokens, and a leaner MLP backward; convolutions are the plain
+  ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused into
+  oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own

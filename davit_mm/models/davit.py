@@ -195,7 +195,7 @@ class WindowAttention(_ProjectedAttention):
         # Rows of windows are independent: CPU inference takes them in cache-sized bands
         # (davit_mm.ops.inference_blocks, sized by the band's qkv); elsewhere one band.
         bands = ops.inference_blocks(x, nh, B * ws * nw * ws * 3 * C * x.element_size(),
-                                     params=(self.qkv.weight, self.proj.weight))
+                                     params=(*self.qkv.parameters(), *self.proj.parameters()))
         if len(bands) == 1:
             return self._attend(x, nh, nw, H, W, residual)
         out = x.new_empty(B, H, W, C)
