@@ -106,16 +106,19 @@ def _device_type(x: torch.Tensor) -> str:
     return x.device.type
 
 
+def _compiler_probe(name: str) -> Optional[bool]:
+    """``torch.compiler.<name>()`` (``is_compiling``, ``is_exporting``), or None on a torch
+    without it."""
+    fn = getattr(getattr(torch, 'compiler', None), name, None)
+    return None if fn is None else bool(fn())
+
+
 def is_tracing() -> bool:
     """Whether a tracer, scripter, compiler or exporter is looking: then only standard ops."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
-    compiler = getattr(torch, 'compiler', None)
-    if compiler is not None:
-        for probe in ('is_compiling', 'is_exporting'):
-            fn = getattr(compiler, probe, None)
-            if fn is not None and fn():
-                return True
+    if _compiler_probe('is_compiling') or _compiler_probe('is_exporting'):
+        return True
     return bool(torch.onnx.is_in_onnx_export())
 
 
@@ -123,11 +126,11 @@ def is_exporting() -> bool:
     """Whether the graph being built must hold at every input size (``torch.jit.trace``/script,
     ``torch.export``, ONNX export); ``torch.compile`` guards on sizes and recompiles instead. On
     a torch without ``torch.compiler.is_exporting``, any tracing counts."""
-    exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
+    exporting = _compiler_probe('is_exporting')
     if exporting is None:
         return is_tracing()
-    return (torch.jit.is_scripting() or torch.jit.is_tracing() or exporting()
-            or bool(torch.onnx.is_in_onnx_export()))
+    # Tracing that is not compiling is a jit tracer/scripter or the ONNX exporter.
+    return exporting or (is_tracing() and not _compiler_probe('is_compiling'))
 
 
 def _fast(x: torch.Tensor, device_type: str) -> bool:
