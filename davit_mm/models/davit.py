@@ -249,7 +249,7 @@ class ChannelAttention(_ProjectedAttention):
     and ``out`` are never computed, and only the two projections the logits need are. The output
     projection is folded in where that costs less than applying it (``N >= C``) and the model
     is not being exported (an exported graph holds for every size; ``torch.compile`` folds);
-    :mod:`tools/analysis/get_flops` counts the paper's steps (``fused=False``).
+    ``tools/analysis/get_flops.py`` counts the paper's steps (``fused=False``).
 
     The ``d x d`` logits, their softmax and the folded weights are computed in float32 even
     under fp16/bf16 autocast: the logits sum over every token of the map, and at detection
