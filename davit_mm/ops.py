@@ -6,9 +6,11 @@ The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :fun
 inference. Each computes exactly the maths of the plain op (tested against it), and picks its
 kernel by device:
 
+- Every device: training MLPs save less for backward (:class:`_LeanMlpFunction`: GELU is
+  recomputed rather than stored).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul, inference MLPs (and window attention) in
-  cache-sized blocks of tokens, and a leaner MLP backward; convolutions are the plain
+  GELU and residual additions fused into the matmul, and inference MLPs (and window attention) in
+  cache-sized blocks of tokens; convolutions are the plain
   ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused into
   oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
@@ -149,6 +151,20 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+def _in_autocast_dtype(device_type: str, *tensors: Optional[torch.Tensor]):
+    """``tensors`` cast as autocast would cast a linear's or a convolution's operands (None
+    stays None)."""
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(p is not None and p.requires_grad for p in params))
+
+
 # ------------------------------------------------------------------------------------ linear
 def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's linear serves CPU fp32/bf16 calls outside autocast."""
@@ -161,10 +177,12 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return _ONEDNN_LINEAR.default(x, weight, bias, activation, [], 'none')
 
 
-def _linear_backward(ctx, grad, x, weight, first: int = 0):
+def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True):
     """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``."""
     need = ctx.needs_input_grad[first:first + 3]
-    grad_x = _onednn(grad, weight.t(), None) if need[0] else None  # grad @ weight
+    grad_x = None
+    if need[0]:  # grad @ weight
+        grad_x = _onednn(grad, weight.t(), None) if onednn else grad.matmul(weight)
     flat = grad.reshape(-1, grad.shape[-1])
     grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
     grad_b = flat.sum(0) if need[2] else None
@@ -186,17 +204,25 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return _linear_backward(ctx, grad, x, weight)
 
 
-class _OneDNNMlpFunction(torch.autograd.Function):
-    """fc1 -> GELU -> fc2 for CPU training, saving only the input and the pre-GELU activation.
-    The post-GELU activation (4x the block width) is recomputed in backward, which then holds
-    two such wide tensors at a time instead of autograd's three: a quarter less activation memory
-    per block, for one extra GELU."""
+class _LeanMlpFunction(torch.autograd.Function):
+    """fc1 -> GELU -> fc2 for training, saving only the input and the pre-GELU activation.
+
+    Autograd would also keep the post-GELU activation (fc2's input, 4x the block width); here
+    backward recomputes it, and then holds two such wide tensors at a time instead of three. A
+    DaViT block keeps about 18 channel-widths per token for backward; this drops 4 of them, for
+    one extra GELU. The matmuls are
+    oneDNN's on the CPU fast path (``onednn``) and the plain ones elsewhere; callers cast for
+    autocast and turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward
+    compute in one dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        pre = _onednn(x, w1, b1)
+    def forward(ctx, x, w1, b1, w2, b2, onednn: bool):
+        matmul = _onednn if onednn else F.linear
+        ctx.onednn = onednn
+        pre = matmul(x, w1, b1)
         ctx.save_for_backward(x, w1, pre, w2)
-        return _onednn(F.gelu(pre), w2, b2)
+        return matmul(F.gelu(pre), w2, b2)
 
     @staticmethod
     def backward(ctx, grad):
@@ -210,15 +236,22 @@ class _OneDNNMlpFunction(torch.autograd.Function):
             del hidden  # before the next wide tensor is allocated
         if need[4]:
             grad_b2 = flat.sum(0)
-        grad_pre = _onednn(grad, w2.t(), None)  # grad @ w2
+        grad_pre = _onednn(grad, w2.t(), None) if ctx.onednn else grad.matmul(w2)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
-        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, first=0)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
-def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (
-        x.requires_grad or any(p is not None and p.requires_grad for p in params))
+def _lean_mlp(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """:class:`_LeanMlpFunction` on any device, in the dtype autocast would compute the linears
+    in: the operands are cast here, as autocast casts a linear's, and autocast is off inside
+    (it would not reach the backward, which then computes in the forward's dtype)."""
+    device_type = _device_type(x)
+    if _autocast_dtype(device_type) is None:
+        return _LeanMlpFunction.apply(x, *params, _onednn_fits(x, params[0]))
+    x, *params = _in_autocast_dtype(device_type, x, *params)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _LeanMlpFunction.apply(x, *params, False)
 
 
 def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional[torch.Tensor]]],
@@ -309,14 +342,14 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual + fc2(gelu(fc1(x)))`` (``residual`` optional).
 
-    On CPU, training saves less for backward (:class:`_OneDNNMlpFunction`), and inference runs
-    over blocks of tokens whose hidden activation stays in cache.
+    Training saves less for backward on every device (:class:`_LeanMlpFunction`), and CPU
+    inference runs over blocks of tokens whose hidden activation stays in cache.
     """
     params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+    if _enabled and not is_tracing() and _needs_grad(x, *params):
+        out = _lean_mlp(x, params)
+        return out if residual is None else residual + out
     if _onednn_fits(x, fc1.weight):
-        if _needs_grad(x, *params):
-            out = _OneDNNMlpFunction.apply(x, *params)
-            return out if residual is None else residual + out
         out = _onednn_mlp_inference(x, fc1, fc2, residual)
         if out is not None:
             return out
@@ -326,14 +359,6 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
 # ------------------------------------------------------------------------------ convolution
 def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
-
-
-def _in_autocast_dtype(device_type: str, *tensors: Optional[torch.Tensor]):
-    """``tensors`` cast as autocast would cast a convolution's operands (None stays None)."""
-    dtype = _autocast_dtype(device_type)
-    if dtype is None:
-        return tensors
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
 def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

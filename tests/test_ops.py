@@ -64,30 +64,93 @@ def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_resi
         assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
 
 
-@onednn
+def plain_mlp(mlp, x, residual=None):
+    return plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
+
+
+def _mlp_outputs_and_grads(forward, mlp, x, residual):
+    mlp.zero_grad()
+    out = forward(x, residual=residual)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    tensors = [t for t in (x, residual) if t is not None]
+    results = [out.detach()] + [t.grad.clone() for t in tensors]
+    results += [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
+    for t in tensors:
+        t.grad = None
+    return results
+
+
+@pytest.fixture(params=['onednn', 'portable'])
+def mlp_kernel(request, monkeypatch):
+    """The MLP's training path with oneDNN's matmuls (CPU) or the plain ones (every other
+    device, and CPU under autocast)."""
+    if request.param == 'onednn' and ops._ONEDNN_LINEAR is None:
+        pytest.skip('this torch has no oneDNN linear')
+    if request.param == 'portable':
+        monkeypatch.setattr(ops, '_ONEDNN_LINEAR', None)
+    return request.param
+
+
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('frozen_fc1', [False, True])
-def test_mlp_training_path_matches_autograd_of_the_plain_ops(with_residual, frozen_fc1):
+def test_mlp_training_path_matches_autograd_of_the_plain_ops(mlp_kernel, with_residual, frozen_fc1):
     """The MLP's training path keeps less for backward (it recomputes GELU): same gradients."""
     torch.manual_seed(0)
     mlp = davit_module.Mlp(16, 64)
     mlp.fc1.requires_grad_(not frozen_fc1)
     x = torch.randn(2, 5, 7, 16, requires_grad=True)
     residual = torch.randn(2, 5, 7, 16, requires_grad=True) if with_residual else None
-    weights = torch.linspace(-1, 1, x.numel()).view(x.shape)
-    results = []
-    for forward in (mlp.forward,
-                    lambda t, residual: plain(F.gelu(plain(t, mlp.fc1)), mlp.fc2, residual=residual)):
-        mlp.zero_grad()
-        out = forward(x, residual=residual)
-        (out * weights).sum().backward()
-        tensors = [x] + ([residual] if with_residual else []) + [p for p in mlp.parameters() if p.requires_grad]
-        results.append([out.detach()] + [t.grad.clone() for t in tensors])
-        for t in (x, residual):
-            if t is not None:
-                t.grad = None
-    for fast, expected in zip(*results):
-        assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
+    fast = _mlp_outputs_and_grads(mlp.forward, mlp, x, residual)
+    expected = _mlp_outputs_and_grads(lambda t, residual: plain_mlp(mlp, t, residual), mlp, x, residual)
+    assert len(fast) == len(expected)
+    for a, b in zip(fast, expected):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _saved_for_backward(fn):
+    """The tensors autograd keeps from ``fn()`` for backward, parameters excluded."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, [t for t in saved if not isinstance(t, nn.Parameter)]
+
+
+def test_mlp_training_path_keeps_one_hidden_activation_for_backward(mlp_kernel):
+    """Autograd of the plain ops keeps both the pre- and the post-GELU activation (64 wide);
+    the training path keeps only the pre-GELU one, on every kernel."""
+    mlp = davit_module.Mlp(16, 64)
+    x = torch.randn(2, 5, 7, 16, requires_grad=True)
+    _, plain_saved = _saved_for_backward(lambda: plain_mlp(mlp, x))
+    out, saved = _saved_for_backward(lambda: mlp(x))
+    wide = x.numel() * 4
+    hidden = [t for t in saved if t.numel() == wide]
+    assert len([t for t in plain_saved if t.numel() == wide]) == 2
+    assert len(hidden) == 1
+    assert torch.allclose(hidden[0], plain(x, mlp.fc1), atol=1e-6)  # the pre-GELU activation
+    assert out.grad_fn.name() == '_LeanMlpFunctionBackward'
+
+
+@pytest.mark.parametrize('with_residual', [False, True])
+def test_mlp_training_path_under_autocast_computes_as_autocast_would(with_residual):
+    """Under (CPU bf16) autocast the training path casts its operands as autocast casts a
+    linear's and computes forward and backward in bf16: the plain ops' results under the same
+    autocast, to bf16 rounding, with bf16 outputs and float32 parameter gradients."""
+    torch.manual_seed(0)
+    mlp = davit_module.Mlp(32, 128)
+    x = torch.randn(2, 6, 9, 32, requires_grad=True)
+    residual = torch.randn(2, 6, 9, 32, requires_grad=True) if with_residual else None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, saved = _saved_for_backward(lambda: mlp(x))
+        fast = _mlp_outputs_and_grads(mlp.forward, mlp, x, residual)
+        expected = _mlp_outputs_and_grads(lambda t, residual: plain_mlp(mlp, t, residual),
+                                          mlp, x, residual)
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() == '_LeanMlpFunctionBackward'
+    assert all(t.dtype == torch.bfloat16 for t in saved)
+    assert fast[0].dtype == expected[0].dtype
+    assert all(p.grad.dtype == torch.float32 for p in mlp.parameters())
+    for a, b in zip(fast, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
 @onednn
@@ -270,6 +333,23 @@ def test_on_cuda_under_autocast_the_convolutions_run_in_the_autocast_dtype(mocke
             ops._autocast_dtype = original
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert len(depthwise_calls) == 1
+
+
+def test_on_cuda_the_mlp_trains_with_the_portable_lean_function(mocked_cuda, monkeypatch):
+    """CUDA inputs take the MLP's lean training path with plain matmuls, not oneDNN's."""
+    mlp = davit_module.Mlp(16, 64)
+    x = torch.randn(2, 5, 7, 16, requires_grad=True)
+    calls = []
+    original = ops._LeanMlpFunction.forward
+
+    def recorded(ctx, *args):
+        calls.append(args[-1])
+        return original(ctx, *args)
+
+    monkeypatch.setattr(ops._LeanMlpFunction, 'forward', staticmethod(recorded))
+    out = mlp(x)
+    assert calls == [False]  # onednn=False
+    assert torch.allclose(out, plain_mlp(mlp, x), atol=1e-5)
 
 
 def test_the_switch_turns_every_kernel_off(tiny_arch, mocked_cuda):
