@@ -1,18 +1,20 @@
-"""Device-specific kernels behind DaViT's linear and convolution layers, with one switch.
+"""Device-specific kernels behind DaViT's linear, attention and convolution layers, with one
+switch.
 
-The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`conv2d` and
-:func:`batched_linear` where it would call ``F.linear``, ``fc2(gelu(fc1(x)))``, ``conv(x)`` and
-``baddbmm``, and asks :func:`inference_blocks` how to split its window attention at CPU
-inference. Each computes exactly the maths of the plain op (tested against it), and picks its
-kernel by device:
+The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`attention`,
+:func:`conv2d` and :func:`batched_linear` where it would call ``F.linear``,
+``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)`` and ``baddbmm``, and
+asks :func:`inference_blocks` how to split its window attention at CPU inference. Each computes
+exactly the maths of the plain op (tested against it), and picks its kernel by device:
 
 - Every device: training MLPs save less for backward (:class:`_LeanMlpFunction`: GELU is
   recomputed rather than stored).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul, and inference MLPs (and window attention) in
-  cache-sized blocks of tokens; convolutions are the plain
-  ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused into
-  oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``).
+  GELU and residual additions fused into the matmul, inference MLPs (and window attention) in
+  cache-sized blocks of tokens, and window attention in bf16/fp16 as three plain steps instead of
+  PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with
+  the position encodings' residual addition fused into oneDNN's convolution at inference
+  (``torch.ops.mkldnn._convolution_pointwise``).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
@@ -354,6 +356,21 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
         if out is not None:
             return out
     return linear(linear(x, fc1, gelu=True), fc2, residual=residual)
+
+
+# -------------------------------------------------------------------------------- attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` for ``(..., tokens, d)`` queries, keys and values.
+
+    ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a bf16 model,
+    or CPU autocast): there PyTorch's CPU flash attention is about 2x slower than the three plain
+    steps forward and 7x in backward for DaViT's 49-token windows (docs/benchmark.md), so the
+    plain steps run (the official code's own order).
+    """
+    if _fast(q, 'cpu') and (q.dtype in (torch.bfloat16, torch.float16)
+                            or _autocast_dtype('cpu') is not None):
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 # ------------------------------------------------------------------------------ convolution

@@ -101,7 +101,8 @@ def test_mlp_training_path_matches_autograd_of_the_plain_ops(mlp_kernel, with_re
     x = torch.randn(2, 5, 7, 16, requires_grad=True)
     residual = torch.randn(2, 5, 7, 16, requires_grad=True) if with_residual else None
     fast = _mlp_outputs_and_grads(mlp.forward, mlp, x, residual)
-    expected = _mlp_outputs_and_grads(lambda t, residual: plain_mlp(mlp, t, residual), mlp, x, residual)
+    expected = _mlp_outputs_and_grads(lambda t, residual: plain_mlp(mlp, t, residual),
+                                      mlp, x, residual)
     assert len(fast) == len(expected)
     for a, b in zip(fast, expected):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -225,6 +226,59 @@ def test_batched_linear_matches_a_loop_of_plain_linears(batch, with_bias, with_r
         expected = expected if residual is None else residual[i] + expected
         assert torch.allclose(out[i], expected, atol=1e-5)
     assert out.shape == (batch, 30, 20) and out.requires_grad == grad
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Records each call of F.scaled_dot_product_attention."""
+    calls, original = [], F.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recorded)
+    return calls
+
+
+def _attention_and_grads(fn, q, k, v):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                (q, k, v))
+    return [out.detach().float()] + [g.float() for g in grads]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_attention_is_sdpa_and_takes_the_plain_steps_on_cpu_in_reduced_precision(
+        sdpa_calls, dtype, autocast):
+    """CPU attention in bf16 (a bf16 model, or CPU autocast) takes the three plain steps, not
+    PyTorch's CPU flash attention; fp32 takes F.scaled_dot_product_attention. Outputs and input
+    gradients are the float32 SDPA's, to the rounding of the dtype."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 3, 49, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+        results = _attention_and_grads(ops.attention, q, k, v)
+    expected = _attention_and_grads(F.scaled_dot_product_attention,
+                                    *(t.detach().float().requires_grad_() for t in (q, k, v)))
+    full_precision = dtype == torch.float32 and not autocast
+    assert sdpa_calls == [torch.float32] * (2 if full_precision else 1)  # 1: the reference's
+    tolerance = 1e-5 if full_precision else 3e-2
+    for a, b in zip(results, expected):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= tolerance * max(1., b.abs().max().item())
+
+
+def test_attention_in_reduced_precision_is_sdpa_when_traced_or_switched_off(sdpa_calls):
+    q = k = v = torch.randn(2, 3, 49, 32, dtype=torch.bfloat16)
+    ops.set_fast_kernels(False)
+    try:
+        ops.attention(q, k, v)
+    finally:
+        ops.set_fast_kernels(True)
+    assert sdpa_calls == [torch.bfloat16]
+    graph = str(torch.jit.trace(ops.attention, (q, k, v)).graph)
+    assert 'aten::scaled_dot_product_attention' in graph and 'aten::softmax' not in graph
 
 
 def test_onednn_linear_refuses_gelu_with_a_residual():

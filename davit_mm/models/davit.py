@@ -176,7 +176,8 @@ class WindowAttention(_ProjectedAttention):
         num_heads (int): Attention heads; ``dim`` must be divisible by it.
         window_size (int): Window side in tokens.
         qkv_bias (bool): Bias in the qkv projection. Defaults to True.
-        fused (bool): Use ``F.scaled_dot_product_attention``. False runs the plain reference path
+        fused (bool): Use :func:`davit_mm.ops.attention` (``F.scaled_dot_product_attention``
+            but on CPU in bf16/fp16). False runs the plain reference path
             (explicit ``softmax(q k^T * d^-0.5) v``); both share weights. Defaults to True.
     """
 
@@ -217,7 +218,7 @@ class WindowAttention(_ProjectedAttention):
         windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
         q, k, v = self._qkv(windows, heads)
         if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = ops.attention(q, k, v)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             out = attn @ v
