@@ -410,3 +410,33 @@ def test_in_channels_accepts_other_inputs(tiny_arch):
 def test_alias_and_name_build_the_same_variant():
     assert DaViT('t').depths == DaViT('tiny').depths == (1, 1, 3, 1)
     assert DaViT(dict(embed_dims=8, depths=(1, 1), num_heads=(1, 2)), out_indices=(0, 1)).embed_dims == (8, 16)
+
+
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_training_under_bf16_autocast_follows_fp32(tiny_arch, with_cp):
+    """A training step under CPU bf16 autocast (lean MLP in bf16, the plain attention steps,
+    fp32 channel-attention logits), with and without checkpointing: outputs and gradients
+    follow the fp32 step's to bf16 rounding, and the gradients are fp32."""
+    torch.manual_seed(0)
+    model = DaViT(tiny_arch, drop_path_rate=0., with_cp=with_cp).train()
+    x = torch.randn(2, 3, 61, 83)
+
+    def step(autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            outs = model(x)
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum()
+                       for o in outs)
+        loss.backward()
+        return [o.detach().float() for o in outs], [p.grad for p in model.parameters()]
+
+    outs, grads = step(True)
+    expected_outs, expected_grads = step(False)
+    assert all(o.dtype == torch.float32 for o in expected_outs)
+    for low, high in zip(outs, expected_outs):
+        assert (low - high).abs().max() <= 3e-2 * high.abs().max()
+    assert all(g.dtype == torch.float32 for g in grads)
+    flat, expected_flat = torch.cat([g.flatten() for g in grads]), torch.cat(
+        [g.flatten() for g in expected_grads])
+    # bf16 keeps 8 bits of mantissa: the gradient as a whole agrees to a few percent.
+    assert (flat - expected_flat).norm() <= 5e-2 * expected_flat.norm()
