@@ -34,6 +34,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split('+')[0].split('.')[:2])
 
@@ -201,6 +202,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return _onednn(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         return _linear_backward(ctx, grad, x, weight)
@@ -212,10 +214,11 @@ class _LeanMlpFunction(torch.autograd.Function):
     Autograd would also keep the post-GELU activation (fc2's input, 4x the block width); here
     backward recomputes it, and then holds two such wide tensors at a time instead of three. A
     DaViT block keeps about 18 channel-widths per token for backward; this drops 4 of them, for
-    one extra GELU. The matmuls are
-    oneDNN's on the CPU fast path (``onednn``) and the plain ones elsewhere; callers cast for
-    autocast and turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward
-    compute in one dtype.
+    one extra GELU. The matmuls are oneDNN's on the CPU fast path (``onednn``) and the plain ones
+    elsewhere; callers cast for autocast and turn it off around ``apply`` (see
+    :func:`_lean_mlp`), so forward and backward compute in one dtype. Like
+    :class:`_OneDNNLinearFunction`, its backward is not differentiable again (second derivatives
+    raise; they need :func:`set_fast_kernels` ``(False)``).
     """
 
     @staticmethod
@@ -227,6 +230,7 @@ class _LeanMlpFunction(torch.autograd.Function):
         return matmul(F.gelu(pre), w2, b2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, w1, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad

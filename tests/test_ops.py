@@ -108,6 +108,30 @@ def test_mlp_training_path_matches_autograd_of_the_plain_ops(mlp_kernel, with_re
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_second_derivatives_through_the_training_paths_raise_unless_switched_off(mlp_kernel):
+    """The custom backward functions are not differentiable again: asking for a second
+    derivative raises instead of silently missing terms; with the switch off it is computed."""
+    mlp = davit_module.Mlp(8, 32)
+    x = torch.randn(3, 8, requires_grad=True)
+
+    def second_derivative():
+        x.grad = None
+        grad, = torch.autograd.grad(mlp(x).pow(2).sum(), x, create_graph=True)
+        grad.sum().backward()
+        return x.grad
+
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        second_derivative()
+    ops.set_fast_kernels(False)
+    try:
+        plain_result = second_derivative()
+    finally:
+        ops.set_fast_kernels(True)
+    expected, = torch.autograd.grad(
+        torch.autograd.grad(plain_mlp(mlp, x).pow(2).sum(), x, create_graph=True)[0].sum(), x)
+    assert torch.allclose(plain_result, expected)
+
+
 def _saved_for_backward(fn):
     """The tensors autograd keeps from ``fn()`` for backward, parameters excluded."""
     saved = []
