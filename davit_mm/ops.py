@@ -66,6 +66,15 @@ def _onednn_linear_op() -> Optional[object]:
         return None
 
 
+def _onednn_bf16_supported() -> bool:
+    """Whether oneDNN computes in bf16 here (AVX-512 or newer, within ``ONEDNN_MAX_CPU_ISA``);
+    on an AVX2 CPU its bf16 linear fails to build. Private, checked on torch >= 2.1."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _cuda_depthwise_op() -> Optional[Callable]:
     """PyTorch's own CUDA depth-wise convolution (``aten::_conv_depthwise2d``, with autograd),
     or None; private, present with this signature since torch 1.x."""
@@ -90,6 +99,9 @@ def _onednn_conv_op() -> Optional[object]:
 
 _ONEDNN_LINEAR = _onednn_linear_op()
 _ONEDNN_CONV = _onednn_conv_op()
+# The dtypes oneDNN's linear serves.
+_ONEDNN_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
 
 if _ONEDNN_LINEAR is not None:
@@ -170,9 +182,10 @@ def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
 
 # ------------------------------------------------------------------------------------ linear
 def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN's linear serves CPU fp32/bf16 calls outside autocast."""
+    """oneDNN's linear serves CPU fp32 calls outside autocast, and bf16 ones where it computes
+    in bf16."""
     return (_ONEDNN_LINEAR is not None and _fast(x, 'cpu') and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and _autocast_dtype('cpu') is None)
+            and x.dtype in _ONEDNN_DTYPES and _autocast_dtype('cpu') is None)
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
