@@ -14,7 +14,8 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   cache-sized blocks of tokens, and window attention in bf16/fp16 as three plain steps instead of
   PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with
   the position encodings' residual addition fused into oneDNN's convolution at inference
-  (``torch.ops.mkldnn._convolution_pointwise``).
+  (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training downsamples
+  run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
@@ -97,6 +98,9 @@ def _onednn_conv_op() -> Optional[object]:
         return None
 
 
+# The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
+# does not say).
+_CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
 _ONEDNN_LINEAR = _onednn_linear_op()
 _ONEDNN_CONV = _onednn_conv_op()
 # The dtypes oneDNN's linear serves.
@@ -395,6 +399,14 @@ def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
 
 
+def _tiles_input(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether a dense convolution's kernel tiles the input: kernel == stride, no padding or
+    dilation, divisible sizes."""
+    return (conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.groups == 1
+            and conv.dilation == (1, 1)
+            and x.shape[-2] % conv.stride[0] == 0 and x.shape[-1] % conv.stride[1] == 0)
+
+
 def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A dense (groups=1) convolution as one matrix product: a reshape when the kernel tiles the
     input (kernel == stride, no padding, divisible sizes), ``unfold`` otherwise. Takes and returns
@@ -403,7 +415,7 @@ def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     x, weight, bias = _in_autocast_dtype(_device_type(x), x, conv.weight, conv.bias)
     B, C, H, W = x.shape
     out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if (kh, kw) == (sh, sw) and ph == pw == 0 and H % kh == 0 and W % kw == 0:
+    if _tiles_input(conv, x):
         patches = x.permute(0, 2, 3, 1).reshape(B, out_h, kh, out_w, kw, C)
         patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(B, out_h, out_w, kh * kw * C)
         weight = weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
@@ -428,6 +440,15 @@ def _conv_cuda(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return _conv_as_matmul(x, conv) if conv.groups == 1 else conv(x)
 
 
+def _patch_matmul_pays_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """CPU training with AVX2 kernels: a 2x2/s2 downsample trains faster as a reshape and a
+    matmul than through oneDNN's convolution backward on channels-last maps (about 1.4x for
+    DaViT-T's three downsamples; docs/benchmark.md). With AVX-512 kernels, and at inference,
+    the convolution is faster."""
+    return (_CPU_CAPABILITY == 'AVX2' and _fast(x, 'cpu') and conv.padding_mode == 'zeros'
+            and _tiles_input(conv, x) and _needs_grad(x, conv.weight, conv.bias))
+
+
 def _onednn_conv_fits(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
     """oneDNN's conv + add serves CPU fp32 inference on channels-last maps."""
     return (_ONEDNN_CONV is not None and _fast(x, 'cpu') and conv.padding_mode == 'zeros'
@@ -446,5 +467,10 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor,
         return _ONEDNN_CONV(x, residual, conv.weight, conv.bias, list(conv.padding),
                             list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
                             None, [], None)
-    out = _conv_cuda(conv, x) if _fast(x, 'cuda') else conv(x)
+    if _fast(x, 'cuda'):
+        out = _conv_cuda(conv, x)
+    elif _patch_matmul_pays_on_cpu(conv, x):
+        out = _conv_as_matmul(x, conv)
+    else:
+        out = conv(x)
     return out if residual is None else residual + out

@@ -342,8 +342,10 @@ def test_backbone_traces_without_graph_breaks(tiny_arch, mode):
     assert explanation.graph_count == 1
 
 
-def test_conv_weight_gradients_have_the_weights_strides(tiny_arch):
+@pytest.mark.parametrize('capability', ['AVX512', 'AVX2'])
+def test_conv_weight_gradients_have_the_weights_strides(tiny_arch, monkeypatch, capability):
     """DDP's gradient buckets need matching strides, or it copies every gradient (and warns)."""
+    monkeypatch.setattr(ops, '_CPU_CAPABILITY', capability)
     model = DaViT(tiny_arch, drop_path_rate=0.).train()
     sum(o.sum() for o in model(torch.randn(2, 3, 40, 40))).backward()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -352,6 +354,40 @@ def test_conv_weight_gradients_have_the_weights_strides(tiny_arch):
         assert conv.weight.grad.stride() == conv.weight.stride()
 
 
+
+
+@pytest.mark.parametrize('capability,grad,expected', [('AVX2', True, 'matmul'),
+                                                      ('AVX2', False, 'conv'),
+                                                      ('AVX512', True, 'conv')])
+def test_cpu_downsample_trains_as_a_matmul_with_avx2_kernels(monkeypatch, capability, grad,
+                                                             expected):
+    """With AVX2 kernels a training 2x2/s2 downsample runs as a reshape and a matmul (faster
+    there than oneDNN's convolution backward); at inference, and with AVX-512 kernels, as the
+    convolution. Outputs and gradients are the convolution's."""
+    monkeypatch.setattr(ops, '_CPU_CAPABILITY', capability)
+    calls = []
+    original = ops._conv_as_matmul
+    monkeypatch.setattr(ops, '_conv_as_matmul', lambda x, conv: calls.append(1) or original(x, conv))
+    torch.manual_seed(0)
+    down = davit_module.Downsample(8, 16)
+    base = torch.randn(2, 10, 14, 8)
+    results = []
+    for run in ('ops', 'plain'):
+        down.zero_grad()
+        x = base.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            if run == 'ops':
+                out = down(x)
+            else:
+                out = down.conv(down.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        results.append([out.detach()])
+        if grad:
+            (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+            results[-1] += [x.grad, down.conv.weight.grad.clone(), down.conv.bias.grad.clone()]
+    assert calls == ([1] if expected == 'matmul' else [])
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------- the CUDA choices
