@@ -83,3 +83,36 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
         for impl in ('ours', 'reference'):
             assert row[f'new_shape_first_{impl}_s'] > 0 and row[f'new_shape_repeat_{impl}_s'] > 0
     assert set(rows[2]) >= {'new_shape_extra_ours_ms', 'new_shape_extra_reference_ms'}
+
+
+def test_benchmark_tool_times_timm_and_plain_kernels_beside_ours(tmp_path):
+    """The GPU commands' --timm, --plain-kernels and --dtype paths (here bf16 autocast on CPU),
+    with a stand-in timm package that records how the tool asks for its model."""
+    fake = tmp_path / 'fake_site' / 'timm'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text(
+        'import json, os\n'
+        'from davit_mm.models import DaViT\n'
+        'def create_model(name, **kwargs):\n'
+        '    with open(os.environ["FAKE_TIMM_LOG"], "a") as f:\n'
+        '        f.write(json.dumps(dict(name=name, **kwargs)) + "\\n")\n'
+        '    return DaViT(name[len("davit_"):])\n')
+    log = tmp_path / 'timm_calls.jsonl'
+    env = dict(PYTHONPATH=str(fake.parent), FAKE_TIMM_LOG=str(log))
+    out = tmp_path / 'bench.json'
+    run_tool(['analysis/benchmark.py', '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
+              '--dtype', 'bf16', '--memory', '--timm', '--plain-kernels', '--json', out],
+             cwd=tmp_path, env=env)
+    row, = json.loads(out.read_text())['rows']
+    assert row['dtype'] == 'bf16'
+    for mode in ('forward', 'train'):
+        for impl in ('ours', 'reference', 'timm', 'ours_plain_kernels'):
+            assert row[f'{mode}_{impl}_s'] > 0, (mode, impl)
+        assert row[f'{mode}_peak_mb_ours'] > 0 and row[f'{mode}_peak_mb_reference'] > 0
+    new_shape = tmp_path / 'new_shape.json'
+    run_tool(['analysis/benchmark.py', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
+              '--repeats', '1', '--timm', '--json', new_shape], cwd=tmp_path, env=env)
+    rows = json.loads(new_shape.read_text())['rows']
+    assert all(row['new_shape_first_timm_s'] > 0 for row in rows[:2])
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [dict(name='davit_tiny', features_only=True, pretrained=False)] * 2
