@@ -20,7 +20,8 @@ tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler'
 and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--compile`` ``torch.compile(ours)``,
-``--timm`` timm's DaViT of the same arch (its own random weights: timing only), ``--profile``
+``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
+``--memory``, as for ``--plain-kernels``), ``--profile``
 the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
 ``new_shape`` mode times, for each size in turn (each new to the process), the first training step
 (forward + backward) and repeat steps, and reports the median extra cost of a first call.
@@ -83,7 +84,8 @@ def parse_args(argv=None):
     parser.add_argument('--compile', action='store_true', help='also time torch.compile(ours)')
     parser.add_argument('--no-reference', action='store_true', help='time ours only')
     parser.add_argument('--timm', action='store_true',
-                        help="also time timm's davit_<arch> (features_only; its own random init)")
+                        help="also time timm's davit_<arch> (features_only; its own random init) "
+                             "and, with --memory, measure its memory")
     parser.add_argument('--plain-kernels', action='store_true',
                         help="also time ours with davit_mm.ops' device-specific kernels off")
     parser.add_argument('--accuracy', action='store_true',
@@ -237,8 +239,13 @@ def memory_worker(spec: str) -> None:
     torch.manual_seed(0)  # weights do not change memory: build only the measured model
     if cfg['impl'] == 'reference':
         model = ReferenceDaViT(cfg['arch'])
+    elif cfg['impl'] == 'timm':
+        model = timm_model(cfg['arch'], device)
     else:
         model = DaViT(cfg['arch'], drop_path_rate=0.0, with_cp=cfg['impl'] == 'ours_cp')
+        if cfg['impl'] == 'ours_plain_kernels':
+            from davit_mm import ops
+            ops.set_fast_kernels(False)
     model.to(device)
     x = torch.randn(cfg['batch'], 3, *cfg['size'], device=device)
     fn = step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device)
@@ -374,6 +381,8 @@ def bench_backbone(args) -> List[dict]:
             for mode in args.modes:
                 impls = ['ours'] + ([] if args.no_reference else ['reference'])
                 impls += ['ours_cp'] if args.with_cp and mode == 'train' else []
+                impls += ['ours_plain_kernels'] if args.plain_kernels else []
+                impls += ['timm'] if args.timm else []
                 for impl in impls:
                     measured = measure_memory(impl, mode, args, size)
                     row[f'{mode}_peak_mb_{impl}'] = measured['peak_bytes'] / 2**20
