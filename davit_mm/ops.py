@@ -445,8 +445,8 @@ def _patch_matmul_pays_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     matmul than through oneDNN's convolution backward on channels-last maps (DaViT-T forward +
     backward 2.92 s against 3.10 s; docs/benchmark.md). With AVX-512 kernels it gains nothing,
     and at inference the convolution is faster."""
-    return (_CPU_CAPABILITY == 'AVX2' and _fast(x, 'cpu') and conv.padding_mode == 'zeros'
-            and _tiles_input(conv, x) and _needs_grad(x, conv.weight, conv.bias))
+    return (_CPU_CAPABILITY == 'AVX2' and _fast(x, 'cpu') and _tiles_input(conv, x)
+            and _needs_grad(x, conv.weight, conv.bias))
 
 
 def _onednn_conv_fits(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor) -> bool:
