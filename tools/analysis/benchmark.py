@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Tuple
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
 
+from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
 from davit_mm.models import DaViT  # noqa: E402
 from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
@@ -244,7 +245,6 @@ def memory_worker(spec: str) -> None:
     else:
         model = DaViT(cfg['arch'], drop_path_rate=0.0, with_cp=cfg['impl'] == 'ours_cp')
         if cfg['impl'] == 'ours_plain_kernels':
-            from davit_mm import ops
             ops.set_fast_kernels(False)
     model.to(device)
     x = torch.randn(cfg['batch'], 3, *cfg['size'], device=device)
@@ -286,8 +286,6 @@ def timm_model(arch: str, device: str):
 
 def plain_kernels(fn: Callable) -> Callable:
     """``fn`` run with davit_mm.ops' device-specific kernels switched off."""
-    from davit_mm import ops
-
     def run():
         ops.set_fast_kernels(False)
         try:
