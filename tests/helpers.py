@@ -9,6 +9,8 @@ import subprocess
 import sys
 from typing import Dict, List, Sequence
 
+import torch
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
 # A 4-stage DaViT small enough for CPU tests, with several windows per map at small images.
@@ -16,6 +18,12 @@ TINY_ARCH = dict(embed_dims=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), win
 # The paper's variants: embed dims and depths per stage.
 PAPER_ARCH = {'tiny': ((96, 192, 384, 768), (1, 1, 3, 1)), 'small': ((96, 192, 384, 768), (1, 1, 9, 1)),
               'base': ((128, 256, 512, 1024), (1, 1, 9, 1))}
+
+
+def weighted_sum(t: torch.Tensor) -> torch.Tensor:
+    """A loss (float32, or wider) in which every element of ``t`` has its own weight from -1 to 1,
+    so that its gradient tells elements and orderings apart."""
+    return (t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum()
 
 
 def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from davit_mm import ops
 from davit_mm.models import DaViT
 from davit_mm.models import davit as davit_module
+from helpers import weighted_sum
 
 onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has no oneDNN linear')
 
@@ -77,7 +78,7 @@ def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_resi
         layer.zero_grad()
         inputs = [x] + ([residual] if with_residual else [])
         out = fn(x, layer, gelu, residual)
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        weighted_sum(out).backward()
         grads.append([t.grad.clone() for t in inputs] + [layer.weight.grad.clone(), layer.bias.grad.clone()])
         for t in inputs:
             t.grad = None
@@ -92,7 +93,7 @@ def plain_mlp(mlp, x, residual=None):
 def _mlp_outputs_and_grads(forward, mlp, x, residual):
     mlp.zero_grad()
     out = forward(x, residual=residual)
-    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    weighted_sum(out).backward()
     tensors = [t for t in (x, residual) if t is not None]
     results = [out.detach()] + [t.grad.clone() for t in tensors]
     results += [p.grad.clone() for p in mlp.parameters() if p.requires_grad]
@@ -290,8 +291,7 @@ def sdpa_calls(monkeypatch):
 
 def _attention_and_grads(fn, q, k, v):
     out = fn(q, k, v)
-    grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
-                                (q, k, v))
+    grads = torch.autograd.grad(weighted_sum(out), (q, k, v))
     return [out.detach().float()] + [g.float() for g in grads]
 
 
@@ -382,7 +382,7 @@ def test_cpu_downsample_trains_as_a_matmul_with_avx2_kernels(monkeypatch, capabi
                 out = down.conv(down.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         results.append([out.detach()])
         if grad:
-            (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+            weighted_sum(out).backward()
             results[-1] += [x.grad, down.conv.weight.grad.clone(), down.conv.bias.grad.clone()]
     assert calls == ([1] if expected == 'matmul' else [])
     for a, b in zip(*results):
@@ -419,7 +419,7 @@ def mocked_cuda(monkeypatch):
 def _outputs_and_grads(model, x):
     model.zero_grad(set_to_none=True)
     outs = model(x)
-    sum((o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in outs).backward()
+    sum(weighted_sum(o) for o in outs).backward()
     return [o.detach() for o in outs] + [p.grad.clone() for p in model.parameters()]
 
 
