@@ -384,9 +384,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """``softmax(q k^T / sqrt(d)) v`` for ``(..., tokens, d)`` queries, keys and values.
 
     ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a bf16 model,
-    or CPU autocast): there PyTorch's CPU flash attention is about 2x slower than the three plain
-    steps forward and 7x in backward for DaViT's 49-token windows (docs/benchmark.md), so the
-    plain steps run (the official code's own order).
+    or CPU autocast): there PyTorch's CPU flash attention is slow for DaViT's 49-token windows
+    (531 ms of a 1.75 s DaViT-T training step in its backward; docs/benchmark.md), so the plain
+    steps run (the official code's own order).
     """
     if _fast(q, 'cpu') and (q.dtype in (torch.bfloat16, torch.float16)
                             or _autocast_dtype('cpu') is not None):
@@ -443,8 +443,8 @@ def _conv_cuda(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _patch_matmul_pays_on_cpu(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """CPU training with AVX2 kernels: a 2x2/s2 downsample trains faster as a reshape and a
     matmul than through oneDNN's convolution backward on channels-last maps (DaViT-T forward +
-    backward 2.92 s against 3.10 s; docs/benchmark.md). With AVX-512 kernels it gains nothing,
-    and at inference the convolution is faster."""
+    backward 0.86 -> 0.80 of the reference's time; docs/benchmark.md). With AVX-512 kernels it
+    measured no gain, and at inference the convolution measured faster."""
     return (_CPU_CAPABILITY == 'AVX2' and _fast(x, 'cpu') and _tiles_input(conv, x)
             and _needs_grad(x, conv.weight, conv.bias))
 
