@@ -18,10 +18,13 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
-  evaluation pay again and again. The depth-wise 3x3 position encodings use PyTorch's own
-  depth-wise kernel, and the stem and downsample convolutions run as matrix products (a 2x2/s2
-  convolution is a reshape and a matmul; the 7x7/s4 stem and the overlapped 3x3/s2 downsample
-  go through ``unfold``). The user's other convolutions (FPN, heads) keep cuDNN.
+  evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
+  kernel on the channels-last map, the addition fused, forward and backward
+  (:class:`_TritonDepthwiseFunction`; sizes are runtime arguments, so a new shape compiles
+  nothing), or, without Triton, through PyTorch's own depth-wise kernel; the stem and downsample
+  convolutions run as matrix products (a 2x2/s2 convolution is a reshape and a matmul; the 7x7/s4
+  stem and the overlapped 3x3/s2 downsample go through ``unfold``). The user's other convolutions
+  (FPN, heads) keep cuDNN.
 
 Everything falls back to the plain ops when the switch is off (:func:`set_fast_kernels`, or
 ``DAVIT_MM_FAST_KERNELS=0`` in the environment), when torch lacks a private op (each is looked up
@@ -29,7 +32,10 @@ behind a version check), and while the model is traced, scripted, compiled or ex
 ``torch.jit.trace``, ``torch.export``, ``torch.onnx.export`` and ``torch.compile`` see only
 standard operators.
 """
+import contextlib
+import functools
 import os
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -107,6 +113,8 @@ _ONEDNN_CONV = _onednn_conv_op()
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
+# Triton >= 3.0 compiles the CUDA depth-wise kernels below (shipped with CUDA builds of torch).
+_TRITON_MIN = (3, 0)
 
 if _ONEDNN_LINEAR is not None:
     from torch.utils.flop_counter import register_flop_formula
@@ -426,6 +434,214 @@ def _conv_as_matmul(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(patches, weight, bias).permute(0, 3, 1, 2)
 
 
+def _triton_version() -> Optional[Tuple[int, int]]:
+    """The installed Triton's (major, minor), or None without Triton."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return tuple(int(v) for v in triton.__version__.split('.')[:2])
+
+
+def _build_triton_depthwise() -> Optional[SimpleNamespace]:
+    """Triton kernels for a stride-1 'same' depth-wise convolution of a channels-last
+    ``(B, C, H, W)`` map, or None without Triton >= 3.0.
+
+    ``conv`` computes ``bias + sum_taps w[c, tap] * x[shifted by tap]`` for a tile of pixels x
+    channels (the shifted tiles overlap the tile: one pass over the map), optionally adds the
+    input itself (a position encoding's residual) and stores a copy of the input in the compute
+    dtype (what autocast's cast would have saved for backward). Inputs are rounded to the compute dtype
+    (the weight's) before the products and the sum is rounded to it after, as autocast's fp16
+    convolution does; products accumulate in fp32. ``weight_grad`` sums, over the pixels of a
+    stride of tiles, each tap's ``grad * shifted input`` (and ``grad`` for the bias) into one fp32
+    partial row per program, which the caller adds up. Sizes are runtime arguments
+    (``do_not_specialize``): a new input shape compiles nothing.
+
+    Built on first use (importing Triton takes a while), so that ``TRITON_INTERPRET=1`` set
+    before it runs them on the CPU, as the tests do.
+    """
+    version = _triton_version()
+    if version is None or version < _TRITON_MIN:
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=['P', 'H', 'W'])
+    def conv(x_ptr, w_ptr, b_ptr, out_ptr, cast_ptr, P, H, W, C, K: tl.constexpr,
+             HAS_BIAS: tl.constexpr, ADD_INPUT: tl.constexpr, STORE_CAST: tl.constexpr,
+             WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixels of (B, H, W), flat
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p_ok, c_ok = p < P, c < C
+        col, row = p % W, (p // W) % H
+        at = (p.to(tl.int64) if WIDE else p)[:, None] * C + c[None, :]
+        compute = w_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(K):
+            for j in tl.static_range(K):
+                dy, dx = i - K // 2, j - K // 2
+                ok = p_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+                xs = tl.load(x_ptr + at + (dy * W + dx) * C, mask=ok[:, None] & c_ok[None, :],
+                             other=0.0)
+                wt = tl.load(w_ptr + c * (K * K) + i * K + j, mask=c_ok, other=0.0)
+                acc += xs.to(compute).to(tl.float32) * wt.to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        out = acc.to(compute)
+        ok = p_ok[:, None] & c_ok[None, :]
+        if ADD_INPUT or STORE_CAST:
+            center = tl.load(x_ptr + at, mask=ok, other=0.0)
+            if STORE_CAST:
+                tl.store(cast_ptr + at, center.to(compute), mask=ok)
+            if ADD_INPUT:
+                out = out.to(tl.float32) + center.to(tl.float32)
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit(do_not_specialize=['P', 'H', 'W', 'n_blocks'])
+    def weight_grad(g_ptr, x_ptr, part_ptr, P, H, W, C, n_blocks, K: tl.constexpr,
+                    TAPS: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        compute = x_ptr.dtype.element_ty
+        taps = tl.arange(0, TAPS)  # K * K weight taps, then the bias, then padding
+        acc = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
+        for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_ok = p < P
+            col, row = p % W, (p // W) % H
+            at = (p.to(tl.int64) if WIDE else p)[:, None] * C + c[None, :]
+            g = tl.load(g_ptr + at, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
+            g = g.to(compute).to(tl.float32)
+            for i in tl.static_range(K):
+                for j in tl.static_range(K):
+                    dy, dx = i - K // 2, j - K // 2
+                    ok = p_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
+                    xs = tl.load(x_ptr + at + (dy * W + dx) * C,
+                                 mask=ok[:, None] & c_ok[None, :], other=0.0)
+                    tap = tl.sum(g * xs.to(tl.float32), axis=0)
+                    acc += tl.where(taps[:, None] == i * K + j, tap[None, :], 0.0)
+            acc += tl.where(taps[:, None] == K * K, tl.sum(g, axis=0)[None, :], 0.0)
+        tl.store(part_ptr + (tl.program_id(0) * TAPS + taps[:, None]) * C + c[None, :], acc,
+                 mask=c_ok[None, :])
+
+    return SimpleNamespace(conv=conv, weight_grad=weight_grad, cdiv=triton.cdiv,
+                           next_power_of_2=triton.next_power_of_2)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_depthwise() -> Optional[SimpleNamespace]:
+    return _build_triton_depthwise()
+
+
+# Tile of the Triton depth-wise kernels: 64 pixels x 32 channels over 8 warps keeps them within
+# about 128 registers a thread without spilling (ptxas, sm_90), and 32 divides every DaViT width.
+# Weight gradients are summed by at most this many programs per channel tile.
+_TILE_PIXELS, _TILE_CHANNELS, _TILE_WARPS, _WEIGHT_GRAD_PROGRAMS = 64, 32, 8, 512
+
+
+def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], add_input: bool,
+                      out_dtype: Optional[torch.dtype] = None,
+                      cast: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The convolution (computed in the weight's dtype) of ``x``, plus ``x`` if ``add_input``,
+    as a new channels-last map of ``out_dtype`` (default: the dtype the plain ops would return);
+    ``cast`` receives ``x`` in the weight's dtype."""
+    if out_dtype is None:
+        out_dtype = torch.promote_types(x.dtype, weight.dtype) if add_input else weight.dtype
+    B, C, H, W = x.shape
+    out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
+    pixels = B * H * W
+    grid = (kernels.cdiv(pixels, _TILE_PIXELS), kernels.cdiv(C, _TILE_CHANNELS))
+    with _on_device(x):
+        kernels.conv[grid](x, weight, weight if bias is None else bias, out,
+                           out if cast is None else cast, pixels, H, W, C, K=weight.shape[-1],
+                           HAS_BIAS=bias is not None, ADD_INPUT=add_input,
+                           STORE_CAST=cast is not None, WIDE=x.numel() >= 2**31,
+                           BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS, num_warps=_TILE_WARPS)
+    return out
+
+
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.device.type == 'cuda' else contextlib.nullcontext()
+
+
+class _TritonDepthwiseFunction(torch.autograd.Function):
+    """``x + conv(x)`` (``add_input``) or ``conv(x)`` for a stride-1 'same' depth-wise ``conv``
+    on channels-last maps, with the Triton kernels of :func:`_build_triton_depthwise`.
+
+    The compute dtype is the weight's (callers cast weight and bias for autocast; ``x`` is
+    rounded inside the kernel, which saves autocast's separate cast). Backward: the input
+    gradient is the same convolution of the output gradient with the kernel turned by 180
+    degrees (the transpose of a stride-1 'same' convolution), and the weight gradient is
+    saved only when needed, with the input in the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add_input: bool, kernels):
+        needs_weight_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        cast = None
+        if needs_weight_grad and x.dtype != weight.dtype:
+            cast = torch.empty_like(x, dtype=weight.dtype, memory_format=torch.channels_last)
+        out = _launch_depthwise(kernels, x, weight, bias, add_input, cast=cast)
+        saved = (x if cast is None else cast) if needs_weight_grad else None
+        ctx.save_for_backward(saved, weight)
+        ctx.add_input, ctx.has_bias, ctx.x_dtype, ctx.kernels = (add_input, bias is not None,
+                                                                 x.dtype, kernels)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        kernels, need = ctx.kernels, ctx.needs_input_grad
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if need[0]:
+            grad_x = _launch_depthwise(kernels, grad, weight.flip(-2, -1).contiguous(), None,
+                                       ctx.add_input, ctx.x_dtype)
+        if need[1] or need[2]:
+            B, C, H, W = grad.shape
+            K = weight.shape[-1]
+            blocks = kernels.cdiv(B * H * W, _TILE_PIXELS)
+            programs = min(blocks, _WEIGHT_GRAD_PROGRAMS)
+            taps = kernels.next_power_of_2(K * K + 1)
+            partial = grad.new_empty((programs, taps, C), dtype=torch.float32)
+            with _on_device(grad):
+                kernels.weight_grad[(programs, kernels.cdiv(C, _TILE_CHANNELS))](
+                    grad, x, partial, B * H * W, H, W, C, blocks, K=K, TAPS=taps,
+                    WIDE=grad.numel() >= 2**31, BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS,
+                    num_warps=_TILE_WARPS)
+            sums = partial.sum(0)
+            grad_w = sums[:K * K].t().reshape(weight.shape).to(weight.dtype) if need[1] else None
+            grad_b = sums[K * K].to(weight.dtype) if need[2] and ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_depthwise_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """A stride-1 'same' depth-wise conv with an odd square kernel, on a channels-last map of a
+    dtype the kernels take (the weight's, outside autocast, as ``nn.Conv2d`` demands)."""
+    k = conv.kernel_size[0]
+    return (_is_depthwise(conv) and conv.kernel_size == (k, k) and k % 2 == 1
+            and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
+            and conv.dilation == (1, 1) and conv.padding_mode == 'zeros'
+            and x.dtype in _TRITON_DTYPES
+            and (x.dtype == conv.weight.dtype or _autocast_dtype('cuda') is not None)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and _triton_depthwise() is not None)
+
+
+def _depthwise_triton(conv: nn.Conv2d, x: torch.Tensor, add_input: bool) -> torch.Tensor:
+    weight, bias = _in_autocast_dtype('cuda', conv.weight.contiguous(), conv.bias)
+    if not _needs_grad(x, weight, bias):  # an autograd Function would see the weight's flag
+        return _launch_depthwise(_triton_depthwise(), x, weight, bias, add_input)
+    return _TritonDepthwiseFunction.apply(x, weight, bias, add_input, _triton_depthwise())
+
+
 def _depthwise_cuda(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     x, weight, bias = _in_autocast_dtype('cuda', x, conv.weight, conv.bias)
     return _CUDA_DEPTHWISE(x.contiguous(), weight.contiguous(), conv.kernel_size, bias,
@@ -467,6 +683,9 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor,
         return _ONEDNN_CONV(x, residual, conv.weight, conv.bias, list(conv.padding),
                             list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
                             None, [], None)
+    if _fast(x, 'cuda') and _triton_depthwise_fits(conv, x):
+        out = _depthwise_triton(conv, x, add_input=residual is x)  # a position encoding: fused
+        return out if residual is None or residual is x else residual + out
     if _fast(x, 'cuda'):
         out = _conv_cuda(conv, x)
     elif _patch_matmul_pays_on_cpu(conv, x):

@@ -3,10 +3,15 @@ import os
 import sys
 import warnings
 
-import pytest
-import torch
+# Triton kernels (davit_mm.ops' CUDA depth-wise convolution) run in Triton's interpreter on CPU
+# tensors. It must be on before Triton is first imported: Triton's own library functions are
+# built for the interpreter or for the GPU compiler at that import.
+os.environ.setdefault('TRITON_INTERPRET', '1')
 
-from helpers import REPO, TINY_ARCH
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import REPO, TINY_ARCH  # noqa: E402
 
 if REPO not in sys.path:  # the checkout, not whatever davit_mm an environment may hold
     sys.path.insert(0, REPO)

@@ -1,11 +1,12 @@
 """tools/analysis/benchmark.py runs and reports what it promises (the numbers themselves are
 measurements for docs/benchmark.md, never test assertions)."""
+import importlib.util
 import json
 import os.path as osp
 
 import pytest
 
-from helpers import CONFIGS, run_tool
+from helpers import CONFIGS, REPO, run_tool
 
 
 def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
@@ -118,3 +119,28 @@ def test_benchmark_tool_times_timm_and_plain_kernels_beside_ours(tmp_path):
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     # The timing run, a memory worker per mode, and the new_shape run.
     assert calls == [dict(name='davit_tiny', features_only=True, pretrained=False)] * 4
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool', osp.join(REPO, 'tools', 'analysis', 'benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
+    """--aten-depthwise (a GPU command's comparison) times ours with the position encodings on
+    PyTorch's depth-wise kernel: Triton's kernels are out of reach while it runs, and back after."""
+    from davit_mm import ops
+    benchmark = _benchmark_module()
+    seen = []
+    variant = benchmark.KERNEL_VARIANTS['ours_aten_depthwise']
+    run = variant(lambda: seen.append(ops._triton_depthwise()))
+    before = ops._triton_depthwise
+    run()
+    assert seen == [None] and ops._triton_depthwise is before
+    result = run_tool(['analysis/benchmark.py', '--aten-depthwise', '--device', 'cpu'],
+                      cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2
+    assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr

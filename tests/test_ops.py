@@ -1,6 +1,10 @@
 """davit_mm.ops: every device-specific kernel computes what the plain op computes, the CUDA
 choices are the ones that run on CUDA inputs, and one switch turns them off (speed itself is
 measured by tools/analysis/benchmark.py, never by tests)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +13,7 @@ import torch.nn.functional as F
 from davit_mm import ops
 from davit_mm.models import DaViT
 from davit_mm.models import davit as davit_module
-from helpers import weighted_sum
+from helpers import REPO, weighted_sum
 
 onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has no oneDNN linear')
 
@@ -406,6 +410,7 @@ def mocked_cuda(monkeypatch):
     depthwise_calls, conv_calls = [], []
     monkeypatch.setattr(ops, '_device_type', lambda x: 'cuda')
     monkeypatch.setattr(ops, '_CUDA_DEPTHWISE', _depthwise_on_cpu(depthwise_calls))
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: None)  # a CUDA torch without Triton
     original = nn.Conv2d._conv_forward
 
     def recorded(self, x, weight, bias):
@@ -426,8 +431,8 @@ def _outputs_and_grads(model, x):
 @pytest.mark.parametrize('overlapped', [False, True])
 def test_on_cuda_no_convolution_reaches_cudnn_and_the_results_are_the_plain_ones(
         tiny_arch, mocked_cuda, overlapped):
-    """On CUDA the depth-wise convs take PyTorch's own kernel and the stem and downsamples run as
-    matrix products: nn.Conv2d (cuDNN) is never called, and outputs and gradients are those of
+    """On CUDA without Triton the depth-wise convs take PyTorch's own kernel and the stem and
+    downsamples run as matrix products: nn.Conv2d (cuDNN) is never called, and outputs and gradients are those of
     the plain convolutions."""
     depthwise_calls, conv_calls = mocked_cuda
     tiny_arch['overlapped_downsample'] = overlapped
@@ -505,6 +510,205 @@ def test_the_switch_turns_every_kernel_off(tiny_arch, mocked_cuda):
 def test_set_fast_kernels_refuses_a_non_bool():
     with pytest.raises(TypeError, match='enabled must be a bool'):
         ops.set_fast_kernels('no')
+
+
+# ------------------------------------------- the CUDA depth-wise kernels, in Triton's interpreter
+needs_triton = pytest.mark.skipif((ops._triton_version() or (0, 0)) < ops._TRITON_MIN,
+                                  reason='Triton >= 3.0 is not installed (requirements/tests.txt)')
+
+
+@pytest.fixture(scope='module')
+def interpreted_kernels():
+    """davit_mm's Triton kernels as Triton's interpreter runs them, on CPU tensors (conftest turns
+    it on; the GPU compiles the same source: test_the_triton_kernels_compile_for_sm90)."""
+    assert os.environ.get('TRITON_INTERPRET') == '1'
+    kernels = ops._build_triton_depthwise()
+    assert kernels is not None
+    return kernels
+
+
+@pytest.fixture
+def triton_cuda(mocked_cuda, interpreted_kernels, monkeypatch):
+    """mocked_cuda with Triton present: each Triton convolution launch is recorded as
+    ``(add_input, writes a cast copy of the input)``."""
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
+    launches = []
+    original = ops._launch_depthwise
+
+    def recorded(kernels, x, weight, bias, add_input, out_dtype=None, cast=None):
+        launches.append((add_input, cast is not None))
+        return original(kernels, x, weight, bias, add_input, out_dtype, cast)
+
+    monkeypatch.setattr(ops, '_launch_depthwise', recorded)
+    return mocked_cuda + (launches,)
+
+
+def _channels_last_map(*shape, **kwargs):
+    """A ``(B, C, H, W)`` view of a ``(B, H, W, C)`` tensor, as DaViT hands its maps to convs."""
+    B, C, H, W = shape
+    return torch.randn(B, H, W, C, **kwargs).permute(0, 3, 1, 2)
+
+
+def _conv_results(fn, x, conv):
+    """``fn(x)`` and the gradients of a weighted sum of it for x, weight and bias."""
+    x = x.detach().requires_grad_()
+    conv.zero_grad(set_to_none=True)
+    out = fn(x)
+    weighted_sum(out.float()).backward()
+    return [out.detach(), x.grad] + [p.grad for p in conv.parameters()]
+
+
+@needs_triton
+@pytest.mark.parametrize('kernel,channels,size,bias', [
+    (3, 40, (9, 13), True), (3, 16, (5, 7), False), (5, 70, (6, 3), True)])
+@pytest.mark.parametrize('add_input', [True, False])
+def test_the_triton_depthwise_kernels_are_the_convolution(interpreted_kernels, monkeypatch, kernel,
+                                                          channels, size, bias, add_input):
+    """Outputs and the gradients of input, weight and bias equal F.conv2d's (plus the input when
+    it is added), with channel tiles partly filled, maps narrower than the kernel, and fewer
+    weight-gradient programs than pixel tiles (each sums several)."""
+    monkeypatch.setattr(ops, '_WEIGHT_GRAD_PROGRAMS', 2)
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=bias)
+    x = _channels_last_map(3, channels, *size)
+    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
+        t, conv.weight, conv.bias, add_input, interpreted_kernels), x, conv)
+    plain_results = _conv_results(lambda t: (t if add_input else 0) + conv(t), x, conv)
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(fast, plain_results):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
+
+
+def _saved_maps(fn, x):
+    """(dtype, shape) of every tensor of x's shape that autograd saves while ``fn(x)`` runs."""
+    saved = []
+
+    def pack(t):
+        if t.shape == x.shape:
+            saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return saved
+
+
+@needs_triton
+def test_under_autocast_the_triton_position_encoding_rounds_and_saves_as_autocast(
+        triton_cuda, monkeypatch):
+    """Under autocast the fused ``x + conv(x)`` computes the conv on the input rounded to the
+    autocast dtype (bf16 here; fp16 on a GPU) as autocast's conv does, returns fp32 like the
+    residual addition, and saves one bf16 copy of the map for backward (not the fp32 map)."""
+    *_, launches = triton_cuda
+    real_autocast_dtype = ops._autocast_dtype
+    monkeypatch.setattr(ops, '_autocast_dtype', lambda device_type: real_autocast_dtype('cpu'))
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    x = _channels_last_map(2, 40, 9, 13)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        fast = _conv_results(lambda t: ops.conv2d(conv, t, residual=t), x, conv)
+        plain_results = _conv_results(lambda t: t + conv(t), x, conv)
+        saved = _saved_maps(lambda t: ops.conv2d(conv, t, residual=t),
+                            x.detach().requires_grad_())
+        with torch.no_grad():
+            inference = ops.conv2d(conv, x, residual=x)
+    # forward (writing the cast copy), input gradient, forward again for _saved_maps, and
+    # inference (no copy: nothing is saved without gradients)
+    assert launches == [(True, True), (True, False), (True, True), (True, False)]
+    assert saved == [torch.bfloat16]
+    assert torch.equal(inference, fast[0])
+    assert fast[0].dtype == plain_results[0].dtype == torch.float32
+    for a, b in zip(fast, plain_results):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        # sums of bf16 products in another order: a few bf16 roundings of each tensor's scale
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * max(1., b.abs().max().item())
+
+
+@needs_triton
+def test_a_frozen_triton_position_encoding_saves_no_map(triton_cuda):
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=16).requires_grad_(False)
+    x = _channels_last_map(2, 16, 5, 7, requires_grad=True)
+    assert _saved_maps(lambda t: ops.conv2d(conv, t, residual=t), x) == []
+    fast = _conv_results(lambda t: ops.conv2d(conv, t, residual=t), x, conv)
+    expected = _conv_results(lambda t: t + conv(t), x, conv)
+    assert torch.allclose(fast[1], expected[1], atol=1e-5)  # the input's gradient
+
+
+@needs_triton
+def test_on_cuda_with_triton_the_position_encodings_take_the_triton_kernels(tiny_arch,
+                                                                             triton_cuda):
+    """With Triton, every position encoding (x + depth-wise conv, fused) runs the Triton kernels
+    forward and backward; no convolution reaches cuDNN or PyTorch's depth-wise kernel, and
+    outputs and gradients are the plain ones."""
+    depthwise_calls, conv_calls, launches = triton_cuda
+    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    x = torch.randn(2, 3, 45, 67)
+    fast = _outputs_and_grads(model, x)
+    encodings = 2 * 2 * sum(tiny_arch['depths'])
+    assert conv_calls == [] and depthwise_calls == []
+    # one forward and one input-gradient launch each (fp32: no cast copy)
+    assert launches == [(True, False)] * (2 * encodings)
+    ops.set_fast_kernels(False)
+    try:
+        plain_results = _outputs_and_grads(model, x)
+    finally:
+        ops.set_fast_kernels(True)
+    for a, b in zip(fast, plain_results):
+        assert a.shape == b.shape
+        assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize('shape,stride,memory_format', [
+    ((2, 8, 6, 6), 2, torch.channels_last),      # stride 2
+    ((2, 8, 6, 6), 1, torch.contiguous_format),  # an NCHW map
+])
+def test_depthwise_convs_the_triton_kernels_do_not_cover_take_pytorchs_kernel(
+        triton_cuda, shape, stride, memory_format):
+    depthwise_calls, conv_calls, launches = triton_cuda
+    conv = nn.Conv2d(8, 8, 3, stride=stride, padding=1, groups=8)
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    assert torch.allclose(ops.conv2d(conv, x), conv(x), atol=1e-6)
+    assert launches == [] and len(depthwise_calls) == 1
+
+
+# Compiles the kernels as a GPU would (the interpreter, on here, would refuse).
+_COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, sys.argv[1])
+from davit_mm import ops
+kernels = ops._build_triton_depthwise()
+tile = dict(K=3, WIDE=False, BLOCK_P=ops._TILE_PIXELS, BLOCK_C=ops._TILE_CHANNELS)
+# fp32; an fp32 model under fp16 autocast; bf16
+for x, compute in (('fp32', 'fp32'), ('fp32', 'fp16'), ('bf16', 'bf16')):
+    out = 'fp32' if x == 'fp32' else compute
+    for fn, pointers, constexprs in (
+            (kernels.conv, dict(x_ptr=x, w_ptr=compute, b_ptr=compute, out_ptr=out,
+                                cast_ptr=compute),
+             dict(tile, HAS_BIAS=True, ADD_INPUT=True, STORE_CAST=x != compute)),
+            (kernels.weight_grad, dict(g_ptr=out, x_ptr=compute, part_ptr='fp32'),
+             dict(tile, TAPS=16))):
+        signature = {name: '*' + pointers[name] if name in pointers else
+                     'constexpr' if name in constexprs else 'i32' for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                  target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=ops._TILE_WARPS))
+        assert '.target sm_90' in compiled.asm['ptx'] and compiled.asm['cubin'], fn
+        print(fn.__name__, x, compute, len(compiled.asm['cubin']))
+"""
+
+
+@needs_triton
+def test_the_triton_kernels_compile_for_sm90():
+    """Triton's real compiler (and its ptxas, offline) accepts both kernels for an H100 (sm_90)
+    in fp32, under fp16 autocast of an fp32 model, and in bf16: what the interpreter does not
+    check (types, layouts, the registers a tile needs)."""
+    result = subprocess.run([sys.executable, '-c', _COMPILE_FOR_SM90, REPO], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET='0'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 6
 
 
 @pytest.mark.parametrize('kernel,stride,padding,size', [(2, 2, 0, (6, 8)), (7, 4, 3, (13, 17)),

@@ -135,6 +135,8 @@ def requirements_met():
                 if not line:
                     continue
                 req = Requirement(line)
+                if req.marker is not None and not req.marker.evaluate():
+                    continue  # not for this platform
                 try:
                     installed = version(req.name)
                 except PackageNotFoundError:

@@ -2,9 +2,10 @@
 
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
-        [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--timm] [--profile]
-        [--threads N] [--json OUT]
+        [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
+        [--timm] [--profile] [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
+        [--aten-depthwise]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
     python tools/analysis/benchmark.py --config configs/benchmark/swin_t_maskrcnn_1x_coco.py ...
 
@@ -19,7 +20,9 @@ tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler'
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
 and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
-with :mod:`davit_mm.ops`' device-specific kernels off, ``--compile`` ``torch.compile(ours)``,
+with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
+position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
+without Triton), ``--compile`` ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
 the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
@@ -89,6 +92,9 @@ def parse_args(argv=None):
                              "and, with --memory, measure its memory")
     parser.add_argument('--plain-kernels', action='store_true',
                         help="also time ours with davit_mm.ops' device-specific kernels off")
+    parser.add_argument('--aten-depthwise', action='store_true',
+                        help="CUDA: also time ours with the position encodings on PyTorch's "
+                             "depth-wise kernel instead of the Triton kernel")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -99,6 +105,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: this machine has no CUDA device')
+    if args.aten_depthwise and not args.device.startswith('cuda'):
+        parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
+                     f'--device {args.device}')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
     return args
@@ -244,11 +253,10 @@ def memory_worker(spec: str) -> None:
         model = timm_model(cfg['arch'], device)
     else:
         model = DaViT(cfg['arch'], drop_path_rate=0.0, with_cp=cfg['impl'] == 'ours_cp')
-        if cfg['impl'] == 'ours_plain_kernels':
-            ops.set_fast_kernels(False)
     model.to(device)
     x = torch.randn(cfg['batch'], 3, *cfg['size'], device=device)
-    fn = step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device)
+    fn = KERNEL_VARIANTS.get(cfg['impl'], lambda f: f)(
+        step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device))
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -295,6 +303,28 @@ def plain_kernels(fn: Callable) -> Callable:
     return run
 
 
+def aten_depthwise(fn: Callable) -> Callable:
+    """``fn`` run as on a CUDA machine without Triton: the position encodings take PyTorch's
+    depth-wise kernel."""
+    def run():
+        triton_kernels = ops._triton_depthwise
+        ops._triton_depthwise = lambda: None
+        try:
+            return fn()
+        finally:
+            ops._triton_depthwise = triton_kernels
+    return run
+
+
+# ours with some of davit_mm.ops' kernels replaced, by implementation name
+KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise}
+
+
+def ours_variants(args) -> List[str]:
+    return (['ours_plain_kernels'] if args.plain_kernels else []) + (
+        ['ours_aten_depthwise'] if args.aten_depthwise else [])
+
+
 def bench_new_shapes(args) -> List[dict]:
     """First call minus repeat call of a training step (forward + backward) at each size, every
     size new to the process: what cuDNN-style per-shape planning costs."""
@@ -305,16 +335,19 @@ def bench_new_shapes(args) -> List[dict]:
         models['reference'] = ref
     if args.timm:
         models['timm'] = timm_model(args.arch, args.device)
+    variants = {name: KERNEL_VARIANTS[name] for name in ours_variants(args)}
+    models.update({name: ours for name in variants})
+    wrap = lambda name, fn: variants[name](fn) if name in variants else fn  # noqa: E731
     warm = torch.randn(args.batch, 3, 224, 224, device=args.device)
-    for model in models.values():  # one-off start-up costs, at a size not measured below
-        step_fn(model, warm, 'train', dtype, args.device)()
+    for name, model in models.items():  # one-off start-up costs, at a size not measured below
+        wrap(name, step_fn(model, warm, 'train', dtype, args.device))()
     rows, extra = [], {name: [] for name in models}
     for size in args.sizes:
         x = torch.randn(args.batch, 3, *size, device=args.device)
         row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
                    device=args.device)
         for name, model in models.items():
-            fn = step_fn(model, x, 'train', dtype, args.device)
+            fn = wrap(name, step_fn(model, x, 'train', dtype, args.device))
             first = timed(fn, args.device)
             repeat = statistics.median(timed(fn, args.device) for _ in range(max(2, args.repeats)))
             row[f'new_shape_first_{name}_s'] = first
@@ -359,8 +392,8 @@ def bench_backbone(args) -> List[dict]:
                 fns['reference'] = step_fn(ref, x, mode, dtype, args.device)
             if compiled is not None:
                 fns['ours_compiled'] = step_fn(compiled, x, mode, dtype, args.device)
-            if args.plain_kernels:
-                fns['ours_plain_kernels'] = plain_kernels(step_fn(ours, x, mode, dtype, args.device))
+            for name in ours_variants(args):
+                fns[name] = KERNEL_VARIANTS[name](step_fn(ours, x, mode, dtype, args.device))
             if timm_net is not None:
                 fns['timm'] = step_fn(timm_net, x, mode, dtype, args.device)
             medians = interleaved(fns, args.warmup, args.repeats, args.device)
@@ -379,7 +412,7 @@ def bench_backbone(args) -> List[dict]:
             for mode in args.modes:
                 impls = ['ours'] + ([] if args.no_reference else ['reference'])
                 impls += ['ours_cp'] if args.with_cp and mode == 'train' else []
-                impls += ['ours_plain_kernels'] if args.plain_kernels else []
+                impls += ours_variants(args)
                 impls += ['timm'] if args.timm else []
                 for impl in impls:
                     measured = measure_memory(impl, mode, args, size)
@@ -508,7 +541,8 @@ def machine(device: str) -> dict:
     info = dict(torch=torch.__version__, device=device, threads=torch.get_num_threads())
     if device.startswith('cuda'):
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+                    cudnn=torch.backends.cudnn.version(),
+                    triton='.'.join(map(str, ops._triton_version() or ('none',))))
     else:
         info['cpu'] = cpu_model()
         info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
