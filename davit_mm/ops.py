@@ -447,11 +447,11 @@ def _build_triton_depthwise() -> Optional[SimpleNamespace]:
     """Triton kernels for a stride-1 'same' depth-wise convolution of a channels-last
     ``(B, C, H, W)`` map, or None without Triton >= 3.0.
 
-    ``conv`` computes ``bias + sum_taps w[c, tap] * x[shifted by tap]`` for a tile of pixels x
+    ``conv`` computes ``bias + sum_taps w[tap, c] * x[shifted by tap]`` for a tile of pixels x
     channels (the shifted tiles overlap the tile: one pass over the map), optionally adds the
     input itself (a position encoding's residual) and stores a copy of the input in the compute
-    dtype (what autocast's cast would have saved for backward). Inputs are rounded to the compute dtype
-    (the weight's) before the products and the sum is rounded to it after, as autocast's fp16
+    dtype (what autocast's cast would have saved for backward). Inputs are rounded to the compute
+    dtype (the weight's) before the products and the sum is rounded to it after, as autocast's fp16
     convolution does; products accumulate in fp32. ``weight_grad`` sums, over the pixels of a
     stride of tiles, each tap's ``grad * shifted input`` (and ``grad`` for the bias) into one fp32
     partial row per program, which the caller adds up. Sizes are runtime arguments
@@ -483,7 +483,7 @@ def _build_triton_depthwise() -> Optional[SimpleNamespace]:
                 ok = p_ok & (row + dy >= 0) & (row + dy < H) & (col + dx >= 0) & (col + dx < W)
                 xs = tl.load(x_ptr + at + (dy * W + dx) * C, mask=ok[:, None] & c_ok[None, :],
                              other=0.0)
-                wt = tl.load(w_ptr + c * (K * K) + i * K + j, mask=c_ok, other=0.0)
+                wt = tl.load(w_ptr + (i * K + j) * C + c, mask=c_ok, other=0.0)
                 acc += xs.to(compute).to(tl.float32) * wt.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -535,8 +535,9 @@ def _triton_depthwise() -> Optional[SimpleNamespace]:
 
 
 # Tile of the Triton depth-wise kernels: 64 pixels x 32 channels over 8 warps keeps them within
-# about 128 registers a thread without spilling (ptxas, sm_90), and 32 divides every DaViT width.
-# Weight gradients are summed by at most this many programs per channel tile.
+# about 100 registers a thread without spilling (ptxas for sm_90, with 16-byte vector loads), and
+# 32 divides every DaViT width. Weight gradients are summed by at most this many programs per
+# channel tile. Chosen without a GPU at hand: tile sizes are the first thing to tune on one.
 _TILE_PIXELS, _TILE_CHANNELS, _TILE_WARPS, _WEIGHT_GRAD_PROGRAMS = 64, 32, 8, 512
 
 
@@ -553,8 +554,9 @@ def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.T
     out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
     pixels = B * H * W
     grid = (kernels.cdiv(pixels, _TILE_PIXELS), kernels.cdiv(C, _TILE_CHANNELS))
+    taps = weight.reshape(C, -1).t().contiguous()  # (K * K, C): a tap's weights load as vectors
     with _on_device(x):
-        kernels.conv[grid](x, weight, weight if bias is None else bias, out,
+        kernels.conv[grid](x, taps, taps if bias is None else bias, out,
                            out if cast is None else cast, pixels, H, W, C, K=weight.shape[-1],
                            HAS_BIAS=bias is not None, ADD_INPUT=add_input,
                            STORE_CAST=cast is not None, WIDE=x.numel() >= 2**31,

@@ -692,7 +692,11 @@ for x, compute in (('fp32', 'fp32'), ('fp32', 'fp16'), ('bf16', 'bf16')):
              dict(tile, TAPS=16))):
         signature = {name: '*' + pointers[name] if name in pointers else
                      'constexpr' if name in constexprs else 'i32' for name in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+        # What Triton's launcher specializes on for DaViT: 16-byte aligned tensors, widths
+        # divisible by 16 (the sizes are do_not_specialize).
+        attrs = {(i,): [['tt.divisibility', 16]] for i, name in enumerate(fn.arg_names)
+                 if name in pointers or name == 'C'}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget('cuda', 90, 32),
                                   options=dict(num_warps=ops._TILE_WARPS))
         assert '.target sm_90' in compiled.asm['ptx'] and compiled.asm['cubin'], fn
