@@ -539,6 +539,8 @@ def _triton_depthwise() -> Optional[SimpleNamespace]:
 # 32 divides every DaViT width. Weight gradients are summed by at most this many programs per
 # channel tile. Chosen without a GPU at hand: tile sizes are the first thing to tune on one.
 _TILE_PIXELS, _TILE_CHANNELS, _TILE_WARPS, _WEIGHT_GRAD_PROGRAMS = 64, 32, 8, 512
+# Maps of this many elements or more take 64-bit offsets in the kernels (WIDE).
+_WIDE_FROM = 2 ** 31
 
 
 def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.Tensor,
@@ -559,7 +561,7 @@ def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.T
         kernels.conv[grid](x, taps, taps if bias is None else bias, out,
                            out if cast is None else cast, pixels, H, W, C, K=weight.shape[-1],
                            HAS_BIAS=bias is not None, ADD_INPUT=add_input,
-                           STORE_CAST=cast is not None, WIDE=x.numel() >= 2**31,
+                           STORE_CAST=cast is not None, WIDE=x.numel() >= _WIDE_FROM,
                            BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS, num_warps=_TILE_WARPS)
     return out
 
@@ -613,7 +615,7 @@ class _TritonDepthwiseFunction(torch.autograd.Function):
             with _on_device(grad):
                 kernels.weight_grad[(programs, kernels.cdiv(C, _TILE_CHANNELS))](
                     grad, x, partial, B * H * W, H, W, C, blocks, K=K, TAPS=taps,
-                    WIDE=grad.numel() >= 2**31, BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS,
+                    WIDE=grad.numel() >= _WIDE_FROM, BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS,
                     num_warps=_TILE_WARPS)
             sums = partial.sum(0)
             grad_w = sums[:K * K].t().reshape(weight.shape).to(weight.dtype) if need[1] else None

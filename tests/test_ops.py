@@ -579,8 +579,22 @@ def test_the_triton_depthwise_kernels_are_the_convolution(interpreted_kernels, m
         assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
 
 
+@needs_triton
+def test_the_triton_kernels_with_64_bit_offsets_are_the_convolution(interpreted_kernels,
+                                                                    monkeypatch):
+    """The offsets maps of 2**31 elements or more need (forced here on a small map)."""
+    monkeypatch.setattr(ops, '_WIDE_FROM', 0)
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    x = _channels_last_map(2, 40, 9, 13)
+    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
+        t, conv.weight, conv.bias, True, interpreted_kernels), x, conv)
+    plain_results = _conv_results(lambda t: t + conv(t), x, conv)
+    for a, b in zip(fast, plain_results):
+        assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
+
+
 def _saved_maps(fn, x):
-    """(dtype, shape) of every tensor of x's shape that autograd saves while ``fn(x)`` runs."""
+    """The dtype of every tensor of x's shape that autograd saves while ``fn(x)`` runs."""
     saved = []
 
     def pack(t):
@@ -680,9 +694,10 @@ from triton.compiler import ASTSource
 sys.path.insert(0, sys.argv[1])
 from davit_mm import ops
 kernels = ops._build_triton_depthwise()
-tile = dict(K=3, WIDE=False, BLOCK_P=ops._TILE_PIXELS, BLOCK_C=ops._TILE_CHANNELS)
-# fp32; an fp32 model under fp16 autocast; bf16
-for x, compute in (('fp32', 'fp32'), ('fp32', 'fp16'), ('bf16', 'bf16')):
+# fp32; an fp32 model under fp16 autocast; bf16; fp32 with 64-bit offsets
+for x, compute, wide in (('fp32', 'fp32', False), ('fp32', 'fp16', False),
+                         ('bf16', 'bf16', False), ('fp32', 'fp32', True)):
+    tile = dict(K=3, WIDE=wide, BLOCK_P=ops._TILE_PIXELS, BLOCK_C=ops._TILE_CHANNELS)
     out = 'fp32' if x == 'fp32' else compute
     for fn, pointers, constexprs in (
             (kernels.conv, dict(x_ptr=x, w_ptr=compute, b_ptr=compute, out_ptr=out,
@@ -707,12 +722,12 @@ for x, compute in (('fp32', 'fp32'), ('fp32', 'fp16'), ('bf16', 'bf16')):
 @needs_triton
 def test_the_triton_kernels_compile_for_sm90():
     """Triton's real compiler (and its ptxas, offline) accepts both kernels for an H100 (sm_90)
-    in fp32, under fp16 autocast of an fp32 model, and in bf16: what the interpreter does not
-    check (types, layouts, the registers a tile needs)."""
+    in fp32, under fp16 autocast of an fp32 model, in bf16 and with 64-bit offsets: what the
+    interpreter does not check (types, layouts, the registers a tile needs)."""
     result = subprocess.run([sys.executable, '-c', _COMPILE_FOR_SM90, REPO], capture_output=True,
                             text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET='0'))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 6
+    assert len(result.stdout.splitlines()) == 8
 
 
 @pytest.mark.parametrize('kernel,stride,padding,size', [(2, 2, 0, (6, 8)), (7, 4, 3, (13, 17)),
