@@ -694,6 +694,11 @@ from triton.compiler import ASTSource
 sys.path.insert(0, sys.argv[1])
 from davit_mm import ops
 kernels = ops._build_triton_depthwise()
+# A new input size compiles nothing: the launcher specializes on no size argument but the width
+# (C, one of a few per model).
+for fn in (kernels.conv, kernels.weight_grad):
+    sizes = {p.name for p in fn.params if not p.is_constexpr and not p.name.endswith('_ptr')}
+    assert sizes - {'C'} == set(fn.do_not_specialize), (fn, sizes, fn.do_not_specialize)
 # fp32; an fp32 model under fp16 autocast; bf16; fp32 with 64-bit offsets
 for x, compute, wide in (('fp32', 'fp32', False), ('fp32', 'fp16', False),
                          ('bf16', 'bf16', False), ('fp32', 'fp32', True)):
@@ -723,7 +728,8 @@ for x, compute, wide in (('fp32', 'fp32', False), ('fp32', 'fp16', False),
 def test_the_triton_kernels_compile_for_sm90():
     """Triton's real compiler (and its ptxas, offline) accepts both kernels for an H100 (sm_90)
     in fp32, under fp16 autocast of an fp32 model, in bf16 and with 64-bit offsets: what the
-    interpreter does not check (types, layouts, the registers a tile needs)."""
+    interpreter does not check (types, layouts, the registers a tile needs). And no size but
+    the width is specialized on, so a new input size compiles nothing."""
     result = subprocess.run([sys.executable, '-c', _COMPILE_FOR_SM90, REPO], capture_output=True,
                             text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET='0'))
     assert result.returncode == 0, result.stderr[-3000:]
