@@ -593,6 +593,23 @@ def test_the_triton_kernels_with_64_bit_offsets_are_the_convolution(interpreted_
         assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
 
 
+@needs_triton
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_the_triton_kernels_in_a_half_precision_model_are_the_convolution(interpreted_kernels,
+                                                                          dtype):
+    """A model converted to fp16/bf16 (no autocast): outputs and gradients in that dtype, equal
+    to the plain convolution's up to a few roundings in it."""
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40).to(dtype)
+    x = _channels_last_map(2, 40, 9, 13).to(dtype)
+    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
+        t, conv.weight, conv.bias, True, interpreted_kernels), x, conv)
+    plain_results = _conv_results(lambda t: t + conv(t), x, conv)
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(fast, plain_results):
+        assert a.dtype == b.dtype == dtype
+        assert (a.float() - b.float()).abs().max() <= 4 * eps * max(1., b.abs().max().item())
+
+
 def _saved_maps(fn, x):
     """The dtype of every tensor of x's shape that autograd saves while ``fn(x)`` runs."""
     saved = []
