@@ -21,7 +21,8 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
   kernel on the channels-last map, the addition fused, forward and backward
   (:class:`_TritonDepthwiseFunction`; sizes are runtime arguments, so a new shape compiles
-  nothing), or, without Triton, through PyTorch's own depth-wise kernel; the stem and downsample
+  nothing), or, without Triton >= 3.0, on GPUs Triton does not build for and on ROCm, through
+  PyTorch's own depth-wise kernel; the stem and downsample
   convolutions run as matrix products (a 2x2/s2 convolution is a reshape and a matmul; the 7x7/s4
   stem and the overlapped 3x3/s2 downsample go through ``unfold``). The user's other convolutions
   (FPN, heads) keep cuDNN.
@@ -626,17 +627,34 @@ class _TritonDepthwiseFunction(torch.autograd.Function):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) CUDA compute capability of a GPU (a CUDA tensor's device names its index);
+    (0, 0) on ROCm, where the Triton kernels have not been checked."""
+    if torch.version.hip is not None:
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+def _triton_compiles_for(x: torch.Tensor, compute: torch.dtype) -> bool:
+    """Triton builds for NVIDIA GPUs of compute capability 7.0 (Volta) and newer (what torch's
+    inductor requires of it), and bf16 arithmetic from 8.0 (Ampere)."""
+    return _gpu_capability(x.device) >= ((8, 0) if compute == torch.bfloat16 else (7, 0))
+
+
 def _triton_depthwise_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """A stride-1 'same' depth-wise conv with an odd square kernel, on a channels-last map of a
-    dtype the kernels take (the weight's, outside autocast, as ``nn.Conv2d`` demands)."""
+    dtype the kernels take (the weight's, outside autocast, as ``nn.Conv2d`` demands), on a GPU
+    Triton compiles for."""
     k = conv.kernel_size[0]
+    compute = _autocast_dtype('cuda') or conv.weight.dtype
     return (_is_depthwise(conv) and conv.kernel_size == (k, k) and k % 2 == 1
             and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
             and conv.dilation == (1, 1) and conv.padding_mode == 'zeros'
-            and x.dtype in _TRITON_DTYPES
+            and x.dtype in _TRITON_DTYPES and compute in _TRITON_DTYPES
             and (x.dtype == conv.weight.dtype or _autocast_dtype('cuda') is not None)
             and x.is_contiguous(memory_format=torch.channels_last)
-            and _triton_depthwise() is not None)
+            and _triton_depthwise() is not None and _triton_compiles_for(x, compute))
 
 
 def _depthwise_triton(conv: nn.Conv2d, x: torch.Tensor, add_input: bool) -> torch.Tensor:

@@ -529,9 +529,10 @@ def interpreted_kernels():
 
 @pytest.fixture
 def triton_cuda(mocked_cuda, interpreted_kernels, monkeypatch):
-    """mocked_cuda with Triton present: each Triton convolution launch is recorded as
+    """mocked_cuda with Triton present, on an H100: each Triton convolution launch is recorded as
     ``(add_input, writes a cast copy of the input)``."""
     monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
+    monkeypatch.setattr(ops, '_gpu_capability', lambda device: (9, 0))
     launches = []
     original = ops._launch_depthwise
 
@@ -686,6 +687,26 @@ def test_on_cuda_with_triton_the_position_encodings_take_the_triton_kernels(tiny
     for a, b in zip(fast, plain_results):
         assert a.shape == b.shape
         assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize('capability,autocast,kernel', [
+    ((6, 0), None, 'aten'),                 # Pascal: Triton does not build for it
+    ((7, 5), torch.bfloat16, 'aten'),       # Turing computes no bf16
+    ((7, 5), None, 'triton'),               # Turing in fp32
+    ((8, 0), torch.bfloat16, 'triton'),     # Ampere in bf16
+])
+def test_gpus_triton_does_not_build_for_take_pytorchs_kernel(triton_cuda, monkeypatch, capability,
+                                                             autocast, kernel):
+    depthwise_calls, _, launches = triton_cuda
+    monkeypatch.setattr(ops, '_gpu_capability', lambda device: capability)
+    real_autocast_dtype = ops._autocast_dtype
+    monkeypatch.setattr(ops, '_autocast_dtype', lambda device_type: real_autocast_dtype('cpu'))
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = _channels_last_map(2, 8, 6, 6)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast is not None):
+        ops.conv2d(conv, x, residual=x)
+    assert (len(launches), len(depthwise_calls)) == ((1, 0) if kernel == 'triton' else (0, 1))
 
 
 @needs_triton
