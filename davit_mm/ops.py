@@ -21,8 +21,9 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
   kernel on the channels-last map, the addition fused, forward and backward
   (:class:`_TritonDepthwiseFunction`; sizes are runtime arguments, so a new shape compiles
-  nothing), or, without Triton >= 3.0, on GPUs Triton does not build for and on ROCm, through
-  PyTorch's own depth-wise kernel; the stem and downsample
+  nothing; checked once per GPU and dtype, :func:`_triton_self_check`), or, without Triton >=
+  3.0, on GPUs Triton does not build for, on ROCm and where that check fails (with a warning),
+  through PyTorch's own depth-wise kernel; the stem and downsample
   convolutions run as matrix products (a 2x2/s2 convolution is a reshape and a matmul; the 7x7/s4
   stem and the overlapped 3x3/s2 downsample go through ``unfold``). The user's other convolutions
   (FPN, heads) keep cuDNN.
@@ -36,8 +37,9 @@ standard operators.
 import contextlib
 import functools
 import os
+import warnings
 from types import SimpleNamespace
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -636,10 +638,65 @@ def _gpu_capability(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _triton_compiles_for(x: torch.Tensor, compute: torch.dtype) -> bool:
-    """Triton builds for NVIDIA GPUs of compute capability 7.0 (Volta) and newer (what torch's
-    inductor requires of it), and bf16 arithmetic from 8.0 (Ampere)."""
-    return _gpu_capability(x.device) >= ((8, 0) if compute == torch.bfloat16 else (7, 0))
+# Whether the Triton kernels serve a (device, compute dtype), decided once for each.
+_TRITON_READY: Dict[Tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _triton_ready(x: torch.Tensor, compute: torch.dtype) -> bool:
+    """Whether the Triton kernels serve ``x``'s GPU computing in ``compute``.
+
+    Triton builds for NVIDIA GPUs of compute capability 7.0 (Volta) and newer (what torch's
+    inductor requires of it), and bf16 arithmetic from 8.0 (Ampere). On those, the first call
+    for each GPU and dtype runs :func:`_triton_self_check` (not while a CUDA graph is being
+    captured; the question waits for a later call).
+    """
+    key = (x.device, compute)
+    if key not in _TRITON_READY:
+        if _gpu_capability(x.device) < ((8, 0) if compute == torch.bfloat16 else (7, 0)):
+            _TRITON_READY[key] = False
+        elif x.device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+            return False
+        else:
+            _TRITON_READY[key] = _triton_self_check(x.device, compute)
+    return _TRITON_READY[key]
+
+
+def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
+    """A small position encoding through the Triton kernels on ``device`` in ``compute``, forward
+    and backward, against the float64 CPU convolution. If the kernels fail to build or run (a
+    Triton that cannot find the CUDA driver, say) or compute wrong numbers, a warning says so
+    and PyTorch's depth-wise kernel serves instead: training goes on, and the message names
+    the problem."""
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    # A (2, 40, 9, 13) channels-last map: two channel tiles, the second partly filled.
+    x, weight, bias = draw(2, 9, 13, 40).permute(0, 3, 1, 2), draw(40, 1, 3, 3), draw(40)
+    grad = draw(2, 9, 13, 40).permute(0, 3, 1, 2)
+    expected = [t.requires_grad_() for t in (x.clone(), weight.clone(), bias.clone())]
+    out = expected[0] + F.conv2d(*expected, padding=1, groups=40)
+    out.backward(grad)
+    expected = [out.detach()] + [t.grad for t in expected]
+    try:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            inputs = [t.to(device, compute).requires_grad_() for t in (x, weight, bias)]
+            out = _TritonDepthwiseFunction.apply(*inputs, True, _triton_depthwise())
+            out.backward(grad.to(device, compute))
+        got = [out.detach()] + [t.grad for t in inputs]
+        wrong = [name for name, a, b in zip(('output', 'input grad', 'weight grad', 'bias grad'),
+                                            got, expected)
+                 if not (a.double().cpu() - b).abs().max() <= (
+                     16 * torch.finfo(compute).eps * max(1., b.abs().max().item()))]
+        problem = f'computed wrong {", ".join(wrong)}' if wrong else None
+    except Exception as exc:  # any failure to build or run: reported, never silent
+        problem = f'failed: {type(exc).__name__}: {exc}'
+    if problem is not None:
+        warnings.warn(f'davit_mm: the Triton depth-wise kernels {problem} (on {device}, '
+                      f'{compute}); the position encodings use PyTorch\'s depth-wise kernel '
+                      f'instead', RuntimeWarning)
+    return problem is None
 
 
 def _triton_depthwise_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -654,7 +711,7 @@ def _triton_depthwise_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and x.dtype in _TRITON_DTYPES and compute in _TRITON_DTYPES
             and (x.dtype == conv.weight.dtype or _autocast_dtype('cuda') is not None)
             and x.is_contiguous(memory_format=torch.channels_last)
-            and _triton_depthwise() is not None and _triton_compiles_for(x, compute))
+            and _triton_depthwise() is not None and _triton_ready(x, compute))
 
 
 def _depthwise_triton(conv: nn.Conv2d, x: torch.Tensor, add_input: bool) -> torch.Tensor:

@@ -4,6 +4,7 @@ measured by tools/analysis/benchmark.py, never by tests)."""
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -533,6 +534,8 @@ def triton_cuda(mocked_cuda, interpreted_kernels, monkeypatch):
     ``(add_input, writes a cast copy of the input)``."""
     monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
     monkeypatch.setattr(ops, '_gpu_capability', lambda device: (9, 0))
+    monkeypatch.setattr(ops, '_TRITON_READY', {})
+    monkeypatch.setattr(ops, '_triton_self_check', lambda device, compute: True)  # tested below
     launches = []
     original = ops._launch_depthwise
 
@@ -707,6 +710,59 @@ def test_gpus_triton_does_not_build_for_take_pytorchs_kernel(triton_cuda, monkey
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast is not None):
         ops.conv2d(conv, x, residual=x)
     assert (len(launches), len(depthwise_calls)) == ((1, 0) if kernel == 'triton' else (0, 1))
+
+
+@needs_triton
+@pytest.mark.parametrize('compute', [torch.float32, torch.bfloat16])
+def test_the_triton_self_check_passes_with_the_kernels(interpreted_kernels, monkeypatch, compute):
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert ops._triton_self_check(torch.device('cpu'), compute) is True
+
+
+def _launch_then(change):
+    original = ops._launch_depthwise
+
+    def launch(*args, **kwargs):
+        return change(original(*args, **kwargs))
+    return launch
+
+
+def _no_driver(out):
+    raise RuntimeError('libcuda.so cannot found!')  # what Triton says in some containers
+
+
+@needs_triton
+@pytest.mark.parametrize('change,message', [
+    (_no_driver, 'failed: RuntimeError: libcuda.so cannot found!'),
+    (lambda out: out + 1e-2, 'computed wrong output, input grad'),
+])
+def test_triton_kernels_that_fail_or_compute_wrong_are_reported_and_not_used(
+        interpreted_kernels, monkeypatch, change, message):
+    """The self-check turns the kernels down with a warning naming the problem: a Triton that
+    cannot build or run them, or kernels whose numbers are off."""
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
+    monkeypatch.setattr(ops, '_launch_depthwise', _launch_then(change))
+    with pytest.warns(RuntimeWarning, match=message) as record:
+        assert ops._triton_self_check(torch.device('cpu'), torch.float32) is False
+    assert "PyTorch's depth-wise kernel instead" in str(record[0].message)
+
+
+@needs_triton
+def test_the_self_check_runs_once_per_gpu_and_dtype_and_a_failed_one_keeps_pytorchs_kernel(
+        triton_cuda, monkeypatch):
+    depthwise_calls, _, launches = triton_cuda
+    checks = []
+    monkeypatch.setattr(ops, '_triton_self_check',
+                        lambda device, compute: checks.append(compute) or False)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = _channels_last_map(2, 8, 6, 6)
+    for _ in range(2):
+        ops.conv2d(conv, x, residual=x)
+    ops.conv2d(conv.double(), x.double(), residual=x.double())  # fp64: not a Triton dtype
+    assert checks == [torch.float32]
+    assert launches == [] and len(depthwise_calls) == 3
 
 
 @needs_triton
