@@ -661,12 +661,8 @@ def _triton_ready(x: torch.Tensor, compute: torch.dtype) -> bool:
     return _TRITON_READY[key]
 
 
-def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
-    """A small position encoding through the Triton kernels on ``device`` in ``compute``, forward
-    and backward, against the float64 CPU convolution. If the kernels fail to build or run (a
-    Triton that cannot find the CUDA driver, say) or compute wrong numbers, a warning says so
-    and PyTorch's depth-wise kernel serves instead: training goes on, and the message names
-    the problem."""
+def _triton_check_problem(device: torch.device, compute: torch.dtype) -> Optional[str]:
+    """What :func:`_triton_self_check` finds wrong, or None."""
     generator = torch.Generator().manual_seed(0)
 
     def draw(*shape):
@@ -680,18 +676,28 @@ def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
     out.backward(grad)
     expected = [out.detach()] + [t.grad for t in expected]
     try:
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             inputs = [t.to(device, compute).requires_grad_() for t in (x, weight, bias)]
             out = _TritonDepthwiseFunction.apply(*inputs, True, _triton_depthwise())
             out.backward(grad.to(device, compute))
         got = [out.detach()] + [t.grad for t in inputs]
-        wrong = [name for name, a, b in zip(('output', 'input grad', 'weight grad', 'bias grad'),
-                                            got, expected)
-                 if not (a.double().cpu() - b).abs().max() <= (
-                     16 * torch.finfo(compute).eps * max(1., b.abs().max().item()))]
-        problem = f'computed wrong {", ".join(wrong)}' if wrong else None
     except Exception as exc:  # any failure to build or run: reported, never silent
-        problem = f'failed: {type(exc).__name__}: {exc}'
+        return f'failed: {type(exc).__name__}: {exc}'
+    wrong = [name for name, a, b in zip(('output', 'input grad', 'weight grad', 'bias grad'),
+                                        got, expected)
+             if not (a.double().cpu() - b).abs().max() <= (
+                 16 * torch.finfo(compute).eps * max(1., b.abs().max().item()))]
+    return f'computed wrong {", ".join(wrong)}' if wrong else None
+
+
+def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
+    """A small position encoding through the Triton kernels on ``device`` in ``compute``, forward
+    and backward, against the float64 CPU convolution. If the kernels fail to build or run (a
+    Triton that cannot find the CUDA driver, say) or compute wrong numbers, a warning says so
+    and PyTorch's depth-wise kernel serves instead: training goes on, and the message names
+    the problem. Runs with gradients wherever it is first called (inference mode included)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        problem = _triton_check_problem(device, compute)
     if problem is not None:
         warnings.warn(f'davit_mm: the Triton depth-wise kernels {problem} (on {device}, '
                       f'{compute}); the position encodings use PyTorch\'s depth-wise kernel '

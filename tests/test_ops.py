@@ -1,6 +1,7 @@
 """davit_mm.ops: every device-specific kernel computes what the plain op computes, the CUDA
 choices are the ones that run on CUDA inputs, and one switch turns them off (speed itself is
 measured by tools/analysis/benchmark.py, never by tests)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -713,10 +714,16 @@ def test_gpus_triton_does_not_build_for_take_pytorchs_kernel(triton_cuda, monkey
 
 
 @needs_triton
-@pytest.mark.parametrize('compute', [torch.float32, torch.bfloat16])
-def test_the_triton_self_check_passes_with_the_kernels(interpreted_kernels, monkeypatch, compute):
+@pytest.mark.parametrize('compute,mode', [(torch.float32, contextlib.nullcontext),
+                                          (torch.bfloat16, contextlib.nullcontext),
+                                          (torch.float32, torch.no_grad),
+                                          (torch.float32, torch.inference_mode)])
+def test_the_triton_self_check_passes_with_the_kernels(interpreted_kernels, monkeypatch, compute,
+                                                       mode):
+    """In each compute dtype, and wherever the first call comes from: training, evaluation
+    under no_grad, inference mode."""
     monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), mode():
         warnings.simplefilter('error')
         assert ops._triton_self_check(torch.device('cpu'), compute) is True
 
