@@ -670,19 +670,21 @@ def test_a_frozen_triton_position_encoding_saves_no_map(triton_cuda):
 
 
 @needs_triton
+@pytest.mark.parametrize('with_cp', [False, True])
 def test_on_cuda_with_triton_the_position_encodings_take_the_triton_kernels(tiny_arch,
-                                                                             triton_cuda):
+                                                                             triton_cuda, with_cp):
     """With Triton, every position encoding (x + depth-wise conv, fused) runs the Triton kernels
-    forward and backward; no convolution reaches cuDNN or PyTorch's depth-wise kernel, and
-    outputs and gradients are the plain ones."""
+    forward and backward (with gradient checkpointing, forward again in the recomputation); no
+    convolution reaches cuDNN or PyTorch's depth-wise kernel, and outputs and gradients are the
+    plain ones."""
     depthwise_calls, conv_calls, launches = triton_cuda
-    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    model = DaViT(tiny_arch, drop_path_rate=0., with_cp=with_cp).train()
     x = torch.randn(2, 3, 45, 67)
     fast = _outputs_and_grads(model, x)
     encodings = 2 * 2 * sum(tiny_arch['depths'])
     assert conv_calls == [] and depthwise_calls == []
-    # one forward and one input-gradient launch each (fp32: no cast copy)
-    assert launches == [(True, False)] * (2 * encodings)
+    # forward(s) and one input-gradient launch each (fp32: no cast copy)
+    assert launches == [(True, False)] * ((3 if with_cp else 2) * encodings)
     ops.set_fast_kernels(False)
     try:
         plain_results = _outputs_and_grads(model, x)
