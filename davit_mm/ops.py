@@ -629,7 +629,6 @@ class _TritonDepthwiseFunction(torch.autograd.Function):
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
 def _gpu_capability(device: torch.device) -> Tuple[int, int]:
     """(major, minor) CUDA compute capability of a GPU (a CUDA tensor's device names its index);
     (0, 0) on ROCm, where the Triton kernels have not been checked."""
@@ -638,7 +637,8 @@ def _gpu_capability(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-# Whether the Triton kernels serve a (device, compute dtype), decided once for each.
+# Whether the Triton kernels serve a (device, compute dtype), decided once for each (the
+# capability query and the self-check run only then).
 _TRITON_READY: Dict[Tuple[torch.device, torch.dtype], bool] = {}
 
 
@@ -710,12 +710,13 @@ def _triton_depthwise_fits(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     dtype the kernels take (the weight's, outside autocast, as ``nn.Conv2d`` demands), on a GPU
     Triton compiles for."""
     k = conv.kernel_size[0]
-    compute = _autocast_dtype('cuda') or conv.weight.dtype
+    autocast = _autocast_dtype('cuda')
+    compute = autocast or conv.weight.dtype
     return (_is_depthwise(conv) and conv.kernel_size == (k, k) and k % 2 == 1
             and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
             and conv.dilation == (1, 1) and conv.padding_mode == 'zeros'
             and x.dtype in _TRITON_DTYPES and compute in _TRITON_DTYPES
-            and (x.dtype == conv.weight.dtype or _autocast_dtype('cuda') is not None)
+            and (x.dtype == conv.weight.dtype or autocast is not None)
             and x.is_contiguous(memory_format=torch.channels_last)
             and _triton_depthwise() is not None and _triton_ready(x, compute))
 
@@ -768,10 +769,10 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor,
         return _ONEDNN_CONV(x, residual, conv.weight, conv.bias, list(conv.padding),
                             list(conv.stride), list(conv.dilation), conv.groups, 'add', None,
                             None, [], None)
-    if _fast(x, 'cuda') and _triton_depthwise_fits(conv, x):
-        out = _depthwise_triton(conv, x, add_input=residual is x)  # a position encoding: fused
-        return out if residual is None or residual is x else residual + out
     if _fast(x, 'cuda'):
+        if _triton_depthwise_fits(conv, x):
+            out = _depthwise_triton(conv, x, add_input=residual is x)  # a position encoding
+            return out if residual is None or residual is x else residual + out
         out = _conv_cuda(conv, x)
     elif _patch_matmul_pays_on_cpu(conv, x):
         out = _conv_as_matmul(x, conv)

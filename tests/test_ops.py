@@ -563,6 +563,13 @@ def _conv_results(fn, x, conv):
     return [out.detach(), x.grad] + [p.grad for p in conv.parameters()]
 
 
+def _triton_and_plain(kernels, conv, x, add_input=True):
+    """:func:`_conv_results` of the Triton function and of the plain ``(x +) conv(x)``."""
+    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
+        t, conv.weight, conv.bias, add_input, kernels), x, conv)
+    return fast, _conv_results(lambda t: (t if add_input else 0) + conv(t), x, conv)
+
+
 @needs_triton
 @pytest.mark.parametrize('kernel,channels,size,bias', [
     (3, 40, (9, 13), True), (3, 16, (5, 7), False), (5, 70, (6, 3), True)])
@@ -575,9 +582,7 @@ def test_the_triton_depthwise_kernels_are_the_convolution(interpreted_kernels, m
     monkeypatch.setattr(ops, '_WEIGHT_GRAD_PROGRAMS', 2)
     conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=bias)
     x = _channels_last_map(3, channels, *size)
-    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
-        t, conv.weight, conv.bias, add_input, interpreted_kernels), x, conv)
-    plain_results = _conv_results(lambda t: (t if add_input else 0) + conv(t), x, conv)
+    fast, plain_results = _triton_and_plain(interpreted_kernels, conv, x, add_input)
     assert fast[0].is_contiguous(memory_format=torch.channels_last)
     for a, b in zip(fast, plain_results):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -591,9 +596,7 @@ def test_the_triton_kernels_with_64_bit_offsets_are_the_convolution(interpreted_
     monkeypatch.setattr(ops, '_WIDE_FROM', 0)
     conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
     x = _channels_last_map(2, 40, 9, 13)
-    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
-        t, conv.weight, conv.bias, True, interpreted_kernels), x, conv)
-    plain_results = _conv_results(lambda t: t + conv(t), x, conv)
+    fast, plain_results = _triton_and_plain(interpreted_kernels, conv, x)
     for a, b in zip(fast, plain_results):
         assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
 
@@ -606,9 +609,7 @@ def test_the_triton_kernels_in_a_half_precision_model_are_the_convolution(interp
     to the plain convolution's up to a few roundings in it."""
     conv = nn.Conv2d(40, 40, 3, padding=1, groups=40).to(dtype)
     x = _channels_last_map(2, 40, 9, 13).to(dtype)
-    fast = _conv_results(lambda t: ops._TritonDepthwiseFunction.apply(
-        t, conv.weight, conv.bias, True, interpreted_kernels), x, conv)
-    plain_results = _conv_results(lambda t: t + conv(t), x, conv)
+    fast, plain_results = _triton_and_plain(interpreted_kernels, conv, x)
     eps = torch.finfo(dtype).eps
     for a, b in zip(fast, plain_results):
         assert a.dtype == b.dtype == dtype

@@ -255,8 +255,7 @@ def memory_worker(spec: str) -> None:
         model = DaViT(cfg['arch'], drop_path_rate=0.0, with_cp=cfg['impl'] == 'ours_cp')
     model.to(device)
     x = torch.randn(cfg['batch'], 3, *cfg['size'], device=device)
-    fn = KERNEL_VARIANTS.get(cfg['impl'], lambda f: f)(
-        step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device))
+    fn = with_kernels(cfg['impl'], step_fn(model, x, cfg['mode'], DTYPES[cfg['dtype']], device))
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -320,6 +319,11 @@ def aten_depthwise(fn: Callable) -> Callable:
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise}
 
 
+def with_kernels(impl: str, fn: Callable) -> Callable:
+    """``fn`` with the kernels implementation ``impl`` names (unchanged for the others)."""
+    return KERNEL_VARIANTS[impl](fn) if impl in KERNEL_VARIANTS else fn
+
+
 def ours_variants(args) -> List[str]:
     return (['ours_plain_kernels'] if args.plain_kernels else []) + (
         ['ours_aten_depthwise'] if args.aten_depthwise else [])
@@ -335,19 +339,17 @@ def bench_new_shapes(args) -> List[dict]:
         models['reference'] = ref
     if args.timm:
         models['timm'] = timm_model(args.arch, args.device)
-    variants = {name: KERNEL_VARIANTS[name] for name in ours_variants(args)}
-    models.update({name: ours for name in variants})
-    wrap = lambda name, fn: variants[name](fn) if name in variants else fn  # noqa: E731
+    models.update({name: ours for name in ours_variants(args)})
     warm = torch.randn(args.batch, 3, 224, 224, device=args.device)
     for name, model in models.items():  # one-off start-up costs, at a size not measured below
-        wrap(name, step_fn(model, warm, 'train', dtype, args.device))()
+        with_kernels(name, step_fn(model, warm, 'train', dtype, args.device))()
     rows, extra = [], {name: [] for name in models}
     for size in args.sizes:
         x = torch.randn(args.batch, 3, *size, device=args.device)
         row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
                    device=args.device)
         for name, model in models.items():
-            fn = wrap(name, step_fn(model, x, 'train', dtype, args.device))
+            fn = with_kernels(name, step_fn(model, x, 'train', dtype, args.device))
             first = timed(fn, args.device)
             repeat = statistics.median(timed(fn, args.device) for _ in range(max(2, args.repeats)))
             row[f'new_shape_first_{name}_s'] = first
@@ -393,7 +395,7 @@ def bench_backbone(args) -> List[dict]:
             if compiled is not None:
                 fns['ours_compiled'] = step_fn(compiled, x, mode, dtype, args.device)
             for name in ours_variants(args):
-                fns[name] = KERNEL_VARIANTS[name](step_fn(ours, x, mode, dtype, args.device))
+                fns[name] = with_kernels(name, step_fn(ours, x, mode, dtype, args.device))
             if timm_net is not None:
                 fns['timm'] = step_fn(timm_net, x, mode, dtype, args.device)
             medians = interleaved(fns, args.warmup, args.repeats, args.device)
