@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 
 from .registry import LIBRARIES
 
@@ -132,6 +132,24 @@ def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+# Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
+DEFAULT_DET_TTA_MODEL = dict(type='DetTTAModel',
+                             tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+
+
+def enable_tta(cfg: Config, library: str) -> None:
+    """Test-time augmentation (``--tta``): the config's ``tta_model`` wraps its model (mmdet
+    configs without one get :data:`DEFAULT_DET_TTA_MODEL`) and its ``tta_pipeline`` replaces the
+    test dataset's pipeline."""
+    from .checks import innermost_dataset
+    if library == 'mmdet' and 'tta_model' not in cfg:
+        cfg.tta_model = ConfigDict(DEFAULT_DET_TTA_MODEL)
+    if 'tta_pipeline' not in cfg:
+        raise ValueError(f'--tta: the config has no tta_pipeline (library {library})')
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    innermost_dataset(cfg.test_dataloader.dataset).pipeline = cfg.tta_pipeline
 
 
 # ------------------------------------------------------------------------- the machine

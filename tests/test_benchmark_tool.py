@@ -39,6 +39,35 @@ def test_benchmark_tool_times_a_whole_config(tmp_path):
     assert row['train_s'] > 0 and row['forward_images_per_s'] > 0
 
 
+@pytest.mark.parametrize('tta', [False, True])
+def test_benchmark_tool_times_evaluation_on_the_configs_test_set(tmp_path, tta):
+    """--modes test: test_step over the config's own test pipeline (with --tta, the TTA model and
+    pipeline), first batch apart; --cfg-options points it at the data."""
+    from davit_mm.synthetic import write_coco
+    write_coco(str(tmp_path / 'data'), num_train=1, num_val=6, size=(96, 128))
+    out = tmp_path / 'bench.json'
+    config = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
+    run_tool(['analysis/benchmark.py', '--config', config, '--modes', 'test', '--images', '6',
+              '--cfg-options', f'test_dataloader.dataset.data_root={tmp_path / "data"}/',
+              '--json', out] + (['--tta'] if tta else []), cwd=tmp_path)
+    row, = json.loads(out.read_text())['rows']
+    assert row['tta'] is tta and row['test_images'] == 4  # batches of 2; the first timed apart
+    assert row['test_s_per_image'] > 0 and row['test_first_s'] > 0
+    # Shapes the backbone met in the 2 timed batches: one per batch, or one per TTA scale (3).
+    assert 3 <= row['test_backbone_shapes'] <= 6 if tta else 1 <= row['test_backbone_shapes'] <= 2
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--modes', 'test'], '--modes test needs --config'),
+    (['--config', 'x.py', '--modes', 'new_shape'], '--modes new_shape: backbone mode only'),
+    (['--config', 'x.py', '--tta'], '--tta: applies to --modes test only'),
+    (['--config', 'x.py', '--modes', 'test', '--images', '1'], '--images 1: at least 2'),
+])
+def test_benchmark_tool_refuses_modes_outside_their_kind(tmp_path, argv, message):
+    result = run_tool(['analysis/benchmark.py'] + argv, cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
 @pytest.mark.parametrize('baseline,ours,library', [
     ('swin_t_maskrcnn_1x_coco', 'davit_maskrcnn_1x_coco', 'mmdet'),
     ('swin_t_retinanet_1x_coco', 'davit_retinanet_1x_coco', 'mmdet'),

@@ -15,16 +15,10 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmengine.config import ConfigDict  # noqa: E402
-
 from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
-from davit_mm.checks import innermost_dataset, preflight  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner, library_of,  # noqa: E402
-                          load_config, parse_launch_arguments, run_guarded, run_tool)
-
-# Used when an mmdet config has no TTA of its own: horizontal flip, merged by NMS.
-DEFAULT_DET_TTA_MODEL = dict(type='DetTTAModel',
-                             tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+from davit_mm.checks import preflight  # noqa: E402
+from davit_mm.cli import (add_launch_arguments, build_runner, enable_tta,  # noqa: E402
+                          library_of, load_config, parse_launch_arguments, run_guarded, run_tool)
 
 
 def parse_args(argv=None):
@@ -38,15 +32,6 @@ def parse_args(argv=None):
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
     add_launch_arguments(parser)
     return parse_launch_arguments(parser, argv)
-
-
-def enable_tta(cfg, library: str) -> None:
-    if library == 'mmdet' and 'tta_model' not in cfg:
-        cfg.tta_model = ConfigDict(DEFAULT_DET_TTA_MODEL)
-    if 'tta_pipeline' not in cfg:
-        raise ValueError(f'--tta: the config has no tta_pipeline (library {library})')
-    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
-    innermost_dataset(cfg.test_dataloader.dataset).pipeline = cfg.tta_pipeline
 
 
 def enable_drawing(cfg, library: str, show_dir: str) -> None:

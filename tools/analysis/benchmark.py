@@ -7,6 +7,7 @@
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
+        [--modes train forward test] [--images 50] [--tta] [--cfg-options KEY=VALUE ...]
     python tools/analysis/benchmark.py --config configs/benchmark/swin_t_maskrcnn_1x_coco.py ...
 
 Backbone mode (default): davit_mm's ``DaViT`` and ``ReferenceDaViT`` (the official forward restated,
@@ -32,8 +33,11 @@ the self time of the costliest operators of one run of each (``{mode}_profile_{i
 Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
 training step (forward with losses, backward, optimizer step) and an inference forward on random
 images of the given size, with the config's own data preprocessing skipped; ``*_first_s`` is the
-first call at each size. configs/benchmark/ holds the paper
-configs with mmdet's/mmseg's Swin-T in DaViT-T's place, the baseline to compare against.
+first call at each size. ``test`` mode times evaluation as tools/test.py runs it (``--tta``
+too) on the first ``--images`` images of the config's test set, each at its own size, without the
+data loading and the metric (``test_s_per_image``; the first batch apart, ``test_first_s``).
+configs/benchmark/ holds the paper configs with mmdet's/mmseg's Swin-T in DaViT-T's place, the
+baseline to compare against.
 
 Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
 """
@@ -49,6 +53,7 @@ from typing import Callable, Dict, List, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
@@ -77,9 +82,16 @@ def parse_args(argv=None):
     parser.add_argument('--dtype', choices=sorted(DTYPES), default='fp32',
                         help='fp16/bf16 run under autocast')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--modes', nargs='+', choices=('forward', 'train', 'new_shape'),
+    parser.add_argument('--modes', nargs='+', choices=('forward', 'train', 'new_shape', 'test'),
                         default=['forward', 'train'],
-                        help='new_shape (backbone mode): the one-off cost of each new input size')
+                        help='new_shape (backbone mode): the one-off cost of each new input size; '
+                             'test (config mode): evaluation on the config\'s test set')
+    parser.add_argument('--images', type=int, default=50,
+                        help='test mode: how many test images to time')
+    parser.add_argument('--tta', action='store_true',
+                        help='test mode: with the config\'s test-time augmentation (as tools/test.py)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='config mode: override config settings, as tools/train.py does')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--memory', action='store_true',
@@ -108,6 +120,17 @@ def parse_args(argv=None):
     if args.aten_depthwise and not args.device.startswith('cuda'):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')
+    if args.config is None:
+        for name, given in (('--modes test', 'test' in args.modes), ('--tta', args.tta),
+                            ('--cfg-options', bool(args.cfg_options))):
+            if given:
+                parser.error(f'{name} needs --config (it measures a whole detector or segmentor)')
+    elif 'new_shape' in args.modes:
+        parser.error('--modes new_shape: backbone mode only (config mode reports *_first_s)')
+    if args.tta and 'test' not in args.modes:
+        parser.error('--tta: applies to --modes test only')
+    if args.images < 2:
+        parser.error(f'--images {args.images}: at least 2 (the first batch is timed apart)')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
     return args
@@ -432,17 +455,43 @@ def bench_backbone(args) -> List[dict]:
 
 
 def bench_config(args) -> List[dict]:
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.registry import init_default_scope
 
     from davit_mm.cli import adapt_config_to_machine, library_of, load_config
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.cfg_options)
     library = library_of(cfg)
     adapt_config_to_machine(cfg)
     init_default_scope(library)
     cfg.model.backbone.init_cfg = None  # random weights: timing only
-    model = MODELS.build(cfg.model).to(args.device)
-    model.init_weights()
+    rows = bench_config_steps(args, cfg, library) if set(args.modes) - {'test'} else []
+    if 'test' in args.modes:
+        rows.append(bench_config_test(args, cfg, library))
+    return rows
+
+
+def build_config_model(cfg):
+    """The config's model (random init, seeded), without mmengine's line per initialised
+    parameter."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    from mmengine.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
+    return model
+
+
+def bench_config_steps(args, cfg, library: str) -> List[dict]:
+    """``train`` and ``forward`` at each of ``--sizes``, on random images."""
+    from mmengine.optim import build_optim_wrapper
+    model = build_config_model(cfg).to(args.device)
     optim_cfg = dict(cfg.optim_wrapper)
     if args.dtype != 'fp32':
         optim_cfg.update(type='AmpOptimWrapper', dtype=args.dtype)
@@ -478,6 +527,57 @@ def bench_config(args) -> List[dict]:
         rows.append(row)
         print_row(row)
     return rows
+
+
+def bench_config_test(args, cfg, library: str) -> dict:
+    """``test``: evaluation as ``tools/test.py`` runs it (``--tta`` too), without the data loading
+    and the metric: the first ``--images`` images of the config's test set go through its test
+    pipeline first, then ``model.test_step`` (preprocessing, inference, post-processing) is timed
+    batch by batch. Each image keeps its own size, as in COCO/ADE20K evaluation, so new input
+    shapes are paid for as they come; the first batch (one-off start-up) is reported apart."""
+    import itertools
+
+    from mmengine.runner import Runner
+
+    from davit_mm.checks import preflight
+    from davit_mm.cli import enable_tta
+    cfg.pop('test_evaluator', None)  # no metric here: its files need not exist
+    preflight(cfg, ('test', ))
+    if args.tta:
+        enable_tta(cfg, library)
+    loader = Runner.build_dataloader(cfg.test_dataloader)
+    batches, counts = [], []
+    for batch in itertools.islice(loader, args.images):
+        samples = batch['data_samples']  # under TTA: one list of samples per augmentation
+        counts.append(len(samples[0] if isinstance(samples[0], (list, tuple)) else samples))
+        batches.append(batch)
+        if sum(counts) >= args.images:
+            break
+    if len(batches) < 2:
+        raise ValueError(f'--images {args.images}: the test set gives {sum(counts)} image(s) in '
+                         f'{len(batches)} batch(es); test mode times at least 2 batches')
+    model = build_config_model(cfg).to(args.device).eval()
+    shapes = set()
+    backbone = model.module.backbone if args.tta else model.backbone
+    backbone.register_forward_pre_hook(lambda module, inputs: shapes.add(tuple(inputs[0].shape)))
+    autocast = torch.autocast(device_type=args.device.split(':')[0], dtype=DTYPES[args.dtype],
+                              enabled=args.dtype != 'fp32')
+
+    def test_step(batch):
+        with torch.no_grad(), autocast:
+            model.test_step(batch)
+
+    first = timed(lambda: test_step(batches[0]), args.device)
+    shapes.clear()
+    seconds = [timed(lambda: test_step(batch), args.device) for batch in batches[1:]]
+    row = dict(config=osp.basename(args.config), tta=args.tta, dtype=args.dtype,
+               device=args.device, test_images=sum(counts[1:]), test_backbone_shapes=len(shapes),
+               test_first_s=first, test_s_per_image=sum(seconds) / sum(counts[1:]),
+               test_median_batch_s=statistics.median(seconds))
+    if args.device.startswith('cuda'):
+        row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    print_row(row)
+    return row
 
 
 def fake_batch(library: str, batch: int, size, device):
