@@ -2,13 +2,15 @@
 switch.
 
 The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`attention`,
-:func:`conv2d` and :func:`batched_linear` where it would call ``F.linear``,
-``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)`` and ``baddbmm``, and
+:func:`conv2d`, :func:`batched_linear` and :func:`split_heads` where it would call ``F.linear``,
+``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)``, ``baddbmm`` and
+``view -> permute -> unbind``, and
 asks :func:`inference_blocks` how to split its window attention at CPU inference. Each computes
 exactly the maths of the plain op (tested against it), and picks its kernel by device:
 
 - Every device: training MLPs save less for backward (:class:`_LeanMlpFunction`: GELU is
-  recomputed rather than stored).
+  recomputed rather than stored), and the attentions' q/k/v gradients are gathered into the
+  projection's layout in one pass (:func:`split_heads`).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
   GELU and residual additions fused into the matmul, inference MLPs (and window attention) in
   cache-sized blocks of tokens, and window attention in bf16/fp16 as three plain steps instead of
@@ -312,6 +314,50 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
         out = _OneDNNLinearFunction.apply(x, weight, bias)
         out = F.gelu(out) if gelu else out
     return out if residual is None else residual + out
+
+
+class _SplitHeadsFunction(torch.autograd.Function):
+    """The views of :func:`split_heads`, whose backward writes the parts' gradients into one
+    ``(B, N, parts, heads, d)`` tensor, one copy per part.
+
+    Autograd's own backward of ``view -> permute -> unbind`` stacks the parts' gradients into a
+    new tensor and then copies the stack into the projection's layout: two passes over a
+    ``parts x`` wide tensor, the second with a scattered read (with ``select`` instead of
+    ``unbind``, a zero-filled full-size tensor per part as well).
+    """
+
+    @staticmethod
+    def forward(ctx, x, parts: int, heads: int):
+        ctx.set_materialize_grads(False)
+        ctx.shape = x.shape
+        return _head_views(x, parts, heads)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        B, N, width = ctx.shape
+        given = next(g for g in grads if g is not None)
+        out = given.new_empty(B, N, len(grads), given.shape[1], given.shape[-1])
+        for i, grad in enumerate(grads):
+            if grad is None:
+                out[:, :, i].zero_()
+            else:
+                out[:, :, i].copy_(grad.transpose(1, 2))
+        return out.view(B, N, width), None, None
+
+
+def _head_views(x: torch.Tensor, parts: int, heads: int) -> Tuple[torch.Tensor, ...]:
+    B, N, _ = x.shape
+    return x.view(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def split_heads(x: torch.Tensor, parts: int, heads: int) -> Tuple[torch.Tensor, ...]:
+    """A ``(B, N, parts * heads * d)`` projection (q, k, v side by side) as ``parts`` views
+    ``(B, heads, N, d)``; in training its gradient is gathered in one pass
+    (:class:`_SplitHeadsFunction`), on every device."""
+    if _enabled and not is_tracing() and _needs_grad(x):
+        return _SplitHeadsFunction.apply(x, parts, heads)
+    return _head_views(x, parts, heads)
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -282,6 +282,42 @@ def test_batched_linear_matches_a_loop_of_plain_linears(batch, with_bias, with_r
     assert out.shape == (batch, 30, 20) and out.requires_grad == grad
 
 
+def _plain_split(x, parts, heads):
+    B, N, _ = x.shape
+    return x.view(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize('parts,used', [(3, (0, 1, 2)), (3, (0, 2)), (2, (1, ))])
+def test_split_heads_are_the_plain_views_and_gather_the_same_gradients(parts, used):
+    """q, k, v (or the channel attention's pair) as views of the projection; in training the
+    gradient comes back in one tensor, parts without a gradient giving zeros."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, parts * 3 * 4, requires_grad=True)
+    fast, expected = ops.split_heads(x, parts, 3), _plain_split(x, parts, 3)
+    assert all(f._base is x and f.shape == (2, 3, 7, 4) for f in fast)
+    assert all(torch.equal(f, e) for f, e in zip(fast, expected))
+    assert fast[0].grad_fn.name() == '_SplitHeadsFunctionBackward'
+    weights = [torch.randn(2, 3, 7, 4) for _ in range(parts)]
+    grads = [torch.autograd.grad(sum((views[i] * weights[i]).sum() for i in used), x)[0]
+             for views in (fast, expected)]
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].is_contiguous()
+
+
+def test_split_heads_are_plain_views_without_gradients_traced_or_switched_off():
+    x = torch.randn(1, 5, 24, requires_grad=True)
+    with torch.no_grad():
+        assert ops.split_heads(x, 3, 2)[0].grad_fn is None
+    ops.set_fast_kernels(False)
+    try:
+        assert ops.split_heads(x, 3, 2)[0].grad_fn.name() == 'UnbindBackward0'
+    finally:
+        ops.set_fast_kernels(True)
+    traced = torch.jit.trace(lambda t: ops.split_heads(t, 3, 2)[1] * 2, (x, ))
+    assert '_SplitHeadsFunction' not in str(traced.graph)
+    assert torch.equal(traced(x), _plain_split(x, 3, 2)[1] * 2)
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """Records each call of F.scaled_dot_product_attention."""

@@ -158,10 +158,8 @@ class _ProjectedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def _qkv(self, tokens: torch.Tensor, heads: int):
-        """``(..., N, C)`` tokens -> q, k, v as ``(-1, heads, N, head_dim)`` views."""
-        n = tokens.shape[-2]
-        return ops.linear(tokens, self.qkv).view(-1, n, 3, heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        """``(B, N, C)`` tokens -> q, k, v as ``(B, heads, N, head_dim)`` views."""
+        return ops.split_heads(ops.linear(tokens, self.qkv), 3, heads)
 
 
 class WindowAttention(_ProjectedAttention):
@@ -295,8 +293,8 @@ class ChannelAttention(_ProjectedAttention):
         # The logits' two projections, side by side in the qkv weight (k, v or q, k).
         rows = slice(min(first, second) * C, (max(first, second) + 1) * C)
         bias = None if self.qkv.bias is None else self.qkv.bias[rows]
-        pair = ops.linear(tokens, (self.qkv.weight[rows], bias))
-        pair = pair.view(B, N, 2, self.num_groups, self.head_dim).permute(2, 0, 3, 1, 4)
+        pair = ops.split_heads(ops.linear(tokens, (self.qkv.weight[rows], bias)), 2,
+                               self.num_groups)
         fold_proj = N >= C and not ops.is_exporting()
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Scaling the d x d product instead of an N x d operand: same maths, less work.
