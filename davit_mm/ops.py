@@ -244,9 +244,11 @@ class _LeanMlpFunction(torch.autograd.Function):
     Autograd would also keep the post-GELU activation (fc2's input, 4x the block width); here
     backward recomputes it, and then holds two such wide tensors at a time instead of three. A
     DaViT block keeps about 18 channel-widths per token for backward; this drops 4 of them, for
-    one extra GELU. The matmuls are oneDNN's on the CPU fast path (``onednn``) and the plain ones
-    elsewhere; callers cast for autocast and turn it off around ``apply`` (see
-    :func:`_lean_mlp`), so forward and backward compute in one dtype. Like
+    one extra GELU. The matmuls are oneDNN's on the CPU fast path (``onednn``; in fp32, fc2 and
+    the backward run over blocks of tokens whose GELU output and hidden gradient stay in cache,
+    :func:`_training_mlp_blocks`) and the plain ones elsewhere; callers cast for autocast and
+    turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward compute in
+    one dtype. Like
     :class:`_OneDNNLinearFunction`, its backward is not differentiable again (second derivatives
     raise; they need :func:`set_fast_kernels` ``(False)``).
     """
@@ -257,13 +259,23 @@ class _LeanMlpFunction(torch.autograd.Function):
         ctx.onednn = onednn
         pre = matmul(x, w1, b1)
         ctx.save_for_backward(x, w1, pre, w2)
-        return matmul(F.gelu(pre), w2, b2)
+        blocks = _training_mlp_blocks(pre) if onednn else None
+        if blocks is None:
+            return matmul(F.gelu(pre), w2, b2)
+        hidden = pre.reshape(-1, pre.shape[-1])
+        out = pre.new_empty(hidden.shape[0], w2.shape[0])
+        for block in blocks:  # GELU's output stays in cache for fc2
+            out[block] = _onednn(F.gelu(hidden[block]), w2, b2)
+        return out.view(*pre.shape[:-1], w2.shape[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, w1, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
+        blocks = _training_mlp_blocks(pre) if ctx.onednn else None
+        if blocks is not None:
+            return _lean_mlp_backward_in_blocks(need, grad, x, w1, pre, w2, blocks) + (None, )
         flat = grad.reshape(-1, grad.shape[-1])
         grad_w2 = grad_b2 = None
         if need[3]:
@@ -276,6 +288,47 @@ class _LeanMlpFunction(torch.autograd.Function):
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
         grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _training_mlp_blocks(pre: torch.Tensor) -> Optional[List[slice]]:
+    """Blocks of tokens for :class:`_LeanMlpFunction` on the CPU (oneDNN, fp32), whose wide
+    activations (GELU's output, the hidden gradient) then stay in cache; None where the map
+    holds fewer than 3 blocks (measured no faster) or in bf16 (the weight gradients are summed
+    over the blocks, which bf16 would round at every block)."""
+    if pre.dtype != torch.float32:
+        return None
+    tokens = pre.numel() // pre.shape[-1]
+    blocks = _blocks(tokens, pre.shape[-1] * pre.element_size(), 64 * torch.get_num_threads())
+    return blocks if len(blocks) >= 3 else None
+
+
+def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: torch.Tensor,
+                                 w1: torch.Tensor, pre: torch.Tensor, w2: torch.Tensor,
+                                 blocks: List[slice]) -> tuple:
+    """:class:`_LeanMlpFunction`'s backward (oneDNN's matmuls) over ``blocks`` of tokens: each
+    block's recomputed GELU and hidden gradient are used while in cache, and the weight
+    gradients are summed over the blocks."""
+    x_shape = x.shape
+    grad, x, pre = (t.reshape(-1, t.shape[-1]) for t in (grad, x, pre))
+    grad_x = x.new_empty(x.shape) if need[0] else None
+    grad_w1 = torch.zeros_like(w1) if need[1] else None
+    grad_b1 = pre.new_zeros(pre.shape[-1]) if need[2] else None
+    grad_w2 = torch.zeros_like(w2) if need[3] else None
+    for block in blocks:
+        if need[3]:
+            grad_w2.addmm_(grad[block].t(), F.gelu(pre[block]))
+        if not any(need[:3]):
+            continue
+        grad_pre = _onednn(grad[block], w2.t(), None)
+        torch.ops.aten.gelu_backward.grad_input(grad_pre, pre[block], grad_input=grad_pre)
+        if need[0]:
+            grad_x[block] = _onednn(grad_pre, w1.t(), None)
+        if need[1]:
+            grad_w1.addmm_(grad_pre.t(), x[block])
+        if need[2]:
+            grad_b1 += grad_pre.sum(0)
+    grad_b2 = grad.sum(0) if need[4] else None
+    return (None if grad_x is None else grad_x.view(x_shape)), grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def _lean_mlp(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -386,6 +439,13 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 BLOCK_BYTES = 8 << 20
 
 
+def _blocks(count: int, bytes_each: int, minimum: int = 1) -> List[slice]:
+    """Slices of ``count`` items of ``bytes_each`` bytes each, about :data:`BLOCK_BYTES` (at least
+    ``minimum`` items) a slice."""
+    step = max(minimum, BLOCK_BYTES // max(bytes_each, 1))
+    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+
 def inference_blocks(x: torch.Tensor, count: int, bytes_each: int, minimum: int = 1,
                      params: Sequence[Optional[torch.Tensor]] = ()) -> List[slice]:
     """Slices that split ``count`` items (tokens, rows of windows) of ``bytes_each`` bytes of
@@ -393,8 +453,7 @@ def inference_blocks(x: torch.Tensor, count: int, bytes_each: int, minimum: int 
     the CPU fast path when no gradient flows to ``x`` or ``params``; otherwise one slice."""
     if not _fast(x, 'cpu') or _needs_grad(x, *params):
         return [slice(0, count)]
-    step = max(minimum, BLOCK_BYTES // max(bytes_each, 1))
-    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+    return _blocks(count, bytes_each, minimum)
 
 
 def _onednn_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,

@@ -237,6 +237,51 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
     assert torch.allclose(fast.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
+@onednn
+@pytest.mark.parametrize('frozen', ['none', 'fc1', 'fc1+input'])
+def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(monkeypatch,
+                                                                              frozen):
+    """CPU fp32 training runs the MLP's fc2 and its backward over blocks of tokens (3 or more;
+    the last one partial), summing the weight gradients over them: same outputs and gradients."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    rows = 64 * torch.get_num_threads()
+    mlp = davit_module.Mlp(16, 64)
+    mlp.fc1.requires_grad_(frozen == 'none')
+    x = torch.randn(2, 9, 3 * rows // 18 + 2, 16)[:, :, 1:]  # a non-contiguous view
+    x.requires_grad_(frozen != 'fc1+input')
+    fc2_calls, onednn = [], ops._onednn
+
+    def recorded(t, weight, *args):
+        if weight is mlp.fc2.weight:
+            fc2_calls.append(t.shape[0])
+        return onednn(t, weight, *args)
+
+    monkeypatch.setattr(ops, '_onednn', recorded)
+    wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
+
+    def outputs_and_grads(forward):
+        out = forward(x)
+        return [out.detach(), *torch.autograd.grad(weighted_sum(out), wanted)]
+
+    fast = outputs_and_grads(mlp)
+    tokens = x.numel() // 16
+    assert fc2_calls == [rows] * (tokens // rows) + [tokens % rows]  # blocked, as documented
+    expected = outputs_and_grads(lambda t: plain_mlp(mlp, t))
+    assert len(fast) == len(expected) == {'none': 6, 'fc1': 4, 'fc1+input': 3}[frozen]
+    for a, b in zip(fast, expected):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@onednn
+def test_cpu_training_mlp_takes_one_pass_below_three_blocks_and_in_bf16(monkeypatch):
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)
+    rows = 64 * torch.get_num_threads()
+    assert ops._training_mlp_blocks(torch.empty(2 * rows, 64)) is None
+    assert len(ops._training_mlp_blocks(torch.empty(1, 2 * rows + 1, 64))) == 3
+    assert ops._training_mlp_blocks(torch.empty(3 * rows, 64, dtype=torch.bfloat16)) is None
+
+
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('size', [(17, 11), (21, 12)], ids=['padded', 'whole-windows'])
 def test_window_attention_in_bands_of_window_rows_matches_one_pass(monkeypatch, with_residual, size):
