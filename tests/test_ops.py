@@ -206,6 +206,19 @@ def test_mlp_training_path_under_autocast_computes_as_autocast_would(with_residu
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
+def _rows_through_onednn(monkeypatch, weight):
+    """The row counts of the inputs oneDNN's linear receives with ``weight``, call by call."""
+    rows, onednn = [], ops._onednn
+
+    def recorded(t, w, *args):
+        if w is weight:
+            rows.append(t.shape[0])
+        return onednn(t, w, *args)
+
+    monkeypatch.setattr(ops, '_onednn', recorded)
+    return rows
+
+
 @onednn
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -219,14 +232,7 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
     mlp = davit_module.Mlp(16, 64).to(dtype)
     x = torch.randn(2, 9, 2 * rows // 9 + 1, 16, dtype=dtype)[:, :, 1:]  # a non-contiguous view
     residual = torch.randn(x.shape, dtype=dtype) if with_residual else None
-    fc1_calls, onednn = [], ops._onednn
-
-    def recorded(t, weight, *args):
-        if weight is mlp.fc1.weight:
-            fc1_calls.append(t.shape[0])
-        return onednn(t, weight, *args)
-
-    monkeypatch.setattr(ops, '_onednn', recorded)
+    fc1_calls = _rows_through_onednn(monkeypatch, mlp.fc1.weight)
     with torch.no_grad():
         fast = mlp(x, residual=residual)
         expected = plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
@@ -250,14 +256,7 @@ def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
     mlp.fc1.requires_grad_(frozen == 'none')
     x = torch.randn(2, 9, 3 * rows // 18 + 2, 16)[:, :, 1:]  # a non-contiguous view
     x.requires_grad_(frozen != 'fc1+input')
-    fc2_calls, onednn = [], ops._onednn
-
-    def recorded(t, weight, *args):
-        if weight is mlp.fc2.weight:
-            fc2_calls.append(t.shape[0])
-        return onednn(t, weight, *args)
-
-    monkeypatch.setattr(ops, '_onednn', recorded)
+    fc2_calls = _rows_through_onednn(monkeypatch, mlp.fc2.weight)
     wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
 
     def outputs_and_grads(forward):
