@@ -12,10 +12,11 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   recomputed rather than stored), and the attentions' q/k/v gradients are gathered into the
   projection's layout in one pass (:func:`split_heads`).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul, inference MLPs (and window attention) in
-  cache-sized blocks of tokens, and window attention in bf16/fp16 as three plain steps instead of
-  PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with
-  the position encodings' residual addition fused into oneDNN's convolution at inference
+  GELU and residual additions fused into the matmul; MLPs (at inference, and fc2 and the
+  backward in fp32 training) and window attention at inference in cache-sized blocks of tokens;
+  window attention in bf16/fp16 as three plain steps instead of PyTorch's CPU flash attention;
+  convolutions are the plain ``F.conv2d`` (oneDNN already), with the position encodings'
+  residual addition fused into oneDNN's convolution at inference
   (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training downsamples
   run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
@@ -248,9 +249,8 @@ class _LeanMlpFunction(torch.autograd.Function):
     the backward run over blocks of tokens whose GELU output and hidden gradient stay in cache,
     :func:`_training_mlp_blocks`) and the plain ones elsewhere; callers cast for autocast and
     turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward compute in
-    one dtype. Like
-    :class:`_OneDNNLinearFunction`, its backward is not differentiable again (second derivatives
-    raise; they need :func:`set_fast_kernels` ``(False)``).
+    one dtype. Like :class:`_OneDNNLinearFunction`, its backward is not differentiable again
+    (second derivatives raise; they need :func:`set_fast_kernels` ``(False)``).
     """
 
     @staticmethod
