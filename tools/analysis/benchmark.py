@@ -535,8 +535,6 @@ def bench_config_test(args, cfg, library: str) -> dict:
     pipeline first, then ``model.test_step`` (preprocessing, inference, post-processing) is timed
     batch by batch. Each image keeps its own size, as in COCO/ADE20K evaluation, so new input
     shapes are paid for as they come; the first batch (one-off start-up) is reported apart."""
-    import itertools
-
     from mmengine.runner import Runner
 
     from davit_mm.checks import preflight
@@ -547,7 +545,7 @@ def bench_config_test(args, cfg, library: str) -> dict:
         enable_tta(cfg, library)
     loader = Runner.build_dataloader(cfg.test_dataloader)
     batches, counts = [], []
-    for batch in itertools.islice(loader, args.images):
+    for batch in loader:
         samples = batch['data_samples']  # under TTA: one list of samples per augmentation
         counts.append(len(samples[0] if isinstance(samples[0], (list, tuple)) else samples))
         batches.append(batch)
