@@ -57,6 +57,19 @@ def test_benchmark_tool_times_evaluation_on_the_configs_test_set(tmp_path, tta):
     assert 3 <= row['test_backbone_shapes'] <= 6 if tta else 1 <= row['test_backbone_shapes'] <= 2
 
 
+@pytest.mark.parametrize('option,expected', [([], True),
+                                              (['--cfg-options', 'env_cfg.cudnn_benchmark=False'], False)])
+def test_config_mode_sets_up_cudnn_autotuning_as_the_runner_does(tmp_path, option, expected):
+    """mmseg's default runtime turns cuDNN autotuning on, and on a GPU it decides what each new
+    evaluation shape costs the head: config mode must measure with the config's choice."""
+    out = tmp_path / 'bench.json'
+    config = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
+    run_tool(['analysis/benchmark.py', '--config', config, '--sizes', '64x64', '--modes', 'forward',
+              '--repeats', '1', '--warmup', '0', '--json', out] + option, cwd=tmp_path)
+    row, = json.loads(out.read_text())['rows']
+    assert row['cudnn_benchmark'] is expected
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--modes', 'test'], '--modes test needs --config'),
     (['--config', 'x.py', '--modes', 'new_shape'], '--modes new_shape: backbone mode only'),

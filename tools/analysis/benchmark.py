@@ -36,6 +36,8 @@ images of the given size, with the config's own data preprocessing skipped; ``*_
 first call at each size. ``test`` mode times evaluation as tools/test.py runs it (``--tta``
 too) on the first ``--images`` images of the config's test set, each at its own size, without the
 data loading and the metric (``test_s_per_image``; the first batch apart, ``test_first_s``).
+As under the runner, the config's ``env_cfg.cudnn_benchmark`` turns cuDNN autotuning on (rows
+record ``cudnn_benchmark``).
 configs/benchmark/ holds the paper configs with mmdet's/mmseg's Swin-T in DaViT-T's place, the
 baseline to compare against.
 
@@ -463,6 +465,11 @@ def bench_config(args) -> List[dict]:
     adapt_config_to_machine(cfg)
     init_default_scope(library)
     cfg.model.backbone.init_cfg = None  # random weights: timing only
+    # As the runner sets it up (Runner.setup_env): cuDNN autotuning, which mmseg's default runtime
+    # turns on, decides what a new input shape costs the convolutions of mmdet's/mmseg's necks and
+    # heads on a GPU.
+    if cfg.get('env_cfg', {}).get('cudnn_benchmark'):
+        torch.backends.cudnn.benchmark = True
     rows = bench_config_steps(args, cfg, library) if set(args.modes) - {'test'} else []
     if 'test' in args.modes:
         rows.append(bench_config_test(args, cfg, library))
@@ -514,8 +521,7 @@ def bench_config_steps(args, cfg, library: str) -> List[dict]:
 
         fns = {'train': train, 'forward': forward}
         modes = [m for m in args.modes if m in fns]
-        row = dict(config=osp.basename(args.config), size=f'{size[0]}x{size[1]}', batch=args.batch,
-                   dtype=args.dtype, device=args.device)
+        row = config_row(args, size=f'{size[0]}x{size[1]}', batch=args.batch)
         for mode in modes:  # the first call at a size new to the process
             row[f'{mode}_first_s'] = timed(fns[mode], args.device)
         medians = interleaved({m: fns[m] for m in modes}, args.warmup, args.repeats, args.device)
@@ -568,14 +574,20 @@ def bench_config_test(args, cfg, library: str) -> dict:
     first = timed(lambda: test_step(batches[0]), args.device)
     shapes.clear()
     seconds = [timed(lambda: test_step(batch), args.device) for batch in batches[1:]]
-    row = dict(config=osp.basename(args.config), tta=args.tta, dtype=args.dtype,
-               device=args.device, test_images=sum(counts[1:]), test_backbone_shapes=len(shapes),
-               test_first_s=first, test_s_per_image=sum(seconds) / sum(counts[1:]),
-               test_median_batch_s=statistics.median(seconds))
+    row = config_row(args, tta=args.tta, test_images=sum(counts[1:]),
+                     test_backbone_shapes=len(shapes), test_first_s=first,
+                     test_s_per_image=sum(seconds) / sum(counts[1:]),
+                     test_median_batch_s=statistics.median(seconds))
     if args.device.startswith('cuda'):
         row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
     print_row(row)
     return row
+
+
+def config_row(args, **fields) -> dict:
+    """A result row of config mode: what ran, how, then ``fields``."""
+    return dict(config=osp.basename(args.config), **fields, dtype=args.dtype, device=args.device,
+                cudnn_benchmark=torch.backends.cudnn.benchmark)
 
 
 def fake_batch(library: str, batch: int, size, device):
