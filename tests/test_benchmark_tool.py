@@ -128,6 +128,26 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
     assert set(rows[2]) >= {'new_shape_extra_ours_ms', 'new_shape_extra_reference_ms'}
 
 
+def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch):
+    """The reference and timm have the same convolutions, and cuDNN/oneDNN keep per-shape plans
+    for the whole process: a size must be new to each implementation's own process."""
+    bench = _benchmark_module()
+    spawned = []
+
+    def fake_fresh_process(kind, impl, args, **spec):
+        spawned.append((kind, impl, spec['sizes']))
+        return [(0.5 + i, 0.25) for i in range(len(spec['sizes']))]
+
+    monkeypatch.setattr(bench, 'in_fresh_process', fake_fresh_process)
+    args = bench.parse_args(['--modes', 'new_shape', '--sizes', '64x96', '96x64', '--timm',
+                             '--plain-kernels', '--device', 'cpu'])
+    rows = bench.bench_new_shapes(args)
+    impls = ['ours', 'reference', 'timm', 'ours_plain_kernels']
+    assert spawned == [('new_shape', impl, [[64, 96], [96, 64]]) for impl in impls]
+    assert rows[1]['new_shape_first_timm_s'] == 1.5 and rows[1]['new_shape_repeat_timm_s'] == 0.25
+    assert rows[2]['new_shape_extra_reference_ms'] == 750  # median of 250 and 1250 ms
+
+
 def test_benchmark_tool_times_timm_and_plain_kernels_beside_ours(tmp_path):
     """The GPU commands' --timm, --plain-kernels and --dtype paths (here bf16 autocast on CPU),
     with a stand-in timm package that records how the tool asks for its model."""

@@ -28,7 +28,9 @@ without Triton), ``--compile`` ``torch.compile(ours)``,
 ``--memory``, as for ``--plain-kernels``), ``--profile``
 the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
 ``new_shape`` mode times, for each size in turn (each new to the process), the first training step
-(forward + backward) and repeat steps, and reports the median extra cost of a first call.
+(forward + backward) and repeat steps, and reports the median extra cost of a first call; each
+implementation runs in a fresh process of its own (the reference and timm have the same
+convolutions, and cuDNN and oneDNN reuse per-shape plans within a process).
 
 Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
 training step (forward with losses, backward, optimizer step) and an inference forward on random
@@ -266,10 +268,8 @@ def _tensor_peak_bytes(fn, device: str) -> int:
     return int(max(sum(row) for row in sizes))
 
 
-def memory_worker(spec: str) -> None:
-    """Print the peak memory (bytes) of one implementation's steps (runs in a child process)."""
-    cfg = json.loads(spec)
-    torch.set_num_threads(cfg['threads'])
+def memory_worker(cfg: dict) -> dict:
+    """Peak memory (bytes) of one implementation's steps (runs in a child process)."""
     device = cfg['device']
     torch.manual_seed(0)  # weights do not change memory: build only the measured model
     if cfg['impl'] == 'reference':
@@ -286,8 +286,7 @@ def memory_worker(spec: str) -> None:
         base = torch.cuda.memory_allocated()
         fn()
         fn()  # in training, the second step also holds the first one's gradients
-        print(json.dumps(dict(peak_bytes=torch.cuda.max_memory_allocated() - base)))
-        return
+        return dict(peak_bytes=torch.cuda.max_memory_allocated() - base)
     # The resident set first: growth of its peak (VmHWM) over what model and input hold. It also
     # counts what the C allocator keeps after frees, so it is larger than the tensors' peak.
     base = _proc_status_bytes('VmRSS')
@@ -295,21 +294,32 @@ def memory_worker(spec: str) -> None:
     fn()
     fn()
     rss = _proc_status_bytes('VmHWM') - base
-    print(json.dumps(dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss)))
+    return dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss)
 
 
 def measure_memory(impl: str, mode: str, args, size) -> dict:
-    spec = json.dumps(dict(impl=impl, mode=mode, arch=args.arch, device=args.device,
-                           batch=args.batch, size=list(size), dtype=args.dtype,
-                           threads=torch.get_num_threads()))
+    return in_fresh_process('memory', impl, args, mode=mode, size=list(size))
+
+
+def in_fresh_process(kind: str, impl: str, args, **spec) -> dict:
+    """Run the ``kind`` worker for implementation ``impl`` in a child process; its result."""
+    spec = json.dumps(dict(kind=kind, impl=impl, arch=args.arch, device=args.device,
+                           batch=args.batch, dtype=args.dtype, threads=torch.get_num_threads(),
+                           **spec))
     result = subprocess.run([sys.executable, osp.abspath(__file__), '--worker', spec],
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f'memory worker for {impl} failed:\n{result.stderr[-2000:]}')
+        raise RuntimeError(f'{kind} worker for {impl} failed:\n{result.stderr[-2000:]}')
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# ----------------------------------------------------------------------------------- modes
+def worker(spec: str) -> None:
+    """A child process's one measurement: print its result as JSON."""
+    cfg = json.loads(spec)
+    torch.set_num_threads(cfg['threads'])
+    print(json.dumps(WORKERS[cfg['kind']](cfg)))
+
+
 def timm_model(arch: str, device: str):
     """timm's DaViT of the same arch as a multi-scale feature extractor (timing only)."""
     import timm
@@ -356,39 +366,53 @@ def ours_variants(args) -> List[str]:
 
 def bench_new_shapes(args) -> List[dict]:
     """First call minus repeat call of a training step (forward + backward) at each size, every
-    size new to the process: what cuDNN-style per-shape planning costs."""
-    dtype = DTYPES[args.dtype]
-    ours, ref = build_pair(args.arch, args.device)
-    models = {'ours': ours}
-    if not args.no_reference:
-        models['reference'] = ref
-    if args.timm:
-        models['timm'] = timm_model(args.arch, args.device)
-    models.update({name: ours for name in ours_variants(args)})
-    warm = torch.randn(args.batch, 3, 224, 224, device=args.device)
-    for name, model in models.items():  # one-off start-up costs, at a size not measured below
-        with_kernels(name, step_fn(model, warm, 'train', dtype, args.device))()
-    rows, extra = [], {name: [] for name in models}
-    for size in args.sizes:
-        x = torch.randn(args.batch, 3, *size, device=args.device)
+    size new to the process: what cuDNN-style per-shape planning costs. Each implementation runs
+    in a fresh process of its own: they share convolution shapes, and cuDNN and oneDNN keep what
+    they build per shape for the whole process."""
+    impls = ['ours'] + ([] if args.no_reference else ['reference']) + (
+        ['timm'] if args.timm else []) + ours_variants(args)
+    times = {impl: in_fresh_process('new_shape', impl, args, sizes=[list(s) for s in args.sizes],
+                                    repeats=args.repeats) for impl in impls}
+    rows = []
+    for i, size in enumerate(args.sizes):
         row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
                    device=args.device)
-        for name, model in models.items():
-            fn = with_kernels(name, step_fn(model, x, 'train', dtype, args.device))
-            first = timed(fn, args.device)
-            repeat = statistics.median(timed(fn, args.device) for _ in range(max(2, args.repeats)))
-            row[f'new_shape_first_{name}_s'] = first
-            row[f'new_shape_repeat_{name}_s'] = repeat
-            extra[name].append(first - repeat)
+        for impl in impls:
+            row[f'new_shape_first_{impl}_s'], row[f'new_shape_repeat_{impl}_s'] = times[impl][i]
         rows.append(row)
         print_row(row)
     summary = dict(arch=args.arch, size='median over sizes', batch=args.batch, dtype=args.dtype,
                    device=args.device)
-    for name, values in extra.items():
-        summary[f'new_shape_extra_{name}_ms'] = 1e3 * statistics.median(values)
+    for impl in impls:
+        summary[f'new_shape_extra_{impl}_ms'] = 1e3 * statistics.median(
+            first - repeat for first, repeat in times[impl])
     rows.append(summary)
     print_row(summary)
     return rows
+
+
+def new_shape_worker(cfg: dict) -> List[Tuple[float, float]]:
+    """(first, median repeat) seconds of one implementation's training step at each size, after
+    one step at a size not measured (one-off start-up costs)."""
+    device, dtype, impl = cfg['device'], DTYPES[cfg['dtype']], cfg['impl']
+    if impl == 'timm':
+        model = timm_model(cfg['arch'], device)
+    else:
+        ours, ref = build_pair(cfg['arch'], device)
+        model = ref if impl == 'reference' else ours
+    with_kernels(impl, step_fn(model, torch.randn(cfg['batch'], 3, 224, 224, device=device),
+                               'train', dtype, device))()
+    times = []
+    for size in cfg['sizes']:
+        x = torch.randn(cfg['batch'], 3, *size, device=device)
+        fn = with_kernels(impl, step_fn(model, x, 'train', dtype, device))
+        first = timed(fn, device)
+        times.append((first, statistics.median(timed(fn, device)
+                                               for _ in range(max(2, cfg['repeats'])))))
+    return times
+
+
+WORKERS = {'memory': memory_worker, 'new_shape': new_shape_worker}
 
 
 def bench_backbone(args) -> List[dict]:
@@ -665,7 +689,7 @@ def machine(device: str) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        memory_worker(args.worker)
+        worker(args.worker)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
