@@ -57,8 +57,8 @@ def test_benchmark_tool_times_evaluation_on_the_configs_test_set(tmp_path, tta):
     assert 3 <= row['test_backbone_shapes'] <= 6 if tta else 1 <= row['test_backbone_shapes'] <= 2
 
 
-@pytest.mark.parametrize('option,expected', [([], True),
-                                              (['--cfg-options', 'env_cfg.cudnn_benchmark=False'], False)])
+@pytest.mark.parametrize('option,expected', [
+    ([], True), (['--cfg-options', 'env_cfg.cudnn_benchmark=False'], False)])
 def test_config_mode_sets_up_cudnn_autotuning_as_the_runner_does(tmp_path, option, expected):
     """mmseg's default runtime turns cuDNN autotuning on, and on a GPU it decides what each new
     evaluation shape costs the head: config mode must measure with the config's choice."""

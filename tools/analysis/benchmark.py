@@ -117,7 +117,7 @@ def parse_args(argv=None):
                         help='also record the costliest operators of one run of each (torch.profiler)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
     parser.add_argument('--json', help='write all results to this file')
-    parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: a child process's measurement
+    parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: a child's measurement
     args = parser.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error(f'--device {args.device}: this machine has no CUDA device')
