@@ -148,11 +148,19 @@ def _compiler_probe(name: str) -> Optional[bool]:
     return None if fn is None else bool(fn())
 
 
+def _export_flag() -> Optional[bool]:
+    """Whether ``torch.export`` is tracing: the flag behind ``torch.compiler.is_exporting()``,
+    read directly where torch has it. Under ``torch.compile``, dynamo in torch 2.11 answers
+    ``is_exporting()`` with True (torch 2.13 reads the flag); the flag itself is False there."""
+    flag = getattr(getattr(torch, 'compiler', None), '_is_exporting_flag', None)
+    return flag if isinstance(flag, bool) else _compiler_probe('is_exporting')
+
+
 def is_tracing() -> bool:
     """Whether a tracer, scripter, compiler or exporter is looking: then only standard ops."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
-    if _compiler_probe('is_compiling') or _compiler_probe('is_exporting'):
+    if _compiler_probe('is_compiling') or _export_flag():
         return True
     return bool(torch.onnx.is_in_onnx_export())
 
@@ -161,7 +169,7 @@ def is_exporting() -> bool:
     """Whether the graph being built must hold at every input size (``torch.jit.trace``/script,
     ``torch.export``, ONNX export); ``torch.compile`` guards on sizes and recompiles instead. On
     a torch without ``torch.compiler.is_exporting``, any tracing counts."""
-    exporting = _compiler_probe('is_exporting')
+    exporting = _export_flag()
     if exporting is None:
         return is_tracing()
     # Tracing that is not compiling is a jit tracer/scripter or the ONNX exporter.

@@ -414,6 +414,19 @@ def test_attention_in_reduced_precision_is_sdpa_when_traced_or_switched_off(sdpa
     assert 'aten::scaled_dot_product_attention' in graph and 'aten::softmax' not in graph
 
 
+def test_is_exporting_reads_the_export_flag_not_dynamos_answer(monkeypatch):
+    """Under torch.compile, dynamo in torch 2.11 answers torch.compiler.is_exporting() with True
+    (then compiled channel attention would not fold its projection); torch's own export flag is
+    right on every version that has it, and the public function is the fallback without it."""
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)  # torch 2.11's dynamo
+    assert not ops.is_exporting()
+    monkeypatch.setattr(torch.compiler, '_is_exporting_flag', True)  # as torch.export sets it
+    assert ops.is_exporting()
+    monkeypatch.delattr(torch.compiler, '_is_exporting_flag')
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: False)
+    assert not ops.is_exporting()
+
+
 def test_onednn_linear_refuses_gelu_with_a_residual():
     with pytest.raises(ValueError, match='cannot be combined'):
         ops.linear(torch.randn(2, 4), nn.Linear(4, 4), gelu=True, residual=torch.randn(2, 4))
