@@ -111,13 +111,31 @@ def _check_args(num_train: int, num_val: int, size: Sequence[int], max_objects: 
         raise ValueError(f'max_objects={max_objects}: must be >= 1')
 
 
+def coco_categories(coco_classes: bool = False) -> List[dict]:
+    """The categories of a generated COCO dataset: the three shapes, named :data:`COCO_CLASSES`;
+    with ``coco_classes``, the 80 of the real COCO (mmdet's ``CocoDataset`` names, ids 1-80), the
+    shapes being the first three (person, bicycle, car). A config for the real COCO then trains
+    and evaluates on it unchanged: mmdet keeps only the categories its metainfo names, and its
+    COCO metric needs a category for every class the model predicts."""
+    if not coco_classes:
+        names = COCO_CLASSES
+        supercategory = 'shape'
+    else:
+        from mmdet.datasets import CocoDataset
+        names = CocoDataset.METAINFO['classes']
+        supercategory = 'coco'
+    return [dict(id=i + 1, name=name, supercategory=supercategory) for i, name in enumerate(names)]
+
+
 def write_coco(out_dir: str, num_train: int = 32, num_val: int = 8, size: Tuple[int, int] = (128, 160),
-               max_objects: int = 4, seed: int = 0, jitter: float = 0.15) -> Dict[str, str]:
-    """Write a COCO-format dataset (boxes + polygon masks) under ``out_dir``; returns its paths."""
+               max_objects: int = 4, seed: int = 0, jitter: float = 0.15,
+               coco_classes: bool = False) -> Dict[str, str]:
+    """Write a COCO-format dataset (boxes + polygon masks) under ``out_dir``; returns its paths.
+    ``coco_classes``: see :func:`coco_categories`."""
     _check_args(num_train, num_val, size, max_objects)
     rng = np.random.default_rng(seed)
     os.makedirs(osp.join(out_dir, 'annotations'), exist_ok=True)
-    categories = [dict(id=i + 1, name=name, supercategory='shape') for i, name in enumerate(COCO_CLASSES)]
+    categories = coco_categories(coco_classes)
     paths = {}
     ann_id = 1
     for split, count in (('train2017', num_train), ('val2017', num_val)):
@@ -165,8 +183,9 @@ def write_ade20k(out_dir: str, num_train: int = 32, num_val: int = 8, size: Tupl
     return root
 
 
-def parse_arguments(description: str, argv=None):
-    """The command line of tools/dataset/make_synthetic_{coco,ade20k}.py, checked.
+def parse_arguments(description: str, argv=None, coco: bool = False):
+    """The command line of tools/dataset/make_synthetic_{coco,ade20k}.py, checked (``coco``:
+    the COCO tool's, with ``--coco-classes``).
 
     Raises:
         ValueError: image counts below 1 (train) / 0 (val), objects below 1, sides below 32.
@@ -180,6 +199,10 @@ def parse_arguments(description: str, argv=None):
                         help='typical image size; each image varies by +-15%%')
     parser.add_argument('--max-objects', type=int, default=4)
     parser.add_argument('--seed', type=int, default=0)
+    if coco:
+        parser.add_argument('--coco-classes', action='store_true',
+                            help="COCO's 80 categories, the shapes as person, bicycle and car: for "
+                                 'the configs of the real COCO, unchanged')
     args = parser.parse_args(argv)
     for name, least in (('num_train', 1), ('num_val', 0), ('max_objects', 1)):
         if getattr(args, name) < least:
