@@ -18,10 +18,16 @@ def bare_python(tmp_path_factory):
     return str(venv / 'bin' / 'python')
 
 
-def run_setup(bare_python, tmp_path, torch_version, *args):
+def run_setup(bare_python, tmp_path, torch_version, *args, distribution=None):
+    """setup_env.sh with a stand-in torch reporting ``torch_version``, installed (a dist-info)
+    as version ``distribution`` if given."""
     fake = tmp_path / 'fake'
     (fake / 'torch').mkdir(parents=True)
     (fake / 'torch' / '__init__.py').write_text(f'__version__ = {torch_version!r}\n')
+    if distribution:
+        (fake / f'torch-{distribution}.dist-info').mkdir()
+        (fake / f'torch-{distribution}.dist-info' / 'METADATA').write_text(
+            f'Name: torch\nVersion: {distribution}\n')
     env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
     env.pop('DAVIT_MM_WHEELHOUSE', None)
     return subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh'), *args], env=env,
@@ -46,6 +52,13 @@ def test_a_current_torch_gets_no_numpy_constraint(bare_python, tmp_path):
     result = run_setup(bare_python, tmp_path, '2.13.0+cpu')
     assert 'torch_before_2.3' not in result.stdout and 'needs torch >= 2.1' not in result.stderr
     assert 'No module named pip' in result.stderr
+
+
+def test_pip_keeps_the_installed_torch_distributions_version(bare_python, tmp_path):
+    """PyPI's CUDA builds report torch.__version__ 2.11.0+cu130 but are torch 2.11.0 to pip: a
+    pin on the former matches nothing installed, and pip could not install davit_mm."""
+    result = run_setup(bare_python, tmp_path, '2.11.0+cu130', distribution='2.11.0')
+    assert 'every pip call below keeps torch==2.11.0\n' in result.stdout
 
 
 def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_python, tmp_path):

@@ -186,9 +186,19 @@ print("too-old" if (major, minor) < (2, 1) else "before-2.3" if (major, minor) <
 if [ "$torch_line" = too-old ]; then
   die "torch $torch_version is installed; davit_mm needs torch >= 2.1. Install a newer torch (and an mmcv 2.1.0 built for it) first; this script does not replace a torch it finds"
 fi
+# pip matches the pin against the installed distribution's version, which is not always
+# torch.__version__: PyPI's CUDA builds say 2.11.0+cu130 there but are torch 2.11.0 to pip.
+torch_pin=$("$py" -c '
+import importlib.metadata as m, sys
+try:
+    print(m.version("torch"))
+except m.PackageNotFoundError:
+    print(sys.argv[1])
+' "$torch_version")
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-echo "torch==$torch_version" >"$constraints"
+echo "torch==$torch_pin" >"$constraints"
+say "every pip call below keeps torch==$torch_pin"
 if [ "$torch_line" = before-2.3 ]; then
   say "torch $torch_version < 2.3: adding the constraints of requirements/torch_before_2.3.txt (numpy < 2)"
   cat "$repo/requirements/torch_before_2.3.txt" >>"$constraints"
