@@ -301,7 +301,7 @@ def measure_memory(impl: str, mode: str, args, size) -> dict:
     return in_fresh_process('memory', impl, args, mode=mode, size=list(size))
 
 
-def in_fresh_process(kind: str, impl: str, args, **spec) -> dict:
+def in_fresh_process(kind: str, impl: str, args, **spec):
     """Run the ``kind`` worker for implementation ``impl`` in a child process; its result."""
     spec = json.dumps(dict(kind=kind, impl=impl, arch=args.arch, device=args.device,
                            batch=args.batch, dtype=args.dtype, threads=torch.get_num_threads(),
@@ -320,6 +320,7 @@ def worker(spec: str) -> None:
     print(json.dumps(WORKERS[cfg['kind']](cfg)))
 
 
+# ----------------------------------------------------------------------------------- modes
 def timm_model(arch: str, device: str):
     """timm's DaViT of the same arch as a multi-scale feature extractor (timing only)."""
     import timm
