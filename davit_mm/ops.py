@@ -267,7 +267,7 @@ class _LeanMlpFunction(torch.autograd.Function):
         ctx.onednn = onednn
         pre = matmul(x, w1, b1)
         ctx.save_for_backward(x, w1, pre, w2)
-        blocks = _training_mlp_blocks(pre) if onednn else None
+        ctx.blocks = blocks = _training_mlp_blocks(pre) if onednn else None
         if blocks is None:
             return matmul(F.gelu(pre), w2, b2)
         hidden = pre.reshape(-1, pre.shape[-1])
@@ -281,9 +281,8 @@ class _LeanMlpFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        blocks = _training_mlp_blocks(pre) if ctx.onednn else None
-        if blocks is not None:
-            return _lean_mlp_backward_in_blocks(need, grad, x, w1, pre, w2, blocks) + (None, )
+        if ctx.blocks is not None:
+            return _lean_mlp_backward_in_blocks(need, grad, x, w1, pre, w2, ctx.blocks) + (None, )
         flat = grad.reshape(-1, grad.shape[-1])
         grad_w2 = grad_b2 = None
         if need[3]:
