@@ -295,7 +295,9 @@ class ChannelAttention(_ProjectedAttention):
         bias = None if self.qkv.bias is None else self.qkv.bias[rows]
         pair = ops.split_heads(ops.linear(tokens, (self.qkv.weight[rows], bias)), 2,
                                self.num_groups)
-        fold_proj = N >= C and not ops.is_exporting()
+        # Exporting first: an exporter would otherwise record ``N >= C`` of the example input as
+        # a condition on every input size.
+        fold_proj = not ops.is_exporting() and N >= C
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Scaling the d x d product instead of an N x d operand: same maths, less work.
             logits = (pair[0].float().transpose(-1, -2) @ pair[1].float()) * self._scale(N)
@@ -653,7 +655,9 @@ class DaViT(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, in_channels, H, W)`` -> one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per out index."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # Under torch.jit.trace sizes are traced values and comparing one warns that the trace may
+        # not generalise; the channel count is fixed, and the stem's convolution checks it there.
+        if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != self.in_channels):
             raise ValueError(f'DaViT expects a (B, {self.in_channels}, H, W) tensor, got shape '
                              f'{tuple(x.shape)}')
         x = self.stem(x)
