@@ -47,7 +47,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split('+')[0].split('.')[:2])
 
@@ -201,6 +200,23 @@ def _in_autocast_dtype(device_type: str, *tensors: Optional[torch.Tensor]):
     return tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
+def _first_order_only(backward: Callable) -> Callable:
+    """For the backward of this module's autograd Functions, which compute gradients with kernels
+    that are not differentiable again: asking for a graph of the gradients (``create_graph=True``,
+    e.g. a gradient penalty) raises at once. (``torch.autograd.function.once_differentiable``
+    raises only if the second backward happens to reach the function; ``torch.autograd.grad`` with
+    ``inputs`` prunes it, and the second derivative then silently misses terms.)"""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                'davit_mm.ops: second derivatives (create_graph=True) do not go through the '
+                'backbone\'s fast kernels; for such runs call davit_mm.ops.set_fast_kernels(False) '
+                '(or set DAVIT_MM_FAST_KERNELS=0) and model.backbone.set_fused_attention(False)')
+        return backward(ctx, *grads)
+    return wrapper
+
+
 def _needs_grad(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in params))
@@ -241,7 +257,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         return _onednn(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         return _linear_backward(ctx, grad, x, weight)
@@ -277,7 +293,7 @@ class _LeanMlpFunction(torch.autograd.Function):
         return out.view(*pre.shape[:-1], w2.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad):
         x, w1, pre, w2 = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -393,7 +409,7 @@ class _SplitHeadsFunction(torch.autograd.Function):
         return _head_views(x, parts, heads)
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, *grads):
         B, N, width = ctx.shape
         given = next(g for g in grads if g is not None)
@@ -711,7 +727,7 @@ class _TritonDepthwiseFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         kernels, need = ctx.kernels, ctx.needs_input_grad

@@ -2,6 +2,7 @@
 choices are the ones that run on CUDA inputs, and one switch turns them off (speed itself is
 measured by tools/analysis/benchmark.py, never by tests)."""
 import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def test_second_derivatives_through_the_training_paths_raise_unless_switched_off
         grad.sum().backward()
         return x.grad
 
-    with pytest.raises(RuntimeError, match='differentiate twice'):
+    with pytest.raises(RuntimeError, match='second derivatives'):
         second_derivative()
     ops.set_fast_kernels(False)
     try:
@@ -159,6 +160,38 @@ def test_second_derivatives_through_the_training_paths_raise_unless_switched_off
     expected, = torch.autograd.grad(
         torch.autograd.grad(plain_mlp(mlp, x).pow(2).sum(), x, create_graph=True)[0].sum(), x)
     assert torch.allclose(plain_result, expected)
+
+
+def test_second_derivatives_through_the_backbone_with_both_switches_off(tiny_arch):
+    """docs/troubleshooting.md's recipe for gradient penalties: with the fast kernels and the
+    fused attention off, a second derivative through the whole backbone is computed, and it is
+    the one of the plain float64 model. The fast path raises, also where the second
+    ``torch.autograd.grad`` would not reach the custom backward functions (their results feed
+    residual additions): ``once_differentiable`` then silently returned a second derivative
+    without those terms."""
+    torch.manual_seed(0)
+    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    model.init_weights()
+    x = torch.randn(1, 3, 40, 56)
+
+    def second_derivative(net, image):
+        image = image.clone().requires_grad_()
+        grad, = torch.autograd.grad(sum(weighted_sum(o) for o in net(image)), image,
+                                    create_graph=True)
+        return torch.autograd.grad(grad.pow(2).sum(), image)[0]
+
+    fix = r'set_fast_kernels\(False\).*set_fused_attention\(False\)'
+    with pytest.raises(RuntimeError, match=fix):
+        second_derivative(model, x)
+    ops.set_fast_kernels(False)
+    model.set_fused_attention(False)
+    try:
+        got = second_derivative(model, x)
+        expected = second_derivative(copy.deepcopy(model).double(), x.double())
+    finally:
+        ops.set_fast_kernels(True)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5 * expected.abs().max())
 
 
 def _saved_for_backward(fn):
