@@ -1,12 +1,14 @@
 """mmdet's DetInferencer and mmseg's MMSegInferencer with davit_mm configs and checkpoints, as
 docs/getting_started.md shows them, agree with the libraries' plain inference functions."""
 import os.path as osp
+import pickle
 
 import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 
+from davit_mm.compat import needed, runner_checkpoints_readable
 from helpers import CONFIGS
 
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -14,7 +16,9 @@ UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.p
 
 
 def save_checkpoint(config, scope, path, classes):
-    """An untrained model of ``config``, saved as mmengine's runner saves one."""
+    """An untrained model of ``config``, saved as mmengine's runner saves one: with the message
+    hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights."""
+    from mmengine.logging import MessageHub
     from mmengine.registry import MODELS, init_default_scope
     from davit_mm.cli import adapt_config_to_machine
     cfg = Config.fromfile(config)
@@ -22,9 +26,22 @@ def save_checkpoint(config, scope, path, classes):
     init_default_scope(scope)
     model = MODELS.build(cfg.model)
     model.init_weights()
-    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}}},
-               str(path))
+    hub = MessageHub.get_instance(f'inference_api_{scope}')
+    hub.update_scalar('train/loss', np.float64(1.5))
+    hub.update_info('iter', 20)
+    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}},
+                'message_hub': hub.state_dict()}, str(path))
     return str(path)
+
+
+def build_inferencer(cls, **kwargs):
+    """As docs/getting_started.md builds one: inside ``runner_checkpoints_readable()``, without
+    which torch >= 2.6 refuses the runner's checkpoint (weights_only) in mmengine's loader."""
+    if needed('runner_checkpoint_globals'):
+        with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer'):
+            cls(**kwargs)
+    with runner_checkpoints_readable():
+        return cls(**kwargs)
 
 
 def image(height=100, width=140):
@@ -34,10 +51,12 @@ def image(height=100, width=140):
 def test_det_inferencer_predicts_what_inference_detector_predicts(tmp_path):
     from mmdet.apis import DetInferencer, inference_detector, init_detector
     weights = save_checkpoint(MASKRCNN, 'mmdet', tmp_path / 'det.pth', ('square', 'disk', 'triangle'))
-    inferencer = DetInferencer(model=MASKRCNN, weights=weights, device='cpu')
+    inferencer = build_inferencer(DetInferencer, model=MASKRCNN, weights=weights, device='cpu')
     result = inferencer(image(), return_datasamples=True)
     pred = result['predictions'][0].pred_instances
-    reference = inference_detector(init_detector(MASKRCNN, weights, device='cpu'), image()).pred_instances
+    with runner_checkpoints_readable():
+        detector = init_detector(MASKRCNN, weights, device='cpu')
+    reference = inference_detector(detector, image()).pred_instances
     assert len(pred) == len(reference) > 0
     torch.testing.assert_close(pred.bboxes, reference.bboxes)
     torch.testing.assert_close(pred.scores, reference.scores)
@@ -50,9 +69,11 @@ def test_mmseg_inferencer_predicts_what_inference_model_predicts(tmp_path):
     from mmseg.apis import MMSegInferencer, inference_model, init_model
     classes = tuple(f'class{i}' for i in range(150))
     weights = save_checkpoint(UPERNET, 'mmseg', tmp_path / 'seg.pth', classes)
-    inferencer = MMSegInferencer(model=UPERNET, weights=weights, device='cpu')
+    inferencer = build_inferencer(MMSegInferencer, model=UPERNET, weights=weights, device='cpu')
     result = inferencer(image(77, 61), return_datasamples=True)
-    reference = inference_model(init_model(UPERNET, weights, device='cpu'), image(77, 61))
+    with runner_checkpoints_readable():
+        segmentor = init_model(UPERNET, weights, device='cpu')
+    reference = inference_model(segmentor, image(77, 61))
     assert result.pred_sem_seg.data.shape == (1, 77, 61)
     assert torch.equal(result.pred_sem_seg.data, reference.pred_sem_seg.data)
     torch.testing.assert_close(result.seg_logits.data, reference.seg_logits.data)
