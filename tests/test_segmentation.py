@@ -40,14 +40,16 @@ def test_upernet_trains_with_falling_loss(trained):
 
 
 @pytest.mark.slow
-def test_test_tool_reports_miou_and_writes_label_maps(trained):
+def test_test_tool_reports_miou_and_writes_label_maps_and_drawings(trained):
     root, work = trained
     result = run_tool(['test.py', UPERNET, work / 'iter_60.pth', '--work-dir', work / 'test',
-                       '--out', work / 'labels'], cwd=root)
+                       '--out', work / 'labels', '--show-dir', work / 'drawn'], cwd=root)
     miou = metric(result.stdout, 'mIoU')
     assert miou > MIOU_BAR
     assert miou == pytest.approx(logged_metric(str(work), 'mIoU'), abs=0.01)  # the final validation
     assert len(glob.glob(str(work / 'labels' / '*.png'))) == 4
+    # every test image drawn (mmseg's hook alone draws every 50th batch)
+    assert len(glob.glob(str(work / 'drawn' / 'vis_data' / 'vis_image' / 'test_*.png'))) == 4
 
 
 @pytest.mark.slow

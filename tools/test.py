@@ -4,7 +4,8 @@
                          [--tta] [--cfg-options KEY=VALUE ...] [--launcher ...]
 
 ``--out``: mmdet configs dump raw predictions to OUT (a .pkl file); mmseg configs write the
-predicted label maps into the folder OUT. ``--show-dir``: drawn predictions are written there.
+predicted label maps into the folder OUT. ``--show-dir``: every image's predictions are drawn
+(mmdet: into WORK_DIR/TIMESTAMP/SHOW_DIR; mmseg: into SHOW_DIR/vis_data/vis_image).
 ``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (davit_mm's
 configs: segmentation the official --aug-test, 6 scales x flip; detection 3 scales x flip).
 CHECKPOINT may also be a whole detector/segmentor released with the official DaViT code (mmdet 2.11 /
@@ -28,13 +29,18 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
     parser.add_argument('--out', help='mmdet: .pkl file for raw predictions; mmseg: a folder for '
                                       'predicted label maps')
-    parser.add_argument('--show-dir', help='folder to write drawn predictions to')
+    parser.add_argument('--show-dir', help='draw every image\'s predictions (mmdet: into '
+                                           'WORK_DIR/TIMESTAMP/SHOW_DIR; mmseg: into '
+                                           'SHOW_DIR/vis_data/vis_image)')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
     add_launch_arguments(parser)
     return parse_launch_arguments(parser, argv)
 
 
 def enable_drawing(cfg, library: str, show_dir: str) -> None:
+    """Draw every test image's predictions, where each library's tools put them: mmdet's hook
+    writes WORK_DIR/TIMESTAMP/SHOW_DIR/NAME.jpg, mmseg's visualizer SHOW_DIR/vis_data/vis_image/
+    test_NAME.png (its hook draws every ``interval``-th batch only, 50 by default: set to 1)."""
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
         raise ValueError('--show-dir: the config has no default_hooks.visualization')
@@ -42,6 +48,7 @@ def enable_drawing(cfg, library: str, show_dir: str) -> None:
     if library == 'mmdet':
         hook['test_out_dir'] = show_dir
     else:
+        hook['interval'] = 1
         cfg.visualizer['save_dir'] = show_dir
 
 
