@@ -25,6 +25,7 @@ from mmengine.runner import IterBasedTrainLoop
 from torch.utils.data import Sampler
 
 from . import compat
+from .fileio import default_file_mode
 
 _STATE_KEY = 'random_state'
 
@@ -193,13 +194,6 @@ def seed_samples_by_position(cfg) -> bool:
     loader['sampler'] = dict(type='PositionSeededSampler', sampler=loader['sampler'])
     loader['dataset'] = dict(type='PositionSeededDataset', dataset=loader['dataset'])
     return True
-
-
-def default_file_mode() -> int:
-    """The mode a plain ``open(path, 'w')`` gives a new file under the process umask."""
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 class AtomicLocalBackend(LocalBackend):

@@ -19,12 +19,17 @@ import torch
 import torch.distributed as dist
 from mmengine.logging import print_log
 
-from .engine import default_file_mode
-
 CACHE_ENV = 'DAVIT_MM_CACHE'
 TIMEOUT_ENV = 'DAVIT_MM_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT_S = 10.0  # per connection attempt and per read, not for the whole file
 CONFIG_KEY = 'model.backbone.init_cfg.checkpoint'  # where davit_mm's configs name the weights
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` gives a new file under the process umask."""
+    umask = os.umask(0)  # the only way to read the umask is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class DownloadError(ValueError):
