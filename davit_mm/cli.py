@@ -216,6 +216,16 @@ def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
 
 
 # --------------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def config_build_errors() -> Iterator[None]:
+    """Within this block, a ``KeyError`` from building what a config describes (a type no registry
+    has, or a key the config lacks) is a user error: ``ValueError`` naming it."""
+    try:
+        yield
+    except KeyError as exc:
+        raise ValueError(f'the config cannot be built: {exc.args[0] if exc.args else exc}') from exc
+
+
 def build_runner(cfg: Config):
     """A runner (the config's ``runner_type`` or mmengine's), after adapting the config to the
     machine (:func:`adapt_config_to_machine`) and adding davit_mm's checkpoint hooks to configs
@@ -229,10 +239,8 @@ def build_runner(cfg: Config):
     for hook in ('OfficialCheckpointHook', 'RunnerCheckpointsHook'):
         if not any(h.get('type') == hook for h in hooks):
             hooks.append(dict(type=hook))
-    try:
+    with config_build_errors():
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    except KeyError as exc:  # a type no registry has, or a key the config lacks
-        raise ValueError(f'the config cannot be built: {exc.args[0] if exc.args else exc}') from exc
     for note in notes:
         print_log(f'davit_mm: {note}', logger='current')
     return runner

@@ -508,8 +508,11 @@ def build_config_model(cfg):
 
     from mmengine.logging import MMLogger
     from mmengine.registry import MODELS
+
+    from davit_mm.cli import config_build_errors
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    with config_build_errors():
+        model = MODELS.build(cfg.model)
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)

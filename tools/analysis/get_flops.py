@@ -3,15 +3,24 @@
     python tools/analysis/get_flops.py CONFIG [--shape H W] [--cfg-options ...]
 
 FLOPs are multiply-adds (one fused multiply-add = one FLOP, as the paper and most detection papers
-count) of one forward pass of backbone + neck + heads on a 1 x 3 x H x W input, measured by
-torch's FlopCounterMode (matrix multiplies, convolutions and attention; normalisation and
-activation layers are not counted, as usual), with DaViT's attention computed in the paper's steps
-(``set_fused_attention(False)``). Default shapes are the paper's: 800 x 1280 for mmdet
-configs and 512 x 2048 for mmseg configs.
+count) of one forward pass of backbone + neck + heads on a 1 x 3 x H x W input. Default shapes are
+the paper's: 800 x 1280 for mmdet configs and 512 x 2048 for mmseg configs.
+
+What is counted, as the paper counts it: the multiply-adds of every convolution and linear layer.
+The official code measured its tables with mmcv's ``get_model_complexity_info`` (its
+tools/get_flops.py), which counts ``nn.Conv*``/``nn.Linear`` modules and does not see the
+attentions' matrix products of two activations (``q k^T`` and ``A v`` in the windows, ``k^T v``
+and ``A q^T`` in the channel groups); they are printed on a line of their own. The count is
+torch's FlopCounterMode (normalisation, activation, softmax, pooling and resizing layers are not
+counted), taken with DaViT's plain kernels (``davit_mm.ops.set_fast_kernels(False)``: the fused
+oneDNN convolution that runs the position encodings at CPU inference has no FLOP formula) and its
+attention in the paper's steps (``set_fused_attention(False)``), so it is the same on every
+machine and every kernel setting.
 """
 import argparse
 import os.path as osp
 import sys
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
@@ -19,19 +28,36 @@ from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from davit_mm.cli import adapt_config_to_machine, library_of, load_config, run_tool  # noqa: E402
+from davit_mm import ops  # noqa: E402
+from davit_mm.checks import check_channels  # noqa: E402
+from davit_mm.cli import (adapt_config_to_machine, config_build_errors, library_of,  # noqa: E402
+                          load_config, run_tool)
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
+# With the plain kernels, linear layers count as addmm/mm and convolutions as convolution; the
+# only batched products of these models are the attentions' products of two activations.
+ATTENTION_PRODUCTS = (torch.ops.aten.bmm, )
 
 
-def count(config: str, shape=None, cfg_options=None):
-    """Returns ``(params, multiply_adds, (H, W))`` of the config's model."""
+class Count(NamedTuple):
+    params: int
+    layers: int  # multiply-adds of the convolutions and linear layers: the paper's count
+    attention_products: int  # multiply-adds of the attentions' activation x activation products
+    shape: Tuple[int, int]
+
+
+def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) -> Count:
+    """Parameters and multiply-adds of the config's model (random init: weights do not change
+    the count; seeded, so a two-stage detector's proposals are the same every run)."""
     cfg = load_config(config, cfg_options)
     library = library_of(cfg)
+    check_channels(cfg)
     adapt_config_to_machine(cfg)
     init_default_scope(library)
     from mmengine.registry import MODELS
-    model = MODELS.build(cfg.model).eval()  # random init: weights do not change the count
+    torch.manual_seed(0)
+    with config_build_errors():
+        model = MODELS.build(cfg.model).eval()
     for module in model.modules():
         if hasattr(module, 'set_fused_attention'):
             # The paper's steps: the fused channel attention folds its projections into one
@@ -47,9 +73,16 @@ def count(config: str, shape=None, cfg_options=None):
         meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape,
                     scale_factor=(1., 1.))
         args = (inputs, [DetDataSample(metainfo=meta)])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model._forward(*args)  # tensor mode: backbone, neck and heads, no post-processing
-    return params, counter.get_total_flops() // 2, shape
+    fast = ops.fast_kernels_enabled()
+    ops.set_fast_kernels(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model._forward(*args)  # tensor mode: backbone, neck and heads, no post-processing
+    finally:
+        ops.set_fast_kernels(fast)
+    by_op = counter.get_flop_counts()['Global']
+    attention = sum(by_op.get(op, 0) for op in ATTENTION_PRODUCTS) // 2
+    return Count(params, counter.get_total_flops() // 2 - attention, attention, shape)
 
 
 def main(argv=None):
@@ -59,11 +92,14 @@ def main(argv=None):
                         help='input size (default: 800 1280 for detection, 512 2048 for segmentation)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args(argv)
-    params, flops, shape = count(args.config, args.shape, args.cfg_options)
+    result = count(args.config, args.shape, args.cfg_options)
     print(f'config: {args.config}')
-    print(f'input: 1x3x{shape[0]}x{shape[1]}')
-    print(f'params: {params / 1e6:.2f}M')
-    print(f'FLOPs (multiply-adds): {flops / 1e9:.1f}G')
+    print(f'input: 1x3x{result.shape[0]}x{result.shape[1]}')
+    print(f'params: {result.params / 1e6:.2f}M')
+    print(f'FLOPs (multiply-adds): {result.layers / 1e9:.1f}G  (convolutions and linear layers, '
+          f'as the paper counts)')
+    print(f'attention products (multiply-adds): {result.attention_products / 1e9:.1f}G  (not in '
+          f'the paper\'s count)')
 
 
 if __name__ == '__main__':
