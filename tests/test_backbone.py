@@ -397,6 +397,67 @@ def test_bad_arguments_raise_naming_argument_value_and_accepted(kwargs, exc, wor
         assert word in str(info.value)
 
 
+SMALL_ARCH = dict(embed_dims=16, depths=(1, 1), num_heads=(1, 2))
+INIT_TYPES = "'TruncNormal'"  # one of mmengine's weight-init types the message lists
+
+
+@pytest.mark.parametrize('argument,value,exc,accepted', [
+    ('mlp_ratio', -1, ValueError, 'finite number > 0'),
+    ('mlp_ratio', 0, ValueError, 'at least one hidden channel'),
+    ('mlp_ratio', 0.05, ValueError, 'the narrowest stage here is 16 wide'),  # int(16 * 0.05) = 0
+    ('mlp_ratio', float('inf'), ValueError, 'finite number > 0'),
+    ('mlp_ratio', '4', ValueError, 'finite number > 0'),
+    ('mlp_ratio', True, ValueError, 'finite number > 0'),
+    ('drop_path_rate', False, ValueError, 'a float in [0, 1)'),
+    ('in_channels', True, ValueError, 'a positive int'),
+    ('qkv_bias', 'yes', TypeError, 'True or False'),
+    ('norm_eval', 3, TypeError, 'True or False'),
+    ('with_cp', 'x', TypeError, 'True or False'),
+    ('overlapped_downsample', 1, TypeError, 'True or False'),
+    ('arch.overlapped_downsample', 'maybe', TypeError, 'True or False'),
+    ('arch.window_size', 0, ValueError, 'a positive int'),
+    ('arch.channel_attention', 'v3', ValueError, "('v1', 'v2')"),
+    ('arch.embed_dims', 16.5, TypeError, 'an int or a list/tuple of ints'),
+    ('init_cfg', 'davit_tiny.pth', TypeError, "dict(type='Pretrained', checkpoint=PATH)"),
+    ('init_cfg', dict(type='Nope'), ValueError, INIT_TYPES),
+    ('init_cfg', dict(checkpoint='davit_tiny.pth'), ValueError, INIT_TYPES),  # no type
+    ('init_cfg', dict(type='Pretrained', checkpiont='davit_tiny.pth'), ValueError,
+     "unknown keys ['checkpiont']"),
+    ('init_cfg', [dict(type='Pretrained', checkpoint='davit_tiny.pth')], ValueError,
+     "one dict(type='Pretrained', checkpoint=PATH)"),
+])
+def test_each_checked_argument_names_itself_its_value_and_what_is_accepted(
+        argument, value, exc, accepted):
+    if argument.startswith('arch.'):
+        kwargs = dict(arch={**SMALL_ARCH, argument[len('arch.'):]: value})
+    else:
+        kwargs = dict(arch=SMALL_ARCH, **{argument: value})
+    with pytest.raises(exc) as info:
+        DaViT(out_indices=(0, 1), **kwargs)
+    message = str(info.value)
+    assert f'{argument}={value!r}' in message or f'{argument} must be' in message, message
+    assert repr(value) in message and accepted in message, message
+
+
+@pytest.mark.parametrize('init_cfg', [
+    None,
+    dict(type='Pretrained', checkpoint='davit_tiny.pth', prefix='backbone.', format='auto',
+         map_location='cpu'),
+    dict(type='Pretrained'),  # the missing checkpoint is reported by init_weights (test_checkpoint)
+    [dict(type='TruncNormal', layer='Linear', std=.02),
+     dict(type='Constant', layer='LayerNorm', val=1.)],
+])
+def test_init_cfg_forms_that_openmmlab_configs_use_are_accepted(init_cfg):
+    assert DaViT(SMALL_ARCH, out_indices=(0, 1), init_cfg=init_cfg).init_cfg == init_cfg
+
+
+def test_mmengine_weight_init_types_in_init_cfg_initialise_the_model():
+    model = DaViT(SMALL_ARCH, out_indices=(0, 1),
+                  init_cfg=dict(type='Constant', layer='Linear', val=0.5))
+    model.init_weights()
+    assert torch.all(model.stages[0].blocks[0].spatial_block.attn.qkv.weight == 0.5)
+
+
 @pytest.mark.parametrize('shape', [(3, 32, 32), (1, 1, 32, 32), (1, 4, 32, 32), (1, 3, 32, 32, 1)])
 def test_input_of_wrong_rank_or_channels_is_rejected(tiny_arch, shape):
     with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\) tensor, got shape'):

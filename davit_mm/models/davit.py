@@ -14,6 +14,7 @@ Linear and convolution layers are called through :mod:`davit_mm.ops`, which comp
 with kernels chosen per device (oneDNN fusions on CPU; no cuDNN convolutions on CUDA, whose per-shape
 planning costs seconds at every new input size) and the plain PyTorch ops while tracing or exporting.
 """
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
-from mmengine.model.weight_init import trunc_normal_
+from mmengine.model.weight_init import BaseInit, PretrainedInit, trunc_normal_
+from mmengine.registry import WEIGHT_INITIALIZERS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from davit_mm import ops
@@ -51,6 +53,8 @@ _REQUIRED_ARCH_KEYS = ('embed_dims', 'depths', 'num_heads')
 ARCH_DEFAULTS: ArchSpec = dict(window_size=7, overlapped_downsample=False, channel_attention='v1')
 _OPTIONAL_ARCH_KEYS = tuple(ARCH_DEFAULTS)
 CHANNEL_ATTENTION_VERSIONS = ('v1', 'v2')
+# The keys DaViT.init_weights reads from dict(type='Pretrained', ...).
+PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'format', 'map_location')
 
 
 def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +458,7 @@ def resolve_arch(arch: Union[str, dict], **overrides) -> ArchSpec:
     if isinstance(embed_dims, int) and not isinstance(embed_dims, bool):
         embed_dims = tuple(embed_dims * 2 ** i for i in range(num_stages))
     else:
-        embed_dims = _int_tuple('arch.embed_dims', embed_dims)
+        embed_dims = _int_tuple('arch.embed_dims', embed_dims, 'an int or a list/tuple of ints')
     for key, values in (('embed_dims', embed_dims), ('num_heads', num_heads)):
         if len(values) != num_stages:
             raise ValueError(f'arch.{key}={values!r} has {len(values)} entries but arch.depths has '
@@ -473,10 +477,10 @@ def resolve_arch(arch: Union[str, dict], **overrides) -> ArchSpec:
     return spec
 
 
-def _int_tuple(name: str, value) -> Tuple[int, ...]:
+def _int_tuple(name: str, value, accepted: str = 'a list/tuple of ints') -> Tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TypeError(f'{name} must be a list/tuple of ints, got {value!r}')
+        raise TypeError(f'{name} must be {accepted}, got {value!r}')
     return tuple(value)
 
 
@@ -543,8 +547,13 @@ class DaViT(BaseModule):
         self.channel_attention = spec['channel_attention']
         self.in_channels = in_channels
         num_stages = len(self.depths)
-        self._check_args(num_stages, in_channels, self.window_size, self.channel_attention,
-                         out_indices, frozen_stages, drop_path_rate)
+        overrides = dict(window_size=window_size, overlapped_downsample=overlapped_downsample,
+                         channel_attention=channel_attention)
+        self._check_args(spec, overrides,
+                         in_channels=in_channels, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                         drop_path_rate=drop_path_rate, out_indices=out_indices,
+                         frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp,
+                         init_cfg=init_cfg)
         self.out_indices = tuple(sorted(i % num_stages for i in out_indices))
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -576,19 +585,42 @@ class DaViT(BaseModule):
         self._freeze_stages()
 
     @staticmethod
-    def _check_args(num_stages: int, in_channels, window_size, channel_attention, out_indices,
-                    frozen_stages, drop_path_rate) -> None:
+    def _check_args(spec: ArchSpec, overrides: Dict[str, object], *, in_channels, mlp_ratio,
+                    qkv_bias, drop_path_rate, out_indices, frozen_stages, norm_eval, with_cp,
+                    init_cfg) -> None:
+        """Check every argument (``spec``: the resolved arch; ``overrides``: the arguments that
+        replace its optional settings, None where the arch's value is used)."""
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def source(key):  # where an arch setting came from: the argument, or the arch dict
+            return key if overrides[key] is not None else f'arch.{key}'
+
+        num_stages = len(spec['depths'])
         if not is_int(in_channels) or in_channels < 1:
             raise ValueError(f'in_channels={in_channels!r}: expected a positive int')
+        window_size, channel_attention = spec['window_size'], spec['channel_attention']
         if not is_int(window_size) or window_size < 1:
-            raise ValueError(f'window_size={window_size!r}: expected a positive int')
+            raise ValueError(f'{source("window_size")}={window_size!r}: expected a positive int')
         if channel_attention not in CHANNEL_ATTENTION_VERSIONS:
-            raise ValueError(f'channel_attention={channel_attention!r}: accepted '
+            raise ValueError(f'{source("channel_attention")}={channel_attention!r}: accepted '
                              f'{CHANNEL_ATTENTION_VERSIONS}')
-        if not isinstance(drop_path_rate, (int, float)) or not 0 <= drop_path_rate < 1:
+        flags = [(source('overlapped_downsample'), spec['overlapped_downsample']),
+                 ('qkv_bias', qkv_bias), ('norm_eval', norm_eval), ('with_cp', with_cp)]
+        for name, value in flags:
+            if not isinstance(value, bool):
+                raise TypeError(f'{name}={value!r}: expected True or False')
+        narrowest = min(spec['embed_dims'])
+        # int(): the MLP's hidden width is int(dim * mlp_ratio), as in the official code.
+        if (not is_number(mlp_ratio) or not math.isfinite(mlp_ratio)
+                or int(narrowest * mlp_ratio) < 1):
+            raise ValueError(f'mlp_ratio={mlp_ratio!r}: expected a finite number > 0 that gives '
+                             f'every MLP at least one hidden channel (int(width * mlp_ratio) >= 1; '
+                             f'the narrowest stage here is {narrowest} wide)')
+        if not is_number(drop_path_rate) or not 0 <= drop_path_rate < 1:
             raise ValueError(f'drop_path_rate={drop_path_rate!r}: expected a float in [0, 1)')
         if not isinstance(out_indices, (list, tuple)) or not all(is_int(i) for i in out_indices):
             raise TypeError(f'out_indices must be a list/tuple of ints, got {out_indices!r}')
@@ -605,6 +637,40 @@ class DaViT(BaseModule):
         if not is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages={frozen_stages!r}: accepted -1 (nothing frozen), 0 '
                              f'(stem) .. {num_stages} (stem and all stages)')
+        if init_cfg is not None:
+            DaViT._check_init_cfg(init_cfg)
+
+    @staticmethod
+    def _check_init_cfg(init_cfg) -> None:
+        """``init_weights`` loads ``dict(type='Pretrained', ...)`` with davit_mm's loader (every
+        checkpoint format); any other dict, or a list of dicts, goes to mmengine's
+        ``BaseModule.init_weights``, whose initializers (``WEIGHT_INITIALIZERS``) must know the
+        type. A Pretrained entry in a list, or given as a class, would reach mmengine's
+        ``PretrainedInit``, which loads only keys already in davit_mm's layout and warns about the
+        rest, so it is refused."""
+        others = sorted(key for key in WEIGHT_INITIALIZERS.module_dict if key != 'Pretrained')
+        accepted = (f"None, dict(type='Pretrained', checkpoint=PATH) (optional keys "
+                    f'{list(PRETRAINED_KEYS[2:])}), or mmengine weight-init dicts, alone or in a '
+                    f'list, of the types {others}')
+        listed = isinstance(init_cfg, (list, tuple))
+        for cfg in init_cfg if listed else [init_cfg]:
+            if not isinstance(cfg, dict):
+                raise TypeError(f'init_cfg={init_cfg!r}: accepted {accepted}')
+            kind = cfg.get('type')
+            if kind == 'Pretrained' and not listed:
+                unknown = [key for key in cfg if key not in PRETRAINED_KEYS]
+                if unknown:
+                    raise ValueError(f'init_cfg={init_cfg!r} has unknown keys {unknown}; '
+                                     f"dict(type='Pretrained') accepts {list(PRETRAINED_KEYS)}")
+            elif kind == 'Pretrained' or kind is PretrainedInit:
+                raise ValueError(f'init_cfg={init_cfg!r}: pretrained weights load only from one '
+                                 f"dict(type='Pretrained', checkpoint=PATH), not from a list or "
+                                 f"type=PretrainedInit (mmengine's loader, which does not convert "
+                                 f'checkpoints)')
+            elif not (isinstance(kind, str) and WEIGHT_INITIALIZERS.get(kind) is not None
+                      or isinstance(kind, type) and issubclass(kind, BaseInit)):
+                raise ValueError(f'init_cfg={init_cfg!r}: type={kind!r} is not a known '
+                                 f'initializer; accepted {accepted}')
 
     @property
     def out_channels(self) -> List[int]:
