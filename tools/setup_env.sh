@@ -16,8 +16,8 @@
 #   DAVIT_MM_TORCH         torch requirement used only when torch is missing (default: torch==2.13.0)
 #
 # A torch that is already installed is never replaced: every pip call runs with a constraint pinning
-# it, plus requirements/torch_before_2.3.txt (numpy < 2) for torch < 2.3. A torch older than 2.1 is
-# refused. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
+# it, plus requirements/torch_before_2.3.txt (numpy < 2, opencv-python < 5) for torch < 2.3. A torch
+# older than 2.1 is refused. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -200,7 +200,7 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==$torch_pin" >"$constraints"
 say "every pip call below keeps torch==$torch_pin"
 if [ "$torch_line" = before-2.3 ]; then
-  say "torch $torch_version < 2.3: adding the constraints of requirements/torch_before_2.3.txt (numpy < 2)"
+  say "torch $torch_version < 2.3: adding the constraints of requirements/torch_before_2.3.txt (numpy < 2, opencv-python < 5)"
   cat "$repo/requirements/torch_before_2.3.txt" >>"$constraints"
 fi
 export PIP_CONSTRAINT="$constraints"
