@@ -2,6 +2,7 @@
 as a user would and reading what they leave behind. Test files import from here, never from
 conftest (pytest loads conftest.py itself; importing it again as a module gives a second copy)."""
 import glob
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -24,6 +25,15 @@ def weighted_sum(t: torch.Tensor) -> torch.Tensor:
     """A loss (float32, or wider) in which every element of ``t`` has its own weight from -1 to 1,
     so that its gradient tells elements and orderings apart."""
     return (t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum()
+
+
+def load_tool(path: str):
+    """The module of ``tools/<path>`` (e.g. ``analysis/get_flops.py``), to call its functions."""
+    name = osp.splitext(osp.basename(path))[0] + '_tool'
+    spec = importlib.util.spec_from_file_location(name, osp.join(REPO, 'tools', path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool = True,

@@ -1,12 +1,11 @@
 """tools/analysis/benchmark.py runs and reports what it promises (the numbers themselves are
 measurements for docs/benchmark.md, never test assertions)."""
-import importlib.util
 import json
 import os.path as osp
 
 import pytest
 
-from helpers import CONFIGS, REPO, run_tool
+from helpers import CONFIGS, load_tool, run_tool
 
 
 def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
@@ -131,7 +130,7 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
 def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch):
     """The reference and timm have the same convolutions, and cuDNN/oneDNN keep per-shape plans
     for the whole process: a size must be new to each implementation's own process."""
-    bench = _benchmark_module()
+    bench = load_tool('analysis/benchmark.py')
     spawned = []
 
     def fake_fresh_process(kind, impl, args, **spec):
@@ -183,19 +182,11 @@ def test_benchmark_tool_times_timm_and_plain_kernels_beside_ours(tmp_path):
     assert calls == [dict(name='davit_tiny', features_only=True, pretrained=False)] * 4
 
 
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_tool', osp.join(REPO, 'tools', 'analysis', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     """--aten-depthwise (a GPU command's comparison) times ours with the position encodings on
     PyTorch's depth-wise kernel: Triton's kernels are out of reach while it runs, and back after."""
     from davit_mm import ops
-    benchmark = _benchmark_module()
+    benchmark = load_tool('analysis/benchmark.py')
     seen = []
     variant = benchmark.KERNEL_VARIANTS['ours_aten_depthwise']
     run = variant(lambda: seen.append(ops._triton_depthwise()))

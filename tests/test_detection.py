@@ -1,6 +1,5 @@
 """Detection end to end on generated COCO data: the real configs, tools and launchers, on CPU."""
 import glob
-import importlib.util
 import os.path as osp
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import cv2
 import pytest
 from mmengine.config import Config
 
-from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, logged_metric, metric, run_tool,
-                     write_datasets)
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, load_tool, logged_metric, metric,
+                     run_tool, write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -270,19 +269,11 @@ def test_get_flops_prints_params_and_multiply_adds(coco_dir):
     assert 'attention products (multiply-adds): ' in result.stdout
 
 
-def _get_flops_module():
-    spec = importlib.util.spec_from_file_location(
-        'get_flops_tool', osp.join(REPO, 'tools', 'analysis', 'get_flops.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_get_flops_counts_the_same_whichever_kernels_the_process_runs():
     """The oneDNN convolution that runs the position encodings at CPU inference has no FLOP
     formula: the count runs the plain kernels, and gives the switch back as it found it."""
     from davit_mm import ops
-    get_flops = _get_flops_module()
+    get_flops = load_tool('analysis/get_flops.py')
     before = ops.fast_kernels_enabled()
     counts = []
     try:
@@ -304,7 +295,7 @@ def test_get_flops_leaves_out_exactly_the_attention_products_of_two_activations(
     group) at 64x96: maps of 16x24, 8x12, 4x6 and 2x3 tokens. Window attention (maps padded to
     whole windows) does 2 * 49 * C multiply-adds per padded token (q k^T and A v); channel
     attention 2 * 32 * C per token (k^T v and A q^T)."""
-    get_flops = _get_flops_module()
+    get_flops = load_tool('analysis/get_flops.py')
     maps = [((16, 24), 32), ((8, 12), 64), ((4, 6), 128), ((2, 3), 256)]
     window = sum(2 * 49 * c * _whole_windows(h) * _whole_windows(w) for (h, w), c in maps)
     channel = sum(2 * 32 * c * h * w for (h, w), c in maps)
