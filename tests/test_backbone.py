@@ -1,14 +1,17 @@
 """The DaViT backbone: shapes, official numerics, fast paths, freezing, checkpointing, bad input."""
+import os.path as osp
+
 import pytest
 import torch
 import torch.nn as nn
+from mmengine.config import Config
 
 from davit_mm.checkpoint import convert_state_dict
 from davit_mm.models import DaViT
 from davit_mm.models.reference import ReferenceDaViT
 from davit_mm.models import davit as davit_module
 from davit_mm.models.davit import ChannelAttention, DualAttentionBlock, WindowAttention
-from helpers import weighted_sum
+from helpers import CONFIGS, weighted_sum
 
 ODD_SIZES = [(1, 45, 67), (2, 50, 50), (1, 33, 19), (1, 8, 8)]
 
@@ -449,6 +452,27 @@ def test_each_checked_argument_names_itself_its_value_and_what_is_accepted(
 ])
 def test_init_cfg_forms_that_openmmlab_configs_use_are_accepted(init_cfg):
     assert DaViT(SMALL_ARCH, out_indices=(0, 1), init_cfg=init_cfg).init_cfg == init_cfg
+
+
+def test_a_pretrained_path_is_a_pretrained_init_cfg_and_not_both():
+    model = DaViT(SMALL_ARCH, out_indices=(0, 1), pretrained='davit_tiny.pth')
+    assert model.init_cfg == dict(type='Pretrained', checkpoint='davit_tiny.pth')
+    with pytest.raises(TypeError, match=r"pretrained=3: expected a checkpoint path"):
+        DaViT(SMALL_ARCH, out_indices=(0, 1), pretrained=3)
+    with pytest.raises(ValueError, match=r"pretrained='b.pth' and init_cfg=.* are both set.*"
+                                         r"model\.backbone\.init_cfg\.checkpoint=PATH"):
+        DaViT(SMALL_ARCH, out_indices=(0, 1), pretrained='b.pth',
+              init_cfg=dict(type='Pretrained', checkpoint='a.pth'))
+
+
+def test_mmseg_model_level_pretrained_reaches_the_backbone_as_its_init_cfg():
+    """mmseg's EncoderDecoder hands a model-level ``pretrained`` to the backbone's constructor."""
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py'))
+    cfg.model.pretrained = 'davit_mini.pth'  # this config's backbone sets init_cfg=None
+    init_default_scope('mmseg')
+    model = MODELS.build(cfg.model)
+    assert model.backbone.init_cfg == dict(type='Pretrained', checkpoint='davit_mini.pth')
 
 
 def test_mmengine_weight_init_types_in_init_cfg_initialise_the_model():

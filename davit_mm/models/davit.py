@@ -519,6 +519,10 @@ class DaViT(BaseModule):
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
             loads any public DaViT checkpoint format (see :mod:`davit_mm.checkpoint`); None
             initialises as the official code does. Defaults to None.
+        pretrained (str, optional): OpenMMLab 1.x's way of naming the checkpoint, still what
+            mmseg's ``EncoderDecoder`` passes for a model-level ``pretrained=PATH``: taken as
+            ``init_cfg=dict(type='Pretrained', checkpoint=PATH)``; not together with
+            ``init_cfg``. Defaults to None.
     """
 
     def __init__(self,
@@ -534,7 +538,9 @@ class DaViT(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[dict] = None) -> None:
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None) -> None:
+        init_cfg = self._pretrained_as_init_cfg(pretrained, init_cfg)
         super().__init__(init_cfg=init_cfg)
         spec = resolve_arch(arch, window_size=window_size, overlapped_downsample=overlapped_downsample,
                             channel_attention=channel_attention)
@@ -639,6 +645,21 @@ class DaViT(BaseModule):
                              f'(stem) .. {num_stages} (stem and all stages)')
         if init_cfg is not None:
             DaViT._check_init_cfg(init_cfg)
+
+    @staticmethod
+    def _pretrained_as_init_cfg(pretrained, init_cfg):
+        """``init_cfg`` with a ``pretrained`` path turned into a Pretrained init_cfg."""
+        if pretrained is None:
+            return init_cfg
+        if not isinstance(pretrained, str):
+            raise TypeError(f'pretrained={pretrained!r}: expected a checkpoint path or URL (str), '
+                            f'or None')
+        if init_cfg is not None:
+            raise ValueError(
+                f'pretrained={pretrained!r} and init_cfg={init_cfg!r} are both set; give the '
+                f'checkpoint once (with davit_mm\'s configs, whose backbones set init_cfg: '
+                f'model.backbone.init_cfg.checkpoint=PATH, not model.pretrained=PATH)')
+        return dict(type='Pretrained', checkpoint=pretrained)
 
     @staticmethod
     def _check_init_cfg(init_cfg) -> None:
