@@ -148,13 +148,19 @@ def test_explicit_prefix_and_format_are_honoured(tiny_arch, tmp_path):
 
 
 def test_two_backbones_in_one_file_need_a_prefix(tiny_arch, tmp_path):
-    sd = reference(tiny_arch).state_dict()
-    both = {**{f'teacher.{k}': v for k, v in sd.items()}, **{f'student.{k}': v for k, v in sd.items()}}
+    """A distillation file holds a teacher and a student of the same size, with other weights:
+    without a prefix the loader refuses to guess; each prefix loads its own backbone."""
+    teacher, student = reference(tiny_arch), reference(tiny_arch)
+    both = {**{f'teacher.{k}': v for k, v in teacher.state_dict().items()},
+            **{f'student.{k}': v for k, v in student.state_dict().items()}}
     path = tmp_path / 'kd.pth'
     torch.save(both, path)
     with pytest.raises(CheckpointError, match='several DaViT backbones'):
         pretrained(tiny_arch, path)
-    pretrained(tiny_arch, path, prefix='student.')
+    assert_same_outputs(pretrained(tiny_arch, path, prefix='student.'), student)
+    assert_same_outputs(pretrained(tiny_arch, path, prefix='teacher.'), teacher)
+    with pytest.raises(AssertionError):  # the two really differ
+        assert_same_outputs(pretrained(tiny_arch, path, prefix='student.'), teacher)
 
 
 # -------------------------------------------------------------------------- wrong checkpoints

@@ -263,10 +263,18 @@ def test_get_flops_prints_the_model_zoo_figures_of_the_tiny_retinanet(coco_dir):
 
 
 def test_get_flops_prints_params_and_multiply_adds(coco_dir):
+    """At a custom shape: the model's parameter count, and the multiply-adds count() gives (the
+    attention products are checked against a closed form below)."""
+    from mmengine.registry import MODELS, init_default_scope
     result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96'], cwd=coco_dir)
     assert 'input: 1x3x64x96' in result.stdout
-    assert 'params: ' in result.stdout and 'FLOPs (multiply-adds): ' in result.stdout
-    assert 'attention products (multiply-adds): ' in result.stdout
+    init_default_scope('mmdet')
+    params = sum(p.numel() for p in MODELS.build(Config.fromfile(RETINANET).model).parameters())
+    assert printed(result.stdout, 'params: ') == round(params / 1e6, 2)
+    counted = load_tool('analysis/get_flops.py').count(RETINANET, (64, 96))
+    assert printed(result.stdout, 'FLOPs (multiply-adds): ') == round(counted.layers / 1e9, 1)
+    assert printed(result.stdout, 'attention products (multiply-adds): ') == round(
+        counted.attention_products / 1e9, 1)
 
 
 def test_get_flops_counts_the_same_whichever_kernels_the_process_runs():

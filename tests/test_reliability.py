@@ -256,5 +256,8 @@ def test_images_smaller_than_one_window_run_through_a_detector(height, width):
                                          scale_factor=(1., 1.)))
     with torch.no_grad():
         result, = model.test_step(dict(inputs=[image], data_samples=[sample]))
-    boxes = result.pred_instances.bboxes
-    assert boxes.shape[1] == 4 and (boxes[:, 2] <= width + 1e-3).all()
+    boxes, scores = result.pred_instances.bboxes, result.pred_instances.scores
+    assert len(boxes) > 0 and boxes.shape[1] == 4 and torch.isfinite(scores).all()
+    # boxes are clipped to the image
+    assert (boxes >= -1e-3).all()
+    assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()

@@ -215,9 +215,10 @@ def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
         assert result.returncode != 0 and message in result.stderr
 
 
-def test_synthetic_coco_with_coco_classes_trains_and_evaluates_the_real_configs(tmp_path):
-    """--coco-classes: the paper configs (COCO's 80 classes as metainfo) keep every generated
-    object, as labels 0-2, and their COCO metric takes a prediction of any class; with the
+def test_synthetic_coco_with_coco_classes_fits_the_real_configs_dataset_and_metric(tmp_path):
+    """--coco-classes: the paper configs' dataset (COCO's 80 classes as metainfo) keeps every
+    generated object, each with the label of its category, and their COCO metric scores a
+    prediction on a ground-truth box (a perfect one: AP50 1.0) beside one of class 79; with the
     default shape names no image is left to train on."""
     from mmdet.evaluation import CocoMetric
     from mmdet.registry import DATASETS
@@ -236,12 +237,23 @@ def test_synthetic_coco_with_coco_classes_trains_and_evaluates_the_real_configs(
         DATASETS.build(datasets[0])
     dataset = DATASETS.build(datasets[1])
     objects = json.loads((out / 'annotations' / 'instances_train2017.json').read_text())
-    labels = [i['bbox_label'] for d in dataset for i in d['instances']]
-    assert len(dataset) == 3 and len(labels) == len(objects['annotations'])
-    assert set(labels) <= {0, 1, 2}
+    label_of = {c['id']: i for i, c in enumerate(objects['categories'])}
+    by_image = {}
+    for a in objects['annotations']:
+        by_image.setdefault(a['image_id'], []).append(label_of[a['category_id']])
+    assert len(dataset) == 3
+    assert sorted(i['bbox_label'] for d in dataset for i in d['instances']) == sorted(
+        sum(by_image.values(), []))
+    assert {label for labels in by_image.values() for label in labels} <= {0, 1, 2}
+    val = json.loads((out / 'annotations' / 'instances_val2017.json').read_text())
     metric = CocoMetric(ann_file=str(out / 'annotations' / 'instances_val2017.json'))
     metric.dataset_meta = dataset.metainfo
-    boxes = torch.tensor([[2., 2., 30., 30.]] * 2)
-    metric.process({}, [dict(img_id=1, ori_shape=(64, 64), pred_instances=dict(
-        bboxes=boxes, scores=torch.tensor([.9, .8]), labels=torch.tensor([0, 79])))])
-    assert set(metric.evaluate(1)) >= {'coco/bbox_mAP', 'coco/bbox_mAP_50'}
+    # Every ground-truth object of the validation image, exactly, and a box of class 79 (no
+    # ground truth: a category the metric must map to an id and leave out of the mean).
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in val['annotations'])]
+    labels = [label_of[a['category_id']] for a in val['annotations']]
+    metric.process({}, [dict(img_id=val['images'][0]['id'], ori_shape=(64, 64), pred_instances=dict(
+        bboxes=torch.tensor(boxes + [[0., 0., 8., 8.]]),
+        scores=torch.linspace(.9, .5, len(boxes) + 1), labels=torch.tensor(labels + [79])))])
+    results = metric.evaluate(1)
+    assert results['coco/bbox_mAP'] == pytest.approx(1.0)

@@ -1,6 +1,6 @@
 """Detection test-time augmentation: the merge of DetTTAModelWithMasks (boxes and masks flipped
-back, duplicates removed by NMS), the TTA settings of every detection config, and `tools/test.py
---tta` on the mini RetinaNet and Mask R-CNN."""
+back, duplicates removed by NMS) and the TTA settings of every detection config (`tools/test.py
+--tta` on the mini RetinaNet and Mask R-CNN runs in test_detection.py)."""
 import os.path as osp
 
 import pytest
