@@ -1,5 +1,6 @@
 """Detection end to end on generated COCO data: the real configs, tools and launchers, on CPU."""
 import glob
+import math
 import os.path as osp
 import subprocess
 import sys
@@ -8,8 +9,8 @@ import cv2
 import pytest
 from mmengine.config import Config
 
-from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, load_tool, logged_metric, metric,
-                     run_tool, write_datasets)
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, load_tool, logged_metric,
+                     losses, metric, run_tool, write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -145,13 +146,15 @@ def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path)
 def test_dist_train_and_dist_test_with_two_cpu_processes_complete(coco_dir):
     work = coco_dir / 'dist'
     result = run_tool(['dist_train.sh', RETINANET, '2', '--work-dir', work, '--cfg-options',
-                       'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'],
+                       'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                       'default_hooks.logger.interval=1'],
                       cwd=coco_dir, env={'PORT': '29611'})
     output = result.stdout + result.stderr
     assert 'distributed over gloo' in output
     assert 'Epoch(train) [1][2/2]' in output  # 16 images / (2 processes x batch 4)
     assert 'Epoch(val) [1][1/1]' in output  # 4 images / (2 processes x batch 2)
     assert (work / 'epoch_1.pth').exists()
+    assert losses(str(work)) and all(math.isfinite(v) for v in losses(str(work)))
     result = run_tool(['dist_test.sh', RETINANET, work / 'epoch_1.pth', '2', '--work-dir', work / 'test'],
                       cwd=coco_dir, env={'PORT': '29612'})
     assert 'Epoch(test) [1/1]' in result.stdout + result.stderr
