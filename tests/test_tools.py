@@ -166,12 +166,23 @@ def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skipped_layers(data_dir, trained):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'finetune', '--cfg-options',
+    """With the learning rate at 0, the fine-tuned checkpoint shows what load_from took: every
+    tensor of the file but the class-specific ones, which keep their new shape."""
+    work = data_dir / 'finetune'
+    result = run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options',
                        f'load_from={trained}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
                        'train_cfg.val_interval=5', 'train_dataloader.dataset.metainfo.classes=[square,disk]',
-                       'val_dataloader.dataset.metainfo.classes=[square,disk]'], cwd=data_dir)
+                       'val_dataloader.dataset.metainfo.classes=[square,disk]',
+                       'optim_wrapper.optimizer.lr=0'], cwd=data_dir)
     output = result.stdout + result.stderr
     assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
+    before = read_training_checkpoint(str(trained))['state_dict']
+    after = read_training_checkpoint(str(work / 'epoch_1.pth'))['state_dict']
+    assert set(after) == set(before)
+    skipped = {key for key in after if after[key].shape != before[key].shape}
+    assert skipped == {'bbox_head.retina_cls.weight', 'bbox_head.retina_cls.bias'}
+    for key in set(after) - skipped:
+        assert torch.equal(after[key], before[key]), key
 
 
 # -------------------------------------------------------------- launchers, quickstart and demo
