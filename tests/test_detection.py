@@ -135,11 +135,24 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
 
 
 @pytest.mark.slow
-def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path):
+def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path, monkeypatch):
     out = tmp_path / 'curve.png'
     run_tool(['analysis/plot_loss.py', trained_maskrcnn, '--out', out], cwd=tmp_path)
     image = cv2.imread(str(out))
     assert image is not None and image.shape[0] > 200 and image.std() > 10
+    # What it draws: each logged loss, as logged, against its iteration.
+    import matplotlib.axes
+    drawn, draw = {}, matplotlib.axes.Axes.plot
+
+    def recording_plot(self, xs, ys, *args, label=None, **kwargs):
+        drawn[label] = (list(xs), list(ys))
+        return draw(self, xs, ys, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, 'plot', recording_plot)
+    load_tool('analysis/plot_loss.py').plot(str(trained_maskrcnn), str(tmp_path / 'again.png'))
+    assert drawn['loss'][1] == losses(str(trained_maskrcnn))
+    assert drawn['loss_mask'][1] == losses(str(trained_maskrcnn), 'loss_mask')
+    assert drawn['loss'][0] == sorted(drawn['loss'][0]) and len(drawn['loss'][0]) >= 4
 
 
 @pytest.mark.slow
