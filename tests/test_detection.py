@@ -1,5 +1,6 @@
 """Detection end to end on generated COCO data: the real configs, tools and launchers, on CPU."""
 import glob
+import json
 import math
 import os.path as osp
 import subprocess
@@ -130,8 +131,16 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
         assert result.returncode == 0, result.stderr[-3000:]
         drawn = sorted(glob.glob(str(out / 'vis' / '*.jpg')))
         assert len(drawn) == expected
-        assert cv2.imread(drawn[0]).shape == cv2.imread(str(images / '000001.jpg')).shape
-        assert len(glob.glob(str(out / 'preds' / '*.json'))) == expected
+        image, picture = cv2.imread(str(images / '000001.jpg')), cv2.imread(drawn[0])
+        assert picture.shape == image.shape
+        # predictions drawn over it (26% of the pixels moved by > 40 levels; a JPEG re-encode
+        # moves next to none)
+        assert (abs(picture.astype(float) - image) > 40).mean() > 0.05
+        preds = sorted(glob.glob(str(out / 'preds' / '*.json')))
+        assert len(preds) == expected
+        pred = json.loads(open(preds[0]).read())
+        assert len(pred['bboxes']) == len(pred['scores']) == len(pred['labels']) > 0
+        assert max(pred['scores']) > 0.3  # above the demo's drawing threshold
 
 
 @pytest.mark.slow
