@@ -42,7 +42,7 @@ import functools
 import os
 import warnings
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,17 @@ def set_fast_kernels(enabled: bool) -> None:
 
 def fast_kernels_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def plain_kernels() -> Iterator[None]:
+    """Within this block the device-specific kernels are off; afterwards the switch is as it was."""
+    enabled = _enabled
+    set_fast_kernels(False)
+    try:
+        yield
+    finally:
+        set_fast_kernels(enabled)
 
 
 def _onednn_linear_op() -> Optional[object]:

@@ -330,11 +330,8 @@ def timm_model(arch: str, device: str):
 def plain_kernels(fn: Callable) -> Callable:
     """``fn`` run with davit_mm.ops' device-specific kernels switched off."""
     def run():
-        ops.set_fast_kernels(False)
-        try:
+        with ops.plain_kernels():
             return fn()
-        finally:
-            ops.set_fast_kernels(True)
     return run
 
 

@@ -73,13 +73,8 @@ def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) 
         meta = dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape,
                     scale_factor=(1., 1.))
         args = (inputs, [DetDataSample(metainfo=meta)])
-    fast = ops.fast_kernels_enabled()
-    ops.set_fast_kernels(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model._forward(*args)  # tensor mode: backbone, neck and heads, no post-processing
-    finally:
-        ops.set_fast_kernels(fast)
+    with ops.plain_kernels(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model._forward(*args)  # tensor mode: backbone, neck and heads, no post-processing
     by_op = counter.get_flop_counts()['Global']
     attention = sum(by_op.get(op, 0) for op in ATTENTION_PRODUCTS) // 2
     return Count(params, counter.get_total_flops() // 2 - attention, attention, shape)
