@@ -290,7 +290,11 @@ def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
         stage += 1
     if not dims:
         return 'an unrecognised layout'
-    return f'embed_dims={tuple(dims)}, depths={tuple(depths)}'
+    text = f'embed_dims={tuple(dims)}, depths={tuple(depths)}'
+    if len(dims) > 1 and state_dict['stages.1.downsample.conv.weight'].shape[-1] == 3:
+        text += (", with overlapped 3 x 3 downsampling as Florence-2's vision tower "
+                 "(arch='florence2-base'/'florence2-large')")
+    return text
 
 
 # ------------------------------------------------------------------------------------ fit check
