@@ -7,8 +7,10 @@ import os
 import os.path as osp
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.distributed as dist
 from mmengine.config import Config
 
@@ -94,6 +96,28 @@ def test_run_guarded_closes_the_process_group_after_a_run(process_group):
     with cli.run_guarded(Config(dict())):
         assert dist.is_initialized()
     assert not dist.is_initialized()
+
+
+def test_a_dropped_ddp_model_is_freed_before_the_process_group_goes(process_group, monkeypatch):
+    """A DDP wrapper holds the group; one left for the interpreter's shutdown can abort the
+    process. A runner (here: a DDP model in a reference cycle) dropped inside run_guarded is
+    collected before the group is destroyed."""
+    import weakref
+    alive_at_destroy, destroy = [], dist.destroy_process_group
+
+    def recording_destroy(*args, **kwargs):
+        alive_at_destroy.append(model_ref() is not None)
+        return destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, 'destroy_process_group', recording_destroy)
+    with cli.run_guarded(Config(dict())):
+        runner = SimpleNamespace(model=torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2)))
+        runner.model.runner = runner  # the cycles a real runner has
+        runner.model(torch.randn(3, 2)).sum().backward()
+        model_ref = weakref.ref(runner.model)
+        del runner
+        assert model_ref() is not None  # only a collection frees it
+    assert alive_at_destroy == [False]
 
 
 def test_run_guarded_closes_the_process_group_after_a_failure(process_group):

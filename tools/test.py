@@ -76,7 +76,9 @@ def main(argv=None):
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     with run_guarded(cfg):
-        return runner.test()
+        metrics = runner.test()
+        del runner  # its DDP wrapper holds the process group: free it before the group goes
+    return metrics
 
 
 if __name__ == '__main__':

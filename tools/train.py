@@ -67,6 +67,7 @@ def main(argv=None):
             runner.logger.warning(f'load_from: {note}')
     with run_guarded(cfg):
         runner.train()
+        del runner  # its DDP wrapper holds the process group: free it before the group goes
 
 
 if __name__ == '__main__':
