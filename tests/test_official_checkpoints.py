@@ -389,14 +389,24 @@ def test_eval_official_tabulates_what_the_test_tool_measures(official, data_root
 
 @pytest.mark.slow
 def test_fine_tuning_starts_from_an_official_file_with_another_num_classes(official, data_root):
+    """With the learning rate at 0 the fine-tuned checkpoint shows what load_from took from the
+    official file: every tensor, renamed, but the unused stage-1 norm and the class-specific
+    ones, which keep their new shape."""
     _, config, path = official['retinanet']
     classes = 'train_dataloader.dataset.metainfo.classes=[square,disk]'
     result = run_tool(['train.py', config, '--work-dir', data_root / 'finetune', '--cfg-options',
                        f'load_from={path}', 'model.bbox_head.num_classes=2', 'train_cfg.max_epochs=1',
-                       'train_cfg.val_interval=5', classes, classes.replace('train_', 'val_')],
+                       'train_cfg.val_interval=5', 'optim_wrapper.optimizer.lr=0', classes,
+                       classes.replace('train_', 'val_')],
                       cwd=data_root)
     output = result.stdout + result.stderr
     assert 'a model of the official DaViT code (mmdet 2.11)' in output
     assert 'backbone.norm0 (2 tensors)' in output
     assert 'class-specific tensors' in output and 'bbox_head.retina_cls.weight' in output
-    assert (data_root / 'finetune' / 'epoch_1.pth').exists()
+    source = convert_model_checkpoint(torch.load(path, weights_only=False)).checkpoint['state_dict']
+    after = torch.load(data_root / 'finetune' / 'epoch_1.pth', weights_only=False)['state_dict']
+    assert set(after) == set(source) - {'backbone.norm0.weight', 'backbone.norm0.bias'}
+    new_shape = {key for key in after if after[key].shape != source[key].shape}
+    assert new_shape == {'bbox_head.retina_cls.weight', 'bbox_head.retina_cls.bias'}
+    for key in set(after) - new_shape:
+        assert torch.equal(after[key], source[key]), key
