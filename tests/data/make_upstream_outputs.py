@@ -2,7 +2,8 @@
 implementations themselves, for ``tests/test_upstream_outputs.py`` to compare davit_mm against.
 
 ``davit_mm.models.reference.ReferenceDaViT`` restates the official code, and the tests compare the
-fast backbone with it; this file pins both to the code the checkpoints were trained with. For each
+fast backbone with it; this file pins both, and the checkpoint converters, to the upstream code
+itself. For each
 case the script builds the upstream model, gives it random weights (scaled so that every attention
 is far from uniform, with non-trivial norms; rounded to float16 so that storing them in float16
 loses nothing), runs it on a few odd-sized inputs and stores the state dict in that codebase's
