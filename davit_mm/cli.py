@@ -278,7 +278,7 @@ def close_distributed(wait_for_others: bool = True) -> None:
     still running can die with "terminate called without an active exception" (SIGABRT) after
     a successful run, and NCCL warns about the leak. Destroying the group is not enough while
     the runner lives: its DDP wrapper holds the group, whose threads then meet the interpreter's
-    shutdown (2-process gloo training aborted so in 3 of 22 runs on 2 loaded cores; 0 of 50 with
+    shutdown (2-process gloo training aborted so in 3 of 22 runs on 2 loaded cores; 0 of 80 with
     the runner freed first). So the tools drop their runner inside :func:`run_guarded`, and this
     collects the runner's reference cycles before anything else. After a successful run, a
     barrier keeps ranks from tearing down while others still communicate; after a failure there
