@@ -3,7 +3,8 @@ loaded as a user loads them, must give the features those implementations comput
 
 ``data/upstream_outputs.pt`` was written by ``data/make_upstream_outputs.py`` running the official
 detection backbone (github dingmyu/davit), timm's ``DaVit`` (as ``davit_tiny`` and as the Florence-2
-tower ``davit_base_fl`` build it) and mmpretrain's ``DaViT`` on odd-sized inputs; see that script. The other tests
+tower ``davit_base_fl`` build it, the latter also fed a file in Microsoft's Florence-2 layout through
+timm's own converter) and mmpretrain's ``DaViT`` on odd-sized inputs; see that script. The other tests
 compare davit_mm with ``ReferenceDaViT``; these pin both to the upstream code.
 """
 import contextlib
@@ -21,7 +22,8 @@ from davit_mm.models.reference import ReferenceDaViT
 DATA = osp.join(osp.dirname(osp.abspath(__file__)), 'data', 'upstream_outputs.pt')
 # The layout each case's state dict must be recognised as. timm's Florence-2 towers name their
 # blocks (spatial_block/channel_block) as davit_mm does, so they read as davit_mm's layout.
-LAYOUT = {'official': 'official', 'timm': 'timm', 'timm_florence2': 'davit_mm', 'mmpretrain': 'mmpretrain'}
+LAYOUT = {'official': 'official', 'timm': 'timm', 'timm_florence2': 'davit_mm', 'florence2': 'florence2',
+          'mmpretrain': 'mmpretrain'}
 
 
 @pytest.fixture(scope='module')

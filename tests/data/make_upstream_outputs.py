@@ -14,6 +14,8 @@ own key layout, the inputs, the outputs and where they came from. The cases:
 * ``timm``: ``timm.models.davit.DaVit`` as ``davit_tiny`` builds it (stage outputs, no norms);
 * ``timm_florence2``: ``DaVit`` as ``davit_base_fl`` builds it (Florence-2's vision tower:
   channel attention v2, overlapped 3 x 3 downsampling, named blocks);
+* ``florence2``: a file in Microsoft's Florence-2 layout, with the features timm computes after
+  reading it with its own converter (see :func:`florence2_case`);
 * ``mmpretrain``: mmpretrain's ``DaViT`` backbone with all four output norms, its stem padded
   as the official one's (see :func:`mmpretrain_case`).
 
@@ -36,7 +38,7 @@ import types
 import torch
 import torch.nn as nn
 
-ARCH = dict(embed_dims=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
+ARCH = dict(embed_dims=(8, 16, 16, 24), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
 SIZES = ((1, 3, 45, 67), (1, 3, 64, 96), (2, 3, 33, 19))
 OUT = osp.join(osp.dirname(osp.abspath(__file__)), 'upstream_outputs.pt')
 
@@ -150,7 +152,39 @@ def timm_cases(inputs) -> dict:
         case.update(source=f'timm {timm.__version__} timm.models.davit.DaVit({extra})',
                     arch=dict(ARCH, **switches), output_norms=False)
         cases[name] = case
+    cases['florence2'] = florence2_case(inputs, Stages, timm.__version__)
     return cases
+
+
+def florence2_case(inputs, stages_class, timm_version: str) -> dict:
+    """A whole Florence-2 file in Microsoft's remote-code layout, as ``tests/formats.py`` writes
+    one, read by timm's own converter for those files (``checkpoint_filter_fn``) into ``DaVit`` as
+    ``davit_base_fl`` builds it. timm must take every tower key (it lacks only its classifier
+    norm), so timm's reading of the layout and davit_mm's are checked against each other."""
+    from timm.models.davit import checkpoint_filter_fn
+
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+    import formats
+    from davit_mm.models.reference import ReferenceDaViT
+
+    switches = dict(overlapped_downsample=True, channel_attention='v2')
+    tower = ReferenceDaViT(ARCH, **switches)
+    randomise(tower, seed=5)
+    file = formats.florence2(tower.state_dict())
+    model = stages_class(embed_dims=ARCH['embed_dims'], depths=ARCH['depths'], num_heads=ARCH['num_heads'],
+                         window_size=ARCH['window_size'], num_classes=0, down_kernel_size=3,
+                         channel_attn_v2=True, named_blocks=True)
+    missing, unexpected = model.load_state_dict(checkpoint_filter_fn(file, model), strict=False)
+    if unexpected or sorted(missing) != ['head.norm.bias', 'head.norm.weight']:
+        raise SystemExit(f'error: timm did not read the Florence-2 file as a whole tower: '
+                         f'missing {missing}, unexpected {unexpected}')
+    model.eval()
+    with torch.no_grad():
+        outputs = [[t.contiguous() for t in model(x.float())] for x in inputs]
+    return dict(state_dict={k: v.half() for k, v in file.items()}, outputs=outputs, inputs=list(range(len(inputs))),
+                source=f"tests/formats.py florence2() file, read by timm {timm_version}'s checkpoint_filter_fn "
+                       f'into DaVit(davit_base_fl settings)',
+                arch=dict(ARCH, **switches), output_norms=False)
 
 
 def mmpretrain_case(inputs) -> dict:
@@ -174,6 +208,25 @@ def mmpretrain_case(inputs) -> dict:
     return case
 
 
+def _one_storage(tensors):
+    """The tensors as views of one flat tensor: torch.save then writes one record, not one each."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return views
+
+
+def _packed(case: dict) -> dict:
+    names = list(case['state_dict'])
+    values = _one_storage([case['state_dict'][k] for k in names])
+    outputs = _one_storage([t for outs in case['outputs'] for t in outs])
+    per_input = len(case['outputs'][0])
+    return dict(case, state_dict=dict(zip(names, values)),
+                outputs=[outputs[i:i + per_input] for i in range(0, len(outputs), per_input)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--official', required=True, help="the official code's mmdet davit.py")
@@ -183,7 +236,8 @@ def main() -> None:
     inputs = [torch.randn(size, generator=gen).half() for size in SIZES]  # upcast exactly when used
     cases = dict(official=official_case(args.official, args.official_commit, inputs), **timm_cases(inputs),
                  mmpretrain=mmpretrain_case(inputs))
-    torch.save(dict(inputs=inputs, cases=cases, torch=str(torch.__version__)), OUT)
+    cases = {name: _packed(case) for name, case in cases.items()}
+    torch.save(dict(inputs=_one_storage(inputs), cases=cases, torch=str(torch.__version__)), OUT)
     print(f'wrote {OUT}: ' + ', '.join(f'{k} ({v["source"]})' for k, v in cases.items()))
 
 
