@@ -1,5 +1,6 @@
-"""davit_mm against the upstream code itself: weights in the official code's and timm's own layouts,
-loaded as a user loads them, must give the features those implementations computed.
+"""davit_mm against the upstream code itself: weights in the official code's, timm's, Florence-2's and
+mmpretrain's own layouts, loaded as a user loads them, must give the features that upstream code
+computed.
 
 ``data/upstream_outputs.pt`` was written by ``data/make_upstream_outputs.py`` running the official
 detection backbone (github dingmyu/davit), timm's ``DaVit`` (as ``davit_tiny`` and as the Florence-2
