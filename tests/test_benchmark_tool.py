@@ -5,7 +5,7 @@ import os.path as osp
 
 import pytest
 
-from helpers import CONFIGS, load_tool, run_tool
+from helpers import CONFIGS, REPO, load_tool, run_tool
 
 
 def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
@@ -205,3 +205,47 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
                       cwd=tmp_path, expect_ok=False)
     assert result.returncode == 2
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
+
+
+def _documented_commands(tmp_path):
+    """Every command the bash blocks of docs/benchmark.md run, as bash expands them (loops,
+    continuation lines, ``$(basename ...)``), recorded instead of run: [tool, arg, ...]."""
+    import re
+    import subprocess
+    with open(osp.join(REPO, 'docs', 'benchmark.md'), encoding='utf-8') as f:
+        blocks = re.findall(r'```bash\n(.*?)```', f.read(), re.S)
+    record = tmp_path / 'commands'
+    shims = (f'python() {{ printf "%s\\037" "$@" >> "{record}"; echo >> "{record}"; }}\n'
+             f'bash() {{ python "$@"; }}\n')
+    for block in blocks:  # each block alone, so that one failing shows which
+        subprocess.run(['bash', '-euc', shims + block], cwd=tmp_path, check=True)
+    with open(record) as f:
+        return [line.rstrip('\n').split('\x1f')[:-1] for line in f]
+
+
+def test_every_command_in_benchmark_md_parses_as_its_tool_reads_it(tmp_path, monkeypatch):
+    """The GPU commands are run on a lent machine with little time: none may fail on a renamed
+    option, a missing config or a bad size. Each is parsed by its tool's own parser, as on a
+    machine with CUDA."""
+    import torch
+
+    from davit_mm.synthetic import parse_arguments
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    benchmark, train = load_tool('analysis/benchmark.py'), load_tool('train.py')
+    commands = _documented_commands(tmp_path)
+    tools = [command[0] for command in commands]
+    assert tools.count('tools/analysis/benchmark.py') >= 30 and 'tools/dist_train.sh' in tools
+    for tool, *args in commands:
+        if tool == 'tools/analysis/benchmark.py':
+            parsed = benchmark.parse_args(args)
+            assert parsed.config is None or osp.isfile(osp.join(REPO, parsed.config)), args
+        elif tool == 'tools/dist_train.sh':
+            config, processes, *rest = args
+            assert osp.isfile(osp.join(REPO, config)) and int(processes) >= 1, args
+            train.parse_args([config] + rest)
+        elif tool.startswith('tools/dataset/make_synthetic_'):
+            parse_arguments('', args, coco='coco' in tool)
+        elif tool == 'tools/analysis/plot_scaling.py':
+            assert osp.isfile(osp.join(REPO, args[0])), args
+        else:
+            raise AssertionError(f'docs/benchmark.md runs {tool}, which this test does not check')
