@@ -284,8 +284,8 @@ def close_distributed(wait_for_others: bool = True) -> None:
     barrier keeps ranks from tearing down while others still communicate; after a failure there
     is none (the other ranks may never arrive).
     """
-    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         if wait_for_others:
             dist.barrier()
         dist.destroy_process_group()

@@ -40,6 +40,9 @@ import torch.nn as nn
 
 ARCH = dict(embed_dims=(8, 16, 16, 24), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=3)
 SIZES = ((1, 3, 45, 67), (1, 3, 64, 96), (2, 3, 33, 19))
+# timm's settings for Florence-2's tower (as davit_base_fl), and davit_mm's for the same model.
+TIMM_FLORENCE2 = dict(down_kernel_size=3, channel_attn_v2=True, named_blocks=True)
+FLORENCE2 = dict(overlapped_downsample=True, channel_attention='v2')
 OUT = osp.join(osp.dirname(osp.abspath(__file__)), 'upstream_outputs.pt')
 
 
@@ -58,12 +61,17 @@ def randomise(model: nn.Module, seed: int) -> None:
             p.copy_(p.half().float())
 
 
+def features(model: nn.Module, inputs, which) -> list:
+    """The model's outputs (eval mode) for ``inputs[i]``, ``i`` in ``which``."""
+    model.eval()
+    with torch.no_grad():
+        return [[t.contiguous() for t in model(inputs[i].float())] for i in which]
+
+
 def run(model: nn.Module, inputs, seed: int, which=range(len(SIZES))) -> dict:
     """The model's state dict (float16) and its outputs for ``inputs[i]``, ``i`` in ``which``."""
     randomise(model, seed)
-    model.eval()
-    with torch.no_grad():
-        outputs = [[t.contiguous() for t in model(inputs[i].float())] for i in which]
+    outputs = features(model, inputs, which)
     return dict(state_dict={k: v.half() for k, v in model.state_dict().items()}, outputs=outputs,
                 inputs=list(which))
 
@@ -141,50 +149,47 @@ def timm_cases(inputs) -> dict:
         def forward(self, x):
             return self.forward_intermediates(x, intermediates_only=True)
 
+    def build(num_classes, **extra):
+        return Stages(embed_dims=ARCH['embed_dims'], depths=ARCH['depths'], num_heads=ARCH['num_heads'],
+                      window_size=ARCH['window_size'], num_classes=num_classes, **extra)
+
     cases = {}
-    for name, seed, extra, switches in (
-            ('timm', 2, {}, {}),
-            ('timm_florence2', 3, dict(down_kernel_size=3, channel_attn_v2=True, named_blocks=True),
-             dict(overlapped_downsample=True, channel_attention='v2'))):
-        model = Stages(embed_dims=ARCH['embed_dims'], depths=ARCH['depths'], num_heads=ARCH['num_heads'],
-                       window_size=ARCH['window_size'], num_classes=5, **extra)
-        case = run(model, inputs, seed)
+    for name, seed, extra, switches in (('timm', 2, {}, {}),
+                                        ('timm_florence2', 3, TIMM_FLORENCE2, FLORENCE2)):
+        case = run(build(5, **extra), inputs, seed)
         case.update(source=f'timm {timm.__version__} timm.models.davit.DaVit({extra})',
                     arch=dict(ARCH, **switches), output_norms=False)
         cases[name] = case
-    cases['florence2'] = florence2_case(inputs, Stages, timm.__version__)
+    cases['florence2'] = florence2_case(inputs, build(0, **TIMM_FLORENCE2), timm.__version__)
     return cases
 
 
-def florence2_case(inputs, stages_class, timm_version: str) -> dict:
+def florence2_case(inputs, model: nn.Module, timm_version: str) -> dict:
     """A whole Florence-2 file in Microsoft's remote-code layout, as ``tests/formats.py`` writes
     one, read by timm's own converter for those files (``checkpoint_filter_fn``) into ``DaVit`` as
     ``davit_base_fl`` builds it. timm must take every tower key (it lacks only its classifier
-    norm), so timm's reading of the layout and davit_mm's are checked against each other."""
+    norm), so timm's reading of the layout and davit_mm's are checked against each other.
+    ``model``: timm's model with davit_base_fl's settings, its weights to be read from the file."""
     from timm.models.davit import checkpoint_filter_fn
 
     sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
     import formats
     from davit_mm.models.reference import ReferenceDaViT
 
-    switches = dict(overlapped_downsample=True, channel_attention='v2')
-    tower = ReferenceDaViT(ARCH, **switches)
+    tower = ReferenceDaViT(ARCH, **FLORENCE2)
     randomise(tower, seed=5)
+    torch.manual_seed(5)  # the writer draws the projector/language-model tensors from torch's generator
     file = formats.florence2(tower.state_dict())
-    model = stages_class(embed_dims=ARCH['embed_dims'], depths=ARCH['depths'], num_heads=ARCH['num_heads'],
-                         window_size=ARCH['window_size'], num_classes=0, down_kernel_size=3,
-                         channel_attn_v2=True, named_blocks=True)
     missing, unexpected = model.load_state_dict(checkpoint_filter_fn(file, model), strict=False)
     if unexpected or sorted(missing) != ['head.norm.bias', 'head.norm.weight']:
         raise SystemExit(f'error: timm did not read the Florence-2 file as a whole tower: '
                          f'missing {missing}, unexpected {unexpected}')
-    model.eval()
-    with torch.no_grad():
-        outputs = [[t.contiguous() for t in model(x.float())] for x in inputs]
-    return dict(state_dict={k: v.half() for k, v in file.items()}, outputs=outputs, inputs=list(range(len(inputs))),
+    which = range(len(inputs))
+    return dict(state_dict={k: v.half() for k, v in file.items()}, outputs=features(model, inputs, which),
+                inputs=list(which),
                 source=f"tests/formats.py florence2() file, read by timm {timm_version}'s checkpoint_filter_fn "
                        f'into DaVit(davit_base_fl settings)',
-                arch=dict(ARCH, **switches), output_norms=False)
+                arch=dict(ARCH, **FLORENCE2), output_norms=False)
 
 
 def mmpretrain_case(inputs) -> dict:
