@@ -22,6 +22,13 @@ from helpers import REPO, weighted_sum
 onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has no oneDNN linear')
 
 
+# Triton 3.6's interpreter hands a loop's runtime bound to numpy as a one-element array; numpy
+# 1.25 to 2.3 turn it into an int with this warning (harmless, so ignored), numpy >= 2.4 refuses.
+# Triton 3.9's interpreter does not do it.
+_NUMPY_SCALAR_DEPRECATION = 'Conversion of an array with ndim > 0 to a scalar'
+pytestmark = pytest.mark.filterwarnings(f'ignore:{_NUMPY_SCALAR_DEPRECATION}:DeprecationWarning')
+
+
 def plain(x, layer, gelu=False, residual=None):
     out = F.linear(x, layer.weight, layer.bias)
     out = F.gelu(out) if gelu else out
@@ -645,11 +652,14 @@ needs_triton = pytest.mark.skipif((ops._triton_version() or (0, 0)) < ops._TRITO
                                   reason='Triton >= 3.0 is not installed (requirements/tests.txt)')
 
 
+def _ignore_numpy_scalar_deprecation() -> None:
+    warnings.filterwarnings('ignore', message=_NUMPY_SCALAR_DEPRECATION,
+                            category=DeprecationWarning)
+
+
 def _interpreter_problem() -> Optional[str]:
     """Why this Triton's interpreter cannot run a loop with a runtime bound (the weight-gradient
-    kernel's), or None. Triton 3.6's interpreter hands such a bound to numpy as a one-element
-    array, which numpy >= 2.4 refuses to turn into an int (and older numpy warns of); Triton
-    3.9's does not."""
+    kernel's), or None (see _NUMPY_SCALAR_DEPRECATION)."""
     import triton
     import triton.language as tl
 
@@ -662,8 +672,9 @@ def _interpreter_problem() -> Optional[str]:
 
     out = torch.zeros(2)
     try:
-        with warnings.catch_warnings():  # numpy < 2.4 warns of it (some tests turn that to errors)
+        with warnings.catch_warnings():
             warnings.simplefilter('error', DeprecationWarning)
+            _ignore_numpy_scalar_deprecation()
             count[(1, )](out, 3)
     except Exception as error:  # the interpreter wraps what numpy raised
         return repr(error)
@@ -892,6 +903,7 @@ def test_the_triton_self_check_passes_with_the_kernels(interpreted_kernels, monk
     monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
     with warnings.catch_warnings(), mode():
         warnings.simplefilter('error')
+        _ignore_numpy_scalar_deprecation()
         assert ops._triton_self_check(torch.device('cpu'), compute) is True
 
 
@@ -920,7 +932,8 @@ def test_triton_kernels_that_fail_or_compute_wrong_are_reported_and_not_used(
     monkeypatch.setattr(ops, '_launch_depthwise', _launch_then(change))
     with pytest.warns(RuntimeWarning, match=message) as record:
         assert ops._triton_self_check(torch.device('cpu'), torch.float32) is False
-    assert "PyTorch's depth-wise kernel instead" in str(record[0].message)
+    warned = [str(w.message) for w in record if w.category is RuntimeWarning]
+    assert len(warned) == 1 and "PyTorch's depth-wise kernel instead" in warned[0]
 
 
 @needs_triton
