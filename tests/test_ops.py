@@ -3,6 +3,7 @@ choices are the ones that run on CUDA inputs, and one switch turns them off (spe
 measured by tools/analysis/benchmark.py, never by tests)."""
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,27 @@ _NUMPY_SCALAR_DEPRECATION = 'Conversion of an array with ndim > 0 to a scalar'
 pytestmark = pytest.mark.filterwarnings(f'ignore:{_NUMPY_SCALAR_DEPRECATION}:DeprecationWarning')
 
 
+class _NoOneDNNLinear:
+    """Stands in for oneDNN's linear where the CPU fast path must not call it."""
+
+    def __getattr__(self, overload):
+        raise AssertionError(f'oneDNN linear .{overload} called with AVX2 products on')
+
+
+def _use_cpu_products(monkeypatch, products):
+    """The CPU fast path's linears through oneDNN, or as with AVX2 kernels (PyTorch's matmul,
+    and oneDNN's linear must then not be called)."""
+    monkeypatch.setattr(ops, '_AVX2_PRODUCTS', products == 'avx2')
+    if products == 'avx2':
+        monkeypatch.setattr(ops, '_ONEDNN_LINEAR', _NoOneDNNLinear())
+
+
+@pytest.fixture(params=['onednn', 'avx2'])
+def cpu_products(request, monkeypatch):
+    _use_cpu_products(monkeypatch, request.param)
+    return request.param
+
+
 def plain(x, layer, gelu=False, residual=None):
     out = F.linear(x, layer.weight, layer.bias)
     out = F.gelu(out) if gelu else out
@@ -38,7 +60,8 @@ def plain(x, layer, gelu=False, residual=None):
 @onednn
 @pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize('strided', [False, True])
-def test_onednn_linear_without_grad_matches_the_plain_ops(gelu, with_residual, strided):
+def test_onednn_linear_without_grad_matches_the_plain_ops(cpu_products, gelu, with_residual,
+                                                          strided):
     layer = nn.Linear(24, 24)
     x = torch.randn(2, 9, 11, 24)
     if strided:
@@ -68,7 +91,7 @@ def test_bf16_where_onednn_cannot_compute_it_takes_the_plain_ops(monkeypatch):
     def unavailable(*args, **kwargs):
         raise AssertionError('oneDNN was asked for a bf16 linear')
 
-    monkeypatch.setattr(ops, '_onednn', unavailable)
+    monkeypatch.setattr(ops, '_cpu_linear', unavailable)
     monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)
     torch.manual_seed(0)
     mlp = davit_module.Mlp(16, 64).bfloat16()
@@ -83,7 +106,7 @@ def test_bf16_where_onednn_cannot_compute_it_takes_the_plain_ops(monkeypatch):
 
 @onednn
 @pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
-def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_residual):
+def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(cpu_products, gelu, with_residual):
     torch.manual_seed(0)
     layer = nn.Linear(16, 48)
     x = torch.randn(3, 5, 7, 16)[:, :, :6].requires_grad_()
@@ -117,14 +140,16 @@ def _mlp_outputs_and_grads(forward, mlp, x, residual):
     return results
 
 
-@pytest.fixture(params=['onednn', 'portable'])
+@pytest.fixture(params=['onednn', 'avx2', 'portable'])
 def mlp_kernel(request, monkeypatch):
-    """The MLP's training path with oneDNN's matmuls (CPU) or the plain ones (every other
-    device, and CPU under autocast)."""
-    if request.param == 'onednn' and ops._ONEDNN_LINEAR is None:
+    """The MLP's training path with the CPU fast path's matmuls (oneDNN's, or PyTorch's as with
+    AVX2 kernels) or the plain ones (every other device, and CPU under autocast)."""
+    if request.param != 'portable' and ops._ONEDNN_LINEAR is None:
         pytest.skip('this torch has no oneDNN linear')
     if request.param == 'portable':
         monkeypatch.setattr(ops, '_ONEDNN_LINEAR', None)
+    else:
+        _use_cpu_products(monkeypatch, request.param)
     return request.param
 
 
@@ -244,23 +269,25 @@ def test_mlp_training_path_under_autocast_computes_as_autocast_would(with_residu
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
-def _rows_through_onednn(monkeypatch, weight):
-    """The row counts of the inputs oneDNN's linear receives with ``weight``, call by call."""
-    rows, onednn = [], ops._onednn
+def _rows_through_cpu_linear(monkeypatch, weight):
+    """The row counts of the inputs the CPU fast path's linear receives with ``weight``, call by
+    call."""
+    rows, onednn = [], ops._cpu_linear
 
     def recorded(t, w, *args):
         if w is weight:
             rows.append(t.shape[0])
         return onednn(t, w, *args)
 
-    monkeypatch.setattr(ops, '_onednn', recorded)
+    monkeypatch.setattr(ops, '_cpu_linear', recorded)
     return rows
 
 
 @onednn
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual, dtype):
+def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, cpu_products, with_residual,
+                                                     dtype):
     """Inference MLPs run over blocks of tokens (the last one partial): same result as one pass."""
     if dtype not in ops._ONEDNN_DTYPES:
         pytest.skip(f'oneDNN computes no {dtype} on this CPU')
@@ -270,7 +297,7 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
     mlp = davit_module.Mlp(16, 64).to(dtype)
     x = torch.randn(2, 9, 2 * rows // 9 + 1, 16, dtype=dtype)[:, :, 1:]  # a non-contiguous view
     residual = torch.randn(x.shape, dtype=dtype) if with_residual else None
-    fc1_calls = _rows_through_onednn(monkeypatch, mlp.fc1.weight)
+    fc1_calls = _rows_through_cpu_linear(monkeypatch, mlp.fc1.weight)
     with torch.no_grad():
         fast = mlp(x, residual=residual)
         expected = plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
@@ -284,6 +311,7 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, with_residual,
 @onednn
 @pytest.mark.parametrize('frozen', ['none', 'fc1', 'fc1+input'])
 def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(monkeypatch,
+                                                                              cpu_products,
                                                                               frozen):
     """CPU fp32 training runs the MLP's fc2 and its backward over blocks of tokens (3 or more;
     the last one partial), summing the weight gradients over them: same outputs and gradients."""
@@ -294,7 +322,7 @@ def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
     mlp.fc1.requires_grad_(frozen == 'none')
     x = torch.randn(2, 9, 3 * rows // 18 + 2, 16)[:, :, 1:]  # a non-contiguous view
     x.requires_grad_(frozen != 'fc1+input')
-    fc2_calls = _rows_through_onednn(monkeypatch, mlp.fc2.weight)
+    fc2_calls = _rows_through_cpu_linear(monkeypatch, mlp.fc2.weight)
     wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
 
     def outputs_and_grads(forward):
@@ -493,6 +521,55 @@ def test_conv_weight_gradients_have_the_weights_strides(tiny_arch, monkeypatch, 
         assert conv.weight.grad.stride() == conv.weight.stride()
 
 
+
+
+_LINEARS_UNDER_CAPABILITY = """
+import json, sys
+import torch
+from torch.profiler import profile
+sys.path.insert(0, sys.argv[1])
+from davit_mm import ops
+from davit_mm.models import DaViT
+torch.manual_seed(0)
+model = DaViT(json.loads(sys.argv[2]), drop_path_rate=0.)
+x = torch.randn(1, 3, 64, 96)
+report = {'capability': torch.backends.cpu.get_cpu_capability()}
+for mode in ('eval', 'train'):
+    model.train(mode == 'train')
+    with torch.set_grad_enabled(mode == 'train'):
+        with profile() as prof:
+            outs = model(x)
+        with ops.plain_kernels():
+            expected = model(x)
+    names = {event.key for event in prof.key_averages()}
+    report[mode] = dict(onednn_linear='mkldnn::_linear_pointwise' in names,
+                        diff=max((a - b).abs().max().item() for a, b in zip(outs, expected)))
+print(json.dumps(report))
+"""
+
+
+@onednn
+@pytest.mark.parametrize('capability', ['avx2', 'default'])
+def test_cpu_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capability):
+    """With AVX2 kernels (here ``ATEN_CPU_CAPABILITY=avx2``, as on an AVX2 CPU) the backbone's
+    linears run through PyTorch's matmul, not oneDNN's linear, in inference and training; with
+    AVX-512 kernels through oneDNN's. The outputs are the plain kernels' either way."""
+    env = dict(os.environ)
+    env.pop('ATEN_CPU_CAPABILITY', None)
+    if capability == 'avx2':
+        env['ATEN_CPU_CAPABILITY'] = 'avx2'
+    result = subprocess.run([sys.executable, '-c', _LINEARS_UNDER_CAPABILITY, REPO,
+                             json.dumps(tiny_arch)], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    if capability == 'default' and report['capability'] == 'AVX2':
+        pytest.skip('this CPU runs AVX2 kernels: the avx2 case covers it')
+    avx2 = report['capability'] == 'AVX2'
+    assert avx2 == (capability == 'avx2')
+    for mode in ('eval', 'train'):
+        assert report[mode]['onednn_linear'] is not avx2, (mode, report)
+        assert report[mode]['diff'] < 1e-4, (mode, report)
 
 
 @pytest.mark.parametrize('capability,grad,expected', [('AVX2', True, 'matmul'),
