@@ -86,12 +86,15 @@ def test_upstream_weights_give_the_upstream_features(upstream, name, kernels):
 
 
 def test_the_reference_restates_the_official_code(upstream):
+    """The official code's outputs, stored as computed with AVX-512 kernels: there the reference
+    gives them bit for bit (0.0); torch's AVX2 and default kernels round differently (up to
+    2.4e-6 relative), a fraction of what nudging one weight by 1% moves (below)."""
     case = upstream['cases']['official']
     reference = ReferenceDaViT(case['arch']).eval()
     reference.load_state_dict(_state_dict(case), strict=True)
     with torch.no_grad():
         for x, outputs in _pairs(upstream, case):
-            assert _relative_error(reference(x), outputs) < 1e-6
+            assert _relative_error(reference(x), outputs) < 1e-5
 
 
 def test_the_comparison_sees_a_one_percent_change_in_one_weight(upstream):
