@@ -207,6 +207,27 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
 
 
+@pytest.mark.parametrize('avx2_products', [True, False])
+def test_other_linears_times_ours_with_the_other_cpu_linear_kernel(monkeypatch, capsys,
+                                                                   avx2_products):
+    """--other-linears (the comparison behind the AVX2 choice in docs/benchmark.md) times ours
+    with the other choice of CPU linear kernel, and puts the choice back after; on a GPU it is
+    refused, saying why."""
+    from davit_mm import ops
+    benchmark = load_tool('analysis/benchmark.py')
+    monkeypatch.setattr(ops, '_AVX2_PRODUCTS', avx2_products)
+    seen = []
+    benchmark.KERNEL_VARIANTS['ours_other_linears'](lambda: seen.append(ops._AVX2_PRODUCTS))()
+    assert seen == [not avx2_products] and ops._AVX2_PRODUCTS is avx2_products
+    args = benchmark.parse_args(['--other-linears', '--device', 'cpu'])
+    assert benchmark.ours_variants(args) == ['ours_other_linears']
+    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--other-linears', '--device', 'cuda'])
+    assert exit_info.value.code == 2
+    assert "--other-linears: the choice of linear kernel is the CPU's" in capsys.readouterr().err
+
+
 def _documented_commands(tmp_path):
     """Every command the bash blocks of docs/benchmark.md run, as bash expands them (loops,
     continuation lines, ``$(basename ...)``), recorded instead of run: [tool, arg, ...]."""

@@ -3,7 +3,7 @@
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
         [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
-        [--timm] [--profile] [--threads N] [--json OUT]
+        [--other-linears] [--timm] [--profile] [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
@@ -23,7 +23,9 @@ and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
-without Triton), ``--compile`` ``torch.compile(ours)``,
+without Triton), ``--other-linears`` (CPU) ours with the other choice of linear kernel (oneDNN's linear where
+torch's AVX2 kernels take PyTorch's matmul, and the matmul where AVX-512 kernels take oneDNN's),
+``--compile`` ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
 the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
@@ -111,6 +113,9 @@ def parse_args(argv=None):
     parser.add_argument('--aten-depthwise', action='store_true',
                         help="CUDA: also time ours with the position encodings on PyTorch's "
                              "depth-wise kernel instead of the Triton kernel")
+    parser.add_argument('--other-linears', action='store_true',
+                        help="CPU: also time ours with the other choice of linear kernel (oneDNN's "
+                             "linear with AVX2 kernels, PyTorch's matmul otherwise)")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -124,6 +129,9 @@ def parse_args(argv=None):
     if args.aten_depthwise and not args.device.startswith('cuda'):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')
+    if args.other_linears and args.device != 'cpu':
+        parser.error(f'--other-linears: the choice of linear kernel is the CPU\'s, not '
+                     f'--device {args.device}\'s')
     if args.config is None:
         for name, given in (('--modes test', 'test' in args.modes), ('--tta', args.tta),
                             ('--cfg-options', bool(args.cfg_options))):
@@ -348,8 +356,23 @@ def aten_depthwise(fn: Callable) -> Callable:
     return run
 
 
+def other_linears(fn: Callable) -> Callable:
+    """``fn`` run with the other choice of CPU linear kernel than torch's instruction set makes
+    (:data:`davit_mm.ops._AVX2_PRODUCTS`): oneDNN's linear with AVX2 kernels, PyTorch's matmul
+    with AVX-512 kernels."""
+    def run():
+        products = ops._AVX2_PRODUCTS
+        ops._AVX2_PRODUCTS = not products
+        try:
+            return fn()
+        finally:
+            ops._AVX2_PRODUCTS = products
+    return run
+
+
 # ours with some of davit_mm.ops' kernels replaced, by implementation name
-KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise}
+KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
+                   'ours_other_linears': other_linears}
 
 
 def with_kernels(impl: str, fn: Callable) -> Callable:
@@ -359,7 +382,8 @@ def with_kernels(impl: str, fn: Callable) -> Callable:
 
 def ours_variants(args) -> List[str]:
     return (['ours_plain_kernels'] if args.plain_kernels else []) + (
-        ['ours_aten_depthwise'] if args.aten_depthwise else [])
+        ['ours_aten_depthwise'] if args.aten_depthwise else []) + (
+        ['ours_other_linears'] if args.other_linears else [])
 
 
 def bench_new_shapes(args) -> List[dict]:
