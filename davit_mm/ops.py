@@ -12,12 +12,12 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   recomputed rather than stored), and the attentions' q/k/v gradients are gathered into the
   projection's layout in one pass (:func:`split_heads`).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
-  GELU and residual additions fused into the matmul (with AVX2 kernels through PyTorch's own
-  matmul, accumulating onto the residual: :data:`_AVX2_PRODUCTS`); MLPs (at inference, and fc2 and
-  the backward in fp32 training) and window attention at inference in cache-sized blocks of tokens;
-  window attention in bf16/fp16 as three plain steps instead of PyTorch's CPU flash attention;
-  convolutions are the plain ``F.conv2d`` (oneDNN already), with the position encodings' residual
-  addition fused into oneDNN's convolution at inference
+  GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
+  PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
+  MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
+  in cache-sized blocks of tokens; window attention in bf16/fp16 as three plain steps instead of
+  PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with the
+  position encodings' residual addition fused into oneDNN's convolution at inference
   (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training downsamples run
   as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
@@ -125,11 +125,12 @@ def _onednn_conv_op() -> Optional[object]:
 # does not say).
 _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
 _ONEDNN_LINEAR = _onednn_linear_op()
-# With AVX2 kernels the CPU fast path computes its linears with PyTorch's own matmul (MKL's
-# sgemm), adding residuals by accumulating onto them (``addmm``), instead of with oneDNN's linear
-# and its fused addition: DaViT-T's inference ran 4-8% faster so on a Zen 4 CPU held to AVX2,
-# training as fast (docs/benchmark.md). With AVX-512 kernels oneDNN's linears measured faster.
-_AVX2_PRODUCTS = _CPU_CAPABILITY == 'AVX2'
+# With AVX2 kernels CPU inference computes the linears with PyTorch's own matmul (MKL's sgemm),
+# adding residuals by accumulating onto them (``addmm``), instead of with oneDNN's linear and its
+# fused addition: DaViT-T's inference ran 4-8% faster so on a Zen 4 CPU held to AVX2. Training
+# measured no faster so (within the spread of runs) and keeps oneDNN's, as AVX-512 kernels do
+# everywhere (docs/benchmark.md).
+_AVX2_INFERENCE_MATMUL = _CPU_CAPABILITY == 'AVX2'
 _ONEDNN_CONV = _onednn_conv_op()
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
@@ -247,24 +248,29 @@ def _onednn_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in _ONEDNN_DTYPES and _autocast_dtype('cpu') is None)
 
 
-def _cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                activation: str = 'none') -> torch.Tensor:
-    """``x @ weight.T + bias`` (then GELU with ``activation='gelu'``) on the CPU fast path:
-    oneDNN's linear with the bias and GELU in its epilogue, or, with AVX2 kernels
-    (:data:`_AVX2_PRODUCTS`), PyTorch's matmul and GELU in place."""
-    if _AVX2_PRODUCTS:
-        out = F.linear(x, weight, bias)
-        return torch.ops.aten.gelu_(out) if activation == 'gelu' else out
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            activation: str = 'none') -> torch.Tensor:
     return _ONEDNN_LINEAR.default(x, weight, bias, activation, [], 'none')
 
 
-def _cpu_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                    bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``residual + x @ weight.T + bias`` on the CPU fast path: oneDNN's linear with the
-    addition in its epilogue, or, with AVX2 kernels, one matmul that accumulates onto the
-    residual (``addmm``), then the bias."""
+def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: str = 'none') -> torch.Tensor:
+    """``x @ weight.T + bias`` (then GELU with ``activation='gelu'``) for CPU inference: oneDNN's
+    linear with the bias and GELU in its epilogue, or, with AVX2 kernels
+    (:data:`_AVX2_INFERENCE_MATMUL`), PyTorch's matmul and GELU in place."""
+    if _AVX2_INFERENCE_MATMUL:
+        out = F.linear(x, weight, bias)
+        return torch.ops.aten.gelu_(out) if activation == 'gelu' else out
+    return _onednn(x, weight, bias, activation)
+
+
+def _inference_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``residual + x @ weight.T + bias`` for CPU inference: oneDNN's linear with the addition in
+    its epilogue, or, with AVX2 kernels, one matmul that accumulates onto the residual
+    (``addmm``), then the bias."""
     out_shape = x.shape[:-1] + weight.shape[:1]
-    if not _AVX2_PRODUCTS or residual.shape != out_shape:
+    if not _AVX2_INFERENCE_MATMUL or residual.shape != out_shape:
         return _ONEDNN_LINEAR.binary(x, residual, weight, bias, 'add')
     out = torch.addmm(residual.reshape(-1, out_shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
     return (out if bias is None else out.add_(bias)).view(out_shape)
@@ -275,22 +281,21 @@ def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True):
     need = ctx.needs_input_grad[first:first + 3]
     grad_x = None
     if need[0]:  # grad @ weight
-        grad_x = _cpu_linear(grad, weight.t(), None) if onednn else grad.matmul(weight)
+        grad_x = _onednn(grad, weight.t(), None) if onednn else grad.matmul(weight)
     flat = grad.reshape(-1, grad.shape[-1])
     grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
     grad_b = flat.sum(0) if need[2] else None
     return grad_x, grad_w, grad_b
 
 
-class _CpuLinearFunction(torch.autograd.Function):
-    """Linear for CPU training: :func:`_cpu_linear` computes the forward matmul with its bias
-    (oneDNN's: no bias copy) and the input gradient; the weight gradient is one ``mm``. Saves
-    what autograd would."""
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """Linear for CPU training: oneDNN computes the forward matmul with its bias (no bias copy)
+    and the input gradient; the weight gradient is one ``mm``. Saves what autograd would."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _cpu_linear(x, weight, bias)
+        return _onednn(x, weight, bias)
 
     @staticmethod
     @_first_order_only
@@ -304,18 +309,18 @@ class _LeanMlpFunction(torch.autograd.Function):
 
     Autograd would also keep the post-GELU activation (fc2's input, 4x the block width); here
     backward recomputes it, and then holds two such wide tensors at a time instead of three. A
-    DaViT block keeps about 18 channel-widths per token for backward; this drops 4 of them, for one
-    extra GELU. The matmuls are :func:`_cpu_linear`'s on the CPU fast path (``onednn``; in fp32,
-    fc2 and the backward run over blocks of tokens whose GELU output and hidden gradient stay in
-    cache, :func:`_training_mlp_blocks`) and the plain ones elsewhere; callers cast for autocast
-    and turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward compute in
-    one dtype. Like :class:`_CpuLinearFunction`, its backward is not differentiable again (second
-    derivatives raise; they need :func:`set_fast_kernels` ``(False)``).
+    DaViT block keeps about 18 channel-widths per token for backward; this drops 4 of them, for
+    one extra GELU. The matmuls are oneDNN's on the CPU fast path (``onednn``; in fp32, fc2 and
+    the backward run over blocks of tokens whose GELU output and hidden gradient stay in cache,
+    :func:`_training_mlp_blocks`) and the plain ones elsewhere; callers cast for autocast and
+    turn it off around ``apply`` (see :func:`_lean_mlp`), so forward and backward compute in
+    one dtype. Like :class:`_OneDNNLinearFunction`, its backward is not differentiable again
+    (second derivatives raise; they need :func:`set_fast_kernels` ``(False)``).
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, onednn: bool):
-        matmul = _cpu_linear if onednn else F.linear
+        matmul = _onednn if onednn else F.linear
         ctx.onednn = onednn
         pre = matmul(x, w1, b1)
         ctx.save_for_backward(x, w1, pre, w2)
@@ -325,7 +330,7 @@ class _LeanMlpFunction(torch.autograd.Function):
         hidden = pre.reshape(-1, pre.shape[-1])
         out = pre.new_empty(hidden.shape[0], w2.shape[0])
         for block in blocks:  # GELU's output stays in cache for fc2
-            out[block] = _cpu_linear(F.gelu(hidden[block]), w2, b2)
+            out[block] = _onednn(F.gelu(hidden[block]), w2, b2)
         return out.view(*pre.shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -343,14 +348,14 @@ class _LeanMlpFunction(torch.autograd.Function):
             del hidden  # before the next wide tensor is allocated
         if need[4]:
             grad_b2 = flat.sum(0)
-        grad_pre = _cpu_linear(grad, w2.t(), None) if ctx.onednn else grad.matmul(w2)
+        grad_pre = _onednn(grad, w2.t(), None) if ctx.onednn else grad.matmul(w2)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
         grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
 def _training_mlp_blocks(pre: torch.Tensor) -> Optional[List[slice]]:
-    """Blocks of tokens for :class:`_LeanMlpFunction` on the CPU fast path (fp32), whose wide
+    """Blocks of tokens for :class:`_LeanMlpFunction` on the CPU (oneDNN, fp32), whose wide
     activations (GELU's output, the hidden gradient) then stay in cache; None where the map
     holds fewer than 3 blocks (measured no faster) or in bf16 (the weight gradients are summed
     over the blocks, which bf16 would round at every block)."""
@@ -364,9 +369,9 @@ def _training_mlp_blocks(pre: torch.Tensor) -> Optional[List[slice]]:
 def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: torch.Tensor,
                                  w1: torch.Tensor, pre: torch.Tensor, w2: torch.Tensor,
                                  blocks: List[slice]) -> tuple:
-    """:class:`_LeanMlpFunction`'s backward (:func:`_cpu_linear`'s matmuls) over ``blocks`` of
-    tokens: each block's recomputed GELU and hidden gradient are used while in cache, and the
-    weight gradients are summed over the blocks."""
+    """:class:`_LeanMlpFunction`'s backward (oneDNN's matmuls) over ``blocks`` of tokens: each
+    block's recomputed GELU and hidden gradient are used while in cache, and the weight
+    gradients are summed over the blocks."""
     x_shape = x.shape
     grad, x, pre = (t.reshape(-1, t.shape[-1]) for t in (grad, x, pre))
     grad_x = x.new_empty(x.shape) if need[0] else None
@@ -378,10 +383,10 @@ def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: to
             grad_w2.addmm_(grad[block].t(), F.gelu(pre[block]))
         if not any(need[:3]):
             continue
-        grad_pre = _cpu_linear(grad[block], w2.t(), None)
+        grad_pre = _onednn(grad[block], w2.t(), None)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre[block], grad_input=grad_pre)
         if need[0]:
-            grad_x[block] = _cpu_linear(grad_pre, w1.t(), None)
+            grad_x[block] = _onednn(grad_pre, w1.t(), None)
         if need[1]:
             grad_w1.addmm_(grad_pre.t(), x[block])
         if need[2]:
@@ -409,9 +414,9 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
 
     On CPU without gradients, oneDNN applies the bias, the GELU or the residual addition in the
     matmul's epilogue (``F.linear`` copies the broadcast bias into the output first, and GELU and
-    the addition each take another pass over it); with gradients, :class:`_CpuLinearFunction`
-    still skips the bias copy. With AVX2 kernels PyTorch's matmul runs them instead, GELU in
-    place and the residual accumulated onto (:func:`_cpu_linear_add`).
+    the addition each take another pass over it); with gradients, :class:`_OneDNNLinearFunction`
+    still skips the bias copy. With AVX2 kernels PyTorch's matmul runs the inference ones instead,
+    GELU in place and the residual accumulated onto (:func:`_inference_linear_add`).
     """
     if gelu and residual is not None:
         raise ValueError('linear: gelu and residual cannot be combined')
@@ -421,10 +426,10 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
         out = F.gelu(out) if gelu else out
     elif not _needs_grad(x, weight, bias):
         if residual is not None:
-            return _cpu_linear_add(x, residual, weight, bias)
-        return _cpu_linear(x, weight, bias, 'gelu' if gelu else 'none')
+            return _inference_linear_add(x, residual, weight, bias)
+        return _inference_linear(x, weight, bias, 'gelu' if gelu else 'none')
     else:
-        out = _CpuLinearFunction.apply(x, weight, bias)
+        out = _OneDNNLinearFunction.apply(x, weight, bias)
         out = F.gelu(out) if gelu else out
     return out if residual is None else residual + out
 
@@ -478,8 +483,8 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """``residual + x @ weight^T + bias`` with a weight per sample: ``(B, N, in)`` tokens,
     ``(B, out, in)`` weights, ``(B, out)`` biases (or None) and ``(B, N, out)`` residuals.
 
-    On CPU without gradients each sample is one :func:`linear` with its bias and residual
-    (oneDNN's, fused); elsewhere one ``baddbmm``.
+    On CPU without gradients each sample is one :func:`linear` with its bias and residual fused;
+    elsewhere one ``baddbmm``.
     """
     if _onednn_fits(x, weight) and not _needs_grad(x, weight, bias, residual):
         outs = [linear(x[i], (weight[i], None if bias is None else bias[i]),
@@ -530,10 +535,10 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     if residual is not None:
         residual = residual.reshape(out.shape)
     for block in blocks:
-        hidden = _cpu_linear(tokens[block], fc1.weight, fc1.bias)
-        torch.ops.aten.gelu_(hidden)  # in cache; cheaper than oneDNN's epilogue with AVX2
-        out[block] = (_cpu_linear(hidden, fc2.weight, fc2.bias) if residual is None else
-                      _cpu_linear_add(hidden, residual[block], fc2.weight, fc2.bias))
+        hidden = _inference_linear(tokens[block], fc1.weight, fc1.bias)
+        torch.ops.aten.gelu_(hidden)  # in cache, cheaper than oneDNN's epilogue with AVX2
+        out[block] = (_inference_linear(hidden, fc2.weight, fc2.bias) if residual is None else
+                      _inference_linear_add(hidden, residual[block], fc2.weight, fc2.bias))
     return out.view(out_shape)
 
 

@@ -215,10 +215,10 @@ def test_other_linears_times_ours_with_the_other_cpu_linear_kernel(monkeypatch, 
     refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
-    monkeypatch.setattr(ops, '_AVX2_PRODUCTS', avx2_products)
+    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', avx2_products)
     seen = []
-    benchmark.KERNEL_VARIANTS['ours_other_linears'](lambda: seen.append(ops._AVX2_PRODUCTS))()
-    assert seen == [not avx2_products] and ops._AVX2_PRODUCTS is avx2_products
+    benchmark.KERNEL_VARIANTS['ours_other_linears'](lambda: seen.append(ops._AVX2_INFERENCE_MATMUL))()
+    assert seen == [not avx2_products] and ops._AVX2_INFERENCE_MATMUL is avx2_products
     args = benchmark.parse_args(['--other-linears', '--device', 'cpu'])
     assert benchmark.ours_variants(args) == ['ours_other_linears']
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)

@@ -31,23 +31,19 @@ pytestmark = pytest.mark.filterwarnings(f'ignore:{_NUMPY_SCALAR_DEPRECATION}:Dep
 
 
 class _NoOneDNNLinear:
-    """Stands in for oneDNN's linear where the CPU fast path must not call it."""
+    """Stands in for oneDNN's linear where CPU inference must not call it."""
 
     def __getattr__(self, overload):
-        raise AssertionError(f'oneDNN linear .{overload} called with AVX2 products on')
-
-
-def _use_cpu_products(monkeypatch, products):
-    """The CPU fast path's linears through oneDNN, or as with AVX2 kernels (PyTorch's matmul,
-    and oneDNN's linear must then not be called)."""
-    monkeypatch.setattr(ops, '_AVX2_PRODUCTS', products == 'avx2')
-    if products == 'avx2':
-        monkeypatch.setattr(ops, '_ONEDNN_LINEAR', _NoOneDNNLinear())
+        raise AssertionError(f'oneDNN linear .{overload} called at inference with AVX2 kernels')
 
 
 @pytest.fixture(params=['onednn', 'avx2'])
-def cpu_products(request, monkeypatch):
-    _use_cpu_products(monkeypatch, request.param)
+def inference_linears(request, monkeypatch):
+    """CPU inference's linears through oneDNN, or as with AVX2 kernels: PyTorch's matmul, and
+    oneDNN's linear must then not be called."""
+    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', request.param == 'avx2')
+    if request.param == 'avx2':
+        monkeypatch.setattr(ops, '_ONEDNN_LINEAR', _NoOneDNNLinear())
     return request.param
 
 
@@ -60,7 +56,7 @@ def plain(x, layer, gelu=False, residual=None):
 @onednn
 @pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize('strided', [False, True])
-def test_onednn_linear_without_grad_matches_the_plain_ops(cpu_products, gelu, with_residual,
+def test_onednn_linear_without_grad_matches_the_plain_ops(inference_linears, gelu, with_residual,
                                                           strided):
     layer = nn.Linear(24, 24)
     x = torch.randn(2, 9, 11, 24)
@@ -91,7 +87,7 @@ def test_bf16_where_onednn_cannot_compute_it_takes_the_plain_ops(monkeypatch):
     def unavailable(*args, **kwargs):
         raise AssertionError('oneDNN was asked for a bf16 linear')
 
-    monkeypatch.setattr(ops, '_cpu_linear', unavailable)
+    monkeypatch.setattr(ops, '_onednn', unavailable)
     monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)
     torch.manual_seed(0)
     mlp = davit_module.Mlp(16, 64).bfloat16()
@@ -106,7 +102,7 @@ def test_bf16_where_onednn_cannot_compute_it_takes_the_plain_ops(monkeypatch):
 
 @onednn
 @pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
-def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(cpu_products, gelu, with_residual):
+def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_residual):
     torch.manual_seed(0)
     layer = nn.Linear(16, 48)
     x = torch.randn(3, 5, 7, 16)[:, :, :6].requires_grad_()
@@ -140,16 +136,14 @@ def _mlp_outputs_and_grads(forward, mlp, x, residual):
     return results
 
 
-@pytest.fixture(params=['onednn', 'avx2', 'portable'])
+@pytest.fixture(params=['onednn', 'portable'])
 def mlp_kernel(request, monkeypatch):
-    """The MLP's training path with the CPU fast path's matmuls (oneDNN's, or PyTorch's as with
-    AVX2 kernels) or the plain ones (every other device, and CPU under autocast)."""
-    if request.param != 'portable' and ops._ONEDNN_LINEAR is None:
+    """The MLP's training path with oneDNN's matmuls (CPU) or the plain ones (every other
+    device, and CPU under autocast)."""
+    if request.param == 'onednn' and ops._ONEDNN_LINEAR is None:
         pytest.skip('this torch has no oneDNN linear')
     if request.param == 'portable':
         monkeypatch.setattr(ops, '_ONEDNN_LINEAR', None)
-    else:
-        _use_cpu_products(monkeypatch, request.param)
     return request.param
 
 
@@ -269,24 +263,24 @@ def test_mlp_training_path_under_autocast_computes_as_autocast_would(with_residu
         assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
 
 
-def _rows_through_cpu_linear(monkeypatch, weight):
-    """The row counts of the inputs the CPU fast path's linear receives with ``weight``, call by
-    call."""
-    rows, onednn = [], ops._cpu_linear
+def _rows_through(monkeypatch, name, weight):
+    """The row counts of the inputs ``ops.<name>`` (a CPU linear) receives with ``weight``, call
+    by call."""
+    rows, linear = [], getattr(ops, name)
 
     def recorded(t, w, *args):
         if w is weight:
             rows.append(t.shape[0])
-        return onednn(t, w, *args)
+        return linear(t, w, *args)
 
-    monkeypatch.setattr(ops, '_cpu_linear', recorded)
+    monkeypatch.setattr(ops, name, recorded)
     return rows
 
 
 @onednn
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, cpu_products, with_residual,
+def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, inference_linears, with_residual,
                                                      dtype):
     """Inference MLPs run over blocks of tokens (the last one partial): same result as one pass."""
     if dtype not in ops._ONEDNN_DTYPES:
@@ -297,7 +291,7 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, cpu_products, 
     mlp = davit_module.Mlp(16, 64).to(dtype)
     x = torch.randn(2, 9, 2 * rows // 9 + 1, 16, dtype=dtype)[:, :, 1:]  # a non-contiguous view
     residual = torch.randn(x.shape, dtype=dtype) if with_residual else None
-    fc1_calls = _rows_through_cpu_linear(monkeypatch, mlp.fc1.weight)
+    fc1_calls = _rows_through(monkeypatch, '_inference_linear', mlp.fc1.weight)
     with torch.no_grad():
         fast = mlp(x, residual=residual)
         expected = plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
@@ -311,7 +305,6 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, cpu_products, 
 @onednn
 @pytest.mark.parametrize('frozen', ['none', 'fc1', 'fc1+input'])
 def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(monkeypatch,
-                                                                              cpu_products,
                                                                               frozen):
     """CPU fp32 training runs the MLP's fc2 and its backward over blocks of tokens (3 or more;
     the last one partial), summing the weight gradients over them: same outputs and gradients."""
@@ -322,7 +315,7 @@ def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
     mlp.fc1.requires_grad_(frozen == 'none')
     x = torch.randn(2, 9, 3 * rows // 18 + 2, 16)[:, :, 1:]  # a non-contiguous view
     x.requires_grad_(frozen != 'fc1+input')
-    fc2_calls = _rows_through_cpu_linear(monkeypatch, mlp.fc2.weight)
+    fc2_calls = _rows_through(monkeypatch, '_onednn', mlp.fc2.weight)
     wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
 
     def outputs_and_grads(forward):
@@ -550,10 +543,10 @@ print(json.dumps(report))
 
 @onednn
 @pytest.mark.parametrize('capability', ['avx2', 'default'])
-def test_cpu_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capability):
+def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capability):
     """With AVX2 kernels (here ``ATEN_CPU_CAPABILITY=avx2``, as on an AVX2 CPU) the backbone's
-    linears run through PyTorch's matmul, not oneDNN's linear, in inference and training; with
-    AVX-512 kernels through oneDNN's. The outputs are the plain kernels' either way."""
+    linears run through PyTorch's matmul at inference, not oneDNN's linear; with AVX-512 kernels,
+    and in training, through oneDNN's. The outputs are the plain kernels' either way."""
     env = dict(os.environ)
     env.pop('ATEN_CPU_CAPABILITY', None)
     if capability == 'avx2':
@@ -567,8 +560,9 @@ def test_cpu_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capabilit
         pytest.skip('this CPU runs AVX2 kernels: the avx2 case covers it')
     avx2 = report['capability'] == 'AVX2'
     assert avx2 == (capability == 'avx2')
+    assert report['eval']['onednn_linear'] is not avx2, report
+    assert report['train']['onednn_linear'], report
     for mode in ('eval', 'train'):
-        assert report[mode]['onednn_linear'] is not avx2, (mode, report)
         assert report[mode]['diff'] < 1e-4, (mode, report)
 
 

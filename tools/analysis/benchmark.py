@@ -23,9 +23,10 @@ and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
-without Triton), ``--other-linears`` (CPU) ours with the other choice of linear kernel (oneDNN's linear where
-torch's AVX2 kernels take PyTorch's matmul, and the matmul where AVX-512 kernels take oneDNN's),
-``--compile`` ``torch.compile(ours)``,
+without Triton), ``--other-linears`` (CPU) ours with the other choice of linear kernel
+at inference (oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, and the matmul
+where AVX-512 kernels take oneDNN's; training linears are oneDNN's either way), ``--compile``
+``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
 the self time of the costliest operators of one run of each (``{mode}_profile_{impl}_ms``).
@@ -114,8 +115,9 @@ def parse_args(argv=None):
                         help="CUDA: also time ours with the position encodings on PyTorch's "
                              "depth-wise kernel instead of the Triton kernel")
     parser.add_argument('--other-linears', action='store_true',
-                        help="CPU: also time ours with the other choice of linear kernel (oneDNN's "
-                             "linear with AVX2 kernels, PyTorch's matmul otherwise)")
+                        help="CPU: also time ours with the other choice of inference linear "
+                             "kernel (oneDNN's linear with AVX2 kernels, PyTorch's matmul "
+                             "otherwise)")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -325,7 +327,11 @@ def worker(spec: str) -> None:
     """A child process's one measurement: print its result as JSON."""
     cfg = json.loads(spec)
     torch.set_num_threads(cfg['threads'])
-    print(json.dumps(WORKERS[cfg['kind']](cfg)))
+    print(json.dumps(WORKERS[cfg['kind']](cfg)), flush=True)
+    # Nothing to clean up: leave without the interpreter's teardown, where torch 2.13 under bf16
+    # autocast with AVX2 kernels aborted the memory worker after its result ("Fatal Python error:
+    # none_dealloc", a C extension's refcount bug), failing the measurement that had succeeded.
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------- modes
@@ -357,16 +363,16 @@ def aten_depthwise(fn: Callable) -> Callable:
 
 
 def other_linears(fn: Callable) -> Callable:
-    """``fn`` run with the other choice of CPU linear kernel than torch's instruction set makes
-    (:data:`davit_mm.ops._AVX2_PRODUCTS`): oneDNN's linear with AVX2 kernels, PyTorch's matmul
-    with AVX-512 kernels."""
+    """``fn`` run with the other choice of inference linear kernel than torch's instruction set
+    makes (:data:`davit_mm.ops._AVX2_INFERENCE_MATMUL`): oneDNN's linear with AVX2 kernels,
+    PyTorch's matmul with AVX-512 kernels."""
     def run():
-        products = ops._AVX2_PRODUCTS
-        ops._AVX2_PRODUCTS = not products
+        products = ops._AVX2_INFERENCE_MATMUL
+        ops._AVX2_INFERENCE_MATMUL = not products
         try:
             return fn()
         finally:
-            ops._AVX2_PRODUCTS = products
+            ops._AVX2_INFERENCE_MATMUL = products
     return run
 
 
