@@ -39,10 +39,14 @@ def coco_dir(tmp_path_factory):
 #     --tta     bbox mAP    0.127   0.233   0.226   0.243   0.282
 #               segm mAP    0.127   0.242   0.274   0.268   0.347
 #
-# Each bar sits at about half the lowest trained value and above every untrained one.
+# Other CPUs round differently and train seed 0 elsewhere: on a Zen 4 EPYC (AVX-512 kernels)
+# Mask R-CNN reached bbox/segm mAP 0.075/0.085, --tta 0.058/0.069; with AVX2 kernels and the
+# training linears on PyTorch's matmul (cce2f81), 0.048/0.063, --tta 0.051/0.063.
+# Each bar sits below every trained value (at about half the lowest of the five seeds above) and
+# above every untrained one; the Mask R-CNN --tta bars are the single-scale ones.
 RETINANET_BARS = {'coco/bbox_mAP': 0.025, 'coco/bbox_mAP_50': 0.07}
 MASKRCNN_BARS = {'coco/bbox_mAP': 0.04, 'coco/segm_mAP': 0.045}
-MASKRCNN_TTA_BARS = {'coco/bbox_mAP': 0.06, 'coco/segm_mAP': 0.06}
+MASKRCNN_TTA_BARS = MASKRCNN_BARS
 
 
 def assert_above(output, bars, work):
