@@ -127,7 +127,7 @@ _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')(
 _ONEDNN_LINEAR = _onednn_linear_op()
 # With AVX2 kernels CPU inference computes the linears with PyTorch's own matmul (MKL's sgemm),
 # adding residuals by accumulating onto them (``addmm``), instead of with oneDNN's linear and its
-# fused addition: DaViT-T's inference ran 4-8% faster so on a Zen 4 CPU held to AVX2. Training
+# fused addition: DaViT-T's inference ran 1-8% faster so on a Zen 4 CPU held to AVX2. Training
 # measured no faster so (within the spread of runs) and keeps oneDNN's, as AVX-512 kernels do
 # everywhere (docs/benchmark.md).
 _AVX2_INFERENCE_MATMUL = _CPU_CAPABILITY == 'AVX2'
@@ -522,7 +522,7 @@ def inference_blocks(x: torch.Tensor, count: int, bytes_each: int, minimum: int 
 
 
 def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
-                          residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                           residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The blocked inference MLP, or None where one block would hold every token (or where the
     residual broadcasts): then the two fused linears of :func:`linear` do as well."""
     tokens = x.reshape(-1, x.shape[-1])

@@ -207,18 +207,19 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
 
 
-@pytest.mark.parametrize('avx2_products', [True, False])
+@pytest.mark.parametrize('avx2_inference_matmul', [True, False])
 def test_other_linears_times_ours_with_the_other_cpu_linear_kernel(monkeypatch, capsys,
-                                                                   avx2_products):
+                                                                   avx2_inference_matmul):
     """--other-linears (the comparison behind the AVX2 choice in docs/benchmark.md) times ours
     with the other choice of CPU linear kernel, and puts the choice back after; on a GPU it is
     refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
-    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', avx2_products)
+    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', avx2_inference_matmul)
     seen = []
     benchmark.KERNEL_VARIANTS['ours_other_linears'](lambda: seen.append(ops._AVX2_INFERENCE_MATMUL))()
-    assert seen == [not avx2_products] and ops._AVX2_INFERENCE_MATMUL is avx2_products
+    assert seen == [not avx2_inference_matmul]
+    assert ops._AVX2_INFERENCE_MATMUL is avx2_inference_matmul
     args = benchmark.parse_args(['--other-linears', '--device', 'cpu'])
     assert benchmark.ours_variants(args) == ['ours_other_linears']
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)

@@ -349,31 +349,29 @@ def plain_kernels(fn: Callable) -> Callable:
     return run
 
 
-def aten_depthwise(fn: Callable) -> Callable:
-    """``fn`` run as on a CUDA machine without Triton: the position encodings take PyTorch's
-    depth-wise kernel."""
+def _with_ops_attribute(fn: Callable, name: str, value) -> Callable:
+    """``fn`` run with ``davit_mm.ops.<name>`` set to ``value``, and put back after."""
     def run():
-        triton_kernels = ops._triton_depthwise
-        ops._triton_depthwise = lambda: None
+        saved = getattr(ops, name)
+        setattr(ops, name, value)
         try:
             return fn()
         finally:
-            ops._triton_depthwise = triton_kernels
+            setattr(ops, name, saved)
     return run
+
+
+def aten_depthwise(fn: Callable) -> Callable:
+    """``fn`` run as on a CUDA machine without Triton: the position encodings take PyTorch's
+    depth-wise kernel."""
+    return _with_ops_attribute(fn, '_triton_depthwise', lambda: None)
 
 
 def other_linears(fn: Callable) -> Callable:
     """``fn`` run with the other choice of inference linear kernel than torch's instruction set
     makes (:data:`davit_mm.ops._AVX2_INFERENCE_MATMUL`): oneDNN's linear with AVX2 kernels,
     PyTorch's matmul with AVX-512 kernels."""
-    def run():
-        products = ops._AVX2_INFERENCE_MATMUL
-        ops._AVX2_INFERENCE_MATMUL = not products
-        try:
-            return fn()
-        finally:
-            ops._AVX2_INFERENCE_MATMUL = products
-    return run
+    return _with_ops_attribute(fn, '_AVX2_INFERENCE_MATMUL', not ops._AVX2_INFERENCE_MATMUL)
 
 
 # ours with some of davit_mm.ops' kernels replaced, by implementation name
