@@ -122,11 +122,15 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
     out = tmp_path / 'bench.json'
     avx2 = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2')
     run_tool(['analysis/benchmark.py', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
-              '--repeats', '2', '--json', out], cwd=tmp_path, env=avx2)
+              '--repeats', '2', '--json', out], cwd=tmp_path,
+             env=dict(avx2, LD_PRELOAD='', MALLOC_TRIM_THRESHOLD_='1073741824'))
     data = json.loads(out.read_text())
     # The machine record says which instruction set torch's CPU kernels were held to.
     assert data['machine']['cpu_capability'] == 'AVX2'
     assert {k: data['machine'][k] for k in avx2} == avx2
+    # ... and how memory was allocated: glibc's malloc (nothing preloaded), with this tunable.
+    allocation = data['machine']['allocator'].split()
+    assert allocation[0] == 'glibc' and 'MALLOC_TRIM_THRESHOLD_=1073741824' in allocation[1:]
     rows = data['rows']
     assert [row['size'] for row in rows] == ['64x96', '96x64', 'median over sizes']
     for row in rows[:2]:

@@ -684,6 +684,18 @@ def print_row(row: dict) -> None:
 CPU_ISA_CAPS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
 
 
+def allocator() -> str:
+    """How this process allocates memory, which moves CPU times (docs/benchmark.md, "Memory
+    allocator"): the libraries in ``LD_PRELOAD`` (jemalloc, tcmalloc) or glibc's malloc, with any
+    ``MALLOC_*`` tunables set. glibc hands large freed blocks back to the OS by default, so each
+    forward faults in fresh, zeroed pages again; the others keep and reuse them."""
+    preload = os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
+    name = '+'.join(osp.basename(lib) for lib in preload) or 'glibc'
+    tunables = sorted(f'{key}={value}' for key, value in os.environ.items()
+                      if key.startswith('MALLOC_'))
+    return ' '.join([name] + tunables)
+
+
 def cpu_model() -> str:
     """The CPU's name with its family and model numbers (the name alone, e.g. 'AMD EPYC' on
     cloud VMs, does not tell CPU generations apart, and speed ratios differ between them)."""
@@ -712,6 +724,7 @@ def machine(device: str) -> dict:
         info['cpu'] = cpu_model()
         info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()
         info.update({name: os.environ[name] for name in CPU_ISA_CAPS if name in os.environ})
+        info['allocator'] = allocator()
     return info
 
 
