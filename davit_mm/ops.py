@@ -535,8 +535,7 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     if residual is not None:
         residual = residual.reshape(out.shape)
     for block in blocks:
-        hidden = _inference_linear(tokens[block], fc1.weight, fc1.bias)
-        torch.ops.aten.gelu_(hidden)  # in cache, cheaper than oneDNN's epilogue with AVX2
+        hidden = _inference_linear(tokens[block], fc1.weight, fc1.bias, 'gelu')
         out[block] = (_inference_linear(hidden, fc2.weight, fc2.bias) if residual is None else
                       _inference_linear_add(hidden, residual[block], fc2.weight, fc2.bias))
     return out.view(out_shape)
