@@ -694,8 +694,8 @@ CPU_ISA_CAPS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUC
 
 
 def allocator() -> str:
-    """How this process allocates memory, which moves CPU times (docs/benchmark.md, "Memory
-    allocator"): the libraries in ``LD_PRELOAD`` (jemalloc, tcmalloc) or glibc's malloc, with any
+    """How this process allocates memory, which moves CPU times (docs/benchmark.md, "The memory
+    allocator moves the CPU ratios"): the libraries in ``LD_PRELOAD`` (jemalloc, tcmalloc) or glibc's malloc, with any
     ``MALLOC_*`` tunables set. glibc hands large freed blocks back to the OS by default, so each
     forward faults in fresh, zeroed pages again; the others keep and reuse them."""
     preload = os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
