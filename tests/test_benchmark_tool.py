@@ -236,6 +236,28 @@ def test_other_linears_times_ours_with_the_other_cpu_linear_kernel(monkeypatch, 
     assert "--other-linears: the choice of linear kernel is the CPU's" in capsys.readouterr().err
 
 
+def test_interleaved_rounds_rotate_so_no_run_always_follows_the_same_one():
+    """Each round runs every function once; the order rotates, so over the rounds each function
+    follows each other one equally often (a run leaves caches and memory to the next)."""
+    benchmark = load_tool('analysis/benchmark.py')
+    assert benchmark.round_orders(['ours', 'reference'], 3) == [
+        ['ours', 'reference'], ['reference', 'ours'], ['ours', 'reference']]
+    orders = benchmark.round_orders(['a', 'b', 'c'], 6)
+    assert all(sorted(order) == ['a', 'b', 'c'] for order in orders)
+    runs = [name for order in orders for name in order]
+    followers = {}
+    for before, after in zip(runs, runs[1:]):
+        followers.setdefault(after, []).append(before)
+    for name in 'abc':
+        others = [f for f in followers[name] if f != name]
+        assert sorted(set(others)) == sorted(set('abc') - {name})
+    calls = []
+    medians = benchmark.interleaved({n: (lambda n=n: calls.append(n)) for n in 'abc'}, warmup=1,
+                                    repeats=3, device='cpu')
+    assert calls == list('abc') + list('abc') + list('bca') + list('cab')
+    assert set(medians) == set('abc')
+
+
 def _documented_commands(tmp_path):
     """Every command the bash blocks of docs/benchmark.md run, as bash expands them (loops,
     continuation lines, ``$(basename ...)``), recorded instead of run: [tool, arg, ...]."""

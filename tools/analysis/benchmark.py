@@ -12,7 +12,8 @@
 
 Backbone mode (default): davit_mm's ``DaViT`` and ``ReferenceDaViT`` (the official forward restated,
 davit_mm.models.reference) get the same weights (DaViT's official random init); for every size, after ``--warmup`` untimed
-runs of each, ``--repeats`` rounds alternate one timed run of ours and one of the reference, and the
+runs of each, ``--repeats`` rounds alternate one timed run of ours and one of the reference (and
+of each other implementation asked for, in an order that rotates every round), and the
 medians are reported with their ratio and the largest output difference. ``forward`` is inference
 (eval, no grad); ``train`` is forward + backward of the sum of the outputs (train mode, drop path 0
 so both do the same work). ``--memory`` adds the peak memory of two steps of each mode for each
@@ -56,7 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
@@ -234,15 +235,26 @@ def profile_ops(fn, device: str, top: int = 8) -> Dict[str, float]:
     return result
 
 
+def round_orders(names: Sequence[str], repeats: int) -> List[List[str]]:
+    """The order of each round: one run of every function, the list rotated by one each round,
+    so that no function always runs right after the same other one. A run leaves the caches,
+    the allocator's free lists and (with glibc's default malloc) the pages it gave back as the
+    next run finds them, and a fixed order would charge that to the same function every
+    round."""
+    names = list(names)
+    return [names[r % len(names):] + names[:r % len(names)] for r in range(repeats)]
+
+
 def interleaved(fns: Dict[str, Callable], warmup: int, repeats: int, device: str) -> Dict[str, float]:
-    """Median seconds per function, runs alternating between the functions."""
+    """Median seconds per function, runs alternating between the functions in rotating order
+    (:func:`round_orders`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+    for order in round_orders(fns, repeats):
+        for name in order:
+            times[name].append(timed(fns[name], device))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
