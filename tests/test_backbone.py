@@ -203,6 +203,32 @@ def test_drop_path_applies_to_both_residuals_of_the_channel_block():
     assert set(per_sample.unique().tolist()) == {0., 2., 4.}
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_drop_path_with_its_addition_in_one_pass_is_mmcvs_drop_path(dtype):
+    """Training blocks add their dropped branches in one pass (one ``addcmul``, no whole-map
+    division and product first): same random draws as mmcv's ``DropPath``, same outputs (to the
+    rounding of ``x / keep_prob`` against ``x * (1 / keep_prob)``) and gradients, and with a
+    bf16 branch added to a float32 map the result is float32, as the plain addition's."""
+    from mmcv.cnn.bricks import DropPath
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, 6, 8, requires_grad=True)
+    branch = torch.randn(16, 5, 6, 8, dtype=dtype, requires_grad=True)
+    drop = DropPath(0.3).train()
+    torch.manual_seed(1)
+    fused = davit_module._add_dropped_path(x, branch, 0.3)
+    torch.manual_seed(1)
+    plain = x + drop(branch)
+    kept = (fused - x).flatten(1).abs().amax(1) > 0
+    assert 0 < kept.sum() < 16  # both kinds of sample occur at this seed
+    assert fused.dtype == plain.dtype == torch.float32
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(fused, plain, atol=tolerance, rtol=tolerance)
+    grads = [torch.autograd.grad(weighted_sum(out), (x, branch)) for out in (fused, plain)]
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tolerance,
+                                                     rtol=tolerance)
+
+
 def test_init_follows_official_scheme(tiny_arch):
     model = DaViT(tiny_arch)
     model.init_weights()

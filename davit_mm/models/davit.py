@@ -80,6 +80,17 @@ def _pad_bottom_right(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, int
     return x, n, m
 
 
+def _add_dropped_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """``x + DropPath(drop_prob)(branch)`` in training, in one pass over the map: mmcv's per-sample
+    keep mask, drawn as mmcv's ``drop_path`` draws it (the same random numbers), scaled by
+    ``1 / keep_prob`` and applied with the addition (``addcmul``). ``DropPath`` itself divides
+    and multiplies the whole branch, and the addition then reads it again: three passes."""
+    keep_prob = 1 - drop_prob
+    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+    scale = (keep_prob + torch.rand(shape, dtype=branch.dtype, device=branch.device)).floor_()
+    return torch.addcmul(x, branch, scale.div_(keep_prob))
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 on the last dimension, optionally added to ``residual``.
 
@@ -357,9 +368,10 @@ class DualAttentionBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.cpe1(x)
         if self.training and isinstance(self.drop_path, DropPath):
-            x = x + self.drop_path(self.attn(self.norm1(x)))
+            drop_prob = self.drop_path.drop_prob
+            x = _add_dropped_path(x, self.attn(self.norm1(x)), drop_prob)
             x = self.cpe2(x)
-            return x + self.drop_path(self.mlp(self.norm2(x)))
+            return _add_dropped_path(x, self.mlp(self.norm2(x)), drop_prob)
         # No drop path: the residual additions go into the projections (see davit_mm.ops.linear).
         x = self.attn(self.norm1(x), residual=x)
         x = self.cpe2(x)
