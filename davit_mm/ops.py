@@ -15,7 +15,8 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
   PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
-  in cache-sized blocks of tokens; window attention in bf16/fp16 as three plain steps instead of
+  in cache-sized blocks of tokens (the MLP's weights packed for oneDNN once per call, not at
+  every block: :data:`_PACK_MLP_WEIGHTS`); window attention in bf16/fp16 as three plain steps instead of
   PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with the
   position encodings' residual addition fused into oneDNN's convolution at inference
   (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training downsamples run
@@ -121,6 +122,18 @@ def _onednn_conv_op() -> Optional[object]:
         return None
 
 
+def _onednn_pack_op() -> Optional[Callable]:
+    """oneDNN's reorder of a linear weight into its own blocked layout for a given number of rows
+    (``mkldnn::_reorder_linear_weight``), which its linear then takes as the weight, or None:
+    private, checked on torch >= 2.1."""
+    if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 # The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
 # does not say).
 _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
@@ -132,6 +145,12 @@ _ONEDNN_LINEAR = _onednn_linear_op()
 # everywhere (docs/benchmark.md).
 _AVX2_INFERENCE_MATMUL = _CPU_CAPABILITY == 'AVX2'
 _ONEDNN_CONV = _onednn_conv_op()
+_ONEDNN_PACK = _onednn_pack_op()
+# Whether the blocked inference MLP hands oneDNN its weights packed once per call (oneDNN's
+# reorder, :func:`_onednn_pack_op`) rather than plain, which oneDNN reorders at every block:
+# DaViT-T's forward took 2-6% less time so with AVX-512 kernels (docs/benchmark.md;
+# ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights beside it).
+_PACK_MLP_WEIGHTS = True
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
@@ -534,10 +553,16 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     out = x.new_empty(tokens.shape[0], fc2.out_features)
     if residual is not None:
         residual = residual.reshape(out.shape)
+    # oneDNN reorders a plain weight into its blocked layout at every call: once per MLP instead
+    # (the packed copies live for this call only). Bit-identical; not for PyTorch's matmul.
+    w1, w2 = fc1.weight, fc2.weight
+    if _PACK_MLP_WEIGHTS and _ONEDNN_PACK is not None and not _AVX2_INFERENCE_MATMUL:
+        rows = blocks[0].stop - blocks[0].start
+        w1, w2 = _ONEDNN_PACK(w1, rows), _ONEDNN_PACK(w2, rows)
     for block in blocks:
-        hidden = _inference_linear(tokens[block], fc1.weight, fc1.bias, 'gelu')
-        out[block] = (_inference_linear(hidden, fc2.weight, fc2.bias) if residual is None else
-                      _inference_linear_add(hidden, residual[block], fc2.weight, fc2.bias))
+        hidden = _inference_linear(tokens[block], w1, fc1.bias, 'gelu')
+        out[block] = (_inference_linear(hidden, w2, fc2.bias) if residual is None else
+                      _inference_linear_add(hidden, residual[block], w2, fc2.bias))
     return out.view(out_shape)
 
 

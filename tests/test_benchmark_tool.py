@@ -258,6 +258,24 @@ def test_interleaved_rounds_rotate_so_no_run_always_follows_the_same_one():
     assert set(medians) == set('abc')
 
 
+def test_unpacked_weights_times_ours_with_plain_weights_for_onednn(monkeypatch, capsys):
+    """--unpacked-weights (the comparison behind packing the inference MLP's weights in
+    docs/benchmark.md) times ours with the weights handed to oneDNN plain, and puts the choice
+    back after; on a GPU it is refused, saying why."""
+    from davit_mm import ops
+    benchmark = load_tool('analysis/benchmark.py')
+    seen = []
+    benchmark.KERNEL_VARIANTS['ours_unpacked_weights'](lambda: seen.append(ops._PACK_MLP_WEIGHTS))()
+    assert seen == [False] and ops._PACK_MLP_WEIGHTS is True
+    args = benchmark.parse_args(['--unpacked-weights', '--device', 'cpu'])
+    assert benchmark.ours_variants(args) == ['ours_unpacked_weights']
+    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--unpacked-weights', '--device', 'cuda'])
+    assert exit_info.value.code == 2
+    assert "--unpacked-weights: the choice of weight layout is the CPU's" in capsys.readouterr().err
+
+
 def _documented_commands(tmp_path):
     """Every command the bash blocks of docs/benchmark.md run, as bash expands them (loops,
     continuation lines, ``$(basename ...)``), recorded instead of run: [tool, arg, ...]."""

@@ -264,17 +264,33 @@ def test_mlp_training_path_under_autocast_computes_as_autocast_would(with_residu
 
 
 def _rows_through(monkeypatch, name, weight):
-    """The row counts of the inputs ``ops.<name>`` (a CPU linear) receives with ``weight``, call
-    by call."""
+    """The row counts of the inputs ``ops.<name>`` (a CPU linear) receives with ``weight`` (or a
+    copy of it packed for oneDNN by ``ops._ONEDNN_PACK``), call by call."""
     rows, linear = [], getattr(ops, name)
+    weights = _packed_copies(monkeypatch, weight)
 
     def recorded(t, w, *args):
-        if w is weight:
+        if any(w is known for known in weights):
             rows.append(t.shape[0])
         return linear(t, w, *args)
 
     monkeypatch.setattr(ops, name, recorded)
     return rows
+
+
+def _packed_copies(monkeypatch, weight):
+    """``[weight]``, to which each copy ``ops._ONEDNN_PACK`` packs of it is added (one list per
+    weight; the recorders chain)."""
+    weights, pack = [weight], ops._ONEDNN_PACK
+    if pack is not None:
+        def recorded(w, rows):
+            packed = pack(w, rows)
+            if w is weight:
+                weights.append(packed)
+            return packed
+
+        monkeypatch.setattr(ops, '_ONEDNN_PACK', recorded)
+    return weights
 
 
 @onednn
@@ -300,6 +316,32 @@ def test_blocked_inference_mlp_matches_the_plain_ops(monkeypatch, inference_line
     assert fast.shape == expected.shape and fast.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(fast.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@onednn
+def test_blocked_inference_mlp_packs_its_weights_once_per_call_bit_identically(monkeypatch,
+                                                                               inference_linears):
+    """With oneDNN's linears the blocked inference MLP packs each weight for oneDNN once per call
+    (for the rows of a full block), not at every block, and the result is bit-identical to plain
+    weights; PyTorch's matmul (AVX2 kernels) gets them plain."""
+    if ops._ONEDNN_PACK is None:
+        pytest.skip('this torch has no oneDNN weight reorder')
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    rows = 64 * torch.get_num_threads()
+    mlp = davit_module.Mlp(16, 64)
+    x, residual = torch.randn(2, 3 * rows // 2 + 5, 16), torch.randn(2, 3 * rows // 2 + 5, 16)
+    packs, pack = [], ops._ONEDNN_PACK
+    monkeypatch.setattr(ops, '_ONEDNN_PACK', lambda w, n: packs.append((w, n)) or pack(w, n))
+    with torch.no_grad():
+        packed = mlp(x, residual=residual)
+        expected = [] if inference_linears == 'avx2' else [id(mlp.fc1.weight), id(mlp.fc2.weight)]
+        assert [id(w) for w, _ in packs] == expected
+        assert all(n == rows for _, n in packs)
+        monkeypatch.setattr(ops, '_PACK_MLP_WEIGHTS', False)
+        unpacked = mlp(x, residual=residual)
+    assert len(packs) == len(expected)  # none with the switch off
+    assert torch.equal(packed, unpacked)
 
 
 @onednn

@@ -3,7 +3,7 @@
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
         [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
-        [--other-linears] [--timm] [--profile] [--threads N] [--json OUT]
+        [--other-linears] [--unpacked-weights] [--timm] [--profile] [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
@@ -26,7 +26,9 @@ with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUD
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
 without Triton), ``--other-linears`` (CPU) ours with the other choice of linear kernel
 at inference (oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, and the matmul
-where AVX-512 kernels take oneDNN's; training linears are oneDNN's either way), ``--compile``
+where AVX-512 kernels take oneDNN's; training linears are oneDNN's either way),
+``--unpacked-weights`` (CPU) ours with the inference MLP's weights handed to oneDNN plain, to be
+reordered at every block, rather than packed once per call, ``--compile``
 ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
@@ -119,6 +121,9 @@ def parse_args(argv=None):
                         help="CPU: also time ours with the other choice of inference linear "
                              "kernel (oneDNN's linear with AVX2 kernels, PyTorch's matmul "
                              "otherwise)")
+    parser.add_argument('--unpacked-weights', action='store_true',
+                        help="CPU: also time ours with the inference MLP's weights handed to "
+                             "oneDNN plain (reordered at every block) instead of packed once")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -132,9 +137,11 @@ def parse_args(argv=None):
     if args.aten_depthwise and not args.device.startswith('cuda'):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')
-    if args.other_linears and args.device != 'cpu':
-        parser.error(f'--other-linears: the choice of linear kernel is the CPU\'s, not '
-                     f'--device {args.device}\'s')
+    for flag, given, what in (('--other-linears', args.other_linears, 'linear kernel'),
+                              ('--unpacked-weights', args.unpacked_weights, 'weight layout')):
+        if given and args.device != 'cpu':
+            parser.error(f'{flag}: the choice of {what} is the CPU\'s, not '
+                         f'--device {args.device}\'s')
     if args.config is None:
         for name, given in (('--modes test', 'test' in args.modes), ('--tta', args.tta),
                             ('--cfg-options', bool(args.cfg_options))):
@@ -395,9 +402,15 @@ def other_linears(fn: Callable) -> Callable:
     return _with_ops_attribute(fn, '_AVX2_INFERENCE_MATMUL', not ops._AVX2_INFERENCE_MATMUL)
 
 
+def unpacked_weights(fn: Callable) -> Callable:
+    """``fn`` run with the inference MLP's weights handed to oneDNN plain, reordered at every
+    block (:data:`davit_mm.ops._PACK_MLP_WEIGHTS` off)."""
+    return _with_ops_attribute(fn, '_PACK_MLP_WEIGHTS', False)
+
+
 # ours with some of davit_mm.ops' kernels replaced, by implementation name
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
-                   'ours_other_linears': other_linears}
+                   'ours_other_linears': other_linears, 'ours_unpacked_weights': unpacked_weights}
 
 
 def with_kernels(impl: str, fn: Callable) -> Callable:
@@ -408,7 +421,8 @@ def with_kernels(impl: str, fn: Callable) -> Callable:
 def ours_variants(args) -> List[str]:
     return (['ours_plain_kernels'] if args.plain_kernels else []) + (
         ['ours_aten_depthwise'] if args.aten_depthwise else []) + (
-        ['ours_other_linears'] if args.other_linears else [])
+        ['ours_other_linears'] if args.other_linears else []) + (
+        ['ours_unpacked_weights'] if args.unpacked_weights else [])
 
 
 def bench_new_shapes(args) -> List[dict]:
