@@ -214,26 +214,33 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
 
 
-@pytest.mark.parametrize('avx2_inference_matmul', [True, False])
-def test_other_linears_times_ours_with_the_other_cpu_linear_kernel(monkeypatch, capsys,
-                                                                   avx2_inference_matmul):
+@pytest.mark.parametrize('flag,variant,attribute,what,during', [
+    ('--other-linears', 'ours_other_linears', '_AVX2_INFERENCE_MATMUL', 'linear kernel',
+     lambda before: not before),
+    ('--unpacked-weights', 'ours_unpacked_weights', '_PACK_MLP_WEIGHTS', 'weight layout',
+     lambda before: False),
+], ids=['other-linears', 'unpacked-weights'])
+@pytest.mark.parametrize('before', [True, False])
+def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
+                                                          attribute, what, during, before):
     """--other-linears (the comparison behind the AVX2 choice in docs/benchmark.md) times ours
-    with the other choice of CPU linear kernel, and puts the choice back after; on a GPU it is
-    refused, saying why."""
+    with the other choice of CPU linear kernel, --unpacked-weights (behind packing the inference
+    MLP's weights) with the weights handed to oneDNN plain; each puts the choice back after, and
+    on a GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
-    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', avx2_inference_matmul)
+    monkeypatch.setattr(ops, attribute, before)
     seen = []
-    benchmark.KERNEL_VARIANTS['ours_other_linears'](lambda: seen.append(ops._AVX2_INFERENCE_MATMUL))()
-    assert seen == [not avx2_inference_matmul]
-    assert ops._AVX2_INFERENCE_MATMUL is avx2_inference_matmul
-    args = benchmark.parse_args(['--other-linears', '--device', 'cpu'])
-    assert benchmark.ours_variants(args) == ['ours_other_linears']
+    benchmark.KERNEL_VARIANTS[variant](lambda: seen.append(getattr(ops, attribute)))()
+    assert seen == [during(before)]
+    assert getattr(ops, attribute) is before
+    args = benchmark.parse_args([flag, '--device', 'cpu'])
+    assert benchmark.ours_variants(args) == [variant]
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args(['--other-linears', '--device', 'cuda'])
+        benchmark.parse_args([flag, '--device', 'cuda'])
     assert exit_info.value.code == 2
-    assert "--other-linears: the choice of linear kernel is the CPU's" in capsys.readouterr().err
+    assert f"{flag}: the choice of {what} is the CPU's" in capsys.readouterr().err
 
 
 def test_interleaved_rounds_rotate_so_no_run_always_follows_the_same_one():
@@ -256,24 +263,6 @@ def test_interleaved_rounds_rotate_so_no_run_always_follows_the_same_one():
                                     repeats=3, device='cpu')
     assert calls == list('abc') + list('abc') + list('bca') + list('cab')
     assert set(medians) == set('abc')
-
-
-def test_unpacked_weights_times_ours_with_plain_weights_for_onednn(monkeypatch, capsys):
-    """--unpacked-weights (the comparison behind packing the inference MLP's weights in
-    docs/benchmark.md) times ours with the weights handed to oneDNN plain, and puts the choice
-    back after; on a GPU it is refused, saying why."""
-    from davit_mm import ops
-    benchmark = load_tool('analysis/benchmark.py')
-    seen = []
-    benchmark.KERNEL_VARIANTS['ours_unpacked_weights'](lambda: seen.append(ops._PACK_MLP_WEIGHTS))()
-    assert seen == [False] and ops._PACK_MLP_WEIGHTS is True
-    args = benchmark.parse_args(['--unpacked-weights', '--device', 'cpu'])
-    assert benchmark.ours_variants(args) == ['ours_unpacked_weights']
-    monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args(['--unpacked-weights', '--device', 'cuda'])
-    assert exit_info.value.code == 2
-    assert "--unpacked-weights: the choice of weight layout is the CPU's" in capsys.readouterr().err
 
 
 def _documented_commands(tmp_path):
