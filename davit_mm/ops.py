@@ -148,8 +148,9 @@ _ONEDNN_CONV = _onednn_conv_op()
 _ONEDNN_PACK = _onednn_pack_op()
 # Whether the blocked inference MLP hands oneDNN its weights packed once per call (oneDNN's
 # reorder, :func:`_onednn_pack_op`) rather than plain, which oneDNN reorders at every block:
-# DaViT-T's forward took 2-6% less time so with AVX-512 kernels (docs/benchmark.md;
-# ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights beside it).
+# DaViT-T's forward took 0.3% to 6% less time so in five runs with AVX-512 kernels
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
+# beside it).
 _PACK_MLP_WEIGHTS = True
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
