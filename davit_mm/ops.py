@@ -16,11 +16,11 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
   in cache-sized blocks of tokens (the MLP's weights packed for oneDNN once per call, not at
-  every block: :data:`_PACK_MLP_WEIGHTS`); window attention in bf16/fp16 as three plain steps instead of
-  PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN already), with the
-  position encodings' residual addition fused into oneDNN's convolution at inference
-  (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training downsamples run
-  as matrix products.
+  every block: :data:`_PACK_MLP_WEIGHTS`); window attention in bf16/fp16 as three plain steps
+  instead of PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN
+  already), with the position encodings' residual addition fused into oneDNN's convolution at
+  inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training
+  downsamples run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
@@ -79,14 +79,15 @@ def plain_kernels() -> Iterator[None]:
         set_fast_kernels(enabled)
 
 
-def _onednn_linear_op() -> Optional[object]:
-    """oneDNN's fused linear (with ``.default`` and ``.binary``), or None: private, and checked
-    for both overloads on torch >= 2.1 where it takes the arguments used here."""
+def _private_onednn_op(name: str, *overloads: str) -> Optional[object]:
+    """``torch.ops.mkldnn.<name>`` when it has every one of ``overloads``, or None: the oneDNN ops
+    used here are private, and taken only on torch >= 2.1, where they take the arguments used
+    here, and only where PyTorch was built with oneDNN."""
     if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
         return None
     try:
-        op = torch.ops.mkldnn._linear_pointwise
-        return op if (op.default and op.binary) else None
+        packet = getattr(torch.ops.mkldnn, name)
+        return packet if all(getattr(packet, overload) for overload in overloads) else None
     except (AttributeError, RuntimeError):
         return None
 
@@ -111,43 +112,24 @@ def _cuda_depthwise_op() -> Optional[Callable]:
         return None
 
 
-def _onednn_conv_op() -> Optional[object]:
-    """oneDNN's convolution with a fused addition (``mkldnn::_convolution_pointwise.binary``), or
-    None: private, checked on torch >= 2.1."""
-    if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._convolution_pointwise.binary
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _onednn_pack_op() -> Optional[Callable]:
-    """oneDNN's reorder of a linear weight into its own blocked layout for a given number of rows
-    (``mkldnn::_reorder_linear_weight``), which its linear then takes as the weight, or None:
-    private, checked on torch >= 2.1."""
-    if _TORCH_VERSION < (2, 1) or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
 # The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
 # does not say).
 _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
-_ONEDNN_LINEAR = _onednn_linear_op()
+# oneDNN's fused linear, with ``.default`` (bias and activation) and ``.binary`` (a residual).
+_ONEDNN_LINEAR = _private_onednn_op('_linear_pointwise', 'default', 'binary')
 # With AVX2 kernels CPU inference computes the linears with PyTorch's own matmul (MKL's sgemm),
 # adding residuals by accumulating onto them (``addmm``), instead of with oneDNN's linear and its
 # fused addition: DaViT-T's inference ran 1-8% faster so on a Zen 4 CPU held to AVX2. Training
 # measured no faster so (within the spread of runs) and keeps oneDNN's, as AVX-512 kernels do
 # everywhere (docs/benchmark.md).
 _AVX2_INFERENCE_MATMUL = _CPU_CAPABILITY == 'AVX2'
-_ONEDNN_CONV = _onednn_conv_op()
-_ONEDNN_PACK = _onednn_pack_op()
+# oneDNN's convolution with a fused addition.
+_ONEDNN_CONV = getattr(_private_onednn_op('_convolution_pointwise', 'binary'), 'binary', None)
+# oneDNN's reorder of a linear weight into its own blocked layout for a given number of rows,
+# which its linear then takes as the weight.
+_ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 'default', None)
 # Whether the blocked inference MLP hands oneDNN its weights packed once per call (oneDNN's
-# reorder, :func:`_onednn_pack_op`) rather than plain, which oneDNN reorders at every block:
+# reorder, :data:`_ONEDNN_PACK`) rather than plain, which oneDNN reorders at every block:
 # DaViT-T's forward took 0.3% to 6% less time so in five runs with AVX-512 kernels
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
 # beside it).
