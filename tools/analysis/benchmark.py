@@ -408,7 +408,8 @@ def unpacked_weights(fn: Callable) -> Callable:
     return _with_ops_attribute(fn, '_PACK_MLP_WEIGHTS', False)
 
 
-# ours with some of davit_mm.ops' kernels replaced, by implementation name
+# ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
+# name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
                    'ours_other_linears': other_linears, 'ours_unpacked_weights': unpacked_weights}
 
@@ -419,10 +420,8 @@ def with_kernels(impl: str, fn: Callable) -> Callable:
 
 
 def ours_variants(args) -> List[str]:
-    return (['ours_plain_kernels'] if args.plain_kernels else []) + (
-        ['ours_aten_depthwise'] if args.aten_depthwise else []) + (
-        ['ours_other_linears'] if args.other_linears else []) + (
-        ['ours_unpacked_weights'] if args.unpacked_weights else [])
+    """The :data:`KERNEL_VARIANTS` whose flags are given, in that table's order."""
+    return [impl for impl in KERNEL_VARIANTS if getattr(args, impl[len('ours_'):])]
 
 
 def bench_new_shapes(args) -> List[dict]:
