@@ -16,11 +16,12 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
   in cache-sized blocks of tokens (the MLP's weights packed for oneDNN once per call, not at
-  every block: :data:`_PACK_MLP_WEIGHTS`); window attention in bf16/fp16 as three plain steps
-  instead of PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN
-  already), with the position encodings' residual addition fused into oneDNN's convolution at
-  inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training
-  downsamples run as matrix products.
+  every block: :data:`_PACK_MLP_WEIGHTS`; with AVX2 kernels the training MLP's backward packs
+  its transposed weights once too: :data:`_PACK_MLP_BACKWARD_WEIGHTS`); window attention in
+  bf16/fp16 as three plain steps instead of PyTorch's CPU flash attention; convolutions are the
+  plain ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused into
+  oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2
+  kernels the training downsamples run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
@@ -134,6 +135,14 @@ _ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
 # beside it).
 _PACK_MLP_WEIGHTS = True
+# Whether the training MLP's backward hands oneDNN the transposed weights of its input gradients
+# packed once per backward rather than as transposed views, which oneDNN reorders at every call
+# (at every block of the blocked backward). With AVX2 kernels oneDNN also multiplies by the view
+# of a wide fc2 weight 1.4-1.5x slower than by the packed copy (768 x 3072, DaViT-T's last stage);
+# DaViT-T's training step took 3-5% less time so on a Zen 4 CPU held to AVX2, and 1% more with
+# AVX-512 kernels, which keep the views (docs/benchmark.md; ``tools/analysis/benchmark.py
+# --other-linears`` times the other choice beside it).
+_PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
@@ -278,12 +287,15 @@ def _inference_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch
     return (out if bias is None else out.add_(bias)).view(out_shape)
 
 
-def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True):
-    """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``."""
+def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True,
+                     weight_t: Optional[torch.Tensor] = None):
+    """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``; with
+    ``onednn``, ``weight_t`` (default ``weight.T``) is what oneDNN multiplies ``grad`` by."""
     need = ctx.needs_input_grad[first:first + 3]
     grad_x = None
     if need[0]:  # grad @ weight
-        grad_x = _onednn(grad, weight.t(), None) if onednn else grad.matmul(weight)
+        grad_x = (_onednn(grad, weight.t() if weight_t is None else weight_t, None) if onednn
+                  else grad.matmul(weight))
     flat = grad.reshape(-1, grad.shape[-1])
     grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
     grad_b = flat.sum(0) if need[2] else None
@@ -350,9 +362,12 @@ class _LeanMlpFunction(torch.autograd.Function):
             del hidden  # before the next wide tensor is allocated
         if need[4]:
             grad_b2 = flat.sum(0)
-        grad_pre = _onednn(grad, w2.t(), None) if ctx.onednn else grad.matmul(w2)
+        w2_t, w1_t = (_backward_weights(w1, w2, flat.shape[0], need[0]) if ctx.onednn
+                      else (None, None))
+        grad_pre = _onednn(grad, w2_t, None) if ctx.onednn else grad.matmul(w2)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
-        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn)
+        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn,
+                                                    weight_t=w1_t)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
@@ -368,6 +383,17 @@ def _training_mlp_blocks(pre: torch.Tensor) -> Optional[List[slice]]:
     return blocks if len(blocks) >= 3 else None
 
 
+def _backward_weights(w1: torch.Tensor, w2: torch.Tensor, rows: int, input_grad: bool
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What oneDNN multiplies the MLP's gradients by for blocks of ``rows`` tokens: ``w2.T``
+    and, for the input gradient, ``w1.T``; packed once (:data:`_PACK_MLP_BACKWARD_WEIGHTS`) or
+    as transposed views."""
+    if not (_PACK_MLP_BACKWARD_WEIGHTS and _ONEDNN_PACK is not None):
+        return w2.t(), w1.t()
+    w2_t = _ONEDNN_PACK(w2.t().contiguous(), rows)
+    return w2_t, (_ONEDNN_PACK(w1.t().contiguous(), rows) if input_grad else w1.t())
+
+
 def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: torch.Tensor,
                                  w1: torch.Tensor, pre: torch.Tensor, w2: torch.Tensor,
                                  blocks: List[slice]) -> tuple:
@@ -376,6 +402,7 @@ def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: to
     gradients are summed over the blocks."""
     x_shape = x.shape
     grad, x, pre = (t.reshape(-1, t.shape[-1]) for t in (grad, x, pre))
+    w2_t, w1_t = _backward_weights(w1, w2, blocks[0].stop - blocks[0].start, need[0])
     grad_x = x.new_empty(x.shape) if need[0] else None
     grad_w1 = torch.zeros_like(w1) if need[1] else None
     grad_b1 = pre.new_zeros(pre.shape[-1]) if need[2] else None
@@ -385,10 +412,10 @@ def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: to
             grad_w2.addmm_(grad[block].t(), F.gelu(pre[block]))
         if not any(need[:3]):
             continue
-        grad_pre = _onednn(grad[block], w2.t(), None)
+        grad_pre = _onednn(grad[block], w2_t, None)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre[block], grad_input=grad_pre)
         if need[0]:
-            grad_x[block] = _onednn(grad_pre, w1.t(), None)
+            grad_x[block] = _onednn(grad_pre, w1_t, None)
         if need[1]:
             grad_w1.addmm_(grad_pre.t(), x[block])
         if need[2]:

@@ -214,26 +214,29 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
 
 
-@pytest.mark.parametrize('flag,variant,attribute,what,during', [
-    ('--other-linears', 'ours_other_linears', '_AVX2_INFERENCE_MATMUL', 'linear kernel',
+@pytest.mark.parametrize('flag,variant,attributes,what,during', [
+    ('--other-linears', 'ours_other_linears',
+     ('_AVX2_INFERENCE_MATMUL', '_PACK_MLP_BACKWARD_WEIGHTS'), 'linear kernel',
      lambda before: not before),
-    ('--unpacked-weights', 'ours_unpacked_weights', '_PACK_MLP_WEIGHTS', 'weight layout',
+    ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', ), 'weight layout',
      lambda before: False),
 ], ids=['other-linears', 'unpacked-weights'])
 @pytest.mark.parametrize('before', [True, False])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
-                                                          attribute, what, during, before):
-    """--other-linears (the comparison behind the AVX2 choice in docs/benchmark.md) times ours
-    with the other choice of CPU linear kernel, --unpacked-weights (behind packing the inference
-    MLP's weights) with the weights handed to oneDNN plain; each puts the choice back after, and
+                                                          attributes, what, during, before):
+    """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
+    with the other choices of CPU linear kernel, --unpacked-weights (behind packing the inference
+    MLP's weights) with the weights handed to oneDNN plain; each puts the choices back after, and
     on a GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
-    monkeypatch.setattr(ops, attribute, before)
+    for attribute in attributes:
+        monkeypatch.setattr(ops, attribute, before)
     seen = []
-    benchmark.KERNEL_VARIANTS[variant](lambda: seen.append(getattr(ops, attribute)))()
-    assert seen == [during(before)]
-    assert getattr(ops, attribute) is before
+    benchmark.KERNEL_VARIANTS[variant](
+        lambda: seen.append([getattr(ops, attribute) for attribute in attributes]))()
+    assert seen == [[during(before)] * len(attributes)]
+    assert all(getattr(ops, attribute) is before for attribute in attributes)
     args = benchmark.parse_args([flag, '--device', 'cpu'])
     assert benchmark.ours_variants(args) == [variant]
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)

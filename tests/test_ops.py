@@ -147,9 +147,20 @@ def mlp_kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=['views', 'packed'])
+def mlp_backward_weights(request, monkeypatch):
+    """oneDNN's products in the training MLP's backward with transposed weight views (AVX-512
+    kernels) or with the weights packed once per backward (AVX2 kernels)."""
+    if request.param == 'packed' and ops._ONEDNN_PACK is None:
+        pytest.skip('this torch has no oneDNN weight reorder')
+    monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', request.param == 'packed')
+    return request.param
+
+
 @pytest.mark.parametrize('with_residual', [False, True])
 @pytest.mark.parametrize('frozen_fc1', [False, True])
-def test_mlp_training_path_matches_autograd_of_the_plain_ops(mlp_kernel, with_residual, frozen_fc1):
+def test_mlp_training_path_matches_autograd_of_the_plain_ops(mlp_kernel, mlp_backward_weights,
+                                                             with_residual, frozen_fc1):
     """The MLP's training path keeps less for backward (it recomputes GELU): same gradients."""
     torch.manual_seed(0)
     mlp = davit_module.Mlp(16, 64)
@@ -346,8 +357,8 @@ def test_blocked_inference_mlp_packs_its_weights_once_per_call_bit_identically(m
 
 @onednn
 @pytest.mark.parametrize('frozen', ['none', 'fc1', 'fc1+input'])
-def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(monkeypatch,
-                                                                              frozen):
+def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
+        monkeypatch, mlp_backward_weights, frozen):
     """CPU fp32 training runs the MLP's fc2 and its backward over blocks of tokens (3 or more;
     the last one partial), summing the weight gradients over them: same outputs and gradients."""
     torch.manual_seed(0)
@@ -371,6 +382,45 @@ def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
     assert len(fast) == len(expected) == {'none': 6, 'fc1': 4, 'fc1+input': 3}[frozen]
     for a, b in zip(fast, expected):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@onednn
+@pytest.mark.parametrize('blocked', [True, False])
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monkeypatch, blocked,
+                                                                             input_grad):
+    """With :data:`ops._PACK_MLP_BACKWARD_WEIGHTS` (AVX2 kernels) the training MLP's backward
+    packs fc2's transposed weight, and fc1's where the input takes a gradient, once per backward
+    for the rows of a full block (of all tokens in one pass); without it, none. The gradients are
+    the same either way."""
+    if ops._ONEDNN_PACK is None:
+        pytest.skip('this torch has no oneDNN weight reorder')
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    rows = 64 * torch.get_num_threads()
+    tokens = 3 * rows + 5 if blocked else 2 * rows
+    mlp = davit_module.Mlp(16, 64)
+    x = torch.randn(1, tokens, 16, requires_grad=input_grad)
+    packs, pack = [], ops._ONEDNN_PACK
+    monkeypatch.setattr(ops, '_ONEDNN_PACK', lambda w, n: packs.append((w, n)) or pack(w, n))
+
+    def grads():
+        wanted = [t for t in (x, *mlp.parameters()) if t.requires_grad]
+        return torch.autograd.grad(weighted_sum(mlp(x)), wanted)
+
+    monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', True)
+    packed = grads()
+    expected = [mlp.fc2.weight.t()] + ([mlp.fc1.weight.t()] if input_grad else [])
+    assert len(packs) == len(expected)
+    for (w, n), want in zip(packs, expected):
+        assert torch.equal(w, want) and w.is_contiguous()
+        assert n == (rows if blocked else tokens)
+    monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', False)
+    views = grads()
+    assert len(packs) == len(expected)  # none with the switch off
+    assert len(packed) == len(views) == 4 + input_grad
+    for a, b in zip(packed, views):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 @onednn
@@ -574,10 +624,13 @@ for mode in ('eval', 'train'):
     with torch.set_grad_enabled(mode == 'train'):
         with profile() as prof:
             outs = model(x)
+            if mode == 'train':
+                sum(out.sum() for out in outs).backward()
         with ops.plain_kernels():
             expected = model(x)
     names = {event.key for event in prof.key_averages()}
     report[mode] = dict(onednn_linear='mkldnn::_linear_pointwise' in names,
+                        packed_weights='mkldnn::_reorder_linear_weight' in names,
                         diff=max((a - b).abs().max().item() for a, b in zip(outs, expected)))
 print(json.dumps(report))
 """
@@ -588,7 +641,8 @@ print(json.dumps(report))
 def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capability):
     """With AVX2 kernels (here ``ATEN_CPU_CAPABILITY=avx2``, as on an AVX2 CPU) the backbone's
     linears run through PyTorch's matmul at inference, not oneDNN's linear; with AVX-512 kernels,
-    and in training, through oneDNN's. The outputs are the plain kernels' either way."""
+    and in training, through oneDNN's, whose MLP backward then gets packed weights with AVX2
+    kernels only. The outputs are the plain kernels' either way."""
     env = dict(os.environ)
     env.pop('ATEN_CPU_CAPABILITY', None)
     if capability == 'avx2':
@@ -604,6 +658,7 @@ def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch,
     assert avx2 == (capability == 'avx2')
     assert report['eval']['onednn_linear'] is not avx2, report
     assert report['train']['onednn_linear'], report
+    assert report['train']['packed_weights'] is avx2, report
     for mode in ('eval', 'train'):
         assert report[mode]['diff'] < 1e-4, (mode, report)
 

@@ -24,9 +24,11 @@ and input in place, which also counts memory the C allocator keeps after frees.
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
-without Triton), ``--other-linears`` (CPU) ours with the other choice of linear kernel
-at inference (oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, and the matmul
-where AVX-512 kernels take oneDNN's; training linears are oneDNN's either way),
+without Triton), ``--other-linears`` (CPU) ours with the other choices of linear kernel:
+at inference oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, and the matmul
+where AVX-512 kernels take oneDNN's; in the training MLP's backward, oneDNN's linears with
+transposed weight views where AVX2 kernels take packed weights, and the other way round
+(training linears are oneDNN's either way),
 ``--unpacked-weights`` (CPU) ours with the inference MLP's weights handed to oneDNN plain, to be
 reordered at every block, rather than packed once per call, ``--compile``
 ``torch.compile(ours)``,
@@ -118,9 +120,10 @@ def parse_args(argv=None):
                         help="CUDA: also time ours with the position encodings on PyTorch's "
                              "depth-wise kernel instead of the Triton kernel")
     parser.add_argument('--other-linears', action='store_true',
-                        help="CPU: also time ours with the other choice of inference linear "
-                             "kernel (oneDNN's linear with AVX2 kernels, PyTorch's matmul "
-                             "otherwise)")
+                        help="CPU: also time ours with the other choices of linear kernel "
+                             "(at inference oneDNN's linear with AVX2 kernels, PyTorch's "
+                             "matmul otherwise; in the training MLP's backward weight views "
+                             "with AVX2 kernels, packed weights otherwise)")
     parser.add_argument('--unpacked-weights', action='store_true',
                         help="CPU: also time ours with the inference MLP's weights handed to "
                              "oneDNN plain (reordered at every block) instead of packed once")
@@ -377,35 +380,41 @@ def plain_kernels(fn: Callable) -> Callable:
     return run
 
 
-def _with_ops_attribute(fn: Callable, name: str, value) -> Callable:
-    """``fn`` run with ``davit_mm.ops.<name>`` set to ``value``, and put back after."""
+def _with_ops_attributes(fn: Callable, **values) -> Callable:
+    """``fn`` run with each ``davit_mm.ops.<name>`` set to ``values[name]``, and put back after."""
     def run():
-        saved = getattr(ops, name)
-        setattr(ops, name, value)
+        saved = {name: getattr(ops, name) for name in values}
+        for name, value in values.items():
+            setattr(ops, name, value)
         try:
             return fn()
         finally:
-            setattr(ops, name, saved)
+            for name, value in saved.items():
+                setattr(ops, name, value)
     return run
 
 
 def aten_depthwise(fn: Callable) -> Callable:
     """``fn`` run as on a CUDA machine without Triton: the position encodings take PyTorch's
     depth-wise kernel."""
-    return _with_ops_attribute(fn, '_triton_depthwise', lambda: None)
+    return _with_ops_attributes(fn, _triton_depthwise=lambda: None)
 
 
 def other_linears(fn: Callable) -> Callable:
-    """``fn`` run with the other choice of inference linear kernel than torch's instruction set
-    makes (:data:`davit_mm.ops._AVX2_INFERENCE_MATMUL`): oneDNN's linear with AVX2 kernels,
-    PyTorch's matmul with AVX-512 kernels."""
-    return _with_ops_attribute(fn, '_AVX2_INFERENCE_MATMUL', not ops._AVX2_INFERENCE_MATMUL)
+    """``fn`` run with the other choices of linear kernel than torch's instruction set makes: at
+    inference oneDNN's linear with AVX2 kernels, PyTorch's matmul with AVX-512 kernels
+    (:data:`davit_mm.ops._AVX2_INFERENCE_MATMUL`); in the training MLP's backward, oneDNN's
+    linears with transposed weight views with AVX2 kernels, with packed ones with AVX-512
+    kernels (:data:`davit_mm.ops._PACK_MLP_BACKWARD_WEIGHTS`)."""
+    return _with_ops_attributes(
+        fn, _AVX2_INFERENCE_MATMUL=not ops._AVX2_INFERENCE_MATMUL,
+        _PACK_MLP_BACKWARD_WEIGHTS=not ops._PACK_MLP_BACKWARD_WEIGHTS)
 
 
 def unpacked_weights(fn: Callable) -> Callable:
     """``fn`` run with the inference MLP's weights handed to oneDNN plain, reordered at every
     block (:data:`davit_mm.ops._PACK_MLP_WEIGHTS` off)."""
-    return _with_ops_attribute(fn, '_PACK_MLP_WEIGHTS', False)
+    return _with_ops_attributes(fn, _PACK_MLP_WEIGHTS=False)
 
 
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
