@@ -137,11 +137,10 @@ _ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 
 _PACK_MLP_WEIGHTS = True
 # Whether the training MLP's backward hands oneDNN the transposed weights of its input gradients
 # packed once per backward rather than as transposed views, which oneDNN reorders at every call
-# (at every block of the blocked backward). With AVX2 kernels oneDNN also multiplies by the view
-# of a wide fc2 weight 1.4-1.5x slower than by the packed copy (768 x 3072, DaViT-T's last stage);
-# DaViT-T's training step took 3-5% less time so on a Zen 4 CPU held to AVX2, and 1% more with
-# AVX-512 kernels, which keep the views (docs/benchmark.md; ``tools/analysis/benchmark.py
-# --other-linears`` times the other choice beside it).
+# (at every block of the blocked backward). DaViT-T's training step took 3-5% less time so on a
+# Zen 4 CPU held to AVX2, and 1% more with AVX-512 kernels, which keep the views
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --other-linears`` times the other choice
+# beside it).
 _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
