@@ -15,13 +15,14 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
   PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
-  in cache-sized blocks of tokens (the MLP's weights packed for oneDNN once per call, not at
-  every block: :data:`_PACK_MLP_WEIGHTS`; with AVX2 kernels the training MLP's backward packs
-  its transposed weights once too: :data:`_PACK_MLP_BACKWARD_WEIGHTS`); window attention in
-  bf16/fp16 as three plain steps instead of PyTorch's CPU flash attention; convolutions are the
-  plain ``F.conv2d`` (oneDNN already), with the position encodings' residual addition fused into
-  oneDNN's convolution at inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2
-  kernels the training downsamples run as matrix products.
+  in cache-sized blocks of tokens; oneDNN gets the weights it would reorder at every call or
+  block packed once per call (the inference MLP's, :data:`_PACK_MLP_WEIGHTS`; the training
+  forward's, :data:`_PACK_FORWARD_WEIGHTS`; with AVX2 kernels the training MLP backward's,
+  :data:`_PACK_MLP_BACKWARD_WEIGHTS`); window attention in bf16/fp16 as three plain steps
+  instead of PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN
+  already), with the position encodings' residual addition fused into oneDNN's convolution at
+  inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training
+  downsamples run as matrix products.
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
@@ -135,6 +136,13 @@ _ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
 # beside it).
 _PACK_MLP_WEIGHTS = True
+# Whether oneDNN's training linears take their weight packed once per call (for the call's rows)
+# rather than plain, which oneDNN reorders itself (the blocked fc2: at every block). DaViT-T's
+# training step took 1.4% to 1.9% less time so in three runs with AVX-512 kernels, and 2% to 3%
+# less in two of three with AVX2 kernels (2% more in the third) on a Zen 4 CPU
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
+# beside it).
+_PACK_FORWARD_WEIGHTS = True
 # Whether the training MLP's backward hands oneDNN the transposed weights of its input gradients
 # packed once per backward rather than as transposed views, which oneDNN reorders at every call
 # (at every block of the blocked backward). DaViT-T's training step took 3-5% less time so on a
@@ -263,6 +271,19 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return _ONEDNN_LINEAR.default(x, weight, bias, activation, [], 'none')
 
 
+def _packed(weight: torch.Tensor, rows: int, pack: bool) -> torch.Tensor:
+    """``weight`` for oneDNN's linear over ``rows`` rows: with ``pack`` (and torch's reorder),
+    reordered once into oneDNN's blocked layout, which a plain weight would be at every call."""
+    if pack and _ONEDNN_PACK is not None:
+        return _ONEDNN_PACK(weight.contiguous(), rows)
+    return weight
+
+
+def _rows(x: torch.Tensor) -> int:
+    """The rows a linear over ``x``'s last dimension multiplies."""
+    return x.numel() // max(x.shape[-1], 1)
+
+
 def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       activation: str = 'none') -> torch.Tensor:
     """``x @ weight.T + bias`` (then GELU with ``activation='gelu'``) for CPU inference: oneDNN's
@@ -308,7 +329,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight, bias)
+        return _onednn(x, _packed(weight, _rows(x), _PACK_FORWARD_WEIGHTS), bias)
 
     @staticmethod
     @_first_order_only
@@ -335,16 +356,18 @@ class _LeanMlpFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, onednn: bool):
         matmul = _onednn if onednn else F.linear
         ctx.onednn = onednn
-        pre = matmul(x, w1, b1)
+        pack, rows = onednn and _PACK_FORWARD_WEIGHTS, _rows(x)
+        pre = matmul(x, _packed(w1, rows, pack), b1)
         ctx.save_for_backward(x, w1, pre, w2)
         ctx.blocks = blocks = _training_mlp_blocks(pre) if onednn else None
         if blocks is None:
-            return matmul(F.gelu(pre), w2, b2)
+            return matmul(F.gelu(pre), _packed(w2, rows, pack), b2)
         hidden = pre.reshape(-1, pre.shape[-1])
         out = pre.new_empty(hidden.shape[0], w2.shape[0])
+        w2 = _packed(w2, blocks[0].stop - blocks[0].start, pack)
         for block in blocks:  # GELU's output stays in cache for fc2
             out[block] = _onednn(F.gelu(hidden[block]), w2, b2)
-        return out.view(*pre.shape[:-1], w2.shape[0])
+        return out.view(*pre.shape[:-1], out.shape[-1])
 
     @staticmethod
     @_first_order_only
@@ -387,10 +410,8 @@ def _backward_weights(w1: torch.Tensor, w2: torch.Tensor, rows: int, input_grad:
     """What oneDNN multiplies the MLP's gradients by for blocks of ``rows`` tokens: ``w2.T``
     and, for the input gradient, ``w1.T``; packed once (:data:`_PACK_MLP_BACKWARD_WEIGHTS`) or
     as transposed views."""
-    if not (_PACK_MLP_BACKWARD_WEIGHTS and _ONEDNN_PACK is not None):
-        return w2.t(), w1.t()
-    w2_t = _ONEDNN_PACK(w2.t().contiguous(), rows)
-    return w2_t, (_ONEDNN_PACK(w1.t().contiguous(), rows) if input_grad else w1.t())
+    pack = _PACK_MLP_BACKWARD_WEIGHTS
+    return _packed(w2.t(), rows, pack), _packed(w1.t(), rows, pack and input_grad)
 
 
 def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: torch.Tensor,

@@ -218,16 +218,16 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     ('--other-linears', 'ours_other_linears',
      ('_AVX2_INFERENCE_MATMUL', '_PACK_MLP_BACKWARD_WEIGHTS'), 'linear kernel',
      lambda before: not before),
-    ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', ), 'weight layout',
-     lambda before: False),
+    ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', '_PACK_FORWARD_WEIGHTS'),
+     'weight layout', lambda before: False),
 ], ids=['other-linears', 'unpacked-weights'])
 @pytest.mark.parametrize('before', [True, False])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
                                                           attributes, what, during, before):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
-    with the other choices of CPU linear kernel, --unpacked-weights (behind packing the inference
-    MLP's weights) with the weights handed to oneDNN plain; each puts the choices back after, and
-    on a GPU it is refused, saying why."""
+    with the other choices of CPU linear kernel, --unpacked-weights (behind packing the weights
+    of the inference MLP and of the training forward) with the weights handed to oneDNN plain;
+    each puts the choices back after, and on a GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
     for attribute in attributes:

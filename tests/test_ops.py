@@ -397,6 +397,7 @@ def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monk
         pytest.skip('this torch has no oneDNN weight reorder')
     torch.manual_seed(0)
     monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    monkeypatch.setattr(ops, '_PACK_FORWARD_WEIGHTS', False)  # the forward's packs: below
     rows = 64 * torch.get_num_threads()
     tokens = 3 * rows + 5 if blocked else 2 * rows
     mlp = davit_module.Mlp(16, 64)
@@ -419,8 +420,47 @@ def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monk
     views = grads()
     assert len(packs) == len(expected)  # none with the switch off
     assert len(packed) == len(views) == 4 + input_grad
-    for a, b in zip(packed, views):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(packed, views))
+
+
+@onednn
+@pytest.mark.parametrize('layer', ['linear', 'mlp', 'blocked mlp'])
+def test_cpu_training_forward_packs_its_weights_once_per_call_bit_identically(monkeypatch, layer):
+    """With :data:`ops._PACK_FORWARD_WEIGHTS` oneDNN's training linears get their weights packed
+    once per call, for the call's rows (fc2 of the blocked MLP: a full block's), not plain to be
+    reordered at every call or block; outputs and gradients are bit-identical, and with the
+    switch off nothing is packed."""
+    if ops._ONEDNN_PACK is None:
+        pytest.skip('this torch has no oneDNN weight reorder')
+    torch.manual_seed(0)
+    monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
+    monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', False)  # the backward's: above
+    rows = 64 * torch.get_num_threads()
+    tokens = 3 * rows + 5 if layer == 'blocked mlp' else 2 * rows
+    x = torch.randn(2, tokens // 2, 16, requires_grad=True)[:, 1:]
+    tokens = 2 * (tokens // 2 - 1)
+    if layer == 'linear':
+        module = nn.Linear(16, 24)
+        forward, expected = (lambda t: ops.linear(t, module)), [(module.weight, tokens)]
+    else:
+        module = davit_module.Mlp(16, 64)
+        forward = module
+        fc2_rows = rows if layer == 'blocked mlp' else tokens
+        expected = [(module.fc1.weight, tokens), (module.fc2.weight, fc2_rows)]
+    packs, pack = [], ops._ONEDNN_PACK
+    monkeypatch.setattr(ops, '_ONEDNN_PACK', lambda w, n: packs.append((w, n)) or pack(w, n))
+
+    def outputs_and_grads():
+        out = forward(x)
+        return [out, *torch.autograd.grad(weighted_sum(out), [x, *module.parameters()])]
+
+    monkeypatch.setattr(ops, '_PACK_FORWARD_WEIGHTS', True)
+    packed = outputs_and_grads()
+    assert [(id(w), n) for w, n in packs] == [(id(w), n) for w, n in expected]
+    monkeypatch.setattr(ops, '_PACK_FORWARD_WEIGHTS', False)
+    plain_weights = outputs_and_grads()
+    assert len(packs) == len(expected)  # none with the switch off
+    assert all(torch.equal(a, b) for a, b in zip(packed, plain_weights))
 
 
 @onednn
@@ -624,14 +664,12 @@ for mode in ('eval', 'train'):
     with torch.set_grad_enabled(mode == 'train'):
         with profile() as prof:
             outs = model(x)
-            if mode == 'train':
-                sum(out.sum() for out in outs).backward()
         with ops.plain_kernels():
             expected = model(x)
     names = {event.key for event in prof.key_averages()}
     report[mode] = dict(onednn_linear='mkldnn::_linear_pointwise' in names,
-                        packed_weights='mkldnn::_reorder_linear_weight' in names,
                         diff=max((a - b).abs().max().item() for a, b in zip(outs, expected)))
+report['pack_mlp_backward_weights'] = ops._PACK_MLP_BACKWARD_WEIGHTS
 print(json.dumps(report))
 """
 
@@ -658,7 +696,7 @@ def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch,
     assert avx2 == (capability == 'avx2')
     assert report['eval']['onednn_linear'] is not avx2, report
     assert report['train']['onednn_linear'], report
-    assert report['train']['packed_weights'] is avx2, report
+    assert report['pack_mlp_backward_weights'] is avx2, report
     for mode in ('eval', 'train'):
         assert report[mode]['diff'] < 1e-4, (mode, report)
 

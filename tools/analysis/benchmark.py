@@ -29,8 +29,9 @@ at inference oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, a
 where AVX-512 kernels take oneDNN's; in the training MLP's backward, oneDNN's linears with
 transposed weight views where AVX2 kernels take packed weights, and the other way round
 (training linears are oneDNN's either way),
-``--unpacked-weights`` (CPU) ours with the inference MLP's weights handed to oneDNN plain, to be
-reordered at every block, rather than packed once per call, ``--compile``
+``--unpacked-weights`` (CPU) ours with the inference MLP's and the training forward's weights
+handed to oneDNN plain, to be reordered at every call or block, rather than packed once per
+call, ``--compile``
 ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
@@ -125,8 +126,9 @@ def parse_args(argv=None):
                              "matmul otherwise; in the training MLP's backward weight views "
                              "with AVX2 kernels, packed weights otherwise)")
     parser.add_argument('--unpacked-weights', action='store_true',
-                        help="CPU: also time ours with the inference MLP's weights handed to "
-                             "oneDNN plain (reordered at every block) instead of packed once")
+                        help="CPU: also time ours with the inference MLP's and the training "
+                             "forward's weights handed to oneDNN plain (reordered at every "
+                             "call or block) instead of packed once per call")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -412,9 +414,11 @@ def other_linears(fn: Callable) -> Callable:
 
 
 def unpacked_weights(fn: Callable) -> Callable:
-    """``fn`` run with the inference MLP's weights handed to oneDNN plain, reordered at every
-    block (:data:`davit_mm.ops._PACK_MLP_WEIGHTS` off)."""
-    return _with_ops_attributes(fn, _PACK_MLP_WEIGHTS=False)
+    """``fn`` run with the weights davit_mm packs for oneDNN once per call handed to it plain,
+    to be reordered at every call or block: the inference MLP's and the training forward's
+    (:data:`davit_mm.ops._PACK_MLP_WEIGHTS` and :data:`davit_mm.ops._PACK_FORWARD_WEIGHTS`
+    off)."""
+    return _with_ops_attributes(fn, _PACK_MLP_WEIGHTS=False, _PACK_FORWARD_WEIGHTS=False)
 
 
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
