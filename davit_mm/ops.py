@@ -137,9 +137,9 @@ _ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 
 # beside it).
 _PACK_MLP_WEIGHTS = True
 # Whether oneDNN's training linears take their weight packed once per call (for the call's rows)
-# rather than plain, which oneDNN reorders itself (the blocked fc2: at every block). DaViT-T's
-# training step took 1.4% to 1.9% less time so in three runs with AVX-512 kernels, and 2% to 3%
-# less in two of three with AVX2 kernels (2% more in the third) on a Zen 4 CPU
+# rather than plain, which oneDNN reorders itself (the blocked fc2: at every block). On a Zen 4
+# CPU DaViT-T's training step took 2.1% (AVX-512 kernels) and 2.4% (AVX2) less time so with
+# glibc's default allocator, and within 1% of the plain weights' with memory kept
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
 # beside it).
 _PACK_FORWARD_WEIGHTS = True
