@@ -585,10 +585,8 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
         residual = residual.reshape(out.shape)
     # oneDNN reorders a plain weight into its blocked layout at every call: once per MLP instead
     # (the packed copies live for this call only). Bit-identical; not for PyTorch's matmul.
-    w1, w2 = fc1.weight, fc2.weight
-    if _PACK_MLP_WEIGHTS and _ONEDNN_PACK is not None and not _AVX2_INFERENCE_MATMUL:
-        rows = blocks[0].stop - blocks[0].start
-        w1, w2 = _ONEDNN_PACK(w1, rows), _ONEDNN_PACK(w2, rows)
+    rows, pack = blocks[0].stop - blocks[0].start, _PACK_MLP_WEIGHTS and not _AVX2_INFERENCE_MATMUL
+    w1, w2 = _packed(fc1.weight, rows, pack), _packed(fc2.weight, rows, pack)
     for block in blocks:
         hidden = _inference_linear(tokens[block], w1, fc1.bias, 'gelu')
         out[block] = (_inference_linear(hidden, w2, fc2.bias) if residual is None else
