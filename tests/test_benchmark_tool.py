@@ -293,6 +293,7 @@ def test_every_command_in_benchmark_md_parses_as_its_tool_reads_it(tmp_path, mon
     from davit_mm.synthetic import parse_arguments
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     benchmark, train = load_tool('analysis/benchmark.py'), load_tool('train.py')
+    gpu_suite = load_tool('analysis/gpu_suite.py')
     commands = _documented_commands(tmp_path)
     tools = [command[0] for command in commands]
     assert tools.count('tools/analysis/benchmark.py') >= 30 and 'tools/dist_train.sh' in tools
@@ -306,6 +307,8 @@ def test_every_command_in_benchmark_md_parses_as_its_tool_reads_it(tmp_path, mon
             train.parse_args([config] + rest)
         elif tool.startswith('tools/dataset/make_synthetic_'):
             parse_arguments('', args, coco='coco' in tool)
+        elif tool == 'tools/analysis/gpu_suite.py':
+            gpu_suite.parse_args(args)
         elif tool == 'tools/analysis/plot_scaling.py':
             assert osp.isfile(osp.join(REPO, args[0])), args
         else:

@@ -39,6 +39,8 @@ MISTAKES = {
                                     "config 'nope.py': no such file"),
     'tools/analysis/eval_official.py': (['--checkpoint-dir', '.', '--gpus', '0'],
                                         '--gpus 0: must be a positive integer'),
+    'tools/analysis/gpu_suite.py': (['--out', 'o', '--device', 'cpu'],
+                                    'on a CPU it runs only with --smoke'),
     'tools/analysis/plot_loss.py': (['.'], 'has no */vis_data/scalars.json'),
     'tools/analysis/plot_scaling.py': (['nope.json'], "json='nope.json': no such file"),
     'tools/dataset/make_synthetic_coco.py': (['out', '--num-train', '0'], '--num-train 0: accepted 1 or more'),

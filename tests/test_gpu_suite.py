@@ -1,0 +1,153 @@
+"""tools/analysis/gpu_suite.py: the GPU measurements in one call. Its plan runs the documented
+commands, its checks read the numbers the benchmark writes, a step over its limit is killed with
+its children and the rest still run, and what did not finish is named for a second call. The
+numbers themselves are measurements, never test assertions."""
+import json
+import os.path as osp
+import re
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, load_tool, run_tool
+
+suite = load_tool('analysis/gpu_suite.py')
+benchmark = load_tool('analysis/benchmark.py')
+
+
+def test_every_benchmark_step_of_the_gpu_plan_is_a_valid_benchmark_command(monkeypatch):
+    """The real plan's benchmark.py command lines parse as on a CUDA machine (the GPU-only options
+    included), and every config it names exists."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    steps = suite.plan(suite.REAL, 'cuda')
+    names = [s.name for s in steps]
+    assert len(names) == len(set(names))
+    for step in steps:
+        if step.kind != 'bench':
+            continue
+        args = benchmark.parse_args(step.command[2:])
+        assert args.device == 'cuda'
+        if args.config:
+            assert osp.isfile(args.config), args.config
+    by_name = {s.name: benchmark.parse_args(s.command[2:]) for s in steps if s.kind == 'bench'}
+    # What docs/benchmark.md's targets ask for: six new sizes at batch 2, 2 x 3 x 800 x 1344.
+    assert len(by_name['new_shape_fp16'].sizes) == 6 and by_name['new_shape_fp16'].batch == 2
+    assert by_name['steady_fp16'].sizes == [(800, 1344)] and by_name['steady_fp16'].timm
+    assert by_name['compile_fp16'].compile
+    assert by_name['eval_upernet_tta'].tta and not by_name['eval_upernet'].tta
+    trains = [s for s in steps if s.kind == 'train']
+    assert [osp.basename(s.command[2]) for s in trains] == [
+        'davit_maskrcnn_1x_coco.py', 'swin_t_maskrcnn_1x_coco.py', 'davit_maskrcnn_1x_coco_amp.py']
+    # >= 40 iterations at batch 2, logged and averaged over windows of ten.
+    assert suite.REAL.train_iters >= 40
+    assert 'log_processor.window_size=10' in trains[0].command
+    assert 'default_hooks.logger.interval=10' in trains[0].command
+
+
+def test_checks_compare_each_number_with_its_target():
+    values = {'new_shape_fp32': {'new_shape_extra_ours_ms': 45.0},
+              'new_shape_fp16': {'new_shape_extra_ours_ms': 75.0},
+              'train_maskrcnn': {'s_per_iter': 0.6}, 'train_maskrcnn_amp': {'s_per_iter': 0.4},
+              'train_maskrcnn_swin': {'s_per_iter': 0.5}}
+    rows = {row['what']: row for row in suite.evaluate(suite.CHECKS, values)}
+    first = rows['new input size, fp32: median extra ms of a first training step']
+    assert first['value'] == 45.0 and first['met'] is True and first['target'] == '<= 60'
+    assert rows['new input size, fp16 autocast: median extra ms of a first training step'][
+        'met'] is False
+    assert rows['Mask R-CNN training s/iter / Swin-T']['value'] == pytest.approx(1.2)
+    assert rows['Mask R-CNN training s/iter / Swin-T']['met'] is False  # 1.2 > 1.15
+    amp = rows['Mask R-CNN training s/iter fp32 / _amp config']
+    assert amp['value'] == pytest.approx(1.5) and amp['met'] is True and amp['target'] == '>= 1.2'
+    missing = rows['fwd+bwd fp16 autocast / reference']
+    assert missing['value'] is None and missing['met'] is None
+    reported = rows['maskrcnn training s/iter']
+    assert reported['value'] == 0.6 and reported['met'] is None and reported['target'] == ''
+
+
+def test_smoke_run_measures_summarises_and_cleans_up(tmp_path):
+    """A shrunk plan on this CPU: the benchmark's and the training log's numbers reach the
+    checks (the data step runs first on its own), the summary is written, the work dir goes."""
+    out = tmp_path / 'out'
+    run_tool(['analysis/gpu_suite.py', '--out', out, '--smoke', '--work-dir', tmp_path / 'work',
+              '--only', 'new_shape_fp32', 'steady_fp32', 'train_maskrcnn', 'train_maskrcnn_swin',
+              'eval_retinanet', 'eval_retinanet_swin'], cwd=tmp_path)
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['smoke'] is True and summary['rerun'] == []
+    assert [s['name'] for s in summary['steps']] == [
+        'data', 'new_shape_fp32', 'train_maskrcnn', 'train_maskrcnn_swin', 'steady_fp32',
+        'eval_retinanet', 'eval_retinanet_swin']
+    assert {s['status'] for s in summary['steps']} == {'ok'}
+    assert summary['machine']['device'] == 'cpu' and summary['machine']['torch']
+    checks = {row['what']: row for row in summary['checks']}
+    for what in ('new input size, fp32: median extra ms of a first training step',
+                 'fwd+bwd fp32 / reference', 'Mask R-CNN training s/iter / Swin-T',
+                 'RetinaNet evaluation s/image / Swin-T',
+                 'new input size, fp32: median extra ms, reference'):
+        assert isinstance(checks[what]['value'], float), what
+        assert checks[what]['met'] in ((True, False) if checks[what]['target'] else (None,))
+    for what in ('fwd+bwd fp16 autocast / reference', 'UperNet --tta evaluation s/image / Swin-T'):
+        assert checks[what]['value'] is None  # not run
+    # Training: 4 logged iterations of one each; the first (start-up, first shapes) apart.
+    train = summary['values']['train_maskrcnn']
+    assert train['iters'] == 4 and len(train['windows']) == 4
+    assert train['s_per_iter'] == pytest.approx(sum(train['windows'][1:]) / 3)
+    assert train['first_window_s_per_iter'] == train['windows'][0]
+    assert (out / 'logs' / 'train_maskrcnn.log').read_text().count('Epoch(train)') == 4
+    table = (out / 'summary.md').read_text()
+    assert '| 1 | new input size, fp32: median extra ms of a first training step |' in table
+    assert '| eval_retinanet_swin | ok |' in table
+    assert (tmp_path / 'work' / 'data' / 'synthetic_coco').is_dir()
+
+
+def fake_steps(tmp_path):
+    """Steps whose commands sleep in a child process, as torchrun's workers do."""
+    def sleeper(name, seconds, limit):
+        code = (f'import subprocess, sys; subprocess.run([sys.executable, "-c", '
+                f'"import time; open({str(tmp_path / name)!r}, \'w\'); time.sleep({seconds})"])')
+        return suite.Step(name, '1', limit, [sys.executable, '-c', code], kind='data')
+    return [sleeper('quick', 0, 30), sleeper('stuck', 120, 5), sleeper('after', 4, 30),
+            sleeper('late', 0, 30)]
+
+
+def test_a_step_over_its_limit_is_killed_with_its_children_and_the_budget_is_kept(
+        tmp_path, monkeypatch, capsys):
+    """A 12-s budget, 4 s at least per step: 'stuck' is killed at its 5-s limit, 'after' starts
+    with about 7 s left and ends with about 3 left, too little to start 'late'."""
+    monkeypatch.setattr(suite, 'plan', lambda scale, device: fake_steps(tmp_path))
+    monkeypatch.setattr(suite, 'MIN_STEP_S', 4)
+    start = time.monotonic()
+    summary = suite.main(['--out', str(tmp_path / 'out'), '--smoke', '--budget', '12'])
+    assert time.monotonic() - start < 30  # the 120-s sleeper was killed, not waited for
+    status = {s['name']: s['status'] for s in summary['steps']}
+    assert status == {'quick': 'ok', 'stuck': 'timed out', 'after': 'ok', 'late': 'not run (budget)'}
+    assert summary['steps'][1]['seconds'] == pytest.approx(5, abs=1)
+    assert summary['rerun'][:5] == ['python', 'tools/analysis/gpu_suite.py', '--only', 'stuck',
+                                    'late']
+    assert (tmp_path / 'after').exists() and not (tmp_path / 'late').exists()
+    assert 'not finished: python tools/analysis/gpu_suite.py --only stuck late' in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--out', 'o'], '--device cuda: this machine has no CUDA device'),
+    (['--out', 'o', '--device', 'cpu'], 'on a CPU it runs only with --smoke'),
+    (['--out', 'o', '--smoke', '--only', 'steady', 'data'], '--only steady: no such step'),
+    (['--out', 'o', '--smoke', '--budget', '10'], '--budget 10: accepted 60 seconds or more'),
+    (['--smoke'], '--out is required'),
+    (['--out', 'o', '--device', 'tpu'], "--device 'tpu': accepted cuda or cpu"),
+])
+def test_bad_arguments_are_refused_with_a_message(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        suite.main(argv)
+    assert not (tmp_path / 'o').exists()
+
+
+def test_list_prints_every_step_with_its_limit():
+    result = run_tool(['analysis/gpu_suite.py', '--list'], cwd=REPO)
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [s.name for s in suite.plan(suite.REAL, 'cuda')]
+    assert lines[1].startswith('new_shape_fp32 (part 1, limit 180 s): ')
+    assert '--modes new_shape' in lines[1]
