@@ -285,26 +285,41 @@ def _rows(x: torch.Tensor) -> int:
 
 
 def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      activation: str = 'none') -> torch.Tensor:
+                      activation: str = 'none', out: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """``x @ weight.T + bias`` (then GELU with ``activation='gelu'``) for CPU inference: oneDNN's
     linear with the bias and GELU in its epilogue, or, with AVX2 kernels
-    (:data:`_AVX2_INFERENCE_MATMUL`), PyTorch's matmul and GELU in place."""
-    if _AVX2_INFERENCE_MATMUL:
+    (:data:`_AVX2_INFERENCE_MATMUL`), PyTorch's matmul and GELU in place, written into ``out``
+    (a contiguous buffer for the rows of a 2-D ``x``) where one is given."""
+    if not _AVX2_INFERENCE_MATMUL:
+        return _onednn(x, weight, bias, activation)
+    if out is None:
         out = F.linear(x, weight, bias)
-        return torch.ops.aten.gelu_(out) if activation == 'gelu' else out
-    return _onednn(x, weight, bias, activation)
+    elif bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+    return torch.ops.aten.gelu_(out) if activation == 'gelu' else out
 
 
 def _inference_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+                          bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
     """``residual + x @ weight.T + bias`` for CPU inference: oneDNN's linear with the addition in
-    its epilogue, or, with AVX2 kernels, one matmul that accumulates onto the residual
-    (``addmm``), then the bias."""
+    its epilogue, or, with AVX2 kernels, the residual and the bias summed in one pass (into
+    ``out``, a contiguous buffer for the rows of a 2-D ``x``, where one is given) and the matmul
+    accumulated onto that sum (``addmm_``)."""
     out_shape = x.shape[:-1] + weight.shape[:1]
     if not _AVX2_INFERENCE_MATMUL or residual.shape != out_shape:
         return _ONEDNN_LINEAR.binary(x, residual, weight, bias, 'add')
-    out = torch.addmm(residual.reshape(-1, out_shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
-    return (out if bias is None else out.add_(bias)).view(out_shape)
+    start = residual.reshape(-1, out_shape[-1])
+    if out is None:
+        out = start.clone() if bias is None else start + bias
+    elif bias is None:
+        out.copy_(start)
+    else:
+        torch.add(start, bias, out=out)
+    return out.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(out_shape)
 
 
 def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True,
@@ -587,10 +602,17 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     # (the packed copies live for this call only). Bit-identical; not for PyTorch's matmul.
     rows, pack = blocks[0].stop - blocks[0].start, _PACK_MLP_WEIGHTS and not _AVX2_INFERENCE_MATMUL
     w1, w2 = _packed(fc1.weight, rows, pack), _packed(fc2.weight, rows, pack)
+    # PyTorch's matmul (AVX2 kernels) writes where it is told: every block's hidden activation
+    # into one buffer, and fc2 straight into the block's rows of ``out``, with no copies.
+    hidden_rows = x.new_empty(rows, fc1.out_features) if _AVX2_INFERENCE_MATMUL else None
     for block in blocks:
-        hidden = _inference_linear(tokens[block], w1, fc1.bias, 'gelu')
-        out[block] = (_inference_linear(hidden, w2, fc2.bias) if residual is None else
-                      _inference_linear_add(hidden, residual[block], w2, fc2.bias))
+        hidden = _inference_linear(tokens[block], w1, fc1.bias, 'gelu', out=(
+            None if hidden_rows is None else hidden_rows[:block.stop - block.start]))
+        target = None if hidden_rows is None else out[block]
+        result = (_inference_linear(hidden, w2, fc2.bias, out=target) if residual is None else
+                  _inference_linear_add(hidden, residual[block], w2, fc2.bias, out=target))
+        if target is None:
+            out[block] = result
     return out.view(out_shape)
 
 

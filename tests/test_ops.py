@@ -70,6 +70,33 @@ def test_onednn_linear_without_grad_matches_the_plain_ops(inference_linears, gel
     assert (fast - expected).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('gelu,with_residual', [(False, False), (True, False), (False, True)])
+def test_avx2_inference_linears_write_into_the_buffer_they_are_given(monkeypatch, bias, gelu,
+                                                                     with_residual):
+    """With AVX2 kernels the blocked inference MLP hands PyTorch's matmul the rows of its own
+    buffers: the result lands there (nothing else is written), equal to the plain ops'."""
+    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', True)
+    monkeypatch.setattr(ops, '_ONEDNN_LINEAR', _NoOneDNNLinear())
+    layer = nn.Linear(24, 40, bias=bias)
+    x = torch.randn(30, 24)
+    residual = torch.randn(30, 40) if with_residual else None
+    buffer = torch.full((50, 40), float('nan'))
+    rows = buffer[10:40]  # a block's contiguous rows
+    with torch.no_grad():
+        if with_residual:
+            before = residual.clone()
+            result = ops._inference_linear_add(x, residual, layer.weight, layer.bias, out=rows)
+            assert torch.equal(residual, before)
+        else:
+            result = ops._inference_linear(x, layer.weight, layer.bias,
+                                           'gelu' if gelu else 'none', out=rows)
+        expected = plain(x, layer, gelu, residual)
+    assert result.data_ptr() == rows.data_ptr() and result.shape == (30, 40)
+    assert (rows - expected).abs().max() < 1e-5
+    assert buffer[:10].isnan().all() and buffer[40:].isnan().all()
+
+
 @onednn
 def test_onednn_linear_in_bf16_matches_the_plain_ops():
     layer = nn.Linear(32, 64).bfloat16()
@@ -280,10 +307,10 @@ def _rows_through(monkeypatch, name, weight):
     rows, linear = [], getattr(ops, name)
     weights = _packed_copies(monkeypatch, weight)
 
-    def recorded(t, w, *args):
+    def recorded(t, w, *args, **kwargs):
         if any(w is known for known in weights):
             rows.append(t.shape[0])
-        return linear(t, w, *args)
+        return linear(t, w, *args, **kwargs)
 
     monkeypatch.setattr(ops, name, recorded)
     return rows
