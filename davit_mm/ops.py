@@ -13,7 +13,8 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   projection's layout in one pass (:func:`split_heads`).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
   GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
-  PyTorch's own matmul instead, accumulating onto the residual: :data:`_AVX2_INFERENCE_MATMUL`);
+  PyTorch's own matmul instead, accumulating onto the residual, the blocked MLP writing into
+  buffers of its own: :data:`_AVX2_INFERENCE_MATMUL`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
   in cache-sized blocks of tokens; oneDNN gets the weights it would reorder at every call or
   block packed once per call (the inference MLP's, :data:`_PACK_MLP_WEIGHTS`; the training
