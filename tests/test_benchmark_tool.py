@@ -313,3 +313,22 @@ def test_every_command_in_benchmark_md_parses_as_its_tool_reads_it(tmp_path, mon
             assert osp.isfile(osp.join(REPO, args[0])), args
         else:
             raise AssertionError(f'docs/benchmark.md runs {tool}, which this test does not check')
+
+
+def test_the_gpu_record_says_which_kernel_computes_the_position_encodings(monkeypatch):
+    """On a GPU the benchmark records, per dtype, whether davit_mm's Triton kernels (self-checked
+    there) or PyTorch's depth-wise kernel ran, so that a fallback cannot pass for the Triton
+    kernels' numbers."""
+    import torch
+
+    from davit_mm import ops
+    benchmark = load_tool('analysis/benchmark.py')
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: None)
+    assert benchmark.depthwise_kernels('cpu') == {'fp32': 'pytorch (no Triton)',
+                                                  'fp16': 'pytorch (no Triton)'}
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: object())
+    asked = []
+    monkeypatch.setattr(ops, '_triton_ready', lambda x, compute: asked.append(
+        (x.device.type, compute)) or compute == torch.float32)  # the fp16 self-check failed
+    assert benchmark.depthwise_kernels('cpu') == {'fp32': 'triton', 'fp16': 'pytorch'}
+    assert asked == [('cpu', torch.float32), ('cpu', torch.float16)]

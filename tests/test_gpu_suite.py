@@ -121,7 +121,8 @@ def test_a_step_over_its_limit_is_killed_with_its_children_and_the_budget_is_kep
     summary = suite.main(['--out', str(tmp_path / 'out'), '--smoke', '--budget', '12'])
     assert time.monotonic() - start < 30  # the 120-s sleeper was killed, not waited for
     status = {s['name']: s['status'] for s in summary['steps']}
-    assert status == {'quick': 'ok', 'stuck': 'timed out', 'after': 'ok', 'late': 'not run (budget)'}
+    assert status == {'quick': 'ok', 'stuck': 'timed out', 'after': 'ok',
+                      'late': 'not run (budget)'}
     assert summary['steps'][1]['seconds'] == pytest.approx(5, abs=1)
     assert summary['rerun'][:5] == ['python', 'tools/analysis/gpu_suite.py', '--only', 'stuck',
                                     'late']

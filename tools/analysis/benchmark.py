@@ -760,13 +760,26 @@ def cpu_model() -> str:
     return name
 
 
+def depthwise_kernels(device: str) -> Dict[str, str]:
+    """Which kernel computes the position encodings on this GPU, in fp32 and under fp16 autocast:
+    ``'triton'`` (davit_mm's kernels, which passed their self-check here) or ``'pytorch'``
+    (PyTorch's depth-wise kernel: no Triton, a GPU Triton does not build for, or a failed
+    self-check, which davit_mm.ops warns about with the reason)."""
+    if ops._triton_depthwise() is None:
+        return {name: 'pytorch (no Triton)' for name in ('fp32', 'fp16')}
+    probe = torch.empty(0, device=device)
+    return {name: 'triton' if ops._triton_ready(probe, DTYPES[name]) else 'pytorch'
+            for name in ('fp32', 'fp16')}
+
+
 def machine(device: str) -> dict:
     """What the numbers were measured on, printed first and written into ``--json``."""
     info = dict(torch=torch.__version__, device=device, threads=torch.get_num_threads())
     if device.startswith('cuda'):
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(),
-                    triton='.'.join(map(str, ops._triton_version() or ('none',))))
+                    triton='.'.join(map(str, ops._triton_version() or ('none',))),
+                    depthwise=depthwise_kernels(device))
     else:
         info['cpu'] = cpu_model()
         info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()

@@ -3,7 +3,7 @@ its own time limit within one overall budget, and each number checked against it
 
     python tools/analysis/gpu_suite.py --out OUT [--budget 520] [--only STEP ...] [--work-dir DIR]
     python tools/analysis/gpu_suite.py --list          # the steps, their limits and commands
-    python tools/analysis/gpu_suite.py --out OUT --smoke --device cpu   # plumbing check, any machine
+    python tools/analysis/gpu_suite.py --out OUT --smoke   # a plumbing check, on a CPU too
 
 The steps run ``tools/analysis/benchmark.py`` (the new-input-size cost, steady state against the
 reference, timm and ``torch.compile``, memory, evaluation time per image) and
@@ -11,13 +11,14 @@ reference, timm and ``torch.compile``, memory, evaluation time per image) and
 commands docs/benchmark.md gives, on synthetic COCO- and ADE20K-sized data the first step writes
 into the work directory. Every step logs to ``OUT/logs/STEP.log`` and leaves its numbers in
 ``OUT/STEP.json``; after every step ``OUT/summary.json`` and ``OUT/summary.md`` are written anew:
-each target with its measured value and whether it is met, the numbers reported beside the targets,
-the machine (GPU, torch, CUDA, cuDNN, Triton), and each step's status (``ok``, ``failed``, ``timed
-out``, ``not run``). A step that would start with less than a minute of the budget left is not run;
-the summary ends with the ``--only`` command that runs those that did not finish, for a second
-call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's mini configs in place of
-the paper's and of the Swin-T baselines, no GPU-only options): it checks the plumbing, and its
-numbers mean nothing.
+each target with its measured value and whether it is met, the numbers reported beside the
+targets, the machine (GPU, torch, CUDA, cuDNN, Triton, and per dtype whether davit_mm's Triton
+kernels or PyTorch's computed the position encodings), and each step's status (``ok``,
+``failed``, ``timed out``, ``not run``). A step that would start with less than a minute of the
+budget left is not run; the summary ends with the ``--only`` command that runs those that did not
+finish, for a second call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's
+mini configs in place of the paper's and of the Swin-T baselines, no GPU-only options): it checks
+the plumbing, and its numbers mean nothing.
 
 A measurement, never a test: run it on a quiet machine and report what it printed.
 """
@@ -145,8 +146,8 @@ def plan(scale: Scale, device: str) -> List[Step]:
                         str(repeats), '--warmup', str(scale.warmup)]
 
     timm = ['--timm'] if scale.gpu_options else []
-    steps += [Step('steady_fp16', '2', 180, steady(scale.repeats) + ['--dtype', 'fp16'] + timm + gpu),
-              Step('steady_fp32', '2', 150, steady(scale.repeats) + ['--dtype', 'fp32'] + timm + gpu)]
+    steps += [Step(f'steady_{dtype}', '2', limit, steady(scale.repeats) + ['--dtype', dtype] + timm
+                   + gpu) for dtype, limit in (('fp16', 180), ('fp32', 150))]
     for role in ('retinanet', 'maskrcnn', 'upernet'):
         for swin in ('', '_swin'):
             steps.append(Step(f'eval_{role}{swin}', '3', 120, bench + [
@@ -227,7 +228,8 @@ CHECKS = [
     Check('2', 'fwd+bwd fp16 autocast / reference', lambda v: v['steady_fp16']['train_ratio'],
           '<=', 0.75),
     Check('2', 'fwd+bwd fp32 / reference', lambda v: v['steady_fp32']['train_ratio'], '<=', 0.80),
-    Check('2', 'inference fp16 / reference', lambda v: v['steady_fp16']['forward_ratio'], '<=', 0.70),
+    Check('2', 'inference fp16 / reference', lambda v: v['steady_fp16']['forward_ratio'], '<=',
+          0.70),
     Check('2', 'training peak memory (fp16 autocast) / reference', lambda v:
           v['memory']['train_memory_ratio'], '<=', 0.90),
     Check('3', 'Mask R-CNN training s/iter / Swin-T', _ratio(
@@ -289,14 +291,15 @@ def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[
     checks = evaluate(CHECKS, values)
     left = [s.name for s in steps if s.status != 'ok']
     summary = dict(smoke=smoke, machine=machine(values, out, steps),
-                   steps=[dict(name=s.name, part=s.part, status=s.status, seconds=round(s.seconds, 1),
-                               limit_s=s.limit_s) for s in steps],
+                   steps=[dict(name=s.name, part=s.part, status=s.status,
+                               seconds=round(s.seconds, 1), limit_s=s.limit_s) for s in steps],
                    checks=checks, values=values,
                    rerun=(['python', 'tools/analysis/gpu_suite.py', '--only', *left] + argv_tail
                           if left else []))
     with open(osp.join(out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
-    lines = ['# GPU suite' + (' (--smoke: plumbing only, the numbers mean nothing)' if smoke else ''),
+    title = '# GPU suite' + (' (--smoke: plumbing only, the numbers mean nothing)' if smoke else '')
+    lines = [title,
              '', 'machine: ' + ', '.join(f'{k} {v}' for k, v in summary['machine'].items()), '',
              '| part | measurement | value | target | met |', '|---|---|---|---|---|']
     for row in checks:
@@ -393,7 +396,8 @@ def main(argv=None):
                              f'{", ".join(names)}')
     if args.list:
         for step in steps:
-            print(f'{step.name} (part {step.part}, limit {step.limit_s} s): {" ".join(step.command)}')
+            print(f'{step.name} (part {step.part}, limit {step.limit_s} s): '
+                  f'{" ".join(step.command)}')
         return
     if args.device == 'cuda':
         import torch
