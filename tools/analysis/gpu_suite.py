@@ -23,7 +23,6 @@ the plumbing, and its numbers mean nothing.
 A measurement, never a test: run it on a quiet machine and report what it printed.
 """
 import argparse
-import glob
 import json
 import os
 import os.path as osp
@@ -36,11 +35,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from davit_mm.cli import run_tool  # noqa: E402
+from plot_loss import read_scalars  # noqa: E402  (tools/analysis/plot_loss.py)
 
 BENCHMARK = osp.join(REPO, 'tools', 'analysis', 'benchmark.py')
 # A step is started only with at least this many seconds of the budget left.
@@ -165,22 +166,11 @@ def plan(scale: Scale, device: str) -> List[Step]:
 
 
 # ------------------------------------------------------------------------------------ results
-def read_bench(path: str) -> dict:
-    """benchmark.py's JSON: ``machine`` and ``rows``."""
-    with open(path) as f:
-        return json.load(f)
-
-
 def seconds_per_iter(work_dir: str, interval: int) -> dict:
     """Training seconds per iteration from the run's ``vis_data/scalars.json``: each record's
     ``time`` is the mean over the last ``interval`` iterations (``log_processor.window_size``);
     the first window, which meets every first input shape and the start-up, is reported apart."""
-    files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
-    if not files:
-        raise ValueError(f'{work_dir!r} has no */vis_data/scalars.json: the run did not log')
-    with open(files[-1]) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    times = [(r['iter'], r['time']) for r in records if 'time' in r and 'loss' in r]
+    times = [(r['iter'], r['time']) for r in read_scalars(work_dir) if 'time' in r and 'loss' in r]
     later = [t for it, t in times if it > interval]
     if not later:
         raise ValueError(f'{work_dir!r}: fewer than two logged windows of {interval} iterations')
@@ -188,10 +178,11 @@ def seconds_per_iter(work_dir: str, interval: int) -> dict:
                 iters=times[-1][0], windows=[t for _, t in times])
 
 
-def step_values(steps: Sequence[Step], out: str) -> Dict[str, dict]:
-    """Each finished step's numbers: a benchmark step's rows by their ``size`` (or its only row),
-    a training step's :func:`seconds_per_iter`."""
-    values = {}
+def step_values(steps: Sequence[Step], out: str) -> Tuple[Dict[str, dict], dict]:
+    """Each finished step's numbers (a benchmark step's median-over-sizes row or its last row, a
+    training step's :func:`seconds_per_iter`), and the ``machine`` record of the first benchmark
+    step that wrote one."""
+    values, machine = {}, {}
     for step in steps:
         path = osp.join(out, f'{step.name}.json')
         if step.status != 'ok' or not osp.exists(path):
@@ -199,12 +190,13 @@ def step_values(steps: Sequence[Step], out: str) -> Dict[str, dict]:
         with open(path) as f:
             data = json.load(f)
         if step.kind == 'bench':
+            machine = machine or data.get('machine', {})
             rows = data['rows']
             values[step.name] = next((r for r in rows if r.get('size') == 'median over sizes'),
                                      rows[-1])
         else:
             values[step.name] = data
-    return values
+    return values, machine
 
 
 @dataclass(frozen=True)
@@ -277,20 +269,11 @@ def evaluate(checks: Sequence[Check], values: Dict[str, dict]) -> List[dict]:
     return rows
 
 
-def machine(values: Dict[str, dict], out: str, steps: Sequence[Step]) -> dict:
-    """The ``machine`` record of the first benchmark step that wrote one."""
-    for step in steps:
-        path = osp.join(out, f'{step.name}.json')
-        if step.kind == 'bench' and step.status == 'ok' and osp.exists(path):
-            return read_bench(path).get('machine', {})
-    return {}
-
-
 def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[str]) -> dict:
-    values = step_values(steps, out)
+    values, machine = step_values(steps, out)
     checks = evaluate(CHECKS, values)
     left = [s.name for s in steps if s.status != 'ok']
-    summary = dict(smoke=smoke, machine=machine(values, out, steps),
+    summary = dict(smoke=smoke, machine=machine,
                    steps=[dict(name=s.name, part=s.part, status=s.status,
                                seconds=round(s.seconds, 1), limit_s=s.limit_s) for s in steps],
                    checks=checks, values=values,
