@@ -18,7 +18,8 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
     for key in ('forward_ours_s', 'forward_reference_s', 'forward_ratio', 'train_ours_s',
                 'train_reference_s', 'train_ratio', 'train_peak_mb_ours', 'train_peak_mb_reference',
                 'train_peak_mb_ours_cp', 'with_cp_memory_ratio', 'forward_peak_mb_ours',
-                'forward_peak_mb_reference', 'train_rss_mb_ours'):
+                'forward_peak_mb_reference', 'train_rss_mb_ours', 'train_faulted_mb_ours',
+                'train_faulted_mb_reference'):
         assert row[key] > 0, key
     assert row['max_abs_diff'] < 1e-4
     # --accuracy: both within fp32 rounding of the float64 result (outputs of magnitude ~1-10)
@@ -33,6 +34,25 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
         ops = {op: ms for op, ms in profile.items() if op != 'total'}
         assert 1 <= len(ops) <= 8 and 0 < sum(ops.values()) <= profile['total'] + 1e-6
     assert 'aten::addmm' in row['forward_profile_reference_ms']  # nn.Linear on CPU
+
+
+def _huge_pages_always() -> bool:
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return '[always]' in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_huge_pages_always(), reason='a fault maps a 2 MiB page: counts differ')
+def test_faulted_bytes_counts_memory_touched_for_the_first_time():
+    """What the memory workers report as ``*_faulted_mb_*``: pages first touched, not writes."""
+    import torch
+    benchmark = load_tool('analysis/benchmark.py')
+    size = 64 << 20  # above glibc's largest mmap threshold: always fresh pages from the kernel
+    assert benchmark.faulted_bytes(lambda: torch.ones(size // 4)) >= 0.9 * size
+    kept = torch.zeros(size // 4)
+    assert benchmark.faulted_bytes(lambda: kept.fill_(1)) < 0.1 * size
 
 
 def test_benchmark_tool_times_a_whole_config(tmp_path):

@@ -20,7 +20,10 @@ so both do the same work). ``--memory`` adds the peak memory of two steps of eac
 implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` is the peak of the
 tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's memory timeline),
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
-and input in place, which also counts memory the C allocator keeps after frees.
+and input in place, which also counts memory the C allocator keeps after frees, and
+``*_faulted_mb_*`` (CPU) the memory a third step touches for the first time (its minor page
+faults times the page size): what the operating system maps and zeroes for it again at every
+step because the C allocator gave it back (glibc's default for large blocks).
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
@@ -58,6 +61,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import resource
 import statistics
 import subprocess
 import sys
@@ -312,6 +316,16 @@ def _tensor_peak_bytes(fn, device: str) -> int:
     return int(max(sum(row) for row in sizes))
 
 
+def faulted_bytes(fn: Callable) -> int:
+    """Bytes ``fn`` touches for the first time in this process's address space (its minor page
+    faults times the base page size). Where transparent huge pages back the memory (``always``
+    in /sys/kernel/mm/transparent_hugepage/enabled), one fault maps up to 2 MiB and this counts
+    less than was touched."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize()
+
+
 def memory_worker(cfg: dict) -> dict:
     """Peak memory (bytes) of one implementation's steps (runs in a child process)."""
     device = cfg['device']
@@ -338,7 +352,8 @@ def memory_worker(cfg: dict) -> dict:
     fn()
     fn()
     rss = _proc_status_bytes('VmHWM') - base
-    return dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss)
+    faulted = faulted_bytes(fn)
+    return dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss, faulted_bytes=faulted)
 
 
 def measure_memory(impl: str, mode: str, args, size) -> dict:
@@ -541,8 +556,9 @@ def bench_backbone(args) -> List[dict]:
                 for impl in impls:
                     measured = measure_memory(impl, mode, args, size)
                     row[f'{mode}_peak_mb_{impl}'] = measured['peak_bytes'] / 2**20
-                    if 'rss_bytes' in measured:
-                        row[f'{mode}_rss_mb_{impl}'] = measured['rss_bytes'] / 2**20
+                    for key in ('rss', 'faulted'):
+                        if f'{key}_bytes' in measured:
+                            row[f'{mode}_{key}_mb_{impl}'] = measured[f'{key}_bytes'] / 2**20
                 if f'{mode}_peak_mb_reference' in row:
                     row[f'{mode}_memory_ratio'] = (row[f'{mode}_peak_mb_ours'] /
                                                    row[f'{mode}_peak_mb_reference'])
