@@ -314,12 +314,10 @@ def _inference_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch
     if not _AVX2_INFERENCE_MATMUL or residual.shape != out_shape:
         return _ONEDNN_LINEAR.binary(x, residual, weight, bias, 'add')
     start = residual.reshape(-1, out_shape[-1])
-    if out is None:
-        out = start.clone() if bias is None else start + bias
-    elif bias is None:
-        out.copy_(start)
+    if bias is None:
+        out = start.clone() if out is None else out.copy_(start)
     else:
-        torch.add(start, bias, out=out)
+        out = torch.add(start, bias, out=out)
     return out.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(out_shape)
 
 
