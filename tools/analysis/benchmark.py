@@ -327,7 +327,8 @@ def faulted_bytes(fn: Callable) -> int:
 
 
 def memory_worker(cfg: dict) -> dict:
-    """Peak memory (bytes) of one implementation's steps (runs in a child process)."""
+    """Peak memory (bytes) of one implementation's steps and, on the CPU, the bytes a step
+    faults in (runs in a child process)."""
     device = cfg['device']
     torch.manual_seed(0)  # weights do not change memory: build only the measured model
     if cfg['impl'] == 'reference':
