@@ -21,9 +21,10 @@ implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` 
 tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's memory timeline),
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
 and input in place, which also counts memory the C allocator keeps after frees, and
-``*_faulted_mb_*`` (CPU) the memory a third step touches for the first time (its minor page
-faults times the page size): what the operating system maps and zeroes for it again at every
-step because the C allocator gave it back (glibc's default for large blocks).
+``*_faulted_mb_*`` (CPU) the memory a step touches for the first time (its minor page faults
+times the page size; the mean of the third to seventh steps, as it moves between steps): what
+the operating system maps and zeroes for it again at every step because the C allocator gave it
+back (glibc's default for large blocks).
 ``--with-cp`` also measures ours training with gradient checkpointing, ``--plain-kernels`` ours
 with :mod:`davit_mm.ops`' device-specific kernels off, ``--aten-depthwise`` (CUDA) ours with the
 position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton kernel (what runs
@@ -316,14 +317,23 @@ def _tensor_peak_bytes(fn, device: str) -> int:
     return int(max(sum(row) for row in sizes))
 
 
-def faulted_bytes(fn: Callable) -> int:
+def faulted_bytes(fn: Callable, calls: int = 1) -> float:
     """Bytes ``fn`` touches for the first time in this process's address space (its minor page
-    faults times the base page size). Where transparent huge pages back the memory (``always``
-    in /sys/kernel/mm/transparent_hugepage/enabled), one fault maps up to 2 MiB and this counts
-    less than was touched."""
+    faults times the base page size), per call over ``calls`` calls. Where transparent huge
+    pages back the memory (``always`` in /sys/kernel/mm/transparent_hugepage/enabled), one
+    fault maps up to 2 MiB and this counts less than was touched."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize()
+    for _ in range(calls):
+        fn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults * resource.getpagesize() / calls
+
+
+# Steps whose faults memory_worker averages. How much of a step's memory glibc hands back and
+# maps again depends on its heap's state, which differs from step to step (DaViT-T training at
+# 800 x 1216 on one Zen 4 process: 27 to 652 MB per step for davit_mm, 350 to 1766 MB for the
+# reference, from the third step on).
+FAULT_STEPS = 5
 
 
 def memory_worker(cfg: dict) -> dict:
@@ -353,7 +363,7 @@ def memory_worker(cfg: dict) -> dict:
     fn()
     fn()
     rss = _proc_status_bytes('VmHWM') - base
-    faulted = faulted_bytes(fn)
+    faulted = faulted_bytes(fn, calls=FAULT_STEPS)
     return dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss, faulted_bytes=faulted)
 
 
