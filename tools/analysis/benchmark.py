@@ -331,8 +331,8 @@ def faulted_bytes(fn: Callable, calls: int = 1) -> float:
 
 # Steps whose faults memory_worker averages. How much of a step's memory glibc hands back and
 # maps again depends on its heap's state, which differs from step to step (DaViT-T training at
-# 800 x 1216 on one Zen 4 process: 27 to 652 MB per step for davit_mm, 350 to 1766 MB for the
-# reference, from the third step on).
+# 800 x 1216 with AVX-512 kernels, steps 3 to 8 of one Zen 4 process: 27 to 596 MB per step for
+# davit_mm, 350 to 1766 MB for the reference).
 FAULT_STEPS = 5
 
 
