@@ -36,6 +36,31 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
     assert 'aten::addmm' in row['forward_profile_reference_ms']  # nn.Linear on CPU
 
 
+def test_profile_counts_each_cuda_kernel_once():
+    """With CUDA activity a profile lists each kernel as a device event and again in the self
+    device time of the operator that launched it: operators are ranked by their kernels' time,
+    and the total is the kernels' time, counted once."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    benchmark = load_tool('analysis/benchmark.py')
+
+    def event(key, device_type, device_us, cpu_us=50.0):
+        return SimpleNamespace(key=key, device_type=device_type, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us)
+
+    events = [event('aten::add', DeviceType.CPU, 100.0, cpu_us=20.0),
+              event('elementwise_kernel', DeviceType.CUDA, 100.0, cpu_us=0.0),
+              event('aten::mm', DeviceType.CPU, 300.0, cpu_us=10.0),
+              event('gemm_kernel', DeviceType.CUDA, 300.0, cpu_us=0.0),
+              event('aten::empty', DeviceType.CPU, 0.0, cpu_us=5.0)]
+    assert benchmark.operator_times(events, cuda=True, top=2) == {
+        'aten::mm': 0.3, 'aten::add': 0.1, 'total': 0.4}
+    # On the CPU every event is an operator, timed by its own CPU time.
+    assert benchmark.operator_times(events, cuda=False, top=2) == {
+        'aten::add': 0.02, 'aten::mm': 0.01, 'total': 0.035}
+
+
 def _huge_pages_always() -> bool:
     try:
         with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:

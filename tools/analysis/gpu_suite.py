@@ -147,8 +147,10 @@ def plan(scale: Scale, device: str) -> List[Step]:
                         str(repeats), '--warmup', str(scale.warmup)]
 
     timm = ['--timm'] if scale.gpu_options else []
+    # --profile: the operators that take the device time, for ours and every other
+    # implementation (one extra call each, after the timed rounds).
     steps += [Step(f'steady_{dtype}', '2', limit, steady(scale.repeats) + ['--dtype', dtype] + timm
-                   + gpu) for dtype, limit in (('fp16', 180), ('fp32', 150))]
+                   + gpu + ['--profile']) for dtype, limit in (('fp16', 180), ('fp32', 150))]
     for role in ('retinanet', 'maskrcnn', 'upernet'):
         for swin in ('', '_swin'):
             steps.append(Step(f'eval_{role}{swin}', '3', 120, bench + [
@@ -269,6 +271,19 @@ def evaluate(checks: Sequence[Check], values: Dict[str, dict]) -> List[dict]:
     return rows
 
 
+def profile_lines(values: Dict[str, dict]) -> List[str]:
+    """Where the time goes: each ``--profile`` record of the finished steps (``MODE_profile_IMPL_ms``,
+    the costliest operators of one call), a line per mode and implementation."""
+    lines = []
+    for name, row in values.items():
+        for key, ops in row.items():
+            if key.endswith('_ms') and '_profile_' in key and isinstance(ops, dict):
+                mode, impl = key[:-len('_ms')].split('_profile_', 1)
+                top = ', '.join(f'{op} {ms:.2f}' for op, ms in ops.items() if op != 'total')
+                lines.append(f"- {name}, {mode}, {impl} (total {ops['total']:.2f} ms): {top}")
+    return ['', 'Costliest operators of one call (ms):', ''] + lines if lines else []
+
+
 def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[str]) -> dict:
     values, machine = step_values(steps, out)
     checks = evaluate(CHECKS, values)
@@ -291,6 +306,7 @@ def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[
         lines.append(f"| {row['part']} | {row['what']} | {value} | {row['target']} | {met} |")
     lines += ['', '| step | status | seconds | limit |', '|---|---|---|---|']
     lines += [f'| {s.name} | {s.status} | {s.seconds:.0f} | {s.limit_s} |' for s in steps]
+    lines += profile_lines(values)
     if left:
         lines += ['', 'not finished: ' + ' '.join(summary['rerun'])]
     with open(osp.join(out, 'summary.md'), 'w') as f:
