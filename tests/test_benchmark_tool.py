@@ -177,7 +177,7 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
     out = tmp_path / 'bench.json'
     avx2 = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2')
     run_tool(['analysis/benchmark.py', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
-              '--repeats', '2', '--json', out], cwd=tmp_path,
+              '--repeats', '2', '--profile', '--json', out], cwd=tmp_path,
              env=dict(avx2, LD_PRELOAD='', MALLOC_TRIM_THRESHOLD_='1073741824'))
     data = json.loads(out.read_text())
     # The machine record says which instruction set torch's CPU kernels were held to.
@@ -192,6 +192,12 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
         for impl in ('ours', 'reference'):
             assert row[f'new_shape_first_{impl}_s'] > 0 and row[f'new_shape_repeat_{impl}_s'] > 0
     assert set(rows[2]) >= {'new_shape_extra_ours_ms', 'new_shape_extra_reference_ms'}
+    # --profile: one more first call, at a size neither implementation's process had seen.
+    assert rows[2]['new_shape_profile_size'] == '128x128'
+    for impl in ('ours', 'reference'):
+        profile = rows[2][f'new_shape_profile_{impl}_ms']
+        ops = {op: ms for op, ms in profile.items() if op != 'total'}
+        assert 1 <= len(ops) <= 12 and 0 < sum(ops.values()) <= profile['total'] + 1e-6
 
 
 def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch):
@@ -202,7 +208,7 @@ def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch)
 
     def fake_fresh_process(kind, impl, args, **spec):
         spawned.append((kind, impl, spec['sizes']))
-        return [(0.5 + i, 0.25) for i in range(len(spec['sizes']))]
+        return dict(times=[(0.5 + i, 0.25) for i in range(len(spec['sizes']))])
 
     monkeypatch.setattr(bench, 'in_fresh_process', fake_fresh_process)
     args = bench.parse_args(['--modes', 'new_shape', '--sizes', '64x96', '96x64', '--timm',

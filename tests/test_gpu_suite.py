@@ -35,7 +35,8 @@ def test_every_benchmark_step_of_the_gpu_plan_is_a_valid_benchmark_command(monke
     # What docs/benchmark.md's targets ask for: six new sizes at batch 2, 2 x 3 x 800 x 1344.
     assert len(by_name['new_shape_fp16'].sizes) == 6 and by_name['new_shape_fp16'].batch == 2
     assert by_name['steady_fp16'].sizes == [(800, 1344)] and by_name['steady_fp16'].timm
-    assert by_name['steady_fp16'].profile and by_name['steady_fp32'].profile
+    assert all(by_name[f'{mode}_{dtype}'].profile for mode in ('new_shape', 'steady')
+               for dtype in ('fp16', 'fp32'))
     assert by_name['compile_fp16'].compile
     assert by_name['eval_upernet_tta'].tta and not by_name['eval_upernet'].tta
     trains = [s for s in steps if s.kind == 'train']
@@ -99,11 +100,12 @@ def test_smoke_run_measures_summarises_and_cleans_up(tmp_path):
     table = (out / 'summary.md').read_text()
     assert '| 1 | new input size, fp32: median extra ms of a first training step |' in table
     assert '| eval_retinanet_swin | ok |' in table
-    # steady_fp32's --profile: a line per mode and implementation, its top operators and total.
-    for mode in ('forward', 'train'):
-        ops = summary['values']['steady_fp32'][f'{mode}_profile_ours_ms']
-        assert f"- steady_fp32, {mode}, ours (total {ops['total']:.2f} ms): " in table
-        assert f"- steady_fp32, {mode}, reference (total " in table
+    # --profile: a line per step, mode and implementation, its top operators and total.
+    for step, mode in (('steady_fp32', 'forward'), ('steady_fp32', 'train'),
+                       ('new_shape_fp32', 'new_shape')):
+        ops = summary['values'][step][f'{mode}_profile_ours_ms']
+        assert f"- {step}, {mode}, ours (total {ops['total']:.2f} ms): " in table
+        assert f"- {step}, {mode}, reference (total " in table
     assert (tmp_path / 'work' / 'data' / 'synthetic_coco').is_dir()
 
 

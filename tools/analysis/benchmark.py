@@ -43,7 +43,9 @@ the self time of the costliest operators of one run of each (``{mode}_profile_{i
 ``new_shape`` mode times, for each size in turn (each new to the process), the first training step
 (forward + backward) and repeat steps, and reports the median extra cost of a first call; each
 implementation runs in a fresh process of its own (the reference and timm have the same
-convolutions, and cuDNN and oneDNN reuse per-shape plans within a process).
+convolutions, and cuDNN and oneDNN reuse per-shape plans within a process); with ``--profile``,
+the costliest operators by CPU time (where per-shape planning and compiling run) of one more
+first call, at a size new to the process that is not timed (``new_shape_profile_{impl}_ms``).
 
 Config mode (``--config``): the whole detector or segmentor of a config (random init), timing a
 training step (forward with losses, backward, optimizer step) and an inference forward on random
@@ -137,7 +139,8 @@ def parse_args(argv=None):
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
-                        help='also record the costliest operators of one run of each (torch.profiler)')
+                        help='also record the costliest operators of one run of each '
+                             '(torch.profiler; new_shape: of one more first call, by CPU time)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
     parser.add_argument('--json', help='write all results to this file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: a child's measurement
@@ -488,8 +491,10 @@ def bench_new_shapes(args) -> List[dict]:
     they build per shape for the whole process."""
     impls = ['ours'] + ([] if args.no_reference else ['reference']) + (
         ['timm'] if args.timm else []) + ours_variants(args)
-    times = {impl: in_fresh_process('new_shape', impl, args, sizes=[list(s) for s in args.sizes],
-                                    repeats=args.repeats) for impl in impls}
+    results = {impl: in_fresh_process('new_shape', impl, args, sizes=[list(s) for s in args.sizes],
+                                      repeats=args.repeats, profile=args.profile)
+               for impl in impls}
+    times = {impl: result['times'] for impl, result in results.items()}
     rows = []
     for i, size in enumerate(args.sizes):
         row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
@@ -503,30 +508,52 @@ def bench_new_shapes(args) -> List[dict]:
     for impl in impls:
         summary[f'new_shape_extra_{impl}_ms'] = 1e3 * statistics.median(
             first - repeat for first, repeat in times[impl])
+    if args.profile:
+        summary['new_shape_profile_size'] = '{}x{}'.format(*profiled_new_size(args.sizes))
+        for impl in impls:
+            summary[f'new_shape_profile_{impl}_ms'] = results[impl]['profile']
     rows.append(summary)
     print_row(summary)
     return rows
 
 
-def new_shape_worker(cfg: dict) -> List[Tuple[float, float]]:
-    """(first, median repeat) seconds of one implementation's training step at each size, after
-    one step at a size not measured (one-off start-up costs)."""
+def profiled_new_size(sizes: Sequence[Sequence[int]]) -> Tuple[int, int]:
+    """A size none of ``sizes`` is (32 more than the largest height and width; multiples of 32
+    stay so), whose first call ``--profile`` records."""
+    return max(h for h, _ in sizes) + 32, max(w for _, w in sizes) + 32
+
+
+def new_shape_worker(cfg: dict) -> dict:
+    """``times``: (first, median repeat) seconds of one implementation's training step at each
+    size, after one step at a size not measured (one-off start-up costs); with ``profile``, the
+    costliest operators by CPU time of a first call at :func:`profiled_new_size`."""
     device, dtype, impl = cfg['device'], DTYPES[cfg['dtype']], cfg['impl']
     if impl == 'timm':
         model = timm_model(cfg['arch'], device)
     else:
         ours, ref = build_pair(cfg['arch'], device)
         model = ref if impl == 'reference' else ours
-    with_kernels(impl, step_fn(model, torch.randn(cfg['batch'], 3, 224, 224, device=device),
-                               'train', dtype, device))()
+
+    def step(size):
+        x = torch.randn(cfg['batch'], 3, *size, device=device)
+        return with_kernels(impl, step_fn(model, x, 'train', dtype, device))
+
+    step((224, 224))()
     times = []
     for size in cfg['sizes']:
-        x = torch.randn(cfg['batch'], 3, *size, device=device)
-        fn = with_kernels(impl, step_fn(model, x, 'train', dtype, device))
+        fn = step(size)
         first = timed(fn, device)
         times.append((first, statistics.median(timed(fn, device)
                                                for _ in range(max(2, cfg['repeats'])))))
-    return times
+    result = dict(times=times)
+    if cfg.get('profile'):
+        from torch.profiler import ProfilerActivity, profile
+        fn = step(profiled_new_size(cfg['sizes']))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+            synchronize(device)
+        result['profile'] = operator_times(prof.key_averages(), cuda=False, top=12)
+    return result
 
 
 WORKERS = {'memory': memory_worker, 'new_shape': new_shape_worker}

@@ -80,7 +80,7 @@ class Scale:
     ade_size: Sequence[int]
     configs: Dict[str, str]
     memory_dtype: str            # training peak memory
-    profile_dtypes: Sequence[str]  # steady state with --profile
+    profile_dtypes: Sequence[str]  # new input size and steady state with --profile
     gpu_options: bool            # --timm, --aten-depthwise, --compile
 
 
@@ -131,10 +131,16 @@ def plan(scale: Scale, device: str) -> List[Step]:
                 ('ade20k', scale.ade, 1, scale.ade_size, []))]
     steps = [Step('data', '3', 180, ['bash', '-c', ' && '.join(make)], kind='data')]
     gpu = ['--aten-depthwise'] if scale.gpu_options else []
+
+    def profile(dtype):
+        """Where the time goes: the costliest operators of one more call per implementation
+        (a first call at a new size; a steady-state call)."""
+        return ['--profile'] if dtype in scale.profile_dtypes else []
+
     for dtype in ('fp32', 'fp16'):
         steps.append(Step(f'new_shape_{dtype}', '1', 180, bench + [
             '--modes', 'new_shape', '--batch', str(scale.batch), '--dtype', dtype, '--repeats', '2',
-            '--sizes', *scale.shape_sizes] + gpu))
+            '--sizes', *scale.shape_sizes] + gpu + profile(dtype)))
     train_options = ['train_cfg.max_epochs=1', 'val_cfg=None', 'val_dataloader=None',
                      'val_evaluator=None', 'model.backbone.init_cfg=None',
                      'train_dataloader.batch_size=2',
@@ -152,11 +158,8 @@ def plan(scale: Scale, device: str) -> List[Step]:
                         str(repeats), '--warmup', str(scale.warmup)]
 
     timm = ['--timm'] if scale.gpu_options else []
-    # --profile: the operators that take the device time, for ours and every other
-    # implementation (one extra call each, after the timed rounds).
     steps += [Step(f'steady_{dtype}', '2', limit, steady(scale.repeats) + ['--dtype', dtype] + timm
-                   + gpu + (['--profile'] if dtype in scale.profile_dtypes else []))
-              for dtype, limit in (('fp16', 180), ('fp32', 150))]
+                   + gpu + profile(dtype)) for dtype, limit in (('fp16', 180), ('fp32', 150))]
     for role in ('retinanet', 'maskrcnn', 'upernet'):
         for swin in ('', '_swin'):
             steps.append(Step(f'eval_{role}{swin}', '3', 120, bench + [
