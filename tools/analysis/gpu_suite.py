@@ -290,7 +290,9 @@ def profile_lines(values: Dict[str, dict]) -> List[str]:
                 mode, impl = key[:-len('_ms')].split('_profile_', 1)
                 top = ', '.join(f'{op} {ms:.2f}' for op, ms in ops.items() if op != 'total')
                 lines.append(f"- {name}, {mode}, {impl} (total {ops['total']:.2f} ms): {top}")
-    return ['', 'Costliest operators of one call (ms):', ''] + lines if lines else []
+    title = ('Costliest operators of one call, ms (new input size: CPU time, where per-shape '
+             'planning runs; steady state: GPU time of the kernels each launched):')
+    return ['', title, ''] + lines if lines else []
 
 
 def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[str]) -> dict:
