@@ -238,14 +238,20 @@ def profile_ops(fn, device: str) -> Dict[str, float]:
     """Milliseconds of self time of the costliest operators in one call of ``fn`` (after one
     untimed call), plus ``'total'``: device time on CUDA (:func:`operator_times`; the top 12, as
     a GPU's time spreads over more operators), CPU time otherwise (the top 8)."""
-    from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith('cuda')
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()
+    return operator_times(profiled_call(fn, device, cuda), cuda, 12 if cuda else 8)
+
+
+def profiled_call(fn, device: str, cuda_activity: bool):
+    """The profile (``key_averages()``) of one call of ``fn``, with CUDA kernels recorded if
+    ``cuda_activity``."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda_activity else [])
     with profile(activities=activities) as prof:
         fn()
         synchronize(device)
-    return operator_times(prof.key_averages(), cuda, 12 if cuda else 8)
+    return prof.key_averages()
 
 
 def operator_times(events, cuda: bool, top: int) -> Dict[str, float]:
@@ -547,12 +553,9 @@ def new_shape_worker(cfg: dict) -> dict:
                                                for _ in range(max(2, cfg['repeats'])))))
     result = dict(times=times)
     if cfg.get('profile'):
-        from torch.profiler import ProfilerActivity, profile
-        fn = step(profiled_new_size(cfg['sizes']))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-            synchronize(device)
-        result['profile'] = operator_times(prof.key_averages(), cuda=False, top=12)
+        first_call = profiled_call(step(profiled_new_size(cfg['sizes'])), device,
+                                   cuda_activity=False)
+        result['profile'] = operator_times(first_call, cuda=False, top=12)
     return result
 
 
