@@ -9,6 +9,7 @@ import difflib
 import gc
 import os
 import os.path as osp
+import re
 import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -65,6 +66,25 @@ def parse_launch_arguments(parser, argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
+
+
+def check_device(device: str) -> None:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` naming a GPU of this machine.
+
+    Raises:
+        ValueError: another device string, or a GPU this machine does not have.
+    """
+    match = re.fullmatch(r'cuda(?::(\d+))?', device)
+    if device == 'cpu':
+        return
+    if match is None:
+        raise ValueError(f'--device {device}: accepted cpu, cuda or cuda:N')
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
+    if int(match.group(1) or 0) >= count:
+        raise ValueError(f'--device {device}: this machine has {count} CUDA device(s), cuda:0 to '
+                         f'cuda:{count - 1}')
 
 
 def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:

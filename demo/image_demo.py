@@ -17,8 +17,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 from davit_mm import compat  # noqa: E402
-from davit_mm.checkpoint import adapt_model_checkpoint, check_checkpoint_fits  # noqa: E402
-from davit_mm.cli import adapt_config_to_machine, library_of, load_config, run_tool  # noqa: E402
+from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
+                                 read_training_checkpoint)
+from davit_mm.cli import (adapt_config_to_machine, check_device, library_of,  # noqa: E402
+                          load_config, run_tool)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -44,8 +46,10 @@ def check_inputs(image: str, checkpoint: str, device: str) -> None:
         raise ValueError(f'image {image!r}: no such file or folder')
     if not osp.isfile(checkpoint):
         raise ValueError(f'checkpoint={checkpoint!r}: no such file')
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
+    check_device(device)
+    # The inferencers read it with mmengine's loader, which fails on an empty, truncated or
+    # foreign file with torch's bare unpickling errors.
+    read_training_checkpoint(checkpoint)
 
 
 def checked_inferencer(base: type, checkpoint: str) -> type:

@@ -137,6 +137,8 @@ def test_config_mode_sets_up_cudnn_autotuning_as_the_runner_does(tmp_path, optio
     (['--config', 'x.py', '--modes', 'new_shape'], '--modes new_shape: backbone mode only'),
     (['--config', 'x.py', '--tta'], '--tta: applies to --modes test only'),
     (['--config', 'x.py', '--modes', 'test', '--images', '1'], '--images 1: at least 2'),
+    (['--device', 'tpu'], '--device tpu: accepted cpu, cuda or cuda:N'),
+    (['--device', 'cpu', '--threads', '0'], '--threads 0: accepted 1 or more'),
 ])
 def test_benchmark_tool_refuses_modes_outside_their_kind(tmp_path, argv, message):
     result = run_tool(['analysis/benchmark.py'] + argv, cwd=tmp_path, expect_ok=False)

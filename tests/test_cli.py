@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -64,6 +65,22 @@ def test_each_tool_reports_a_user_error_with_exit_status_2_and_no_traceback(scri
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith('error: ') and words in result.stderr, result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
+
+
+def test_check_device_accepts_cpu_and_the_gpus_the_machine_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for device in ('cpu', 'cuda', 'cuda:0', 'cuda:1'):
+        cli.check_device(device)
+    for device, message in (('cuda:2', 'this machine has 2 CUDA device(s), cuda:0 to cuda:1'),
+                            ('tpu', 'accepted cpu, cuda or cuda:N'),
+                            ('cpu:0', 'accepted cpu, cuda or cuda:N'),
+                            ('cuda:x', 'accepted cpu, cuda or cuda:N')):
+        with pytest.raises(ValueError, match=f'--device {device}: {re.escape(message)}'):
+            cli.check_device(device)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='--device cuda: this machine has no CUDA device'):
+        cli.check_device('cuda')
 
 
 def test_traceback_on_request(tmp_path):

@@ -306,6 +306,12 @@ def test_get_flops_prints_params_and_multiply_adds(coco_dir):
         counted.attention_products / 1e9, 1)
 
 
+def test_get_flops_refuses_a_shape_that_is_not_positive(tmp_path):
+    result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '0', '96'], cwd=tmp_path,
+                      expect_ok=False)
+    assert result.returncode == 2 and '--shape 0 96: both sides must be 1 or more' in result.stderr
+
+
 def test_get_flops_counts_the_same_whichever_kernels_the_process_runs():
     """The oneDNN convolution that runs the position encodings at CPU inference has no FLOP
     formula: the count runs the plain kernels, and gives the switch back as it found it."""

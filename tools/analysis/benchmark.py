@@ -77,6 +77,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
+from davit_mm.cli import check_device  # noqa: E402
 from davit_mm.models import DaViT  # noqa: E402
 from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
 
@@ -145,8 +146,12 @@ def parse_args(argv=None):
     parser.add_argument('--json', help='write all results to this file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: a child's measurement
     args = parser.parse_args(argv)
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        parser.error(f'--device {args.device}: this machine has no CUDA device')
+    try:
+        check_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads {args.threads}: accepted 1 or more')
     if args.aten_depthwise and not args.device.startswith('cuda'):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')

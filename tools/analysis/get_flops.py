@@ -87,6 +87,8 @@ def main(argv=None):
                         help='input size (default: 800 1280 for detection, 512 2048 for segmentation)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     args = parser.parse_args(argv)
+    if args.shape is not None and min(args.shape) < 1:
+        parser.error('--shape {} {}: both sides must be 1 or more'.format(*args.shape))
     result = count(args.config, args.shape, args.cfg_options)
     print(f'config: {args.config}')
     print(f'input: 1x3x{result.shape[0]}x{result.shape[1]}')
