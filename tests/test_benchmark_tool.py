@@ -139,6 +139,8 @@ def test_config_mode_sets_up_cudnn_autotuning_as_the_runner_does(tmp_path, optio
     (['--config', 'x.py', '--modes', 'test', '--images', '1'], '--images 1: at least 2'),
     (['--device', 'tpu'], '--device tpu: accepted cpu, cuda or cuda:N'),
     (['--device', 'cpu', '--threads', '0'], '--threads 0: accepted 1 or more'),
+    (['--device', 'cpu', '--modes', 'new_shape', '--sizes', '64x96', '96x64', '64x96'],
+     '--sizes 64x96 given more than once'),
 ])
 def test_benchmark_tool_refuses_modes_outside_their_kind(tmp_path, argv, message):
     result = run_tool(['analysis/benchmark.py'] + argv, cwd=tmp_path, expect_ok=False)
@@ -200,6 +202,17 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
         profile = rows[2][f'new_shape_profile_{impl}_ms']
         ops = {op: ms for op, ms in profile.items() if op != 'total'}
         assert 1 <= len(ops) <= 12 and 0 < sum(ops.values()) <= profile['total'] + 1e-6
+
+
+def test_new_shape_warm_up_is_at_a_size_that_is_not_timed():
+    """The untimed first step takes the process's start-up costs at a size of its own: a timed
+    size of 224 x 224 would otherwise not be new when it is timed."""
+    bench = load_tool('analysis/benchmark.py')
+    assert bench.warmup_size([[64, 96], [96, 64]]) == (224, 224)
+    assert bench.warmup_size([[224, 224], [256, 256], [800, 1216]]) == (288, 288)
+    # nor at the size --profile's extra first call is kept for (the largest sides + 32)
+    assert bench.profiled_new_size([[224, 224], [192, 192]]) == (256, 256)
+    assert bench.warmup_size([[224, 224], [192, 192]]) == (288, 288)
 
 
 def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch):

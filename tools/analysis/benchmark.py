@@ -167,6 +167,10 @@ def parse_args(argv=None):
                 parser.error(f'{name} needs --config (it measures a whole detector or segmentor)')
     elif 'new_shape' in args.modes:
         parser.error('--modes new_shape: backbone mode only (config mode reports *_first_s)')
+    if 'new_shape' in args.modes and len(set(args.sizes)) < len(args.sizes):
+        repeated = sorted({'{}x{}'.format(*s) for s in args.sizes if args.sizes.count(s) > 1})
+        parser.error(f'--modes new_shape: --sizes {" ".join(repeated)} given more than once; '
+                     f'each size must be new to the process when it is timed')
     if args.tta and 'test' not in args.modes:
         parser.error('--tta: applies to --modes test only')
     if args.images < 2:
@@ -534,9 +538,20 @@ def profiled_new_size(sizes: Sequence[Sequence[int]]) -> Tuple[int, int]:
     return max(h for h, _ in sizes) + 32, max(w for _, w in sizes) + 32
 
 
+def warmup_size(sizes: Sequence[Sequence[int]]) -> Tuple[int, int]:
+    """The size of the untimed first step that takes the process's one-off start-up costs:
+    224 x 224, or the next square multiple of 32 that neither ``sizes`` nor
+    :func:`profiled_new_size` is."""
+    taken = {tuple(s) for s in sizes} | {profiled_new_size(sizes)}
+    side = 224
+    while (side, side) in taken:
+        side += 32
+    return side, side
+
+
 def new_shape_worker(cfg: dict) -> dict:
     """``times``: (first, median repeat) seconds of one implementation's training step at each
-    size, after one step at a size not measured (one-off start-up costs); with ``profile``, the
+    size, after one step at :func:`warmup_size` (one-off start-up costs); with ``profile``, the
     costliest operators by CPU time of a first call at :func:`profiled_new_size`."""
     device, dtype, impl = cfg['device'], DTYPES[cfg['dtype']], cfg['impl']
     if impl == 'timm':
@@ -549,7 +564,7 @@ def new_shape_worker(cfg: dict) -> dict:
         x = torch.randn(cfg['batch'], 3, *size, device=device)
         return with_kernels(impl, step_fn(model, x, 'train', dtype, device))
 
-    step((224, 224))()
+    step(warmup_size(cfg['sizes']))()
     times = []
     for size in cfg['sizes']:
         fn = step(size)
