@@ -11,10 +11,7 @@
 They are registered by :mod:`davit_mm.registry` and switched on by davit_mm's base configs.
 """
 import contextlib
-import os
-import os.path as osp
 import random
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -25,7 +22,7 @@ from mmengine.runner import IterBasedTrainLoop
 from torch.utils.data import Sampler
 
 from . import compat
-from .fileio import default_file_mode
+from .fileio import atomic_file
 
 _STATE_KEY = 'random_state'
 
@@ -202,22 +199,8 @@ class AtomicLocalBackend(LocalBackend):
     saving leaves the previous checkpoint intact and no truncated file under the final name."""
 
     def put(self, obj: bytes, filepath) -> None:
-        filepath = str(filepath)
-        folder = osp.dirname(osp.abspath(filepath))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(filepath)}.', suffix='.tmp', dir=folder)
-        try:
-            # mkstemp creates the file with mode 0600, which the rename would keep.
-            os.chmod(tmp, default_file_mode())
-            with os.fdopen(fd, 'wb') as f:
-                f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            if osp.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_file(str(filepath)) as f:
+            f.write(obj)
 
     def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
         self.put(obj.encode(encoding), filepath)

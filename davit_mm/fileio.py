@@ -7,6 +7,7 @@ distributed run only the local rank 0 of each node downloads; the other processe
 read the same file. Files are written under a temporary name and renamed into place, with the
 permissions a plain ``open()`` gives under the process umask.
 """
+import contextlib
 import hashlib
 import os
 import os.path as osp
@@ -14,6 +15,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from typing import BinaryIO, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,28 @@ def default_file_mode() -> int:
     umask = os.umask(0)  # the only way to read the umask is to set it
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = '.tmp') -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s content into: a temporary file in ``path``'s folder
+    (created if missing), with the mode a plain ``open()`` would give, flushed to disk and renamed
+    to ``path`` when the block ends (``os.replace`` is atomic). If the block raises, or the process
+    dies in it, ``path`` keeps what it held before and the temporary file is removed (after a kill:
+    left under a hidden name, never under ``path``)."""
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix=suffix, dir=folder)
+    try:
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would survive the rename
+        with os.fdopen(fd, 'wb') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
 
 
 class DownloadError(ValueError):
@@ -77,22 +101,14 @@ def download(url: str, dst: str, timeout: float) -> None:
     Raises:
         DownloadError: the URL cannot be reached or read within ``timeout`` seconds per attempt.
     """
-    folder = osp.dirname(dst)
-    os.makedirs(folder, exist_ok=True)
     print_log(f'Downloading {url} to {dst}', logger='current')
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(dst)}.', suffix='.part', dir=folder)
     try:
-        with os.fdopen(fd, 'wb') as out:
+        with atomic_file(dst, suffix='.part') as out:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 shutil.copyfileobj(response, out, length=1 << 20)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, dst)
     except (urllib.error.URLError, OSError, ValueError) as exc:  # socket.timeout is an OSError
         reason = getattr(exc, 'reason', None) or exc
         raise DownloadError(_offline_help(url, dst, f'{type(exc).__name__}: {reason}')) from exc
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
 
 
 def _local_rank() -> int:

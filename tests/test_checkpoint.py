@@ -1,6 +1,7 @@
 """Pretrained loading: every public format to identical outputs; every bad checkpoint to one clear error."""
 import contextlib
 import logging
+import os
 import os.path as osp
 import pickle
 import subprocess
@@ -325,6 +326,34 @@ def test_convert_tool_writes_a_davit_mm_checkpoint(tiny_arch, tmp_path):
     assert saved['meta']['source_format'] == 'timm'
     model = pretrained(tiny_arch, dst, format='davit_mm')
     assert_same_outputs(model, ref)
+
+
+def test_convert_tool_checks_where_it_writes_and_writes_all_or_nothing(tiny_arch, tmp_path,
+                                                                        monkeypatch):
+    """A folder as DST is refused before SRC is read; missing folders are created; a write that
+    fails part-way (here converting a file onto itself) leaves DST as it was, with no leftovers."""
+    from helpers import load_tool
+    ref = reference(tiny_arch, identity_norms=True)
+    src = tmp_path / 'timm.pth'
+    torch.save(formats.timm(ref.state_dict()), src)
+    result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                             str(src), str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: dst='{tmp_path}' is a folder; give the file to write"), result.stderr
+    tool = load_tool('convert_checkpoint.py')
+    tool.main([str(src), str(tmp_path / 'new' / 'folder' / 'out.pth')])
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / 'new' / 'folder' / 'out.pth'), ref)
+
+    before = src.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(os, 'fsync', fail)  # dies after torch.save wrote the bytes
+    with pytest.raises(OSError, match='disk full'):
+        tool.main([str(src), str(src)])
+    assert src.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['new', 'timm.pth']
 
 
 def test_convert_tool_rejects_a_non_davit_file(tmp_path):

@@ -16,6 +16,7 @@ printed; anything not recognised is refused with exit status 2.
   state is dropped.
 """
 import argparse
+import os
 import os.path as osp
 import sys
 
@@ -27,6 +28,7 @@ from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS,  # noqa: E402
                                  detect_format, detect_model_format, layout_format,
                                  read_checkpoint_and_meta)
 from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.fileio import atomic_file  # noqa: E402
 from davit_mm.version import __version__  # noqa: E402
 
 
@@ -41,6 +43,26 @@ def parse_args(argv=None):
     parser.add_argument('--backbone-only', action='store_true',
                         help='of a whole official detector/segmentor, write only the backbone')
     return parser.parse_args(argv)
+
+
+def check_destination(dst: str) -> None:
+    """Refuse a DST that cannot be written, before the (possibly long) read of SRC. Missing
+    folders on its path are created when it is written."""
+    if osp.isdir(dst):
+        raise ValueError(f'dst={dst!r} is a folder; give the file to write, e.g. '
+                         f'{osp.join(dst, "davit_converted.pth")}')
+    folder = osp.dirname(osp.abspath(dst))
+    while not osp.exists(folder):
+        folder = osp.dirname(folder)
+    if not osp.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'dst={dst!r} cannot be written: {folder!r} is not a writable folder')
+
+
+def save(checkpoint: dict, dst: str) -> None:
+    """``torch.save`` into DST under a temporary name, renamed into place when complete: a
+    run that fails or is killed while writing (DST may be SRC) leaves DST as it was."""
+    with atomic_file(dst) as f:
+        torch.save(checkpoint, f)
 
 
 def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> None:
@@ -63,12 +85,13 @@ def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> Non
           + (', palette' if 'palette' in dataset_meta else '') + '; converted_from: '
           + ', '.join(sorted(conversion.checkpoint['meta']['converted_from'])))
     conversion.checkpoint['meta']['converted_from']['davit_mm_version'] = __version__
-    torch.save(conversion.checkpoint, dst)
+    save(conversion.checkpoint, dst)
     print(f'wrote {len(converted)} tensors to {dst}')
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_destination(args.dst)
     state_dict, meta = read_checkpoint_and_meta(args.src)
     if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
             and detect_model_format(state_dict, meta)):
@@ -89,7 +112,7 @@ def main(argv=None) -> None:
     if ignored:
         print(f'ignored {ignored} tensors outside the backbone (not under prefix {prefix!r})')
     meta = dict(davit_mm_version=__version__, source=str(args.src), source_format=fmt)
-    torch.save({'state_dict': converted, 'meta': meta}, args.dst)
+    save({'state_dict': converted, 'meta': meta}, args.dst)
     print(f'wrote {len(converted)} tensors to {args.dst}')
 
 
