@@ -87,6 +87,27 @@ def check_device(device: str) -> None:
                          f'cuda:{count - 1}')
 
 
+def check_output_path(label: str, path: str, folder: bool) -> None:
+    """Refuse, before anything runs, an output location that cannot be written: a folder
+    (``folder``) that exists as a file, a file that exists as a folder, or a path whose nearest
+    existing parent is a file or not writable. Missing folders are left to be created.
+
+    Raises:
+        ValueError: naming ``label`` (the option or key), ``path`` and the problem.
+    """
+    if folder and osp.exists(path) and not osp.isdir(path):
+        raise ValueError(f'{label} {path!r} is a file, not a folder')
+    if not folder and osp.isdir(path):
+        raise ValueError(f'{label} {path!r} is a folder; give the file to write')
+    parent = osp.abspath(path if folder else osp.dirname(osp.abspath(path)))
+    while not osp.exists(parent):
+        parent = osp.dirname(parent)
+    if not osp.isdir(parent):
+        raise ValueError(f'{label} {path!r} cannot be created: {parent!r} is a file')
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f'{label} {path!r} cannot be written: no write permission in {parent!r}')
+
+
 def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
     """Refuse ``--cfg-options`` keys whose parent does not exist (typos would silently add keys).
 

@@ -339,7 +339,7 @@ def test_convert_tool_checks_where_it_writes_and_writes_all_or_nothing(tiny_arch
     result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'),
                              str(src), str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and result.stderr.startswith(
-        f"error: dst='{tmp_path}' is a folder; give the file to write"), result.stderr
+        f"error: dst '{tmp_path}' is a folder; give the file to write"), result.stderr
     tool = load_tool('convert_checkpoint.py')
     tool.main([str(src), str(tmp_path / 'new' / 'folder' / 'out.pth')])
     assert_same_outputs(pretrained(tiny_arch, tmp_path / 'new' / 'folder' / 'out.pth'), ref)

@@ -83,6 +83,38 @@ def test_check_device_accepts_cpu_and_the_gpus_the_machine_has(monkeypatch):
         cli.check_device('cuda')
 
 
+def test_check_output_path_refuses_what_cannot_be_written(tmp_path, monkeypatch):
+    afile = tmp_path / 'afile'
+    afile.write_bytes(b'')
+    cli.check_output_path('--work-dir', str(tmp_path / 'new' / 'deeper'), folder=True)  # created later
+    cli.check_output_path('--out', str(tmp_path / 'new' / 'preds.pkl'), folder=False)
+    cli.check_output_path('--out', str(afile), folder=False)  # overwritten, as a plain open would
+    for label, path, folder, problem in (
+            ('--work-dir', afile, True, 'is a file, not a folder'),
+            ('--out', tmp_path, False, 'is a folder; give the file to write'),
+            ('--out', afile / 'preds.pkl', False, f'cannot be created: {str(afile)!r} is a file'),
+            ('--show-dir', afile / 'a' / 'b', True, f'cannot be created: {str(afile)!r} is a file')):
+        with pytest.raises(ValueError, match=re.escape(f'{label} {str(path)!r} {problem}')):
+            cli.check_output_path(label, str(path), folder)
+    monkeypatch.setattr(os, 'access', lambda path, mode: False)  # as a user without write access
+    with pytest.raises(ValueError, match=re.escape(f'no write permission in {str(tmp_path)!r}')):
+        cli.check_output_path('--work-dir', str(tmp_path / 'w'), folder=True)
+
+
+@pytest.mark.parametrize('script,args,message', [
+    ('tools/train.py', [RETINANET, '--work-dir', 'afile'], "work_dir 'afile' is a file, not a folder"),
+    ('tools/test.py', [RETINANET, 'afile', '--out', 'afile/preds.pkl'],
+     "--out 'afile/preds.pkl' cannot be created"),
+    ('tools/test.py', [RETINANET, 'afile', '--work-dir', 'w', '--show-dir', '/dev/null/vis'],
+     "--show-dir '/dev/null/vis' cannot be created: '/dev/null' is a file"),
+])
+def test_train_and_test_refuse_output_paths_before_they_run(tmp_path, script, args, message):
+    """These failed with a traceback from mmengine's makedirs, or after the whole evaluation."""
+    (tmp_path / 'afile').write_bytes(b'')
+    result = _tool(script, args, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f'error: {message}'), result.stderr
+
+
 def test_traceback_on_request(tmp_path):
     result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), 'nope.py'], cwd=tmp_path,
                             capture_output=True, text=True, env=dict(os.environ, DAVIT_MM_TRACEBACK='1'))

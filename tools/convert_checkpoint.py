@@ -16,7 +16,6 @@ printed; anything not recognised is refused with exit status 2.
   state is dropped.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
@@ -27,7 +26,7 @@ from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS,  # noqa: E402
                                  convert_model_checkpoint, convert_state_dict, describe_state_dict,
                                  detect_format, detect_model_format, layout_format,
                                  read_checkpoint_and_meta)
-from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 from davit_mm.fileio import atomic_file  # noqa: E402
 from davit_mm.version import __version__  # noqa: E402
 
@@ -43,19 +42,6 @@ def parse_args(argv=None):
     parser.add_argument('--backbone-only', action='store_true',
                         help='of a whole official detector/segmentor, write only the backbone')
     return parser.parse_args(argv)
-
-
-def check_destination(dst: str) -> None:
-    """Refuse a DST that cannot be written, before the (possibly long) read of SRC. Missing
-    folders on its path are created when it is written."""
-    if osp.isdir(dst):
-        raise ValueError(f'dst={dst!r} is a folder; give the file to write, e.g. '
-                         f'{osp.join(dst, "davit_converted.pth")}')
-    folder = osp.dirname(osp.abspath(dst))
-    while not osp.exists(folder):
-        folder = osp.dirname(folder)
-    if not osp.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'dst={dst!r} cannot be written: {folder!r} is not a writable folder')
 
 
 def save(checkpoint: dict, dst: str) -> None:
@@ -91,7 +77,7 @@ def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> Non
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    check_destination(args.dst)
+    check_output_path('dst', args.dst, folder=False)  # before the (possibly long) read of SRC
     state_dict, meta = read_checkpoint_and_meta(args.src)
     if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
             and detect_model_format(state_dict, meta)):

@@ -18,8 +18,9 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
 from davit_mm.checks import preflight  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner, enable_tta,  # noqa: E402
-                          library_of, load_config, parse_launch_arguments, run_guarded, run_tool)
+from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
+                          enable_tta, library_of, load_config, parse_launch_arguments,
+                          run_guarded, run_tool)
 
 
 def parse_args(argv=None):
@@ -58,6 +59,12 @@ def main(argv=None):
         raise ValueError(f'checkpoint={args.checkpoint!r}: no such file')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
+    check_output_path('work_dir', cfg.work_dir, folder=True)
+    if args.out:  # mmseg writes label maps into a folder, mmdet one .pkl file
+        check_output_path('--out', args.out, folder=library == 'mmseg')
+    if args.show_dir:  # mmdet's hook draws into WORK_DIR/TIMESTAMP/SHOW_DIR
+        check_output_path('--show-dir', args.show_dir if library == 'mmseg' else
+                          osp.join(cfg.work_dir, args.show_dir), folder=True)
     preflight(cfg, ('test', ))
     cfg.load_from = args.checkpoint
     if args.show_dir:

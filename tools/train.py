@@ -14,8 +14,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from davit_mm.checkpoint import check_checkpoint_fits, latest_valid_checkpoint  # noqa: E402
 from davit_mm.checks import preflight  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner, load_config,  # noqa: E402
-                          parse_launch_arguments, run_guarded, run_tool)
+from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
+                          load_config, parse_launch_arguments, run_guarded, run_tool)
 from davit_mm.engine import seed_samples_by_position  # noqa: E402
 
 
@@ -36,6 +36,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    check_output_path('work_dir', cfg.work_dir, folder=True)
 
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
