@@ -188,7 +188,8 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
     the COCO tool's, with ``--coco-classes``).
 
     Raises:
-        ValueError: image counts below 1 (train) / 0 (val), objects below 1, sides below 32.
+        ValueError: image counts below 1 (train) / 0 (val), objects below 1, sides below 32,
+            an ``out_dir`` that cannot be written (:func:`davit_mm.cli.check_output_path`).
     """
     import argparse
     parser = argparse.ArgumentParser(description=description)
@@ -209,5 +210,7 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
             raise ValueError(f'--{name.replace("_", "-")} {getattr(args, name)}: accepted {least} or more')
     if min(args.size) < 32:
         raise ValueError(f'--size {args.size[0]} {args.size[1]}: accepted sides of 32 pixels or more')
+    from davit_mm.cli import check_output_path
+    check_output_path('out_dir', args.out_dir, folder=True)
     args.size = tuple(args.size)
     return args

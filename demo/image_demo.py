@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from davit_mm import compat  # noqa: E402
 from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
                                  read_training_checkpoint)
-from davit_mm.cli import (adapt_config_to_machine, check_device, library_of,  # noqa: E402
-                          load_config, run_tool)
+from davit_mm.cli import (adapt_config_to_machine, check_device, check_output_path,  # noqa: E402
+                          library_of, load_config, run_tool)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -72,6 +72,7 @@ def checked_inferencer(base: type, checkpoint: str) -> type:
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args.image, args.checkpoint, args.device)
+    check_output_path('--out-dir', args.out_dir, folder=True)
     cfg = load_config(args.config)
     adapt_config_to_machine(cfg)
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves

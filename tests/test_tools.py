@@ -218,12 +218,16 @@ def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
     image = data_dir / 'data' / 'synthetic_coco' / 'val2017' / '000001.jpg'
     empty = tmp_path / 'empty.pth'  # the inferencers' loader fails on it with a bare EOFError
     empty.write_bytes(b'')
+    weights = tmp_path / 'weights.pth'  # readable: the output folder's check comes next
+    torch.save({'state_dict': {}}, weights)
     cases = [([str(tmp_path / 'nope.jpg'), MASKRCNN, str(tmp_path)], 'no such file or folder'),
              ([str(tmp_path), MASKRCNN, str(tmp_path / 'x.pth')], 'holds no images'),
              ([str(image), MASKRCNN, str(tmp_path / 'x.pth')], "checkpoint='"),
              ([str(image), MASKRCNN, str(empty)], 'is not a PyTorch checkpoint'),
              ([str(image), MASKRCNN, str(empty), '--device', 'tpu'],
-              '--device tpu: accepted cpu, cuda or cuda:N')]
+              '--device tpu: accepted cpu, cuda or cuda:N'),
+             ([str(image), MASKRCNN, str(weights), '--device', 'cpu', '--out-dir', str(empty / 'o')],
+              f"--out-dir {str(empty / 'o')!r} cannot be created: {str(empty)!r} is a file")]
     if not torch.cuda.is_available():
         cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
     for args, message in cases:

@@ -77,7 +77,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
-from davit_mm.cli import check_device  # noqa: E402
+from davit_mm.cli import check_device, check_output_path  # noqa: E402
 from davit_mm.models import DaViT  # noqa: E402
 from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
 
@@ -148,6 +148,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
+        if args.json:  # written at the end, after all the measuring
+            check_output_path('--json', args.json, folder=False)
     except ValueError as exc:
         parser.error(str(exc))
     if args.threads is not None and args.threads < 1:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 
 # The official README's numbers (box/mask mAP on COCO val2017, mIoU on ADE20K val).
 _SIZES = {'t': ('', 'Tiny'), 's': ('small_', 'Small'), 'b': ('base_', 'Base')}
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         raise ValueError(f'--gpus {args.gpus}: must be a positive integer')
     if not osp.isdir(args.checkpoint_dir):
         raise ValueError(f'--checkpoint-dir {args.checkpoint_dir!r}: no such folder')
+    check_output_path('--out', args.out, folder=False)
+    check_output_path('--work-dir', args.work_dir, folder=True)
     rows = load_rows(args)
     lines = ['| model | config | checkpoint | metric | published | measured | difference |',
              '|---|---|---|---|---|---|---|']

@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 from plot_loss import read_scalars  # noqa: E402  (tools/analysis/plot_loss.py)
 
 BENCHMARK = osp.join(REPO, 'tools', 'analysis', 'benchmark.py')
@@ -392,6 +392,9 @@ def parse_args(argv=None):
         raise ValueError(f'--budget {args.budget:g}: accepted {MIN_STEP_S} seconds or more')
     if not args.list and not args.out:
         raise ValueError('--out is required (where the results go), except with --list')
+    for label, folder in (('--out', args.out), ('--work-dir', args.work_dir)):
+        if folder and not args.list:
+            check_output_path(label, folder, folder=True)
     return args
 
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from davit_mm.cli import run_tool  # noqa: E402
+from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 
 SERIES = (('ours', 'davit_mm', '#1f77b4'), ('reference', 'reference (official code)', '#d62728'))
 
@@ -69,6 +69,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not osp.isfile(args.json):
         raise ValueError(f'json={args.json!r}: no such file')
+    check_output_path('--out', args.out, folder=False)
     with open(args.json) as f:
         rows = json.load(f)  # a JSONDecodeError is a ValueError
     if isinstance(rows, dict):  # {'machine': ..., 'rows': [...]}; older files hold the list only
