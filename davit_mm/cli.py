@@ -79,10 +79,10 @@ def check_device(device: str) -> None:
         return
     if match is None:
         raise ValueError(f'--device {device}: accepted cpu, cuda or cuda:N')
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
+    if not torch.cuda.is_available():
         raise ValueError(f'--device {device}: this machine has no CUDA device; use --device cpu')
-    if int(match.group(1) or 0) >= count:
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
         raise ValueError(f'--device {device}: this machine has {count} CUDA device(s), cuda:0 to '
                          f'cuda:{count - 1}')
 
