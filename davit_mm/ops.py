@@ -528,8 +528,8 @@ class _SplitHeadsFunction(torch.autograd.Function):
 
 
 def _head_views(x: torch.Tensor, parts: int, heads: int) -> Tuple[torch.Tensor, ...]:
-    B, N, _ = x.shape
-    return x.view(B, N, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    B, N, width = x.shape
+    return x.view(B, N, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def split_heads(x: torch.Tensor, parts: int, heads: int) -> Tuple[torch.Tensor, ...]:

@@ -1,4 +1,5 @@
 """The DaViT backbone: shapes, official numerics, fast paths, freezing, checkpointing, bad input."""
+import contextlib
 import os.path as osp
 
 import pytest
@@ -512,6 +513,22 @@ def test_mmengine_weight_init_types_in_init_cfg_initialise_the_model():
 def test_input_of_wrong_rank_or_channels_is_rejected(tiny_arch, shape):
     with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\) tensor, got shape'):
         DaViT(tiny_arch)(torch.randn(shape))
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_an_empty_batch_gives_empty_maps_forward_and_backward(tiny_arch, fast):
+    """A batch of 0 images (as PyTorch's own layers take it) failed in a reshape with -1."""
+    from davit_mm import ops
+    model = DaViT(tiny_arch, drop_path_rate=0.1)
+    x = torch.randn(0, 3, 40, 56, requires_grad=True)
+    with ops.plain_kernels() if not fast else contextlib.nullcontext():
+        for training in (False, True):
+            outs = model.train(training)(x)
+            assert [tuple(o.shape) for o in outs] == [
+                (0, 16 * 2 ** i, -(-40 // 2 ** (i + 2)), -(-56 // 2 ** (i + 2))) for i in range(4)]
+        sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
 def test_in_channels_accepts_other_inputs(tiny_arch):

@@ -228,7 +228,8 @@ class WindowAttention(_ProjectedAttention):
         ws, heads = self.window_size, self.num_heads
         Hp, Wp = nh * ws, nw * ws
         # Partition: (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C); one copy.
-        windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        windows = x.view(B, nh, ws, nw, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(
+            B * nh * nw, ws * ws, C)
         q, k, v = self._qkv(windows, heads)
         if self.fused:
             out = ops.attention(q, k, v)
