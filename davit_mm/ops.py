@@ -802,6 +802,8 @@ def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.T
     out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
     pixels = B * H * W
     grid = (kernels.cdiv(pixels, _TILE_PIXELS), kernels.cdiv(C, _TILE_CHANNELS))
+    if pixels == 0:  # an empty batch: nothing to launch
+        return out
     taps = weight.reshape(C, -1).t().contiguous()  # (K * K, C): a tap's weights load as vectors
     with _on_device(x):
         kernels.conv[grid](x, taps, taps if bias is None else bias, out,
@@ -858,11 +860,12 @@ class _TritonDepthwiseFunction(torch.autograd.Function):
             programs = min(blocks, _WEIGHT_GRAD_PROGRAMS)
             taps = kernels.next_power_of_2(K * K + 1)
             partial = grad.new_empty((programs, taps, C), dtype=torch.float32)
-            with _on_device(grad):
-                kernels.weight_grad[(programs, kernels.cdiv(C, _TILE_CHANNELS))](
-                    grad, x, partial, B * H * W, H, W, C, blocks, K=K, TAPS=taps,
-                    WIDE=grad.numel() >= _WIDE_FROM, BLOCK_P=_TILE_PIXELS, BLOCK_C=_TILE_CHANNELS,
-                    num_warps=_TILE_WARPS)
+            if programs:  # none for an empty batch, whose sums are zero
+                with _on_device(grad):
+                    kernels.weight_grad[(programs, kernels.cdiv(C, _TILE_CHANNELS))](
+                        grad, x, partial, B * H * W, H, W, C, blocks, K=K, TAPS=taps,
+                        WIDE=grad.numel() >= _WIDE_FROM, BLOCK_P=_TILE_PIXELS,
+                        BLOCK_C=_TILE_CHANNELS, num_warps=_TILE_WARPS)
             sums = partial.sum(0)
             grad_w = sums[:K * K].t().reshape(weight.shape).to(weight.dtype) if need[1] else None
             grad_b = sums[K * K].to(weight.dtype) if need[2] and ctx.has_bias else None

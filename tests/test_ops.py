@@ -994,6 +994,27 @@ def test_the_triton_depthwise_kernels_are_the_convolution(interpreted_kernels, m
         assert (a - b).abs().max() <= 1e-5 * max(1., b.abs().max().item())
 
 
+def test_the_triton_function_launches_nothing_for_an_empty_batch():
+    """A batch of 0 maps gives an empty output and input gradient and zero weight and bias
+    gradients without a kernel launch (a grid of 0 programs)."""
+    from types import SimpleNamespace
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError(f'launched with grid {grid}')
+
+    kernels = SimpleNamespace(conv=NoLaunch(), weight_grad=NoLaunch(), cdiv=lambda a, b: -(-a // b),
+                              next_power_of_2=lambda n: 1 << (n - 1).bit_length())
+    conv = nn.Conv2d(40, 40, 3, padding=1, groups=40)
+    x = _channels_last_map(0, 40, 9, 13).requires_grad_()
+    out = ops._TritonDepthwiseFunction.apply(x, conv.weight, conv.bias, True, kernels)
+    out.sum().backward()
+    assert out.shape == x.grad.shape == (0, 40, 9, 13)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.grad.shape == conv.weight.shape and not conv.weight.grad.any()
+    assert conv.bias.grad.shape == conv.bias.shape and not conv.bias.grad.any()
+
+
 @needs_triton
 def test_the_triton_kernels_with_64_bit_offsets_are_the_convolution(interpreted_kernels,
                                                                     monkeypatch):
