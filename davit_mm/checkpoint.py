@@ -15,7 +15,6 @@ naming the first offending keys. A backbone may lack only its output norms ``nor
 classification checkpoints never contain (they are reported in one line).
 """
 import argparse
-import contextlib
 import glob
 import os
 import os.path as osp
@@ -130,10 +129,8 @@ def _read_torch_file(path: str, map_location='cpu') -> object:
     # carry their argparse Namespace, mmengine's runner its message hub: plain data, allowed here
     # for this read only. torch < 2.5 has no safe_globals: such files are then refused with the
     # re-save advice below.
-    allowed = (torch.serialization.safe_globals([argparse.Namespace, *compat.runner_checkpoint_globals()])
-               if hasattr(torch.serialization, 'safe_globals') else contextlib.nullcontext())
     try:
-        with allowed:
+        with compat.globals_allowed([argparse.Namespace, *compat.runner_checkpoint_globals()]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()

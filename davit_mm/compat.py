@@ -13,7 +13,7 @@ import contextlib
 import os.path as osp
 import pickle
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import ContextManager, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -97,11 +97,24 @@ def runner_checkpoint_globals() -> List[object]:
 
 
 @contextlib.contextmanager
-def runner_checkpoints_readable() -> Iterator[None]:
-    """Within this block, ``torch.load`` (weights_only) reads mmengine's runner checkpoints."""
-    allowed = runner_checkpoint_globals()
-    with torch.serialization.safe_globals(allowed) if allowed else contextlib.nullcontext():
+def globals_allowed(objects: List[object]) -> Iterator[None]:
+    """Within this block ``torch.load`` (weights_only) also accepts ``objects`` (torch >= 2.5;
+    older torch has no ``safe_globals`` and the block allows nothing more). Only the objects not
+    allowed yet are added, and only they are removed at the end: torch's ``safe_globals`` removes
+    all it was given when its block ends, so an inner block naming an object would disallow it
+    for the rest of an outer one."""
+    if not hasattr(torch.serialization, 'safe_globals'):
         yield
+        return
+    allowed = torch.serialization.get_safe_globals()
+    new = [obj for obj in objects if obj not in allowed]
+    with torch.serialization.safe_globals(new) if new else contextlib.nullcontext():
+        yield
+
+
+def runner_checkpoints_readable() -> ContextManager[None]:
+    """Within this block, ``torch.load`` (weights_only) reads mmengine's runner checkpoints."""
+    return globals_allowed(runner_checkpoint_globals())
 
 
 # ------------------------------------------------------------------------------- mmcv images

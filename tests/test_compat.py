@@ -131,3 +131,31 @@ def test_runner_checkpoints_are_readable_inside_the_scope_only(tmp_path):
         assert torch.load(path)['meta']['buffer'].mean() == 1.5
     with pytest.raises(Exception, match='Weights only load failed'):
         torch.load(path)
+
+
+def test_a_davit_mm_read_inside_the_scope_leaves_the_scope_whole(tmp_path):
+    """davit_mm's own checkpoint read allows the same globals for its read: leaving it must not
+    take them from an enclosing scope (torch's safe_globals removes on exit all it was given;
+    image_demo.py reads the checkpoint inside the scope and then lets mmengine's loader read it)."""
+    from davit_mm.checkpoint import read_file
+    path = osp.join(tmp_path, 'hub.pth')
+    buffer = HistoryBuffer()
+    buffer.update(1.0)
+    torch.save({'state_dict': {}, 'meta': {'buffer': buffer}}, path)
+    with compat.runner_checkpoints_readable():
+        read_file(path)
+        assert torch.load(path)['meta']['buffer'].mean() == 1.0
+    assert HistoryBuffer not in torch.serialization.get_safe_globals()
+
+
+def test_nested_blocks_allowing_the_same_global_keep_it_for_the_outer_one():
+    class Marker:
+        pass
+
+    import argparse
+    with compat.globals_allowed([Marker]):
+        with compat.globals_allowed([Marker, argparse.Namespace]):
+            assert {Marker, argparse.Namespace} <= set(torch.serialization.get_safe_globals())
+        assert Marker in torch.serialization.get_safe_globals()
+        assert argparse.Namespace not in torch.serialization.get_safe_globals()
+    assert Marker not in torch.serialization.get_safe_globals()
