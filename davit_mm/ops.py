@@ -801,9 +801,9 @@ def _launch_depthwise(kernels: SimpleNamespace, x: torch.Tensor, weight: torch.T
     B, C, H, W = x.shape
     out = torch.empty_like(x, dtype=out_dtype, memory_format=torch.channels_last)
     pixels = B * H * W
-    grid = (kernels.cdiv(pixels, _TILE_PIXELS), kernels.cdiv(C, _TILE_CHANNELS))
     if pixels == 0:  # an empty batch: nothing to launch
         return out
+    grid = (kernels.cdiv(pixels, _TILE_PIXELS), kernels.cdiv(C, _TILE_CHANNELS))
     taps = weight.reshape(C, -1).t().contiguous()  # (K * K, C): a tap's weights load as vectors
     with _on_device(x):
         kernels.conv[grid](x, taps, taps if bias is None else bias, out,
