@@ -18,8 +18,9 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
   in cache-sized blocks of tokens; oneDNN gets the weights it would reorder at every call or
   block packed once per call (the inference MLP's, :data:`_PACK_MLP_WEIGHTS`; the training
-  MLP's fc2, :data:`_PACK_FORWARD_WEIGHTS`; with AVX2 kernels the training MLP backward's,
-  :data:`_PACK_MLP_BACKWARD_WEIGHTS`); window attention in bf16/fp16 as three plain steps
+  forward's, :data:`_PACK_FORWARD_WEIGHTS`; with AVX2 kernels the training MLP backward's,
+  :data:`_PACK_MLP_BACKWARD_WEIGHTS`; a weight that serves one call only over
+  :data:`_PACK_MIN_ROWS` rows or more); window attention in bf16/fp16 as three plain steps
   instead of PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN
   already), with the position encodings' residual addition fused into oneDNN's convolution at
   inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training
@@ -137,22 +138,27 @@ _ONEDNN_PACK = getattr(_private_onednn_op('_reorder_linear_weight', 'default'), 
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
 # beside it).
 _PACK_MLP_WEIGHTS = True
-# Whether the blocked fc2 of the training MLP takes its weight packed once per forward (for a
-# block's rows) rather than plain, which oneDNN reorders at every block. The training linears
-# that make one call per forward take their weights plain: packing them as well cost a
-# DaViT-T training step 5% to 8% at 224 x 224 and 512 x 512 on a Zen 4 CPU (the reorder and its
-# set-up, paid again at every call, outweigh what it saves over few rows) and bought nothing
-# measurable at 800 x 1216 (docs/benchmark.md; ``tools/analysis/benchmark.py
-# --unpacked-weights`` times the plain weights beside it).
+# Whether oneDNN's training linears take their weight packed once per call (for the call's rows)
+# rather than plain, which oneDNN reorders itself (the blocked fc2: at every block). On a Zen 4
+# CPU DaViT-T's training step took 2.1% (AVX-512 kernels) and 2.4% (AVX2) less time so with
+# glibc's default allocator, and within 1% of the plain weights' with memory kept
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --unpacked-weights`` times the plain weights
+# beside it).
 _PACK_FORWARD_WEIGHTS = True
-# Whether the blocked backward of the training MLP hands oneDNN the transposed weights of its
-# input gradients packed once per backward rather than as transposed views, which oneDNN
-# reorders at every block. DaViT-T's training step took 3-5% less time so on a Zen 4 CPU held to
-# AVX2, and 1% more with AVX-512 kernels, which keep the views (docs/benchmark.md;
-# ``tools/analysis/benchmark.py --other-linears`` times the other choice beside it). A backward
-# in one pass (a small map) multiplies by each weight once and takes the views: packing them
-# there cost the AVX2 training step at 224 x 224 a tenth more time.
+# Whether the training MLP's backward hands oneDNN the transposed weights of its input gradients
+# packed once per backward rather than as transposed views, which oneDNN reorders at every call
+# (at every block of the blocked backward). DaViT-T's training step took 3-5% less time so on a
+# Zen 4 CPU held to AVX2, and 1% more with AVX-512 kernels, which keep the views
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --other-linears`` times the other choice
+# beside it).
 _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
+# The fewest rows over which a weight that serves one call (rather than every block of a blocked
+# MLP) is packed for it. Packing costs a reorder and its set-up, which a call over few rows does
+# not earn back: on a Zen 4 CPU, with packing for every call DaViT-T's training step took 9%
+# (AVX-512 kernels) and 22% (AVX2) longer at 224 x 224, 1% and 5% at 512 x 512, and the same
+# time at 800 x 1216 (docs/benchmark.md; ``tools/analysis/benchmark.py --pack-every-call``
+# times packing for every call beside it).
+_PACK_MIN_ROWS = 4096
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
@@ -274,12 +280,20 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return _ONEDNN_LINEAR.default(x, weight, bias, activation, [], 'none')
 
 
-def _packed(weight: torch.Tensor, rows: int, pack: bool) -> torch.Tensor:
-    """``weight`` for oneDNN's linear over ``rows`` rows: with ``pack`` (and torch's reorder),
-    reordered once into oneDNN's blocked layout, which a plain weight would be at every call."""
-    if pack and _ONEDNN_PACK is not None:
+def _packed(weight: torch.Tensor, rows: int, pack: bool, single_call: bool = False
+            ) -> torch.Tensor:
+    """``weight`` for oneDNN's linear over ``rows`` rows a call: with ``pack`` (and torch's
+    reorder), reordered once into oneDNN's blocked layout, which a plain weight would be at every
+    call. For a weight that serves a ``single_call``, only over :data:`_PACK_MIN_ROWS` rows or
+    more, where that pays."""
+    if pack and _ONEDNN_PACK is not None and (not single_call or rows >= _PACK_MIN_ROWS):
         return _ONEDNN_PACK(weight.contiguous(), rows)
     return weight
+
+
+def _rows(x: torch.Tensor) -> int:
+    """The rows a linear over ``x``'s last dimension multiplies."""
+    return x.numel() // max(x.shape[-1], 1)
 
 
 def _inference_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -318,13 +332,15 @@ def _inference_linear_add(x: torch.Tensor, residual: torch.Tensor, weight: torch
     return out.addmm_(x.reshape(-1, x.shape[-1]), weight.t()).view(out_shape)
 
 
-def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True):
+def _linear_backward(ctx, grad, x, weight, first: int = 0, onednn: bool = True,
+                     weight_t: Optional[torch.Tensor] = None):
     """Gradients of ``x @ weight.T + bias`` for inputs ``first .. first + 2`` of ``ctx``; with
-    ``onednn``, the input gradient is oneDNN's product of ``grad`` and ``weight.T``."""
+    ``onednn``, ``weight_t`` (default ``weight.T``) is what oneDNN multiplies ``grad`` by."""
     need = ctx.needs_input_grad[first:first + 3]
     grad_x = None
     if need[0]:  # grad @ weight
-        grad_x = _onednn(grad, weight.t(), None) if onednn else grad.matmul(weight)
+        grad_x = (_onednn(grad, weight.t() if weight_t is None else weight_t, None) if onednn
+                  else grad.matmul(weight))
     flat = grad.reshape(-1, grad.shape[-1])
     grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])) if need[1] else None
     grad_b = flat.sum(0) if need[2] else None
@@ -338,7 +354,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _onednn(x, weight, bias)
+        weight_for_call = _packed(weight, _rows(x), _PACK_FORWARD_WEIGHTS, single_call=True)
+        return _onednn(x, weight_for_call, bias)
 
     @staticmethod
     @_first_order_only
@@ -365,15 +382,15 @@ class _LeanMlpFunction(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, onednn: bool):
         matmul = _onednn if onednn else F.linear
         ctx.onednn = onednn
-        pre = matmul(x, w1, b1)
+        pack, rows = onednn and _PACK_FORWARD_WEIGHTS, _rows(x)
+        pre = matmul(x, _packed(w1, rows, pack, single_call=True), b1)
         ctx.save_for_backward(x, w1, pre, w2)
         ctx.blocks = blocks = _training_mlp_blocks(pre) if onednn else None
         if blocks is None:
-            return matmul(F.gelu(pre), w2, b2)
+            return matmul(F.gelu(pre), _packed(w2, rows, pack, single_call=True), b2)
         hidden = pre.reshape(-1, pre.shape[-1])
         out = pre.new_empty(hidden.shape[0], w2.shape[0])
-        # fc2 makes one call per block: its weight packed once (see _PACK_FORWARD_WEIGHTS).
-        w2 = _packed(w2, blocks[0].stop - blocks[0].start, _PACK_FORWARD_WEIGHTS)
+        w2 = _packed(w2, blocks[0].stop - blocks[0].start, pack)
         for block in blocks:  # GELU's output stays in cache for fc2
             out[block] = _onednn(F.gelu(hidden[block]), w2, b2)
         return out.view(*pre.shape[:-1], out.shape[-1])
@@ -393,10 +410,12 @@ class _LeanMlpFunction(torch.autograd.Function):
             del hidden  # before the next wide tensor is allocated
         if need[4]:
             grad_b2 = flat.sum(0)
-        # One call per weight: oneDNN takes the transposed views (see _PACK_MLP_BACKWARD_WEIGHTS).
-        grad_pre = _onednn(grad, w2.t(), None) if ctx.onednn else grad.matmul(w2)
+        w2_t, w1_t = (_backward_weights(w1, w2, flat.shape[0], need[0], single_call=True)
+                      if ctx.onednn else (None, None))
+        grad_pre = _onednn(grad, w2_t, None) if ctx.onednn else grad.matmul(w2)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, grad_input=grad_pre)  # in place
-        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn)
+        grad_x, grad_w1, grad_b1 = _linear_backward(ctx, grad_pre, x, w1, onednn=ctx.onednn,
+                                                    weight_t=w1_t)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
@@ -412,13 +431,14 @@ def _training_mlp_blocks(pre: torch.Tensor) -> Optional[List[slice]]:
     return blocks if len(blocks) >= 3 else None
 
 
-def _backward_weights(w1: torch.Tensor, w2: torch.Tensor, rows: int, input_grad: bool
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """What oneDNN multiplies the MLP's gradients by for blocks of ``rows`` tokens: ``w2.T``
-    and, for the input gradient, ``w1.T``; packed once (:data:`_PACK_MLP_BACKWARD_WEIGHTS`) or
-    as transposed views."""
+def _backward_weights(w1: torch.Tensor, w2: torch.Tensor, rows: int, input_grad: bool,
+                      single_call: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What oneDNN multiplies the MLP's gradients by for blocks of ``rows`` tokens (or all of
+    them in a ``single_call``): ``w2.T`` and, for the input gradient, ``w1.T``; packed once
+    (:data:`_PACK_MLP_BACKWARD_WEIGHTS`, see :func:`_packed`) or as transposed views."""
     pack = _PACK_MLP_BACKWARD_WEIGHTS
-    return _packed(w2.t(), rows, pack), _packed(w1.t(), rows, pack and input_grad)
+    return (_packed(w2.t(), rows, pack, single_call),
+            _packed(w1.t(), rows, pack and input_grad, single_call))
 
 
 def _lean_mlp_backward_in_blocks(need: Sequence[bool], grad: torch.Tensor, x: torch.Tensor,

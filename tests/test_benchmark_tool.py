@@ -306,14 +306,18 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
      lambda before: not before),
     ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', '_PACK_FORWARD_WEIGHTS'),
      'weight layout', lambda before: False),
-], ids=['other-linears', 'unpacked-weights'])
+    ('--pack-every-call', 'ours_pack_every_call', ('_PACK_MIN_ROWS',), 'weight layout',
+     lambda before: 0),
+], ids=['other-linears', 'unpacked-weights', 'pack-every-call'])
 @pytest.mark.parametrize('before', [True, False])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
                                                           attributes, what, during, before):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
     with the other choices of CPU linear kernel, --unpacked-weights (behind packing the weights
-    of the inference MLP and of the training forward) with the weights handed to oneDNN plain;
-    each puts the choices back after, and on a GPU it is refused, saying why."""
+    of the inference MLP and of the training forward) with the weights handed to oneDNN plain,
+    --pack-every-call (behind ops._PACK_MIN_ROWS, here set to the stand-ins 1 and 0) with the
+    weights packed for every call; each puts the choices back after, and on a GPU it is refused,
+    saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
     for attribute in attributes:

@@ -412,22 +412,23 @@ def test_cpu_training_mlp_in_blocks_of_tokens_matches_autograd_of_the_plain_ops(
 
 
 @onednn
-@pytest.mark.parametrize('blocked', [True, False])
+@pytest.mark.parametrize('blocked', ['blocked', 'one pass, many rows', 'one pass, few rows'])
 @pytest.mark.parametrize('input_grad', [True, False])
 def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monkeypatch, blocked,
                                                                              input_grad):
-    """With :data:`ops._PACK_MLP_BACKWARD_WEIGHTS` (AVX2 kernels) the blocked training MLP's
-    backward packs fc2's transposed weight, and fc1's where the input takes a gradient, once per
-    backward for the rows of a full block; a backward in one pass, which multiplies by each
-    weight once, and any backward without the switch pack none. The gradients are the same
-    either way."""
+    """With :data:`ops._PACK_MLP_BACKWARD_WEIGHTS` (AVX2 kernels) the training MLP's backward
+    packs fc2's transposed weight, and fc1's where the input takes a gradient, once per backward
+    for the rows of a full block; a backward in one pass, which multiplies by each weight once,
+    only over :data:`ops._PACK_MIN_ROWS` tokens or more; without the switch, none. The gradients
+    are the same either way."""
     if ops._ONEDNN_PACK is None:
         pytest.skip('this torch has no oneDNN weight reorder')
     torch.manual_seed(0)
     monkeypatch.setattr(ops, 'BLOCK_BYTES', 1)  # the smallest block: 64 tokens per thread
     monkeypatch.setattr(ops, '_PACK_FORWARD_WEIGHTS', False)  # the forward's packs: below
     rows = 64 * torch.get_num_threads()
-    tokens = 3 * rows + 5 if blocked else 2 * rows
+    tokens = 3 * rows + 5 if blocked == 'blocked' else 2 * rows
+    monkeypatch.setattr(ops, '_PACK_MIN_ROWS', tokens + (blocked == 'one pass, few rows'))
     mlp = davit_module.Mlp(16, 64)
     x = torch.randn(1, tokens, 16, requires_grad=input_grad)
     packs, pack = [], ops._ONEDNN_PACK
@@ -440,10 +441,11 @@ def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monk
     monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', True)
     packed = grads()
     expected = [mlp.fc2.weight.t()] + ([mlp.fc1.weight.t()] if input_grad else [])
-    expected = expected if blocked else []
+    expected = [] if blocked == 'one pass, few rows' else expected
     assert len(packs) == len(expected)
     for (w, n), want in zip(packs, expected):
-        assert torch.equal(w, want) and w.is_contiguous() and n == rows
+        assert torch.equal(w, want) and w.is_contiguous()
+        assert n == (rows if blocked == 'blocked' else tokens)
     monkeypatch.setattr(ops, '_PACK_MLP_BACKWARD_WEIGHTS', False)
     views = grads()
     assert len(packs) == len(expected)  # none with the switch off
@@ -452,13 +454,15 @@ def test_cpu_training_mlp_backward_packs_its_weights_once_with_avx2_kernels(monk
 
 
 @onednn
+@pytest.mark.parametrize('many_rows', [True, False])
 @pytest.mark.parametrize('layer', ['linear', 'mlp', 'blocked mlp'])
-def test_cpu_training_forward_packs_only_the_blocked_fc2_weight_bit_identically(monkeypatch,
-                                                                                 layer):
-    """With :data:`ops._PACK_FORWARD_WEIGHTS` the blocked training MLP's fc2, which oneDNN calls
-    once per block, gets its weight packed once for a full block's rows; linears called once per
-    forward (every other training linear, and fc2 of an MLP in one pass) take it plain. Outputs
-    and gradients are bit-identical, and with the switch off nothing is packed."""
+def test_cpu_training_forward_packs_its_weights_where_that_pays_bit_identically(monkeypatch, layer,
+                                                                                many_rows):
+    """With :data:`ops._PACK_FORWARD_WEIGHTS` oneDNN's training linears get their weights packed
+    once per call, for the call's rows: the blocked MLP's fc2, called at every block, for a full
+    block's rows; a weight that serves one call only where the call multiplies
+    :data:`ops._PACK_MIN_ROWS` rows or more (plain below). Outputs and gradients are
+    bit-identical, and with the switch off nothing is packed."""
     if ops._ONEDNN_PACK is None:
         pytest.skip('this torch has no oneDNN weight reorder')
     torch.manual_seed(0)
@@ -467,13 +471,20 @@ def test_cpu_training_forward_packs_only_the_blocked_fc2_weight_bit_identically(
     rows = 64 * torch.get_num_threads()
     tokens = 3 * rows + 5 if layer == 'blocked mlp' else 2 * rows
     x = torch.randn(2, tokens // 2, 16, requires_grad=True)[:, 1:]
+    tokens = 2 * (tokens // 2 - 1)
+    monkeypatch.setattr(ops, '_PACK_MIN_ROWS', tokens if many_rows else tokens + 1)
     if layer == 'linear':
         module = nn.Linear(16, 24)
-        forward, expected = (lambda t: ops.linear(t, module)), []
+        forward = lambda t: ops.linear(t, module)  # noqa: E731
+        expected = [(module.weight, tokens)] if many_rows else []
     else:
         module = davit_module.Mlp(16, 64)
         forward = module
-        expected = [(module.fc2.weight, rows)] if layer == 'blocked mlp' else []
+        expected = [(module.fc1.weight, tokens)] if many_rows else []
+        if layer == 'blocked mlp':  # called at every block: packed however few the rows
+            expected.append((module.fc2.weight, rows))
+        elif many_rows:
+            expected.append((module.fc2.weight, tokens))
     packs, pack = [], ops._ONEDNN_PACK
     monkeypatch.setattr(ops, '_ONEDNN_PACK', lambda w, n: packs.append((w, n)) or pack(w, n))
 

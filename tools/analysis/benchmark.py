@@ -3,7 +3,8 @@
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
         [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
-        [--other-linears] [--unpacked-weights] [--timm] [--profile] [--threads N] [--json OUT]
+        [--other-linears] [--unpacked-weights] [--pack-every-call] [--timm] [--profile]
+        [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
     python tools/analysis/benchmark.py --config CONFIG [--sizes 800x1333] [--batch 2]
@@ -35,7 +36,9 @@ transposed weight views where AVX2 kernels take packed weights, and the other wa
 (training linears are oneDNN's either way),
 ``--unpacked-weights`` (CPU) ours with the inference MLP's and the training forward's weights
 handed to oneDNN plain, to be reordered at every call or block, rather than packed once per
-call, ``--compile``
+call, ``--pack-every-call`` (CPU) ours with the weights of training linears that make one call
+packed for every call, however few rows it multiplies (davit_mm packs them from
+``davit_mm.ops._PACK_MIN_ROWS`` rows), ``--compile``
 ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
@@ -137,6 +140,10 @@ def parse_args(argv=None):
                         help="CPU: also time ours with the inference MLP's and the training "
                              "forward's weights handed to oneDNN plain (reordered at every "
                              "call or block) instead of packed once per call")
+    parser.add_argument('--pack-every-call', action='store_true',
+                        help="CPU: also time ours with the weights of training linears that make "
+                             "one call packed for every call, however few rows it multiplies "
+                             "(davit_mm packs them from davit_mm.ops._PACK_MIN_ROWS rows)")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -158,7 +165,8 @@ def parse_args(argv=None):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')
     for flag, given, what in (('--other-linears', args.other_linears, 'linear kernel'),
-                              ('--unpacked-weights', args.unpacked_weights, 'weight layout')):
+                              ('--unpacked-weights', args.unpacked_weights, 'weight layout'),
+                              ('--pack-every-call', args.pack_every_call, 'weight layout')):
         if given and args.device != 'cpu':
             parser.error(f'{flag}: the choice of {what} is the CPU\'s, not '
                          f'--device {args.device}\'s')
@@ -485,10 +493,17 @@ def unpacked_weights(fn: Callable) -> Callable:
     return _with_ops_attributes(fn, _PACK_MLP_WEIGHTS=False, _PACK_FORWARD_WEIGHTS=False)
 
 
+def pack_every_call(fn: Callable) -> Callable:
+    """``fn`` run with the weights of oneDNN's training linears that make one call packed for it
+    however few rows it multiplies (:data:`davit_mm.ops._PACK_MIN_ROWS` 0)."""
+    return _with_ops_attributes(fn, _PACK_MIN_ROWS=0)
+
+
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
 # name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
-                   'ours_other_linears': other_linears, 'ours_unpacked_weights': unpacked_weights}
+                   'ours_other_linears': other_linears, 'ours_unpacked_weights': unpacked_weights,
+                   'ours_pack_every_call': pack_every_call}
 
 
 def with_kernels(impl: str, fn: Callable) -> Callable:
