@@ -19,6 +19,7 @@ import glob
 import os
 import os.path as osp
 import pickle
+import pickletools
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from mmengine.logging import print_log
 
 from . import compat
-from .fileio import resolve_checkpoint
+from .fileio import HEAD_BYTES, file_kind, resolve_checkpoint
 from .formats import (CLASSIFIER_KEY, DUAL_ATTENTION_BLOCK, FORMATS, LAYOUTS, MODEL_FORMATS,
                       OTHER_MODELS, Layout)
 
@@ -64,14 +65,50 @@ def read_file(path: str, map_location: Union[str, torch.device] = 'cpu') -> obje
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'checkpoint must be a path (str), got {type(path).__name__}: {path!r}')
-    path = resolve_checkpoint(os.fspath(path))  # a URL: its cached or downloaded copy
+    check_map_location(map_location)
+    url = os.fspath(path)
+    path = resolve_checkpoint(url)  # a URL: its cached or downloaded copy
     if not osp.exists(path):
         raise CheckpointError(f'checkpoint={path!r}: no such file')
     if not osp.isfile(path):
         raise CheckpointError(f'checkpoint={path!r} is not a regular file')
-    if path.endswith('.safetensors'):
-        return _read_safetensors(path, map_location)
-    return _read_torch_file(path, map_location)
+    with open(path, 'rb') as f:
+        kind = file_kind(f.read(HEAD_BYTES), osp.getsize(path))
+    try:
+        if kind is None:
+            raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
+                                  f'torch.save archive, a pickle nor a safetensors file; '
+                                  f'{osp.getsize(path)} bytes)')
+        if kind == 'safetensors':  # by content: Hugging Face's cache stores them without extension
+            return _read_safetensors(path, map_location)
+        return _read_torch_file(path, kind, map_location)
+    except CheckpointError as exc:
+        if url == path:
+            raise
+        raise CheckpointError(f'{exc} (the cached download of {url}: delete the file to download '
+                              f'it again)') from exc
+
+
+def check_map_location(map_location: object) -> None:
+    """Refuse a ``map_location`` that ``torch.load`` would reject or that names a device this
+    machine lacks, before any file is read (so that the error names the argument, not the file).
+
+    Raises:
+        TypeError: not a str, torch.device, dict or function.
+        ValueError: not a device name, or a CUDA device on a machine without one.
+    """
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return
+    accepted = ("accepted a device ('cpu', 'cuda', 'cuda:0', ...), a dict or a function, as "
+                'torch.load takes')
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f'map_location={map_location!r} ({type(map_location).__name__}): {accepted}')
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f'map_location={map_location!r} is not a device: {accepted}') from exc
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"map_location={map_location!r}: this machine has no CUDA device; use 'cpu'")
 
 
 def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
@@ -97,9 +134,13 @@ def read_training_checkpoint(path: str) -> dict:
     """A checkpoint written by tools/train.py (or mmdet/mmseg), whole (``state_dict``, ``meta``,
     ``optimizer``, ...), or a :class:`CheckpointError` saying why it cannot be one."""
     content = read_file(path)
-    if not isinstance(content, dict) or not isinstance(content.get('state_dict', content), dict):
+    if not isinstance(content, dict):
         raise CheckpointError(f'checkpoint={path!r} holds a {type(content).__name__}, not a model '
                               f'checkpoint')
+    state_dict = content.get('state_dict', content)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"checkpoint={path!r}: its 'state_dict' is a "
+                              f'{type(state_dict).__name__}, not a dict of tensors')
     return content
 
 
@@ -115,16 +156,13 @@ def _read_safetensors(path: str, map_location) -> dict:
         raise CheckpointError(f'checkpoint={path!r} is not a readable safetensors file: {exc}') from exc
 
 
-def _read_torch_file(path: str, map_location='cpu') -> object:
-    """``torch.load(path, weights_only=True)``, with a :class:`CheckpointError` saying why a file
-    cannot be read (not a checkpoint, corrupt or truncated, pickled objects other than tensors)."""
-    with open(path, 'rb') as f:
-        head = f.read(2)
-    # torch.save writes a zip archive ('PK'); files from torch < 1.6 are a pickle (PROTO 0x80).
+def _read_torch_file(path: str, kind: str, map_location='cpu') -> object:
+    """``torch.load(path, weights_only=True)`` of a ``kind`` ``'zip'`` (torch.save) or
+    ``'pickle'`` (torch < 1.6) file, with a :class:`CheckpointError` saying why it cannot be read
+    (corrupt or truncated, a plain pickle, pickled objects other than tensors)."""
     # A truncated archive keeps its magic and fails in torch.load below, as corrupt.
-    if head != b'PK' and head[:1] != b'\x80':
-        raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
-                              f'torch.save archive nor a pickle; {osp.getsize(path)} bytes)')
+    if kind == 'zip':
+        _check_archive(path)
     # Checkpoints written by timm-based training scripts (the official classification weights)
     # carry their argparse Namespace, mmengine's runner its message hub: plain data, allowed here
     # for this read only. torch < 2.5 has no safe_globals: such files are then refused with the
@@ -136,6 +174,11 @@ def _read_torch_file(path: str, map_location='cpu') -> object:
         reason = str(exc).strip().splitlines()
         refused = next((line for line in reason if 'Unsupported' in line or 'GLOBAL' in line),
                        reason[0] if reason else '')
+        if kind == 'pickle' and not _is_legacy_torch_file(path):
+            raise CheckpointError(
+                f'checkpoint={path!r} is a plain Python pickle (written by pickle.dump, not '
+                f'torch.save): davit_mm reads torch.save and safetensors files. If you trust the '
+                f'file, re-save its weights with torch.save') from exc
         if 'Weights only load failed' in str(exc):
             raise CheckpointError(
                 f'checkpoint={path!r} holds pickled objects that weights_only loading refuses '
@@ -148,12 +191,46 @@ def _read_torch_file(path: str, map_location='cpu') -> object:
                               f'or truncated?): {type(exc).__name__}: {exc}') from exc
 
 
+def _check_archive(path: str) -> None:
+    """Read every member of a torch.save archive against the CRC-32 stored for it: ``torch.load``
+    does not check them, so flipped bytes in a tensor's data would load as weights. Members saved
+    without one (CRC 0: ``compute_crc32=False``) are not checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    continue
+                with archive.open(info) as member:  # raises at the end on a CRC mismatch
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f'checkpoint={path!r} is not a readable PyTorch checkpoint (corrupt '
+                              f'or truncated?): {type(exc).__name__}: {exc}') from exc
+
+
+def _is_legacy_torch_file(path: str) -> bool:
+    """Whether a pickle file starts as ``torch.save`` (torch < 1.6 format) writes it: its first
+    object is torch's magic number. Read by walking the opcodes, nothing is unpickled."""
+    magic = getattr(torch.serialization, 'MAGIC_NUMBER', 0x1950a86a20f9469cfc6c)
+    with open(path, 'rb') as f:
+        try:
+            for opcode, arg, _ in pickletools.genops(f):
+                if opcode.name == 'STOP':
+                    return False
+                if arg == magic and opcode.name in ('LONG1', 'LONG4', 'INT', 'LONG'):
+                    return True
+        except (ValueError, EOFError, pickle.UnpicklingError):
+            return False
+    return False
+
+
 def _flatten(obj: object, path: str) -> Dict[str, torch.Tensor]:
     for _ in range(3):  # e.g. {'state_dict': {'model': {...}}}
         if not isinstance(obj, dict):
             break
         inner = next((obj[k] for k in _UNWRAP_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None or not any(isinstance(v, torch.Tensor) for v in inner.values()):
+        if inner is None or not (any(isinstance(v, torch.Tensor) for v in inner.values())
+                                 or any(isinstance(inner.get(k), dict) for k in _UNWRAP_KEYS)):
             break
         obj = inner
     if not isinstance(obj, dict):
@@ -175,11 +252,17 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
 
     Raises:
         ValueError: unknown ``format``.
+        TypeError: ``prefix`` is not a str.
         CheckpointError: no DaViT keys, the requested format/prefix is absent, or several
             backbones (prefixes) are present and ``prefix`` was not given.
     """
     if format != 'auto' and format not in FORMATS:
         raise ValueError(f"format={format!r}: accepted 'auto' or one of {FORMATS}")
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix={prefix!r} ({type(prefix).__name__}): accepted a str such as "
+                        f"'backbone.' (or None to detect it)")
+    if prefix and not prefix.endswith('.'):
+        prefix += '.'  # as mmengine's Pretrained init reads prefix='backbone'
     layouts = [layout for layout in LAYOUTS.values() if format in ('auto', layout.format)]
     found: Dict[Tuple[str, str], None] = {}
     for key in state_dict:
@@ -387,7 +470,8 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
     Args:
         model: the backbone.
         checkpoint: a path/URL, or an already-read flat state dict.
-        prefix: text before the backbone keys (e.g. ``'backbone.'``); None detects it.
+        prefix: text before the backbone keys (e.g. ``'backbone.'``; ``'backbone'`` reads the
+            same, as in mmengine); None detects it.
         format: ``'auto'`` or one of :data:`FORMATS`.
         map_location: passed to ``torch.load``.
 
@@ -608,6 +692,11 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     state = state.get('state_dict', state)
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     own = model.state_dict()
+    not_tensors = [f'{k} ({type(v).__name__})' for k, v in state.items()
+                   if k in own and not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f'checkpoint {path!r}: {len(not_tensors)} model weights that are not '
+                              f'tensors, nothing was loaded: {", ".join(not_tensors[:5])}')
 
     def class_specific(key: str) -> bool:
         return any(part in key.split('.')[-2] for part in _CLASS_SPECIFIC)

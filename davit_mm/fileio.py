@@ -5,17 +5,20 @@ A URL is looked up in the cache first: ``$DAVIT_MM_CACHE`` when set, else torch 
 since hub files share names (every timm model is ``.../resolve/main/model.safetensors``). In a
 distributed run only the local rank 0 of each node downloads; the other processes wait for it and
 read the same file. Files are written under a temporary name and renamed into place, with the
-permissions a plain ``open()`` gives under the process umask.
+permissions a plain ``open()`` gives under the process umask; a download is renamed into place
+only when complete and a checkpoint, so that a cut transfer or a web page is never cached.
 """
 import contextlib
 import hashlib
+import http.client
 import os
 import os.path as osp
 import shutil
+import struct
 import tempfile
 import urllib.error
 import urllib.request
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +49,7 @@ def atomic_file(path: str, suffix: str = '.tmp') -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix=suffix, dir=folder)
     try:
         os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would survive the rename
-        with os.fdopen(fd, 'wb') as f:
+        with os.fdopen(fd, 'w+b') as f:  # readable too: a download is checked before renaming
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -95,18 +98,56 @@ def _offline_help(url: str, dst: str, reason: str) -> str:
             f'at {dst}, or point the config at it: --cfg-options {CONFIG_KEY}=/path/to/file')
 
 
+HEAD_BYTES = 9  # what :func:`file_kind` needs to see
+
+
+def file_kind(head: bytes, size: int) -> Optional[str]:
+    """What a checkpoint file is, from its first :data:`HEAD_BYTES` bytes and its size:
+    ``'zip'`` (torch.save), ``'pickle'`` (torch < 1.6, or pickle.dump), ``'safetensors'`` (an
+    8-byte little-endian header length, then the JSON header), or None (anything else, e.g. a
+    web page)."""
+    if len(head) >= 9 and head[8:9] == b'{' and 2 <= struct.unpack('<Q', head[:8])[0] <= size - 8:
+        return 'safetensors'  # first: its length may start with the bytes of the others' magic
+    if head[:2] == b'PK':
+        return 'zip'
+    if head[:1] == b'\x80':
+        return 'pickle'
+    return None
+
+
+class _IncompleteDownload(Exception):
+    pass
+
+
 def download(url: str, dst: str, timeout: float) -> None:
-    """Stream ``url`` to ``dst`` through a temporary file in the same folder.
+    """Stream ``url`` to ``dst`` through a temporary file in the same folder; only a complete
+    file (as many bytes as the server announced) that is a checkpoint (:func:`file_kind`) is
+    renamed to ``dst``.
 
     Raises:
-        DownloadError: the URL cannot be reached or read within ``timeout`` seconds per attempt.
+        DownloadError: the URL cannot be reached or read within ``timeout`` seconds per attempt,
+            the transfer ended early, or what came is not a checkpoint (e.g. the web page of a
+            share link).
     """
     print_log(f'Downloading {url} to {dst}', logger='current')
     try:
         with atomic_file(dst, suffix='.part') as out:
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 shutil.copyfileobj(response, out, length=1 << 20)
-    except (urllib.error.URLError, OSError, ValueError) as exc:  # socket.timeout is an OSError
+                expected = response.headers.get('Content-Length')
+            size = out.tell()
+            if expected is not None and expected.isdigit() and int(expected) != size:
+                raise _IncompleteDownload(f'the transfer ended after {size} of {expected} bytes')
+            out.seek(0)
+            head = out.read(HEAD_BYTES)
+            if file_kind(head, size) is None:
+                raise _IncompleteDownload(
+                    f'what came is not a checkpoint ({size} bytes starting with {head[:9]!r}; '
+                    f'a web page? the URL must give the file itself)')
+    except _IncompleteDownload as exc:
+        raise DownloadError(f'could not download {url}: {exc}; nothing was cached') from None
+    # socket.timeout is an OSError; a chunked transfer cut short raises http.client.IncompleteRead
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, 'reason', None) or exc
         raise DownloadError(_offline_help(url, dst, f'{type(exc).__name__}: {reason}')) from exc
 

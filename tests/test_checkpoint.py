@@ -148,6 +148,28 @@ def test_explicit_prefix_and_format_are_honoured(tiny_arch, tmp_path):
         pretrained(tiny_arch, path, format='caffe')
 
 
+def test_prefix_without_its_dot_reads_as_mmengine_does_and_a_non_str_prefix_is_refused(tiny_arch, tmp_path):
+    ref = reference(tiny_arch)
+    path = tmp_path / 'det.pth'
+    torch.save({'state_dict': formats.official_detector(ref.state_dict())}, path)
+    assert_same_outputs(pretrained(tiny_arch, path, prefix='backbone'), ref)
+    with pytest.raises(TypeError, match=r"prefix=3 \(int\): accepted a str such as 'backbone.'"):
+        pretrained(tiny_arch, path, prefix=3)
+
+
+@pytest.mark.parametrize('wrap', [
+    lambda sd: {'state_dict': {'model': sd}},
+    lambda sd: {'model': {'state_dict': sd, 'epoch': 1}},
+    lambda sd: {'module': {'module': sd}},
+    lambda sd: {'state_dict': {'model': {'module': sd}}, 'meta': {}},
+])
+def test_nested_wrappers_are_unwrapped(tiny_arch, tmp_path, wrap):
+    ref = reference(tiny_arch, True)
+    path = tmp_path / 'nested.pth'
+    torch.save(wrap(formats.official_classification(ref.state_dict())), path)
+    assert_same_outputs(pretrained(tiny_arch, path), ref)
+
+
 def test_two_backbones_in_one_file_need_a_prefix(tiny_arch, tmp_path):
     """A distillation file holds a teacher and a student of the same size, with other weights:
     without a prefix the loader refuses to guess; each prefix loads its own backbone."""
@@ -262,6 +284,77 @@ def test_truncated_file(tiny_arch, tmp_path):
     truncated.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match='corrupt or truncated'):
         pretrained(tiny_arch, truncated)
+
+
+def _flip_bytes_in_largest_member(path):
+    """Corrupt the data of the archive's largest tensor, leaving the zip structure intact."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[info.header_offset + o:info.header_offset + o + 2], 'little')
+                           for o in (26, 28))
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_tensor_data_is_refused_by_its_checksum(tiny_arch, tmp_path):
+    path = _save_official(tiny_arch, tmp_path / 'flipped.pth')
+    read_checkpoint(str(path))  # intact
+    _flip_bytes_in_largest_member(path)
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    model = DaViT(tiny_arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r'corrupt or truncated\?\): BadZipFile: Bad CRC-32'):
+        load_pretrained(model, str(path))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_archive_saved_without_checksums_loads(tiny_arch, tmp_path):
+    config = pytest.importorskip('torch.utils.serialization').config.save  # torch >= 2.6
+    ref = reference(tiny_arch, True)
+    old, config.compute_crc32 = config.compute_crc32, False
+    try:
+        torch.save(formats.official_classification(ref.state_dict()), tmp_path / 'nocrc.pth')
+    finally:
+        config.compute_crc32 = old
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / 'nocrc.pth'), ref)
+
+
+def test_plain_pickle_is_named_as_such(tiny_arch, tmp_path):
+    path = tmp_path / 'pickled.pth'
+    with open(path, 'wb') as f:
+        pickle.dump(formats.official_classification(reference(tiny_arch, True).state_dict()), f)
+    with pytest.raises(CheckpointError, match=r'is a plain Python pickle \(written by pickle.dump, not torch.save\)'):
+        pretrained(tiny_arch, path)
+
+
+def test_legacy_torch_file_loads(tiny_arch, tmp_path):
+    ref = reference(tiny_arch, True)
+    path = tmp_path / 'legacy.pth'
+    torch.save(formats.official_classification(ref.state_dict()), path, _use_new_zipfile_serialization=False)
+    assert_same_outputs(pretrained(tiny_arch, path), ref)
+
+
+@pytest.mark.parametrize('name', ['MODEL.SAFETENSORS', '4f1c2e9a0b'])  # Hugging Face's cache: no extension
+def test_safetensors_are_recognised_by_content(tiny_arch, tmp_path, name):
+    ref = reference(tiny_arch, True)
+    save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()}, str(tmp_path / name))
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / name), ref)
+
+
+@pytest.mark.parametrize('map_location, error, message', [
+    ('gpu', ValueError, r"map_location='gpu' is not a device: accepted a device \('cpu', 'cuda'"),
+    (3, TypeError, r'map_location=3 \(int\): accepted a device'),
+    pytest.param('cuda', ValueError, r"map_location='cuda': this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
+])
+def test_bad_map_location_is_named_not_blamed_on_the_file(tiny_arch, tmp_path, map_location, error, message):
+    path = _save_official(tiny_arch, tmp_path / 'ok.pth')
+    model = DaViT(tiny_arch, init_cfg=dict(type='Pretrained', checkpoint=str(path), map_location=map_location))
+    with pytest.raises(error, match=message):
+        model.init_weights()
 
 
 @pytest.mark.parametrize('content', [b'not a checkpoint at all\n', b''])
@@ -389,3 +482,16 @@ def test_convert_tool_names_what_a_non_davit_checkpoint_looks_like(tmp_path, sta
     assert result.returncode == 2, result.stdout
     assert result.stderr.startswith('error: no DaViT weights found; it looks like a ' + name)
     assert not (tmp_path / 'out.pth').exists()
+
+
+@pytest.mark.parametrize('state_dict, message', [
+    ({'weight': None, 'bias': torch.zeros(2)}, r"1 model weights that are not tensors, nothing was loaded: weight \(NoneType\)"),
+    ({'weight': [1.0, 2.0], 'bias': torch.zeros(2)}, r'weight \(list\)'),
+    ([torch.zeros(2)], r"its 'state_dict' is a list, not a dict of tensors"),
+])
+def test_whole_model_check_names_entries_that_are_not_tensors(tmp_path, state_dict, message):
+    from davit_mm.checkpoint import check_checkpoint_fits
+    path = tmp_path / 'odd.pth'
+    torch.save({'state_dict': state_dict, 'meta': {}}, path)
+    with pytest.raises(CheckpointError, match=message):
+        check_checkpoint_fits(torch.nn.Linear(3, 2), str(path))

@@ -24,6 +24,14 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         self.server.requests.append(self.path)
         time.sleep(self.server.delay_s)
+        if self.path.startswith('/cut/'):  # announces the whole file, sends half, hangs up
+            data = (self.server.served / self.path[len('/cut/'):]).read_bytes()
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -37,7 +45,7 @@ def hub(tmp_path):
     served.mkdir()
     server = http.server.ThreadingHTTPServer(
         ('127.0.0.1', 0), functools.partial(_CountingHandler, directory=str(served)))
-    server.requests, server.delay_s = [], 0.0
+    server.requests, server.delay_s, server.served = [], 0.0, served
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{server.server_address[1]}', served, server
@@ -89,15 +97,53 @@ def test_cache_defaults_to_torch_hub_and_a_cached_file_needs_no_network(tmp_path
 
 def test_downloaded_file_gets_the_umask_mode(tmp_path, hub, monkeypatch):
     base, served, _ = hub
-    (served / 'w.pth').write_bytes(b'weights')
+    torch.save({'w': torch.ones(3)}, served / 'w.pth')
     monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
     old = os.umask(0o002)
     try:
         path = fileio.resolve_checkpoint(f'{base}/w.pth')
     finally:
         os.umask(old)
-    assert open(path, 'rb').read() == b'weights'
+    assert open(path, 'rb').read() == (served / 'w.pth').read_bytes()
     assert os.stat(path).st_mode & 0o777 == 0o664
+
+
+def test_a_transfer_cut_short_is_not_cached_and_the_next_run_downloads_again(tiny_arch, tmp_path, hub,
+                                                                              monkeypatch):
+    base, served, server = hub
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    ref = _publish(served, 'model.safetensors', tiny_arch)
+    url = f'{base}/cut/model.safetensors'
+    for attempt in (1, 2):
+        with pytest.raises(fileio.DownloadError, match=rf'could not download {url}: the transfer ended '
+                                                       rf'after \d+ of \d+ bytes; nothing was cached'):
+            load_pretrained(DaViT(tiny_arch), url)
+        assert len(server.requests) == attempt and os.listdir(tmp_path / 'cache') == []
+    model = DaViT(tiny_arch)
+    load_pretrained(model, f'{base}/model.safetensors')  # the whole file
+    assert _outputs_equal(model, ref)
+
+
+def test_a_web_page_instead_of_the_file_is_not_cached(tiny_arch, tmp_path, hub, monkeypatch):
+    """What a share link of a cloud drive gives: 200 OK and an HTML page."""
+    base, served, _ = hub
+    (served / 'share.pth').write_bytes(b'<!DOCTYPE html><html><body>Sign in to download</body></html>')
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    with pytest.raises(fileio.DownloadError, match=r"what came is not a checkpoint \(60 bytes starting with "
+                                                   r"b'<!DOCTYPE'; a web page\?"):
+        load_pretrained(DaViT(tiny_arch), f'{base}/share.pth')
+    assert os.listdir(tmp_path / 'cache') == []
+
+
+def test_a_broken_cached_download_names_the_url_and_how_to_fetch_it_again(tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    url = 'http://127.0.0.1:9/davit_tiny.pth'
+    os.makedirs(tmp_path / 'cache')
+    with open(fileio.cached_path(url), 'wb') as f:
+        f.write(b'PK\x03\x04 left by an old version')
+    with pytest.raises(ValueError, match=rf'corrupt or truncated.* \(the cached download of {url}: delete '
+                                         rf'the file to download it again\)'):
+        load_pretrained(DaViT(tiny_arch), url)
 
 
 def test_unreachable_url_fails_within_seconds_naming_url_cache_and_the_config_option(tmp_path, monkeypatch):
@@ -148,7 +194,8 @@ def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, resul
 def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub, rank1_delay_s):
     base, served, server = hub
     server.delay_s = 1.0  # a slow download: rank 1 must wait for it, not race or re-download
-    (served / 'w.pth').write_bytes(b'x' * 100000)
+    data = b'PK' + b'x' * 100000  # a zip's magic: what a download must start with to be cached
+    (served / 'w.pth').write_bytes(data)
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -156,4 +203,4 @@ def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(t
     mp.spawn(_resolve_in_process, nprocs=2, join=True,
              args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results))
     assert server.requests == ['/w.pth']
-    assert results[0] == results[1] and results[0][1] == b'x' * 100000
+    assert results[0] == results[1] and results[0][1] == data
