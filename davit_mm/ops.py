@@ -2,15 +2,16 @@
 switch.
 
 The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`attention`,
-:func:`conv2d`, :func:`batched_linear` and :func:`split_heads` where it would call ``F.linear``,
-``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)``, ``baddbmm`` and
-``view -> permute -> unbind``, and
+:func:`conv2d`, :func:`batched_linear`, :func:`split_heads` and :func:`add_dropped_path` where it
+would call ``F.linear``, ``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)``,
+``baddbmm``, ``view -> permute -> unbind`` and ``x + DropPath(branch)``, and
 asks :func:`inference_blocks` how to split its window attention at CPU inference. Each computes
 exactly the maths of the plain op (tested against it), and picks its kernel by device:
 
 - Every device: training MLPs save less for backward (:class:`_LeanMlpFunction`: GELU is
-  recomputed rather than stored), and the attentions' q/k/v gradients are gathered into the
-  projection's layout in one pass (:func:`split_heads`).
+  recomputed rather than stored), the attentions' q/k/v gradients are gathered into the
+  projection's layout in one pass (:func:`split_heads`), and dropped branches are added in one
+  pass (:func:`add_dropped_path`).
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
   GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
   PyTorch's own matmul instead, accumulating onto the residual, the blocked MLP writing into
@@ -53,6 +54,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from mmcv.cnn.bricks.drop import drop_path
 
 _TORCH_VERSION = tuple(int(part) for part in torch.__version__.split('+')[0].split('.')[:2])
 
@@ -530,7 +532,9 @@ class _SplitHeadsFunction(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, *grads):
         B, N, width = ctx.shape
-        given = next(g for g in grads if g is not None)
+        given = next((g for g in grads if g is not None), None)
+        if given is None:  # no part's gradient is defined: neither is the projection's
+            return None, None, None
         out = given.new_empty(B, N, len(grads), given.shape[1], given.shape[-1])
         for i, grad in enumerate(grads):
             if grad is None:
@@ -562,7 +566,7 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     On CPU without gradients each sample is one :func:`linear` with its bias and residual fused;
     elsewhere one ``baddbmm``.
     """
-    if _onednn_fits(x, weight) and not _needs_grad(x, weight, bias, residual):
+    if _onednn_fits(x, weight) and not _needs_grad(x, weight, bias, residual) and x.shape[0] > 0:
         outs = [linear(x[i], (weight[i], None if bias is None else bias[i]),
                        residual=None if residual is None else residual[i])
                 for i in range(x.shape[0])]
@@ -599,13 +603,14 @@ def inference_blocks(x: torch.Tensor, count: int, bytes_each: int, minimum: int 
 
 def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
                            residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The blocked inference MLP, or None where one block would hold every token (or where the
-    residual broadcasts): then the two fused linears of :func:`linear` do as well."""
+    """The blocked inference MLP, or None where one block would hold every token, where there are
+    no tokens, or where the residual broadcasts: then the two fused linears of :func:`linear` do
+    as well."""
     tokens = x.reshape(-1, x.shape[-1])
     blocks = inference_blocks(x, tokens.shape[0], fc1.out_features * x.element_size(),
                               minimum=64 * torch.get_num_threads())
     out_shape = x.shape[:-1] + (fc2.out_features,)
-    if len(blocks) == 1 or (residual is not None and residual.shape != out_shape):
+    if len(blocks) <= 1 or (residual is not None and residual.shape != out_shape):  # 0: no tokens
         return None
     out = x.new_empty(tokens.shape[0], fc2.out_features)
     if residual is not None:
@@ -644,6 +649,22 @@ def mlp(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
         if out is not None:
             return out
     return linear(linear(x, fc1, gelu=True), fc2, residual=residual)
+
+
+def add_dropped_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """``x + DropPath(drop_prob)(branch)`` in training (mmcv's ``drop_path``).
+
+    Fast path, every device: one pass over the map. mmcv's per-sample keep mask, drawn as mmcv
+    draws it (the same random numbers), scaled by ``1 / keep_prob`` and applied within the
+    addition (``addcmul``), where ``DropPath`` divides and multiplies the whole branch and the
+    addition then reads it again (three passes).
+    """
+    if not _enabled or is_tracing():
+        return x + drop_path(branch, drop_prob, training=True)
+    keep_prob = 1 - drop_prob
+    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+    scale = (keep_prob + torch.rand(shape, dtype=branch.dtype, device=branch.device)).floor_()
+    return torch.addcmul(x, branch, scale.div_(keep_prob))
 
 
 # -------------------------------------------------------------------------------- attention

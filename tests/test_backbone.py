@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from mmengine.config import Config
 
+from davit_mm import ops
 from davit_mm.checkpoint import convert_state_dict
 from davit_mm.models import DaViT
 from davit_mm.models.reference import ReferenceDaViT
@@ -124,6 +125,27 @@ def test_channel_attention_fold_matches_the_reference_path(version, qkv_bias, hw
         assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('hw', [(3, 4), (9, 10)], ids=['N<C', 'N>=C'])
+def test_float64_channel_attention_computes_in_float64(hw):
+    """The fused path computes its logits and folded weights in float32 at least, not at most: a
+    float64 module keeps float64 (first-order gradcheck passes, as on the reference path)."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(32, 4).double()
+    x = torch.randn(1, *hw, 32, dtype=torch.float64, requires_grad=True)
+    attn.fused = False
+    expected = attn(x)
+    attn.fused = True
+    assert (attn(x) - expected).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(attn, (x,), fast_mode=True)
+
+
+def test_float64_model_matches_the_float64_reference(tiny_arch):
+    ref, ours = build_pair(tiny_arch)
+    x = torch.randn(2, 3, 45, 38, dtype=torch.float64)
+    with torch.no_grad():
+        assert max_diff(ours.double()(x), ref.double()(x)) < 1e-10
+
+
 @pytest.mark.parametrize('hw,saved', [((16, 20), True), ((4, 5), False)])
 def test_channel_attention_fold_skips_a_projection_per_token_where_it_pays(hw, saved):
     """Where N >= C the fused path does one C x C product per token fewer than the official steps
@@ -216,7 +238,7 @@ def test_drop_path_with_its_addition_in_one_pass_is_mmcvs_drop_path(dtype):
     branch = torch.randn(16, 5, 6, 8, dtype=dtype, requires_grad=True)
     drop = DropPath(0.3).train()
     torch.manual_seed(1)
-    fused = davit_module._add_dropped_path(x, branch, 0.3)
+    fused = ops.add_dropped_path(x, branch, 0.3)
     torch.manual_seed(1)
     plain = x + drop(branch)
     kept = (fused - x).flatten(1).abs().amax(1) > 0
@@ -228,6 +250,9 @@ def test_drop_path_with_its_addition_in_one_pass_is_mmcvs_drop_path(dtype):
     for a, b in zip(*grads):
         assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=tolerance,
                                                      rtol=tolerance)
+    with ops.plain_kernels():  # the switch off: mmcv's DropPath itself
+        torch.manual_seed(1)
+        assert torch.equal(ops.add_dropped_path(x, branch, 0.3), plain)
 
 
 def test_init_follows_official_scheme(tiny_arch):
@@ -527,6 +552,10 @@ def test_an_empty_batch_gives_empty_maps_forward_and_backward(tiny_arch, fast):
             assert [tuple(o.shape) for o in outs] == [
                 (0, 16 * 2 ** i, -(-40 // 2 ** (i + 2)), -(-56 // 2 ** (i + 2))) for i in range(4)]
         sum(o.sum() for o in outs).backward()
+        model.eval()
+        for no_grad in (torch.no_grad, torch.inference_mode):  # CPU inference kernels
+            with no_grad():
+                assert [o.shape for o in model(x.detach())] == [o.shape for o in outs]
     assert x.grad.shape == x.shape
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 

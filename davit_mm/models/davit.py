@@ -80,17 +80,6 @@ def _pad_bottom_right(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, int
     return x, n, m
 
 
-def _add_dropped_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """``x + DropPath(drop_prob)(branch)`` in training, in one pass over the map: mmcv's per-sample
-    keep mask, drawn as mmcv's ``drop_path`` draws it (the same random numbers), scaled by
-    ``1 / keep_prob`` and applied with the addition (``addcmul``). ``DropPath`` itself divides
-    and multiplies the whole branch, and the addition then reads it again: three passes."""
-    keep_prob = 1 - drop_prob
-    shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
-    scale = (keep_prob + torch.rand(shape, dtype=branch.dtype, device=branch.device)).floor_()
-    return torch.addcmul(x, branch, scale.div_(keep_prob))
-
-
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 on the last dimension, optionally added to ``residual``.
 
@@ -314,9 +303,11 @@ class ChannelAttention(_ProjectedAttention):
         # Exporting first: an exporter would otherwise record ``N >= C`` of the example input as
         # a condition on every input size.
         fold_proj = not ops.is_exporting() and N >= C
+        # float32 at least (float64 stays float64): a sum over all N tokens per logit.
+        acc = torch.promote_types(tokens.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Scaling the d x d product instead of an N x d operand: same maths, less work.
-            logits = (pair[0].float().transpose(-1, -2) @ pair[1].float()) * self._scale(N)
+            logits = (pair[0].to(acc).transpose(-1, -2) @ pair[1].to(acc)) * self._scale(N)
             weight, bias = self._fold(logits.softmax(dim=-1), attended, fold_proj)
         weight, bias = weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype)
         if fold_proj:
@@ -326,22 +317,23 @@ class ChannelAttention(_ProjectedAttention):
         return ops.linear(out, self.proj, residual=residual)
 
     def _fold(self, attn: torch.Tensor, attended: int, fold_proj: bool):
-        """Per-image float32 ``(B, C, C)`` weight and ``(B, C)`` bias (or None) that map the
-        tokens to the attention's output: group ``g`` gives ``tokens @ (A_g W_g)^T + A_g b_g``
-        (``W_g``, ``b_g``: its rows of the attended projection), and with ``fold_proj`` the
-        output projection is applied to both."""
+        """Per-image ``(B, C, C)`` weight and ``(B, C)`` bias (or None), in ``attn``'s dtype
+        (float32 or float64), that map the tokens to the attention's output: group ``g`` gives
+        ``tokens @ (A_g W_g)^T + A_g b_g`` (``W_g``, ``b_g``: its rows of the attended
+        projection), and with ``fold_proj`` the output projection is applied to both."""
         B, G, d, _ = attn.shape
         C = G * d
+        acc = attn.dtype
         rows = slice(attended * C, (attended + 1) * C)
-        weight = (attn @ self.qkv.weight[rows].float().view(G, d, C)).reshape(B, C, C)
+        weight = (attn @ self.qkv.weight[rows].to(acc).view(G, d, C)).reshape(B, C, C)
         bias = None
         if self.qkv.bias is not None:
-            bias = (attn @ self.qkv.bias[rows].float().view(G, d, 1)).reshape(B, C)
+            bias = (attn @ self.qkv.bias[rows].to(acc).view(G, d, 1)).reshape(B, C)
         if fold_proj:
-            proj_weight = self.proj.weight.float()
+            proj_weight = self.proj.weight.to(acc)
             weight = proj_weight @ weight
-            bias = self.proj.bias.float().expand(B, C) if bias is None else torch.addmm(
-                self.proj.bias.float(), bias, proj_weight.t())
+            bias = self.proj.bias.to(acc).expand(B, C) if bias is None else torch.addmm(
+                self.proj.bias.to(acc), bias, proj_weight.t())
         return weight, bias
 
 
@@ -370,9 +362,9 @@ class DualAttentionBlock(nn.Module):
         x = self.cpe1(x)
         if self.training and isinstance(self.drop_path, DropPath):
             drop_prob = self.drop_path.drop_prob
-            x = _add_dropped_path(x, self.attn(self.norm1(x)), drop_prob)
+            x = ops.add_dropped_path(x, self.attn(self.norm1(x)), drop_prob)
             x = self.cpe2(x)
-            return _add_dropped_path(x, self.mlp(self.norm2(x)), drop_prob)
+            return ops.add_dropped_path(x, self.mlp(self.norm2(x)), drop_prob)
         # No drop path: the residual additions go into the projections (see davit_mm.ops.linear).
         x = self.attn(self.norm1(x), residual=x)
         x = self.cpe2(x)
