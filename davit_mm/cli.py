@@ -42,6 +42,23 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
     return 0
 
 
+def torchrun(argv: Sequence[str]) -> int:
+    """``python -m torch.distributed.run ARGV`` (tools/launch.sh), with a user error kept a user
+    error: when every process that failed exited with status 2 (each has printed its
+    ``error: ...``), exit 2 without torchrun's ``ChildFailedError`` traceback, which would bury the
+    message and turn the status into 1. Any other failure keeps torchrun's report."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+    try:
+        main(list(argv))
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        if codes and all(code == 2 for code in codes):
+            return 2
+        raise
+    return 0
+
+
 def library_of(cfg: Config) -> str:
     """``'mmdet'`` or ``'mmseg'``, from the config's ``default_scope``."""
     scope = cfg.get('default_scope')
@@ -51,10 +68,26 @@ def library_of(cfg: Config) -> str:
     return scope
 
 
+def cfg_options_action():
+    """mmengine's ``DictAction`` for ``--cfg-options``, refusing an item without ``=`` by name
+    (mmengine's own message is "not enough values to unpack (expected 2, got 1)")."""
+    from mmengine.config import DictAction
+
+    class ConfigOptions(DictAction):
+        def __call__(self, parser, namespace, values, option_string=None):
+            for item in values:
+                key, sep, _ = item.partition('=')
+                if not sep or not key:
+                    raise ValueError(f'{option_string} {item!r}: accepted KEY=VALUE items, e.g. '
+                                     f'model.backbone.with_cp=True')
+            super().__call__(parser, namespace, values, option_string)
+
+    return ConfigOptions
+
+
 def add_launch_arguments(parser) -> None:
     """``--cfg-options``, ``--launcher`` and ``--local_rank``, as mmdet's and mmseg's tools have."""
-    from mmengine.config import DictAction
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=cfg_options_action(),
                         help='override config entries, e.g. model.backbone.with_cp=True')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
                         help='job launcher')
@@ -213,14 +246,16 @@ def _replace_sync_bn(node) -> int:
     return count
 
 
-def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
+def adapt_config_to_machine(cfg, launcher: str = 'none', training: bool = True) -> List[str]:
     """Make one config run unchanged on 8 GPUs, 1 GPU or a CPU-only machine; returns what changed.
 
     The single place davit_mm's tools adapt a config to the machine (and refuse what cannot run:
-    mixed precision without a GPU):
+    training with mixed precision without a GPU; ``training=False`` for the tools that only
+    build the model, which never build the optimizer wrapper):
 
-    - SyncBN (the paper's segmentation setting) only works on CUDA with several processes, and
-      has no CPU implementation: it becomes BN for a non-distributed or CPU-only run.
+    - SyncBN (mmseg's UperNet bases; davit_mm's configs keep the official BN) only works on CUDA
+      with several processes, and has no CPU implementation: it becomes BN for a non-distributed
+      or CPU-only run.
     - Upstream problem: mmengine 0.10.7's ``_init_dist_pytorch`` calls ``torch.cuda.set_device``
       and its runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]`` unconditionally, so
       ``--launcher pytorch`` cannot run on a machine without CUDA. Here the process group is
@@ -231,7 +266,7 @@ def adapt_config_to_machine(cfg, launcher: str = 'none') -> List[str]:
     cuda = torch.cuda.is_available()
     notes = []
     optim_wrapper = cfg.get('optim_wrapper') or {}
-    if optim_wrapper.get('type') == 'AmpOptimWrapper' and not cuda:
+    if training and optim_wrapper.get('type') == 'AmpOptimWrapper' and not cuda:
         raise ValueError("optim_wrapper.type='AmpOptimWrapper' (--amp or an *_amp config) needs a "
                          "GPU: mmengine's AmpOptimWrapper supports cuda/npu/mlu/musa only, and this "
                          "machine has no CUDA device; train without --amp here")
@@ -268,19 +303,29 @@ def config_build_errors() -> Iterator[None]:
         raise ValueError(f'the config cannot be built: {exc.args[0] if exc.args else exc}') from exc
 
 
-def build_runner(cfg: Config):
+def add_checkpoint_hooks(cfg: Config) -> None:
+    """Add davit_mm's checkpoint hooks (official whole-model files; runner checkpoints under
+    ``weights_only``) to the config's ``custom_hooks``, where they are not already."""
+    # A list assigned, not cfg.setdefault: a Config keeps a converted copy of the default it is
+    # given, so appending to what setdefault returns changed nothing (mmdet's and mmseg's own
+    # runtimes have no custom_hooks).
+    hooks = list(cfg.get('custom_hooks') or [])
+    for hook in ('OfficialCheckpointHook', 'RunnerCheckpointsHook'):
+        if not any(h.get('type') == hook for h in hooks):
+            hooks.append(dict(type=hook))
+    cfg.custom_hooks = hooks
+
+
+def build_runner(cfg: Config, training: bool = True):
     """A runner (the config's ``runner_type`` or mmengine's), after adapting the config to the
-    machine (:func:`adapt_config_to_machine`) and adding davit_mm's checkpoint hooks to configs
-    not based on davit_mm's runtime config."""
+    machine (:func:`adapt_config_to_machine`; ``training=False`` for a runner that only tests)
+    and adding davit_mm's checkpoint hooks to configs not based on davit_mm's runtime config."""
     from mmengine.logging import print_log
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    notes = adapt_config_to_machine(cfg, cfg.get('launcher', 'none'))
-    hooks = cfg.setdefault('custom_hooks', [])
-    for hook in ('OfficialCheckpointHook', 'RunnerCheckpointsHook'):
-        if not any(h.get('type') == hook for h in hooks):
-            hooks.append(dict(type=hook))
+    notes = adapt_config_to_machine(cfg, cfg.get('launcher', 'none'), training)
+    add_checkpoint_hooks(cfg)
     with config_build_errors():
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     for note in notes:

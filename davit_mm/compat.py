@@ -159,6 +159,11 @@ def allow_davit_mm_config_scope() -> None:
     is site-packages, where no ``davit_mm`` folder exists. For the ``davit_mm`` scope only, this
     accepts a PATH without folder and points the lookup at the ``davit_mm`` package that is
     imported, whose ``.mim/configs`` holds the configs (a copy in a wheel, a symlink in a checkout).
+    It also leaves what such a base brings without ``_scope_='davit_mm'``, which mmengine would
+    put on every dict with a ``type``: davit_mm has no registries of its own (its modules are in
+    mmdet's and mmseg's), so a hook or dataset built in that scope was looked up in mmengine's
+    root registry and not found (``RandomStateHook is not in the mmengine::hook registry``). The
+    dicts build under the config's ``default_scope``, as when the config is used by its path.
     Every other scope goes through mmengine unchanged.
     """
     if 'config_scope' in _applied or not needed('allow_davit_mm_config_scope'):
@@ -167,6 +172,11 @@ def allow_davit_mm_config_scope() -> None:
     from mmengine.config import utils as config_utils
     package_and_path, installed_path = (config_module._get_package_and_cfg_path,
                                         config_module.get_installed_path)
+    cfg_path_and_scope = config_module.Config._get_cfg_path
+
+    def get_cfg_path(cfg_path: str, filename: str):
+        path, scope = cfg_path_and_scope(cfg_path, filename)
+        return path, None if scope == 'davit_mm' else scope
 
     def get_package_and_cfg_path(cfg_path: str):
         scope, _, path = cfg_path.partition('::')
@@ -182,6 +192,7 @@ def allow_davit_mm_config_scope() -> None:
     config_utils.MODULE2PACKAGE.setdefault('davit_mm', 'davit_mm')
     config_module._get_package_and_cfg_path = get_package_and_cfg_path
     config_module.get_installed_path = get_installed_path
+    config_module.Config._get_cfg_path = staticmethod(get_cfg_path)
     _applied.add('config_scope')
 
 

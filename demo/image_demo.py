@@ -74,7 +74,7 @@ def main(argv=None):
     check_inputs(args.image, args.checkpoint, args.device)
     check_output_path('--out-dir', args.out_dir, folder=True)
     cfg = load_config(args.config)
-    adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg, training=False)
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
     if library_of(cfg) == 'mmdet':
         from mmdet.apis import DetInferencer

@@ -126,6 +126,44 @@ def test_tools_refuse_output_paths_before_they_run(tmp_path, script, args, messa
     assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.parametrize('script,args', [
+    ('tools/train.py', [RETINANET, '--cfg-options', 'model.backbone.drop_path_rate']),
+    ('tools/analysis/get_flops.py', [RETINANET, '--cfg-options', '=0.1']),
+])
+def test_a_cfg_option_without_its_value_is_named(tmp_path, script, args):
+    """mmengine's own message was "not enough values to unpack (expected 2, got 1)"."""
+    result = _tool(script, args, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: --cfg-options {args[-1]!r}: accepted KEY=VALUE items" in result.stderr, result.stderr[-2000:]
+
+
+def test_plot_loss_refuses_keys_the_log_does_not_have(tmp_path):
+    log = tmp_path / 'work' / '20260101_000000' / 'vis_data'
+    log.mkdir(parents=True)
+    (log / 'scalars.json').write_text('{"loss": 1.0, "loss_cls": 0.5, "lr": 0.01, "iter": 1}\n')
+    result = _tool('tools/analysis/plot_loss.py', [tmp_path / 'work', '--keys', 'los', 'loss',
+                                                   '--out', tmp_path / 'l.png'], tmp_path)
+    assert result.returncode == 2 and not (tmp_path / 'l.png').exists()
+    assert "error: --keys los: not in the log of" in result.stderr and 'logged: loss, loss_cls, lr' in result.stderr
+
+
+def test_distributed_launchers_keep_a_user_error_a_user_error(tmp_path):
+    """torchrun turned the processes' exit status 2 into 1, after a ChildFailedError traceback."""
+    for args, message in ((['dist_train.sh', 'nope.py', '2'], "error: config 'nope.py': no such file"),
+                          (['dist_test.sh', RETINANET, 'nope.pth', '1'], "error: checkpoint='nope.pth': no such file")):
+        result = subprocess.run(['bash', osp.join(REPO, 'tools', args[0])] + args[1:], cwd=tmp_path,
+                                capture_output=True, text=True, env=dict(os.environ, PORT=str(_free_port())))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def test_traceback_on_request(tmp_path):
     result = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), 'nope.py'], cwd=tmp_path,
                             capture_output=True, text=True, env=dict(os.environ, DAVIT_MM_TRACEBACK='1'))

@@ -121,6 +121,48 @@ def test_amp_without_a_gpu_is_refused_with_a_clear_message():
         adapt_config_to_machine(cfg)
 
 
+def test_amp_configs_count_test_and_draw_on_a_cpu(tmp_path):
+    """Only training uses the AMP optimizer wrapper: get_flops, tools/test.py and the demo never
+    build it, and took the *_amp configs as they are."""
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
+    adapt_config_to_machine(cfg, training=False)
+    result = run_tool(['analysis/get_flops.py', osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'),
+                       '--shape', '64', '64'], cwd=tmp_path)
+    assert 'params: 38.53M' in result.stdout, result.stdout
+
+
+def test_checkpoint_hooks_are_added_to_configs_without_custom_hooks():
+    """mmdet's and mmseg's runtimes have no custom_hooks: the hooks must still reach the runner
+    (without them tools/test.py and --resume failed on davit_mm's own checkpoints)."""
+    from davit_mm.cli import add_checkpoint_hooks
+    for hooks in (None, [dict(type='RandomStateHook')], [dict(type='RunnerCheckpointsHook')]):
+        cfg = Config(dict(model=dict()) if hooks is None else dict(model=dict(), custom_hooks=hooks))
+        add_checkpoint_hooks(cfg)
+        types = [h['type'] for h in cfg.custom_hooks]
+        assert sorted(set(types)) == sorted({'OfficialCheckpointHook', 'RunnerCheckpointsHook',
+                                             *(h['type'] for h in hooks or [])})
+        assert len(types) == len(set(types))
+
+
+def test_a_config_inheriting_through_the_davit_mm_scope_builds_its_hooks(data_dir, tmp_path):
+    """`_base_ = ['davit_mm::...']` (README): mmengine put _scope_='davit_mm' on every dict of
+    such a base, and the runner then looked up davit_mm's hooks in mmengine's root registry."""
+    config = tmp_path / 'mine.py'
+    config.write_text("_base_ = ['davit_mm::quickstart/davit_mini_retinanet_synthetic_coco.py']\n"
+                      "train_cfg = dict(max_epochs=1, val_interval=1)\n")
+    cfg = Config.fromfile(str(config))
+
+    def scopes(node):
+        if isinstance(node, dict):
+            return {node.get('_scope_')} | {s for v in node.values() for s in scopes(v)}
+        return {s for v in node for s in scopes(v)} if isinstance(node, (list, tuple)) else set()
+
+    assert 'davit_mm' not in scopes(cfg.to_dict())  # what the davit_mm config sets: default_scope
+    result = run_tool(['train.py', config, '--work-dir', tmp_path / 'work'], cwd=data_dir)
+    assert 'RandomStateHook' in result.stdout + result.stderr
+    assert (tmp_path / 'work' / 'epoch_1.pth').exists()
+
+
 # --------------------------------------------------------------------------- checkpoints in tools
 @pytest.fixture(scope='module')
 def trained(data_dir):

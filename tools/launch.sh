@@ -16,7 +16,9 @@ if "$DAVIT_MM_PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_availab
   fi
 fi
 export PYTHONPATH="$DAVIT_MM_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$DAVIT_MM_PYTHON" -m torch.distributed.run \
+# torchrun, except that a user error in the processes exits 2 with their `error: ...` and no
+# torchrun traceback (davit_mm.cli.torchrun)
+exec "$DAVIT_MM_PYTHON" -c 'import sys; from davit_mm.cli import torchrun; sys.exit(torchrun(sys.argv[1:]))' \
   --nnodes="${NNODES:-1}" \
   --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" \

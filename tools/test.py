@@ -77,7 +77,7 @@ def main(argv=None):
     if args.out and library == 'mmdet' and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out {args.out!r}: mmdet predictions are dumped to a .pkl file')
 
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, training=False)
     check_checkpoint_fits(runner.model, args.checkpoint)  # evaluating a half-loaded model is worthless
     if args.out and library == 'mmdet':
         from mmdet.evaluation import DumpDetResults

@@ -76,11 +76,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
-from davit_mm.cli import check_device, check_output_path  # noqa: E402
+from davit_mm.cli import cfg_options_action, check_device, check_output_path  # noqa: E402
 from davit_mm.models import DaViT  # noqa: E402
 from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
 
@@ -114,7 +113,7 @@ def parse_args(argv=None):
                         help='test mode: how many test images to time')
     parser.add_argument('--tta', action='store_true',
                         help='test mode: with the config\'s test-time augmentation (as tools/test.py)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=cfg_options_action(),
                         help='config mode: override config settings, as tools/train.py does')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)

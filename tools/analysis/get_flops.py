@@ -24,14 +24,13 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checks import check_channels  # noqa: E402
-from davit_mm.cli import (adapt_config_to_machine, config_build_errors, library_of,  # noqa: E402
-                          load_config, run_tool)
+from davit_mm.cli import (adapt_config_to_machine, cfg_options_action, config_build_errors,  # noqa: E402
+                          library_of, load_config, run_tool)
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
 # With the plain kernels, linear layers count as addmm/mm and convolutions as convolution; the
@@ -52,7 +51,7 @@ def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) 
     cfg = load_config(config, cfg_options)
     library = library_of(cfg)
     check_channels(cfg)
-    adapt_config_to_machine(cfg)
+    adapt_config_to_machine(cfg, training=False)
     init_default_scope(library)
     from mmengine.registry import MODELS
     torch.manual_seed(0)
@@ -85,7 +84,7 @@ def main(argv=None):
     parser.add_argument('config')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                         help='input size (default: 800 1280 for detection, 512 2048 for segmentation)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    parser.add_argument('--cfg-options', nargs='+', action=cfg_options_action())
     args = parser.parse_args(argv)
     if args.shape is not None and min(args.shape) < 1:
         parser.error('--shape {} {}: both sides must be 1 or more'.format(*args.shape))

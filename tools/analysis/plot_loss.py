@@ -32,6 +32,11 @@ def plot(work_dir: str, out: str, keys=None) -> str:
     records = [r for r in read_scalars(work_dir) if 'loss' in r]
     if not records:
         raise ValueError(f'{work_dir!r}: the log has no training losses yet')
+    logged = sorted({k for r in records for k in r} - {'iter', 'step', 'epoch'})
+    unknown = [k for k in keys or () if k not in logged]
+    if unknown:
+        raise ValueError(f'--keys {" ".join(unknown)}: not in the log of {work_dir!r}; logged: '
+                         f'{", ".join(logged)}')
     keys = keys or [k for k in records[0] if k == 'loss' or 'loss' in k.split('.')[-1]]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for key in keys:
