@@ -12,6 +12,9 @@ from setuptools import find_packages, setup
 HERE = osp.dirname(osp.abspath(__file__))
 
 
+CHECKOUT_SCRIPTS = ('setup_env.sh', 'run_tests.sh', 'quickstart.sh')
+
+
 def read_version() -> str:
     namespace: dict = {}
     with open(osp.join(HERE, 'davit_mm', 'version.py'), encoding='utf-8') as f:
@@ -31,6 +34,8 @@ setup(
     packages=find_packages(include=['davit_mm', 'davit_mm.*']),
     package_data={'davit_mm': ['.mim/model-index.yml', '.mim/configs/**/*.py', '.mim/configs/**/*.yml',
                                '.mim/tools/**/*.py', '.mim/tools/**/*.sh', '.mim/demo/*.py']},
+    # They set up and use a checkout (requirements/, tests/, an editable install): not an installed package.
+    exclude_package_data={'davit_mm': [f'.mim/tools/{name}' for name in CHECKOUT_SCRIPTS]},
     install_requires=read_requirements('runtime'),
     extras_require={
         'det': read_requirements('det'),

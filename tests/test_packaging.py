@@ -4,6 +4,7 @@ OpenMMLab layout (davit_mm/.mim/), so a config outside the repository inherits
 import glob
 import os
 import os.path as osp
+import shutil
 import site
 import subprocess
 import sys
@@ -16,9 +17,14 @@ from helpers import REPO
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory):
+    """Built from a copy of the working tree without build outputs: setuptools reuses a checkout's
+    build/ folder, which would ship files deleted since, and leave build/ behind."""
     out = tmp_path_factory.mktemp('wheel')
+    source = out / 'source'
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        '.git', 'build', 'dist', '*.egg-info', '__pycache__', 'work_dirs', 'outputs', 'data', '.venv'))
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
-                    REPO, '-w', str(out)], check=True, capture_output=True)
+                    str(source), '-w', str(out)], check=True, capture_output=True)
     wheel, = glob.glob(str(out / 'davit_mm-*.whl'))
     return wheel
 
@@ -29,9 +35,14 @@ def test_the_wheel_ships_every_config_tool_and_the_model_index(wheel):
                                                           recursive=True)}
     tools = {osp.relpath(p, REPO) for p in glob.glob(osp.join(REPO, 'tools', '**', '*.*'), recursive=True)
              if p.endswith(('.py', '.sh'))}
-    assert configs and tools
-    for path in sorted(configs | tools) + ['model-index.yml', 'configs/metafile.yml', 'demo/image_demo.py']:
+    checkout_only = {f'tools/{name}' for name in ('setup_env.sh', 'run_tests.sh', 'quickstart.sh')}
+    assert configs and checkout_only < tools
+    for path in sorted(configs | tools - checkout_only) + ['model-index.yml', 'configs/metafile.yml',
+                                                           'demo/image_demo.py']:
         assert f'davit_mm/.mim/{path}' in names, path
+    # they set up and use a checkout (requirements/, tests/): from the package they failed
+    assert not {f'davit_mm/.mim/{path}' for path in checkout_only} & names
+    assert not any(name.startswith(('tests/', 'build/')) or '/tests/' in name for name in names)
     for legal in ('LICENSE', 'NOTICE'):
         assert any(n.endswith(f'.dist-info/licenses/{legal}') or n.endswith(f'.dist-info/{legal}')
                    for n in names), legal

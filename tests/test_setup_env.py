@@ -104,3 +104,22 @@ def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
                             env=dict(os.environ, DAVIT_MM_WHEELHOUSE=str(tmp_path / 'no')))
     assert result.returncode != 0
     assert 'DAVIT_MM_WHEELHOUSE=' in result.stderr and 'is not a directory' in result.stderr
+
+
+@pytest.mark.parametrize('args,expected', [
+    ([], ['tests']),
+    (['-m', 'not slow', '-x'], ['tests', '-m', 'not slow', '-x']),
+    (['tests/test_registry.py', '-q'], ['tests/test_registry.py', '-q']),
+    (['-q', 'tests/test_cli.py::test_traceback_on_request'], ['-q', 'tests/test_cli.py::test_traceback_on_request']),
+])
+def test_run_tests_runs_the_files_given_or_the_whole_suite(tmp_path, args, expected):
+    """With a test path among its arguments, run_tests.sh ran it and the whole suite as well."""
+    fake = tmp_path / 'python'  # answers everything with success; records what pytest would get
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1 $2" = "-m pytest" ]; then shift 2; printf "%s\\n" "$@" > "$0.args"; fi\n')
+    fake.chmod(0o755)
+    subprocess.run(['bash', os.path.join(REPO, 'tools', 'run_tests.sh'), *args], check=True, timeout=120,
+                   env=dict(os.environ, PYTHON=str(fake)), capture_output=True)
+    given = (tmp_path / 'python.args').read_text().splitlines()
+    options = ['-p', 'no:cacheprovider', '-W', 'ignore:pkg_resources is deprecated']
+    assert [a for a in given if a not in options] == expected
