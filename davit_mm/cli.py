@@ -44,16 +44,19 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
 
 def torchrun(argv: Sequence[str]) -> int:
     """``python -m torch.distributed.run ARGV`` (tools/launch.sh), with a user error kept a user
-    error: when every process that failed exited with status 2 (each has printed its
-    ``error: ...``), exit 2 without torchrun's ``ChildFailedError`` traceback, which would bury the
-    message and turn the status into 1. Any other failure keeps torchrun's report."""
+    error: when processes exited with status 2 (each has printed its ``error: ...``) and the
+    others failed only by torchrun's own SIGTERM after the first, exit 2 without torchrun's
+    ``ChildFailedError`` traceback, which would bury the message and turn the status into 1.
+    Any other failure keeps torchrun's report."""
+    import signal
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
     try:
         main(list(argv))
     except ChildFailedError as exc:
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        if codes and all(code == 2 for code in codes):
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        if 2 in codes and codes <= {2, -signal.SIGTERM}:
             return 2
         raise
     return 0

@@ -33,7 +33,9 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   (:class:`_TritonDepthwiseFunction`; sizes are runtime arguments, so a new shape compiles
   nothing; checked once per GPU and dtype, :func:`_triton_self_check`), or, without Triton >=
   3.0, on GPUs Triton does not build for, on ROCm and where that check fails (with a warning),
-  through PyTorch's own depth-wise kernel; the stem and downsample
+  through PyTorch's own depth-wise kernel (its backward with cuDNN off,
+  :class:`_AtenDepthwiseFunction`); window attention leaves cuDNN's attention out
+  (:func:`_sdpa_without_cudnn`); the stem and downsample
   convolutions run as matrix products (a 2x2/s2 convolution is a reshape and a matmul; the 7x7/s4
   stem and the overlapped 3x3/s2 downsample go through ``unfold``). The user's other convolutions
   (FPN, heads) keep cuDNN.
@@ -47,6 +49,7 @@ standard operators.
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from types import SimpleNamespace
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -118,6 +121,22 @@ def _cuda_depthwise_op() -> Optional[Callable]:
         return None
 
 
+def _sdpa_without_cudnn() -> Optional[Callable[[], contextlib.AbstractContextManager]]:
+    """A context in which ``F.scaled_dot_product_attention`` may use flash, memory-efficient or
+    math attention but not cuDNN's, or None on a torch without cuDNN attention (< 2.2) or without
+    ``torch.nn.attention.sdpa_kernel`` (< 2.3). cuDNN attention, which PyTorch may prefer on
+    Hopper GPUs, builds an execution plan per input shape, and window attention's batch (the
+    number of windows) changes with every new input size."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if not hasattr(SDPBackend, 'CUDNN_ATTENTION'):
+        return None
+    return functools.partial(sdpa_kernel, [SDPBackend.FLASH_ATTENTION,
+                                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 # The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
 # does not say).
 _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
@@ -165,6 +184,9 @@ _PACK_MIN_ROWS = 4096
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
+# The depth-wise kernel's backward, called with cuDNN off (see _AtenDepthwiseFunction).
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
+_SDPA_WITHOUT_CUDNN = _sdpa_without_cudnn()
 # Triton >= 3.0 compiles the CUDA depth-wise kernels below (shipped with CUDA builds of torch).
 _TRITON_MIN = (3, 0)
 
@@ -674,11 +696,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a bf16 model,
     or CPU autocast): there PyTorch's CPU flash attention is slow for DaViT's 49-token windows
     (531 ms of a 1.75 s DaViT-T training step in its backward; docs/benchmark.md), so the plain
-    steps run (the official code's own order).
+    steps run (the official code's own order). On CUDA, cuDNN's attention is left out
+    (:func:`_sdpa_without_cudnn`).
     """
     if _fast(q, 'cpu') and (q.dtype in (torch.bfloat16, torch.float16)
                             or _autocast_dtype('cpu') is not None):
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    if _SDPA_WITHOUT_CUDNN is not None and _fast(q, 'cuda'):
+        with _SDPA_WITHOUT_CUDNN():  # no per-shape cuDNN plans (see _sdpa_without_cudnn)
+            return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -955,19 +981,26 @@ def _triton_check_problem(device: torch.device, compute: torch.dtype) -> Optiona
     out = expected[0] + F.conv2d(*expected, padding=1, groups=40)
     out.backward(grad)
     expected = [out.detach()] + [t.grad for t in expected]
-    try:
-        with torch.autocast(device.type, enabled=False):
-            inputs = [t.to(device, compute).requires_grad_() for t in (x, weight, bias)]
-            out = _TritonDepthwiseFunction.apply(*inputs, True, _triton_depthwise())
-            out.backward(grad.to(device, compute))
-        got = [out.detach()] + [t.grad for t in inputs]
-    except Exception as exc:  # any failure to build or run: reported, never silent
-        return f'failed: {type(exc).__name__}: {exc}'
-    wrong = [name for name, a, b in zip(('output', 'input grad', 'weight grad', 'bias grad'),
-                                        got, expected)
-             if not (a.double().cpu() - b).abs().max() <= (
-                 16 * torch.finfo(compute).eps * max(1., b.abs().max().item()))]
-    return f'computed wrong {", ".join(wrong)}' if wrong else None
+    # The map in the compute dtype, and (fp16/bf16) as autocast hands it over: a float32 map
+    # with weights in the compute dtype, rounded inside the kernel (the cast-copy path).
+    for x_dtype in dict.fromkeys((compute, torch.float32)):
+        mixed = '' if x_dtype == compute else f' (a {x_dtype} map, {compute} weights)'
+        try:
+            with torch.autocast(device.type, enabled=False):
+                inputs = [x.to(device, x_dtype).requires_grad_()] + [
+                    t.to(device, compute).requires_grad_() for t in (weight, bias)]
+                out = _TritonDepthwiseFunction.apply(*inputs, True, _triton_depthwise())
+                out.backward(grad.to(device, out.dtype))
+            got = [out.detach()] + [t.grad for t in inputs]
+        except Exception as exc:  # any failure to build or run: reported, never silent
+            return f'failed{mixed}: {type(exc).__name__}: {exc}'
+        wrong = [name for name, a, b in zip(('output', 'input grad', 'weight grad', 'bias grad'),
+                                            got, expected)
+                 if not (a.double().cpu() - b).abs().max() <= (
+                     16 * torch.finfo(compute).eps * max(1., b.abs().max().item()))]
+        if wrong:
+            return f'computed wrong {", ".join(wrong)}{mixed}'
+    return None
 
 
 def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
@@ -975,9 +1008,22 @@ def _triton_self_check(device: torch.device, compute: torch.dtype) -> bool:
     and backward, against the float64 CPU convolution. If the kernels fail to build or run (a
     Triton that cannot find the CUDA driver, say) or compute wrong numbers, a warning says so
     and PyTorch's depth-wise kernel serves instead: training goes on, and the message names
-    the problem. Runs with gradients wherever it is first called (inference mode included)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        problem = _triton_check_problem(device, compute)
+    the problem.
+
+    Runs in a thread of its own: grad mode, inference mode, autocast and saved-tensor hooks are
+    per thread, so wherever the first call comes from (inference mode, or a block under
+    ``torch.utils.checkpoint``, whose hooks would otherwise capture the check's own graph) the
+    check sees none of it."""
+    result: List[Optional[str]] = []
+
+    def check() -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            result.append(_triton_check_problem(device, compute))
+
+    thread = threading.Thread(target=check, name='davit_mm-triton-self-check', daemon=True)
+    thread.start()
+    thread.join()
+    problem = result[0] if result else 'failed: the check thread ended without an answer'
     if problem is not None:
         warnings.warn(f'davit_mm: the Triton depth-wise kernels {problem} (on {device}, '
                       f'{compute}); the position encodings use PyTorch\'s depth-wise kernel '
@@ -1008,10 +1054,39 @@ def _depthwise_triton(conv: nn.Conv2d, x: torch.Tensor, add_input: bool) -> torc
     return _TritonDepthwiseFunction.apply(x, weight, bias, add_input, _triton_depthwise())
 
 
+class _AtenDepthwiseFunction(torch.autograd.Function):
+    """PyTorch's depth-wise kernel (``aten::_conv_depthwise2d``) with its backward computed with
+    cuDNN off: autograd's own backward of it goes through ``convolution_backward``, which picks
+    cuDNN (an execution plan per new input shape) for fp16/bf16 maps. The same maths."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel_size, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, bias is not None)
+        return _CUDA_DEPTHWISE(x, weight, kernel_size, bias, stride, padding, dilation)
+
+    @staticmethod
+    @_first_order_only
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.conv
+        need = ctx.needs_input_grad
+        with torch.backends.cudnn.flags(enabled=False):
+            grad_x, grad_w, grad_b = _CONVOLUTION_BACKWARD(
+                grad.contiguous(), x, weight, [weight.shape[0]] if has_bias else None,
+                list(stride), list(padding), list(dilation), False, [0, 0], x.shape[1],
+                [need[0], need[1], need[2] and has_bias])
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
 def _depthwise_cuda(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     x, weight, bias = _in_autocast_dtype('cuda', x, conv.weight, conv.bias)
-    return _CUDA_DEPTHWISE(x.contiguous(), weight.contiguous(), conv.kernel_size, bias,
-                           conv.stride, conv.padding, conv.dilation)
+    x, weight = x.contiguous(), weight.contiguous()
+    if not _needs_grad(x, weight, bias):
+        return _CUDA_DEPTHWISE(x, weight, conv.kernel_size, bias, conv.stride, conv.padding,
+                               conv.dilation)
+    return _AtenDepthwiseFunction.apply(x, weight, bias, conv.kernel_size, conv.stride,
+                                        conv.padding, conv.dilation)
 
 
 def _conv_cuda(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

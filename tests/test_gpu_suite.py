@@ -110,10 +110,13 @@ def test_smoke_run_measures_summarises_and_cleans_up(tmp_path):
 
 
 def fake_steps(tmp_path):
-    """Steps whose commands sleep in a child process, as torchrun's workers do."""
+    """Steps whose commands sleep in a child process in a session of its own, as torchrun's
+    workers do; each child writes its pid to a file named after the step."""
     def sleeper(name, seconds, limit):
-        code = (f'import subprocess, sys; subprocess.run([sys.executable, "-c", '
-                f'"import time; open({str(tmp_path / name)!r}, \'w\'); time.sleep({seconds})"])')
+        child = (f'import os, time; open({str(tmp_path / name)!r}, "w").write(str(os.getpid())); '
+                 f'time.sleep({seconds})')
+        code = (f'import subprocess, sys; subprocess.run([sys.executable, "-c", {child!r}], '
+                f'start_new_session=True)')
         return suite.Step(name, '1', limit, [sys.executable, '-c', code], kind='data')
     return [sleeper('quick', 0, 30), sleeper('stuck', 120, 5), sleeper('after', 4, 30),
             sleeper('late', 0, 30)]
@@ -135,8 +138,12 @@ def test_a_step_over_its_limit_is_killed_with_its_children_and_the_budget_is_kep
     assert summary['rerun'][:5] == ['python', 'tools/analysis/gpu_suite.py', '--only', 'stuck',
                                     'late']
     assert (tmp_path / 'after').exists() and not (tmp_path / 'late').exists()
-    assert 'not finished: python tools/analysis/gpu_suite.py --only stuck late' in \
-        capsys.readouterr().out
+    stuck = int((tmp_path / 'stuck').read_text())  # the worker in its own session is gone too
+    assert not osp.exists(f'/proc/{stuck}') or open(f'/proc/{stuck}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z'
+    printed = capsys.readouterr().out
+    assert 'not finished: python tools/analysis/gpu_suite.py --only stuck late' in printed
+    # the targets table is printed last (a remote run returns only the end of its output)
+    assert printed.rindex('| part | measurement |') > printed.rindex('| step | status |')
 
 
 @pytest.mark.parametrize('argv,message', [

@@ -20,6 +20,8 @@ from davit_mm.models import DaViT
 from davit_mm.models import davit as davit_module
 from helpers import REPO, weighted_sum
 
+_REAL_TRITON_SELF_CHECK = ops._triton_self_check  # the triton_cuda fixture stands one in
+
 onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has no oneDNN linear')
 
 
@@ -800,6 +802,49 @@ def mocked_cuda(monkeypatch):
     return depthwise_calls, conv_calls
 
 
+def test_on_cuda_pytorchs_depthwise_kernel_trains_without_cudnn(tiny_arch, mocked_cuda, monkeypatch):
+    """The backward of aten::_conv_depthwise2d goes through convolution_backward, which picks
+    cuDNN (a plan per new input shape) for fp16 maps: davit_mm calls it with cuDNN off."""
+    cudnn_during_backward = []
+    original = ops._CONVOLUTION_BACKWARD
+
+    def recorded(*args):
+        cudnn_during_backward.append(torch.backends.cudnn.enabled)
+        return original(*args)
+
+    monkeypatch.setattr(ops, '_CONVOLUTION_BACKWARD', recorded)
+    depthwise_calls, conv_calls = mocked_cuda
+    model = DaViT(tiny_arch, drop_path_rate=0.).train()
+    _outputs_and_grads(model, torch.randn(2, 3, 45, 67))
+    encodings = 2 * 2 * sum(tiny_arch['depths'])
+    assert len(depthwise_calls) == encodings and cudnn_during_backward == [False] * encodings
+    assert torch.backends.cudnn.enabled  # restored
+
+
+def test_on_cuda_window_attention_leaves_cudnn_attention_out(tiny_arch, mocked_cuda, monkeypatch):
+    """cuDNN's attention builds a plan per shape, and the number of windows changes with every
+    input size: on CUDA, scaled_dot_product_attention runs with flash, memory-efficient and math
+    attention allowed, cuDNN's not."""
+    if ops._SDPA_WITHOUT_CUDNN is None:
+        pytest.skip('this torch has no cuDNN attention or no torch.nn.attention.sdpa_kernel')
+    allowed = []
+    original = F.scaled_dot_product_attention
+
+    def recorded(*args, **kwargs):
+        backends = torch.backends.cuda
+        allowed.append((backends.cudnn_sdp_enabled(), backends.flash_sdp_enabled(),
+                        backends.mem_efficient_sdp_enabled(), backends.math_sdp_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recorded)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    model = DaViT(tiny_arch, drop_path_rate=0.).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 45, 67))
+    assert allowed and set(allowed) == {(False, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # restored
+
+
 def _outputs_and_grads(model, x):
     model.zero_grad(set_to_none=True)
     outs = model(x)
@@ -1134,6 +1179,24 @@ def test_on_cuda_with_triton_the_position_encodings_take_the_triton_kernels(tiny
 
 
 @needs_triton
+def test_the_first_call_under_gradient_checkpointing_runs_the_real_self_check(tiny_arch, triton_cuda,
+                                                                              monkeypatch):
+    """The self-check runs inside the first forward that needs it; under with_cp that forward is
+    inside torch.utils.checkpoint, whose saved-tensor hooks captured the check's own graph: two
+    false warnings, PyTorch's kernel for good, then a CheckpointError. In its own thread the
+    check sees none of the caller's state."""
+    monkeypatch.setattr(ops, '_triton_self_check', _REAL_TRITON_SELF_CHECK)
+    depthwise_calls, conv_calls, launches = triton_cuda
+    model = DaViT(tiny_arch, drop_path_rate=0., with_cp=True).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        _ignore_numpy_scalar_deprecation()
+        _outputs_and_grads(model, torch.randn(1, 3, 32, 32))
+    assert set(ops._TRITON_READY.values()) == {True}
+    assert depthwise_calls == [] and launches
+
+
+@needs_triton
 @pytest.mark.parametrize('capability,autocast,kernel', [
     ((6, 0), None, 'aten'),                 # Pascal: Triton does not build for it
     ((7, 5), torch.bfloat16, 'aten'),       # Turing computes no bf16
@@ -1196,6 +1259,24 @@ def test_triton_kernels_that_fail_or_compute_wrong_are_reported_and_not_used(
         assert ops._triton_self_check(torch.device('cpu'), torch.float32) is False
     warned = [str(w.message) for w in record if w.category is RuntimeWarning]
     assert len(warned) == 1 and "PyTorch's depth-wise kernel instead" in warned[0]
+
+
+@needs_triton
+def test_the_self_check_covers_autocasts_float32_map_with_half_precision_weights(interpreted_kernels,
+                                                                                monkeypatch):
+    """Under autocast the kernels take a float32 map and bf16/fp16 weights and write the rounded
+    map for the weight gradient (the cast copy): a fault only there is caught too."""
+    monkeypatch.setattr(ops, '_triton_depthwise', lambda: interpreted_kernels)
+    original = ops._launch_depthwise
+
+    def wrong_with_a_cast_copy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out + 100 if kwargs.get("cast") is not None else out
+
+    monkeypatch.setattr(ops, '_launch_depthwise', wrong_with_a_cast_copy)
+    with pytest.warns(RuntimeWarning, match=r'computed wrong output \(a torch.float32 map, '
+                                            r'torch.bfloat16 weights\)'):
+        assert ops._triton_self_check(torch.device('cpu'), torch.bfloat16) is False
 
 
 @needs_triton

@@ -717,6 +717,8 @@ def bench_config_steps(args, cfg, library: str) -> List[dict]:
     rows = []
     for size in args.sizes:
         inputs, samples = fake_batch(library, args.batch, size, args.device)
+        if args.device.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats()  # each row's peak_mb: the peak at its own size
 
         def train():
             model.train()

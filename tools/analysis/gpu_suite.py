@@ -316,20 +316,72 @@ def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[
         value = '' if row['value'] is None else f"{row['value']:.4g}"
         met = {None: '', True: 'yes', False: '**no**'}[row['met']]
         lines.append(f"| {row['part']} | {row['what']} | {value} | {row['target']} | {met} |")
-    lines += ['', '| step | status | seconds | limit |', '|---|---|---|---|']
-    lines += [f'| {s.name} | {s.status} | {s.seconds:.0f} | {s.limit_s} |' for s in steps]
-    lines += profile_lines(values)
-    if left:
-        lines += ['', 'not finished: ' + ' '.join(summary['rerun'])]
+    details = ['', '| step | status | seconds | limit |', '|---|---|---|---|']
+    details += [f'| {s.name} | {s.status} | {s.seconds:.0f} | {s.limit_s} |' for s in steps]
+    details += profile_lines(values)
+    rerun = ['', 'not finished: ' + ' '.join(summary['rerun'])] if left else []
     with open(osp.join(out, 'summary.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+        f.write('\n'.join(lines + details + rerun) + '\n')
+    # Printed with the targets last: a caller that keeps only the end of the output (a remote
+    # run's last few kilobytes) keeps the table that matters.
+    summary['printed'] = '\n'.join(details[1:] + [''] + lines + rerun)
     return summary
 
 
 # ------------------------------------------------------------------------------------ running
+TERM_GRACE_S = 5  # how long a step over its limit gets to stop after SIGTERM
+
+
+def descendants(pid: int) -> List[int]:
+    """The processes below ``pid`` (Linux ``/proc``), whatever session or group they are in:
+    torchrun starts its workers in sessions of their own, which a kill of the step's process
+    group does not reach."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_step(process: subprocess.Popen) -> None:
+    """Stop a step and everything it started: SIGTERM to its group (torchrun then stops its
+    workers), a few seconds' grace, then SIGKILL to every process found below it before and
+    after (workers left behind would go on using the GPU while later steps are timed)."""
+    below = set(descendants(process.pid))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig == signal.SIGTERM:
+            try:
+                process.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            below |= set(descendants(process.pid))
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
 def run_step(step: Step, limit: float, work: str, out: str, scale: Scale) -> None:
     """Run one step in its own process group (dist_train.sh starts torchrun and its workers),
-    killed whole at ``limit`` seconds; its output goes to ``OUT/logs/STEP.log``."""
+    stopped with everything below it at ``limit`` seconds (:func:`stop_step`); its output goes
+    to ``OUT/logs/STEP.log``."""
     command = list(step.command)
     result = osp.join(out, f'{step.name}.json')
     if step.kind == 'bench':
@@ -341,13 +393,13 @@ def run_step(step: Step, limit: float, work: str, out: str, scale: Scale) -> Non
         log.flush()
         process = subprocess.Popen(command, cwd=work, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True,
-                                   env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                                       filter(None, [REPO, os.environ.get('PYTHONPATH')]))))
+                                   env=dict(os.environ, PYTHON=sys.executable,  # dist_train.sh's
+                                            PYTHONPATH=os.pathsep.join(
+                                                filter(None, [REPO, os.environ.get('PYTHONPATH')]))))
         try:
             code = process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            stop_step(process)
             code = None
     step.seconds = time.monotonic() - start
     if code is None:
@@ -438,8 +490,7 @@ def main(argv=None):
     summary = write_summary(selected, out, args.smoke, tail)
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
-    with open(osp.join(out, 'summary.md')) as f:
-        print(f.read())
+    print(summary.pop('printed'), flush=True)
     return summary
 
 
