@@ -51,12 +51,16 @@ class RandomStateHook(Hook):
     state as one that never stopped (given deterministic kernels).
 
     mmengine restores weights, optimizer, schedulers and the sampler position, but not the global
-    random generators that drop path and the data transforms draw from; a resumed run re-seeds
-    them and diverges. This hook stores their states in every checkpoint and restores them when
-    training resumes. Iteration-based loops fast-forward the data loader through the batches
-    already trained, replaying the transforms' draws from the seed: there only torch's generators
-    are restored. Validation and testing are made neutral to the generators (the run that never
-    stopped validates after the checkpoint, the resumed one does not).
+    random generators that drop path, the detectors' RoI samplers and the data transforms draw
+    from; a resumed run re-seeds them and diverges. This hook seeds them before every training
+    iteration from (run seed, rank, iteration), so what an iteration draws depends on nothing
+    before it: a resumed run draws the same, on every rank (only rank 0 writes checkpoints, so a
+    state stored in them could hold rank 0's generators only, and Mask R-CNN's samplers draw a
+    data-dependent number of times on each rank). It also stores the generators' states in every
+    checkpoint and restores them when training resumes (what the first iteration's data loading
+    draws before the first seeding). Iteration-based loops fast-forward the data loader through
+    the batches already trained, replaying the transforms' draws from the seed: there only
+    torch's generators are restored. Validation and testing are made neutral to the generators.
     """
 
     priority = 'VERY_LOW'  # before_train runs after mmengine has loaded the checkpoint
@@ -82,6 +86,13 @@ class RandomStateHook(Hook):
         if state is None or runner.train_loop.iter == 0:
             return  # a fresh start, or load_from (fine-tuning) rather than a resume
         restore_random_state(state, data_pipeline=not isinstance(runner.train_loop, IterBasedTrainLoop))
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        entropy = [(runner.seed or 0) % 2**32, runner.rank, runner.iter]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every CUDA device's generator too
 
     def _enter_eval(self, runner) -> None:
         self._outside_eval = capture_random_state()
@@ -153,7 +164,8 @@ class PositionSeededDataset:
     """Wraps a dataset config; draws each sample's transforms (Python's, numpy's and torch's
     generators) from the seed its :class:`SeededIndex` carries, leaving the process's own
     generators as they were. Everything else (``metainfo``, ``get_data_info``, ...) is the
-    wrapped dataset's."""
+    wrapped dataset's, read and written: mmdet's ``PipelineSwitchHook`` sets ``pipeline`` on the
+    data loader's dataset, which must reach the wrapped one."""
 
     def __init__(self, dataset: dict) -> None:
         from mmengine.registry import DATASETS
@@ -163,6 +175,12 @@ class PositionSeededDataset:
         if name == 'dataset':  # not yet set (unpickling)
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == 'dataset':
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.dataset, name, value)
 
     def __len__(self) -> int:
         return len(self.dataset)

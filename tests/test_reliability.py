@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import os.path as osp
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from helpers import CONFIGS, REPO, losses, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
+MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
 # Drop path on (torch's generator), random resize/flip on (numpy's), evaluation in between.
 DET_RUN = ['--cfg-options', 'model.backbone.drop_path_rate=0.2', 'train_cfg.max_epochs=6',
            'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=1',
@@ -129,6 +131,33 @@ def test_resume_is_exact_with_persistent_data_loader_workers(data_dir, task):
                                  'param_scheduler.1.end=12', 'train_dataloader.batch_size=2']
          + SEG_RUN[5:] + WORKERS, 'iter_12.pth', 'iter_4.pth'))
     assert_resume_is_exact(data_dir, f'{task}_workers', config, args, last, kill_after)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_for_mask_rcnn_whose_ranks_draw_differently(data_dir):
+    """Mask R-CNN's RoI samplers draw a data-dependent number of times on each rank, so the ranks'
+    generators drift apart; rank 0 alone writes checkpoints. Seeding every iteration from
+    (seed, rank, iteration) makes the resumed ranks draw as the uninterrupted ones."""
+    args = DET_RUN[:2] + ['train_cfg.max_epochs=2'] + DET_RUN[3:]
+    assert_resume_is_exact(data_dir, 'dist_maskrcnn', MASKRCNN, args, 'epoch_2.pth', 'epoch_1.pth',
+                           resumed='resumed epoch: 1', processes=2, ports=('29624', '29625', '29626'))
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_runs_seed_where_the_config_sets_none(data_dir):
+    """The paper configs set no seed (a random one per run): the resumed run takes the seed of the
+    run it continues before its data loader is built (mmengine restores it only afterwards,
+    and the sampler shuffled with the new run's)."""
+    args = DET_RUN[:2] + ['train_cfg.max_epochs=2', 'randomness.seed=None'] + DET_RUN[3:]
+    first, again = data_dir / 'seedless', data_dir / 'seedless_again'
+    run_tool(['train.py', RETINANET, '--work-dir', first] + args, cwd=data_dir)
+    again.mkdir()
+    shutil.copy(first / 'epoch_1.pth', again / 'epoch_1.pth')
+    result = run_tool(['train.py', RETINANET, '--work-dir', again, '--resume'] + args, cwd=data_dir)
+    assert 'resumed epoch: 1' in result.stdout
+    seeds = [read_training_checkpoint(str(d / 'epoch_2.pth'))['meta']['seed'] for d in (first, again)]
+    assert seeds[0] == seeds[1] is not None
+    assert_identical_checkpoints(first / 'epoch_2.pth', again / 'epoch_2.pth')
 
 
 @pytest.mark.slow
@@ -265,3 +294,15 @@ def test_images_smaller_than_one_window_run_through_a_detector(height, width):
     # boxes are clipped to the image
     assert (boxes >= -1e-3).all()
     assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
+
+
+def test_attributes_set_on_the_position_seeded_dataset_reach_the_wrapped_one():
+    """mmdet's PipelineSwitchHook sets ``train_dataloader.dataset.pipeline``; under davit_mm's
+    tools that dataset is the wrapper, and the new pipeline stayed there unused."""
+    from types import SimpleNamespace
+
+    from davit_mm.engine import PositionSeededDataset
+    inner = SimpleNamespace(pipeline='old', metainfo={'classes': ('a', )})
+    wrapped = PositionSeededDataset(inner)
+    wrapped.pipeline = 'new'
+    assert inner.pipeline == 'new' and wrapped.pipeline == 'new' and wrapped.dataset is inner

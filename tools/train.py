@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from davit_mm.checkpoint import check_checkpoint_fits, latest_valid_checkpoint  # noqa: E402
+from davit_mm.checkpoint import (check_checkpoint_fits, latest_valid_checkpoint,  # noqa: E402
+                                 read_training_checkpoint)
 from davit_mm.checks import preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
                           load_config, parse_launch_arguments, run_guarded, run_tool)
@@ -31,6 +32,16 @@ def parse_args(argv=None):
                              'the work dir (a fresh start when there is none)')
     add_launch_arguments(parser)
     return parse_launch_arguments(parser, argv)
+
+
+def keep_the_runs_seed(cfg, checkpoint: dict) -> None:
+    """A resumed run takes the seed of the run it continues where the config sets none (the paper
+    configs, as mmdet's and mmseg's: a random seed per run). mmengine restores that seed only
+    after it has built the data loader, whose sampler then shuffles with the new run's seed."""
+    seed = (checkpoint.get('meta') or {}).get('seed')
+    randomness = cfg.setdefault('randomness', {})
+    if seed is not None and randomness.get('seed') is None:
+        cfg.randomness = dict(randomness, seed=int(seed))
 
 
 def main(argv=None):
@@ -56,6 +67,9 @@ def main(argv=None):
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+        checkpoint = read_training_checkpoint(args.resume)
+    if cfg.get('resume') and checkpoint is not None:
+        keep_the_runs_seed(cfg, checkpoint)
 
     seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
