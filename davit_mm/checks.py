@@ -29,24 +29,44 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
 
 
 # ------------------------------------------------------------------------- data and classes
+def innermost_datasets(dataset_cfg: ConfigDict) -> List[ConfigDict]:
+    """The dataset configs inside wrappers: RepeatDataset's/ClassBalancedDataset's ``dataset``,
+    and each member of a ConcatDataset's ``datasets``."""
+    if 'dataset' in dataset_cfg:
+        return innermost_datasets(dataset_cfg['dataset'])
+    if isinstance(dataset_cfg.get('datasets'), (list, tuple)):
+        return [leaf for member in dataset_cfg['datasets'] for leaf in innermost_datasets(member)]
+    return [dataset_cfg]
+
+
 def innermost_dataset(dataset_cfg: ConfigDict) -> ConfigDict:
-    """The dataset config inside wrappers such as RepeatDataset/ConcatDataset's first member."""
-    while 'dataset' in dataset_cfg:
-        dataset_cfg = dataset_cfg['dataset']
-    return dataset_cfg
+    """The first of :func:`innermost_datasets`."""
+    return innermost_datasets(dataset_cfg)[0]
+
+
+def _is_remote(path: str) -> bool:
+    return '://' in path
 
 
 def _joined(root: str, path: str) -> str:
-    return path if not root or osp.isabs(path) else osp.join(root, path)
+    return path if not root or osp.isabs(path) or _is_remote(path) else osp.join(root, path)
 
 
 def _datasets_that_run(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, ConfigDict]]:
     """(split, innermost dataset config) of each of ``splits`` whose dataloader the run uses
-    (val/test only with a ``val_cfg``/``test_cfg``)."""
+    (val/test only with a ``val_cfg``/``test_cfg``), every member of a ConcatDataset."""
     for split in splits:
         loader = cfg.get(f'{split}_dataloader')
         if loader and (split == 'train' or cfg.get(f'{split}_cfg') is not None):
-            yield split, innermost_dataset(loader['dataset'])
+            for dataset in innermost_datasets(loader['dataset']):
+                yield split, dataset
+
+
+def _reads_local_files(dataset: ConfigDict) -> bool:
+    """Whether a dataset reads its files from the local file system: not with ``backend_args``
+    naming another backend or mapping paths (e.g. to s3 or petrel)."""
+    backend_args = dataset.get('backend_args') or {}
+    return backend_args.get('backend', 'local') == 'local' and not backend_args.get('path_mapping')
 
 
 def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
@@ -55,14 +75,14 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
     for split, dataset in _datasets_that_run(cfg, splits):
         root = dataset.get('data_root') or ''
         where = f'{split}_dataloader.dataset'
-        if '://' in root:
+        if _is_remote(root) or not _reads_local_files(dataset):
             continue  # remote storage: nothing to check locally
         if root and not osp.isdir(root):
             raise ValueError(f'{where}.data_root={root!r} does not exist (working directory '
                              f'{osp.abspath(".")}); point it at your data, e.g. --cfg-options '
                              f'{where}.data_root=/path/to/data/')
         ann_file = dataset.get('ann_file') or ''
-        if ann_file and not osp.isfile(_joined(root, ann_file)):
+        if ann_file and not _is_remote(ann_file) and not osp.isfile(_joined(root, ann_file)):
             raise ValueError(f'{where}.ann_file={ann_file!r}: {_joined(root, ann_file)!r} does not exist')
         for key, folder in (dataset.get('data_prefix') or {}).items():
             if folder and '://' not in folder and not osp.isdir(_joined(root, folder)):
@@ -70,20 +90,29 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
                                  f'{_joined(root, folder)!r} does not exist')
 
 
-def _dataset_classes(dataset_cfg) -> Optional[tuple]:
+def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:
+    """The classes of a dataset config: its ``metainfo``, else its type's ``METAINFO``, looked up
+    in the registry of ``scope`` (mmdet's/mmseg's datasets are not in mmengine's root one)."""
     classes = (dataset_cfg.get('metainfo') or {}).get('classes')
     if classes is not None:
         return tuple(classes)
+    import importlib
+
     from mmengine.registry import DATASETS
-    dataset_type = DATASETS.get(dataset_cfg.get('type', ''))
+    scope = dataset_cfg.get('_scope_') or scope
+    registry = importlib.import_module(f'{scope}.registry').DATASETS if scope in ('mmdet', 'mmseg') \
+        else DATASETS
+    dataset_type = registry.get(dataset_cfg.get('type', ''))
     meta = getattr(dataset_type, 'METAINFO', None) or {}
     return tuple(meta['classes']) if 'classes' in meta else None
 
 
 def _num_classes_fields(node, path='model'):
-    """(path, value) of every ``num_classes`` in a model config, except class-agnostic RPN heads."""
+    """(path, value) of every ``num_classes`` in a model config, except class-agnostic RPN heads
+    and semantic heads (HTC's and SCNet's segment COCO-stuff's 183 classes)."""
     if isinstance(node, dict):
-        if 'RPN' in str(node.get('type', '')):
+        if any(kind in str(node.get('type', '')) for kind in ('RPN', 'Semantic')) or \
+                path.endswith('.semantic_head'):
             return
         for key, value in node.items():
             if key == 'num_classes' and isinstance(value, int):
@@ -103,7 +132,8 @@ def check_num_classes(cfg: Config, split: str = 'train') -> None:
         return
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get('default_scope'))
-    classes = _dataset_classes(innermost_dataset(loader['dataset']))
+    members = [_dataset_classes(d, cfg.get('default_scope')) for d in innermost_datasets(loader['dataset'])]
+    classes = next((c for c in members if c is not None), None)  # ConcatDataset: the first's
     if classes is None:
         return
     for path, value in _num_classes_fields(cfg.model):
@@ -156,6 +186,10 @@ def backbone_out_channels(backbone: dict) -> Optional[List[int]]:
     return [embed_dims[i] for i in sorted(i % len(embed_dims) for i in out_indices)]
 
 
+# Necks whose in_channels list the backbone's stages from the deepest one (mmdet's YOLOv3).
+_DEEPEST_FIRST_NECKS = ('YOLOV3Neck', )
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -178,18 +212,23 @@ def check_channels(cfg: Config) -> None:
     source = (f'model.backbone (DaViT arch={arch!r}, out_indices={out_indices}) returns '
               f'{len(channels)} feature maps with channels {channels}')
     neck = model.get('neck')
+    last_neck = neck
     if isinstance(neck, (list, tuple)):
-        neck = neck[0] if neck else None
+        neck, last_neck = (neck[0], neck[-1]) if neck else (None, None)
     if neck and 'in_channels' in neck:
         wanted = _as_list(neck['in_channels'])
+        if neck.get('type') in _DEEPEST_FIRST_NECKS:
+            wanted = wanted[::-1]  # listed from the deepest stage
         if len(wanted) != len(channels):
             raise ValueError(f'{source}, but model.neck.in_channels={wanted} takes {len(wanted)}: '
                              f'make out_indices return {len(wanted)} stages, or set '
                              f'model.neck.in_channels={channels}')
         if wanted != channels:
-            raise ValueError(f'{source}, but model.neck.in_channels={wanted}: set '
-                             f'model.neck.in_channels={channels} (or the arch the neck was sized for)')
-        _check_heads_after_neck(model, neck)
+            given = _as_list(neck['in_channels'])
+            fix = channels[::-1] if neck.get('type') in _DEEPEST_FIRST_NECKS else channels
+            raise ValueError(f'{source}, but model.neck.in_channels={given}: set '
+                             f'model.neck.in_channels={fix} (or the arch the neck was sized for)')
+        _check_heads_after_neck(model, last_neck)
         return
     for head_key in ('decode_head', 'auxiliary_head'):
         for i, head in enumerate(_as_list(model.get(head_key) or [])):
@@ -217,6 +256,10 @@ def _check_head_inputs(head: dict, key: str, channels: List[int], source: str) -
 
 
 def _check_heads_after_neck(model: dict, neck: dict) -> None:
+    """The heads against the last neck's ``out_channels`` (a list of necks: what the last gives)."""
+    necks = model.get('neck')
+    where = (f'model.neck.{len(necks) - 1}.out_channels' if isinstance(necks, (list, tuple))
+             else 'model.neck.out_channels')
     out_channels = neck.get('out_channels')
     if not isinstance(out_channels, int):
         return
@@ -224,8 +267,8 @@ def _check_heads_after_neck(model: dict, neck: dict) -> None:
         head = model.get(key)
         if isinstance(head, dict) and isinstance(head.get('in_channels'), int) \
                 and head['in_channels'] != out_channels:
-            raise ValueError(f'model.{key}.in_channels={head["in_channels"]} but '
-                             f'model.neck.out_channels={out_channels}: they must be equal')
+            raise ValueError(f'model.{key}.in_channels={head["in_channels"]} but {where}='
+                             f'{out_channels}: they must be equal')
 
 
 # ------------------------------------------------------------------------- annotation files
@@ -233,13 +276,14 @@ def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str,
     """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
     for split, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
-        if ann_file and '://' not in root + ann_file:
+        if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset):
             yield f'{split}_dataloader.dataset.ann_file', _joined(root, ann_file)
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
             ann = evaluator.get('ann_file') if isinstance(evaluator, dict) else None
-            if ann and '://' not in ann:
+            backend_args = (evaluator.get('backend_args') or {}) if isinstance(evaluator, dict) else {}
+            if ann and not _is_remote(ann) and _reads_local_files(dict(backend_args=backend_args)):
                 where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
                     else f'{split}_evaluator.{i}'
                 yield f'{where}.ann_file', ann

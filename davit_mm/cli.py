@@ -221,13 +221,14 @@ def enable_tta(cfg: Config, library: str) -> None:
     """Test-time augmentation (``--tta``): the config's ``tta_model`` wraps its model (mmdet
     configs without one get :data:`DEFAULT_DET_TTA_MODEL`) and its ``tta_pipeline`` replaces the
     test dataset's pipeline."""
-    from .checks import innermost_dataset
+    from .checks import innermost_datasets
     if library == 'mmdet' and 'tta_model' not in cfg:
         cfg.tta_model = ConfigDict(DEFAULT_DET_TTA_MODEL)
     if 'tta_pipeline' not in cfg:
         raise ValueError(f'--tta: the config has no tta_pipeline (library {library})')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
-    innermost_dataset(cfg.test_dataloader.dataset).pipeline = cfg.tta_pipeline
+    for dataset in innermost_datasets(cfg.test_dataloader.dataset):  # each of a ConcatDataset's
+        dataset.pipeline = cfg.tta_pipeline
 
 
 # ------------------------------------------------------------------------- the machine

@@ -205,7 +205,7 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
                             help="COCO's 80 categories, the shapes as person, bicycle and car: for "
                                  'the configs of the real COCO, unchanged')
     args = parser.parse_args(argv)
-    for name, least in (('num_train', 1), ('num_val', 0), ('max_objects', 1)):
+    for name, least in (('num_train', 1), ('num_val', 1), ('max_objects', 1)):
         if getattr(args, name) < least:
             raise ValueError(f'--{name.replace("_", "-")} {getattr(args, name)}: accepted {least} or more')
     if min(args.size) < 32:

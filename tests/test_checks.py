@@ -113,3 +113,80 @@ def test_train_tool_names_an_image_file_of_zero_bytes(coco):
     assert result.returncode != 0
     assert re.search(r"cannot read image '.*data/synthetic_coco/train2017/\S+\.jpg' \(0 bytes\)",
                      result.stderr), result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------- wrappers, registries, storage
+@pytest.mark.parametrize('config,key,classes', [
+    (RETINANET, 'model.bbox_head.num_classes', 80),  # CocoDataset, no metainfo in the config
+    (UPERNET, 'model.decode_head.num_classes', 150),  # ADE20KDataset
+])
+def test_class_count_comes_from_the_dataset_type_of_the_configs_scope(config, key, classes):
+    """The dataset types' METAINFO are in mmdet's/mmseg's registries, not mmengine's root one,
+    where the check looked and found nothing: a wrong num_classes passed."""
+    checks.check_num_classes(Config.fromfile(config))
+    with pytest.raises(ValueError, match=rf'{re.escape(key)}=7 but train_dataloader.dataset has {classes} classes'):
+        checks.check_num_classes(edited_config(config, {key: 7}))
+
+
+def test_semantic_heads_keep_their_own_class_count():
+    """HTC's and SCNet's semantic heads segment COCO-stuff's 183 classes beside 80 detected ones."""
+    cfg = edited_config(MASK_RCNN, {'model.roi_head.semantic_head': dict(
+        type='FusedSemanticHead', in_channels=256, num_classes=183)})
+    checks.check_num_classes(cfg)
+
+
+def _concat(cfg, second):
+    member = cfg.train_dataloader.dataset
+    cfg.train_dataloader.dataset = dict(type='ConcatDataset', datasets=[member, dict(member, **second)])
+    return cfg
+
+
+def test_each_member_of_a_concat_dataset_is_checked(coco):
+    cfg = _concat(quickstart_on(coco, 'train'), {})
+    checks.preflight(cfg, ('train',))
+    with pytest.raises(ValueError, match=r"data_root='nowhere/' does not exist"):
+        checks.preflight(_concat(quickstart_on(coco, 'train'), dict(data_root='nowhere/')), ('train',))
+    wrong = _concat(quickstart_on(coco, 'train'), {})
+    wrong.model.bbox_head.num_classes = 80
+    with pytest.raises(ValueError, match=r'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'):
+        checks.preflight(wrong, ('train',))
+
+
+def test_tta_reaches_every_member_of_a_concat_test_set():
+    from davit_mm.cli import enable_tta
+    cfg = Config.fromfile(QUICKSTART)
+    member = cfg.test_dataloader.dataset
+    cfg.test_dataloader.dataset = dict(type='ConcatDataset', datasets=[member, dict(member)])
+    enable_tta(cfg, 'mmdet')
+    assert 'pipeline' not in cfg.test_dataloader.dataset  # ConcatDataset takes none
+    assert all(d.pipeline == cfg.tta_pipeline for d in cfg.test_dataloader.dataset.datasets)
+
+
+@pytest.mark.parametrize('edits', [
+    {'ann_file': 's3://bucket/annotations/instances_train2017.json'},
+    {'data_root': 'data/on_s3/', 'backend_args': dict(backend='petrel', path_mapping={'data/': 's3://bucket/'})},
+])
+def test_remote_storage_is_not_looked_for_locally(coco, edits):
+    cfg = quickstart_on(coco, 'train')
+    cfg.train_dataloader.dataset.update(edits)
+    checks.check_data_paths(cfg, ('train',))
+    checks.check_annotation_files(cfg, ('train',))
+
+
+def test_yolov3_necks_take_the_deepest_stage_first():
+    cfg = edited_config(RETINANET, {'model.neck': dict(type='YOLOV3Neck', num_scales=3,
+                                                        in_channels=[768, 384, 192], out_channels=[384, 192, 96])})
+    checks.check_channels(cfg)
+    cfg.model.neck.in_channels = [192, 384, 768]
+    with pytest.raises(ValueError, match=r'set model.neck.in_channels=\[768, 384, 192\]'):
+        checks.check_channels(cfg)
+
+
+def test_heads_follow_the_last_of_several_necks():
+    cfg = edited_config(MASK_RCNN)
+    cfg.model.neck = [cfg.model.neck, dict(type='ChannelMapper', in_channels=[256] * 5, out_channels=128)]
+    cfg.model.rpn_head.in_channels = 128
+    checks.check_channels(cfg)
+    cfg.model.rpn_head.in_channels = 256
+    with pytest.raises(ValueError, match=r'model.rpn_head.in_channels=256 but model.neck.1.out_channels=128'):
+        checks.check_channels(cfg)
