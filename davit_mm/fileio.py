@@ -43,7 +43,10 @@ def atomic_file(path: str, suffix: str = '.tmp') -> Iterator[BinaryIO]:
     (created if missing), with the mode a plain ``open()`` would give, flushed to disk and renamed
     to ``path`` when the block ends (``os.replace`` is atomic). If the block raises, or the process
     dies in it, ``path`` keeps what it held before and the temporary file is removed (after a kill:
-    left under a hidden name, never under ``path``)."""
+    left under a hidden name, never under ``path``). Where ``path`` is a symbolic link, its target
+    is written, as a plain ``open()`` writes through the link (the link stays a link)."""
+    if osp.islink(path):
+        path = osp.realpath(path)
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix=suffix, dir=folder)

@@ -306,3 +306,14 @@ def test_attributes_set_on_the_position_seeded_dataset_reach_the_wrapped_one():
     wrapped = PositionSeededDataset(inner)
     wrapped.pipeline = 'new'
     assert inner.pipeline == 'new' and wrapped.pipeline == 'new' and wrapped.dataset is inner
+
+
+def test_atomic_backend_writes_through_a_symbolic_link_as_a_plain_open_would(tmp_path):
+    target = tmp_path / 'store' / 'epoch_1.pth'
+    target.parent.mkdir()
+    target.write_bytes(b'old')
+    link = tmp_path / 'epoch_1.pth'
+    link.symlink_to(target)
+    AtomicLocalBackend().put(b'new', str(link))
+    assert link.is_symlink() and target.read_bytes() == b'new'
+    assert sorted(p.name for p in target.parent.iterdir()) == ['epoch_1.pth']  # no temporary left
