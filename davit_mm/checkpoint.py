@@ -72,13 +72,14 @@ def read_file(path: str, map_location: Union[str, torch.device] = 'cpu') -> obje
         raise CheckpointError(f'checkpoint={path!r}: no such file')
     if not osp.isfile(path):
         raise CheckpointError(f'checkpoint={path!r} is not a regular file')
+    size = osp.getsize(path)
     with open(path, 'rb') as f:
-        kind = file_kind(f.read(HEAD_BYTES), osp.getsize(path))
+        kind = file_kind(f.read(HEAD_BYTES), size)
     try:
         if kind is None:
             raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
                                   f'torch.save archive, a pickle nor a safetensors file; '
-                                  f'{osp.getsize(path)} bytes)')
+                                  f'{size} bytes)')
         if kind == 'safetensors':  # by content: Hugging Face's cache stores them without extension
             return _read_safetensors(path, map_location)
         return _read_torch_file(path, kind, map_location)
@@ -160,8 +161,7 @@ def _read_torch_file(path: str, kind: str, map_location='cpu') -> object:
     """``torch.load(path, weights_only=True)`` of a ``kind`` ``'zip'`` (torch.save) or
     ``'pickle'`` (torch < 1.6) file, with a :class:`CheckpointError` saying why it cannot be read
     (corrupt or truncated, a plain pickle, pickled objects other than tensors)."""
-    # A truncated archive keeps its magic and fails in torch.load below, as corrupt.
-    if kind == 'zip':
+    if kind == 'zip':  # a truncated archive keeps its magic: refused here as corrupt
         _check_archive(path)
     # Checkpoints written by timm-based training scripts (the official classification weights)
     # carry their argparse Namespace, mmengine's runner its message hub: plain data, allowed here
@@ -415,7 +415,8 @@ def compare_state_dict(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
     for key in own:
         if key not in state:
             (fit.tolerated if may_lack(key) else fit.missing).append(key)
-        elif tuple(state[key].shape) != tuple(own[key].shape):
+        elif isinstance(state[key], torch.Tensor) and tuple(state[key].shape) != tuple(own[key].shape):
+            # (a value that is not a tensor is check_tensors' to name)
             (fit.tolerated if may_differ(key) else fit.mismatched).append(key)
     for key in state:
         if key not in own:
@@ -692,11 +693,6 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     state = state.get('state_dict', state)
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
     own = model.state_dict()
-    not_tensors = [f'{k} ({type(v).__name__})' for k, v in state.items()
-                   if k in own and not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f'checkpoint {path!r}: {len(not_tensors)} model weights that are not '
-                              f'tensors, nothing was loaded: {", ".join(not_tensors[:5])}')
 
     def class_specific(key: str) -> bool:
         return any(part in key.split('.')[-2] for part in _CLASS_SPECIFIC)

@@ -485,7 +485,7 @@ def test_convert_tool_names_what_a_non_davit_checkpoint_looks_like(tmp_path, sta
 
 
 @pytest.mark.parametrize('state_dict, message', [
-    ({'weight': None, 'bias': torch.zeros(2)}, r"1 model weights that are not tensors, nothing was loaded: weight \(NoneType\)"),
+    ({'weight': None, 'bias': torch.zeros(2)}, r"tensors that cannot be loaded, nothing was: 1 with values that are not tensors: weight \(NoneType\)"),
     ({'weight': [1.0, 2.0], 'bias': torch.zeros(2)}, r'weight \(list\)'),
     ([torch.zeros(2)], r"its 'state_dict' is a list, not a dict of tensors"),
 ])
