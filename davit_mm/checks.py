@@ -62,10 +62,10 @@ def _datasets_that_run(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str
                 yield split, dataset
 
 
-def _reads_local_files(dataset: ConfigDict) -> bool:
-    """Whether a dataset reads its files from the local file system: not with ``backend_args``
-    naming another backend or mapping paths (e.g. to s3 or petrel)."""
-    backend_args = dataset.get('backend_args') or {}
+def _reads_local_files(backend_args: Optional[dict]) -> bool:
+    """Whether a dataset's or evaluator's ``backend_args`` read the local file system: not when
+    they name another backend or map paths (e.g. to s3 or petrel)."""
+    backend_args = backend_args or {}
     return backend_args.get('backend', 'local') == 'local' and not backend_args.get('path_mapping')
 
 
@@ -75,7 +75,7 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
     for split, dataset in _datasets_that_run(cfg, splits):
         root = dataset.get('data_root') or ''
         where = f'{split}_dataloader.dataset'
-        if _is_remote(root) or not _reads_local_files(dataset):
+        if _is_remote(root) or not _reads_local_files(dataset.get('backend_args')):
             continue  # remote storage: nothing to check locally
         if root and not osp.isdir(root):
             raise ValueError(f'{where}.data_root={root!r} does not exist (working directory '
@@ -212,23 +212,20 @@ def check_channels(cfg: Config) -> None:
     source = (f'model.backbone (DaViT arch={arch!r}, out_indices={out_indices}) returns '
               f'{len(channels)} feature maps with channels {channels}')
     neck = model.get('neck')
-    last_neck = neck
     if isinstance(neck, (list, tuple)):
-        neck, last_neck = (neck[0], neck[-1]) if neck else (None, None)
+        neck = neck[0] if neck else None  # the first takes the backbone's maps
     if neck and 'in_channels' in neck:
-        wanted = _as_list(neck['in_channels'])
-        if neck.get('type') in _DEEPEST_FIRST_NECKS:
-            wanted = wanted[::-1]  # listed from the deepest stage
-        if len(wanted) != len(channels):
-            raise ValueError(f'{source}, but model.neck.in_channels={wanted} takes {len(wanted)}: '
-                             f'make out_indices return {len(wanted)} stages, or set '
-                             f'model.neck.in_channels={channels}')
-        if wanted != channels:
-            given = _as_list(neck['in_channels'])
-            fix = channels[::-1] if neck.get('type') in _DEEPEST_FIRST_NECKS else channels
+        given = _as_list(neck['in_channels'])
+        # the order the neck lists the stages in (YOLOv3's: deepest first)
+        expected = channels[::-1] if neck.get('type') in _DEEPEST_FIRST_NECKS else channels
+        if len(given) != len(channels):
+            raise ValueError(f'{source}, but model.neck.in_channels={given} takes {len(given)}: '
+                             f'make out_indices return {len(given)} stages, or set '
+                             f'model.neck.in_channels={expected}')
+        if given != expected:
             raise ValueError(f'{source}, but model.neck.in_channels={given}: set '
-                             f'model.neck.in_channels={fix} (or the arch the neck was sized for)')
-        _check_heads_after_neck(model, last_neck)
+                             f'model.neck.in_channels={expected} (or the arch the neck was sized for)')
+        _check_heads_after_neck(model)
         return
     for head_key in ('decode_head', 'auxiliary_head'):
         for i, head in enumerate(_as_list(model.get(head_key) or [])):
@@ -255,11 +252,11 @@ def _check_head_inputs(head: dict, key: str, channels: List[int], source: str) -
                              f'{expected if isinstance(in_channels, (list, tuple)) else expected[0]}')
 
 
-def _check_heads_after_neck(model: dict, neck: dict) -> None:
-    """The heads against the last neck's ``out_channels`` (a list of necks: what the last gives)."""
-    necks = model.get('neck')
-    where = (f'model.neck.{len(necks) - 1}.out_channels' if isinstance(necks, (list, tuple))
-             else 'model.neck.out_channels')
+def _check_heads_after_neck(model: dict) -> None:
+    """The heads against the neck's ``out_channels`` (a list of necks: what the last gives)."""
+    neck, where = model['neck'], 'model.neck.out_channels'
+    if isinstance(neck, (list, tuple)):
+        neck, where = neck[-1], f'model.neck.{len(neck) - 1}.out_channels'
     out_channels = neck.get('out_channels')
     if not isinstance(out_channels, int):
         return
@@ -276,14 +273,15 @@ def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str,
     """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
     for split, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
-        if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset):
+        if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset.get('backend_args')):
             yield f'{split}_dataloader.dataset.ann_file', _joined(root, ann_file)
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
-            ann = evaluator.get('ann_file') if isinstance(evaluator, dict) else None
-            backend_args = (evaluator.get('backend_args') or {}) if isinstance(evaluator, dict) else {}
-            if ann and not _is_remote(ann) and _reads_local_files(dict(backend_args=backend_args)):
+            if not isinstance(evaluator, dict):
+                continue
+            ann = evaluator.get('ann_file')
+            if ann and not _is_remote(ann) and _reads_local_files(evaluator.get('backend_args')):
                 where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
                     else f'{split}_evaluator.{i}'
                 yield f'{where}.ann_file', ann
