@@ -35,6 +35,12 @@ def capture_random_state() -> dict:
     return state
 
 
+def derived_seed(*entropy: int) -> int:
+    """A 32-bit seed drawn from the given integers (numpy's ``SeedSequence``): distinct tuples give
+    independent streams."""
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
+
+
 def restore_random_state(state: dict, data_pipeline: bool = True) -> None:
     """Restore what :func:`capture_random_state` captured (Python's and numpy's generators only
     if ``data_pipeline``: those are the ones data transforms draw from)."""
@@ -88,8 +94,7 @@ class RandomStateHook(Hook):
         restore_random_state(state, data_pipeline=not isinstance(runner.train_loop, IterBasedTrainLoop))
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        entropy = [(runner.seed or 0) % 2**32, runner.rank, runner.iter]
-        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        seed = derived_seed((runner.seed or 0) % 2**32, runner.rank, runner.iter)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)  # every CUDA device's generator too
@@ -152,9 +157,9 @@ class PositionSeededSampler(Sampler):
 
     def __iter__(self):
         for index in self.sampler:
-            entropy = [self.seed % 2**32, self.rank, self.epoch, self._position]
+            seed = derived_seed(self.seed % 2**32, self.rank, self.epoch, self._position)
             self._position += 1
-            yield SeededIndex(index, int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+            yield SeededIndex(index, seed)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -23,6 +23,7 @@ the plumbing, and its numbers mean nothing.
 A measurement, never a test: run it on a quiet machine and report what it printed.
 """
 import argparse
+import contextlib
 import json
 import os
 import os.path as osp
@@ -359,22 +360,16 @@ def stop_step(process: subprocess.Popen) -> None:
     workers), a few seconds' grace, then SIGKILL to every process found below it before and
     after (workers left behind would go on using the GPU while later steps are timed)."""
     below = set(descendants(process.pid))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        if sig == signal.SIGTERM:
-            try:
-                process.wait(timeout=TERM_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-            below |= set(descendants(process.pid))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=TERM_GRACE_S)
+    below |= set(descendants(process.pid))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
     for pid in below:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     process.wait()
 
 
