@@ -29,14 +29,22 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
 
 
 # ------------------------------------------------------------------------- data and classes
-def innermost_datasets(dataset_cfg: ConfigDict) -> List[ConfigDict]:
-    """The dataset configs inside wrappers: RepeatDataset's/ClassBalancedDataset's ``dataset``,
-    and each member of a ConcatDataset's ``datasets``."""
+def keyed_datasets(dataset_cfg: ConfigDict, key: str = 'dataset') -> List[Tuple[str, ConfigDict]]:
+    """(config key, dataset config) of each dataset config inside wrappers: RepeatDataset's /
+    ClassBalancedDataset's ``dataset`` and each member of a ConcatDataset's ``datasets``, ``key``
+    being where ``dataset_cfg`` is (``dataset.datasets.1`` for a ConcatDataset's second member,
+    as ``--cfg-options`` names it)."""
     if 'dataset' in dataset_cfg:
-        return innermost_datasets(dataset_cfg['dataset'])
+        return keyed_datasets(dataset_cfg['dataset'], f'{key}.dataset')
     if isinstance(dataset_cfg.get('datasets'), (list, tuple)):
-        return [leaf for member in dataset_cfg['datasets'] for leaf in innermost_datasets(member)]
-    return [dataset_cfg]
+        return [leaf for i, member in enumerate(dataset_cfg['datasets'])
+                for leaf in keyed_datasets(member, f'{key}.datasets.{i}')]
+    return [(key, dataset_cfg)]
+
+
+def innermost_datasets(dataset_cfg: ConfigDict) -> List[ConfigDict]:
+    """The dataset configs of :func:`keyed_datasets`, without their keys."""
+    return [dataset for _, dataset in keyed_datasets(dataset_cfg)]
 
 
 def innermost_dataset(dataset_cfg: ConfigDict) -> ConfigDict:
@@ -52,14 +60,15 @@ def _joined(root: str, path: str) -> str:
     return path if not root or osp.isabs(path) or _is_remote(path) else osp.join(root, path)
 
 
-def _datasets_that_run(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, ConfigDict]]:
-    """(split, innermost dataset config) of each of ``splits`` whose dataloader the run uses
-    (val/test only with a ``val_cfg``/``test_cfg``), every member of a ConcatDataset."""
+def _datasets_that_run(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str, ConfigDict]]:
+    """(split, config key, innermost dataset config) of each of ``splits`` whose dataloader the
+    run uses (val/test only with a ``val_cfg``/``test_cfg``), every member of a ConcatDataset;
+    the key is the dataset's full one (``train_dataloader.dataset.datasets.1``)."""
     for split in splits:
         loader = cfg.get(f'{split}_dataloader')
         if loader and (split == 'train' or cfg.get(f'{split}_cfg') is not None):
-            for dataset in innermost_datasets(loader['dataset']):
-                yield split, dataset
+            for key, dataset in keyed_datasets(loader['dataset']):
+                yield split, f'{split}_dataloader.{key}', dataset
 
 
 def _reads_local_files(backend_args: Optional[dict]) -> bool:
@@ -72,9 +81,8 @@ def _reads_local_files(backend_args: Optional[dict]) -> bool:
 def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
     """Refuse dataloaders whose data root, annotation file or image/label folders do not exist,
     naming the dataloader and the path (mmdet/mmseg would fail later, deep in dataset code)."""
-    for split, dataset in _datasets_that_run(cfg, splits):
+    for _, where, dataset in _datasets_that_run(cfg, splits):
         root = dataset.get('data_root') or ''
-        where = f'{split}_dataloader.dataset'
         if _is_remote(root) or not _reads_local_files(dataset.get('backend_args')):
             continue  # remote storage: nothing to check locally
         if root and not osp.isdir(root):
@@ -132,13 +140,15 @@ def check_num_classes(cfg: Config, split: str = 'train') -> None:
         return
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get('default_scope'))
-    members = [_dataset_classes(d, cfg.get('default_scope')) for d in innermost_datasets(loader['dataset'])]
-    classes = next((c for c in members if c is not None), None)  # ConcatDataset: the first's
+    members = [(key, _dataset_classes(d, cfg.get('default_scope')))
+               for key, d in keyed_datasets(loader['dataset'])]
+    # a ConcatDataset's: the first member's that has classes
+    key, classes = next(((k, c) for k, c in members if c is not None), (None, None))
     if classes is None:
         return
     for path, value in _num_classes_fields(cfg.model):
         if value != len(classes):
-            raise ValueError(f'{path}={value} but {split}_dataloader.dataset has {len(classes)} '
+            raise ValueError(f'{path}={value} but {split}_dataloader.{key} has {len(classes)} '
                              f'classes {classes[:5]}{"..." if len(classes) > 5 else ""}: set '
                              f'num_classes={len(classes)} in every head, or the dataset metainfo')
 
@@ -271,10 +281,10 @@ def _check_heads_after_neck(model: dict) -> None:
 # ------------------------------------------------------------------------- annotation files
 def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str]]:
     """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
-    for split, dataset in _datasets_that_run(cfg, splits):
+    for split, where, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
         if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset.get('backend_args')):
-            yield f'{split}_dataloader.dataset.ann_file', _joined(root, ann_file)
+            yield f'{where}.ann_file', _joined(root, ann_file)
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):

@@ -142,14 +142,31 @@ def _concat(cfg, second):
 
 
 def test_each_member_of_a_concat_dataset_is_checked(coco):
+    """Errors name the member by the key --cfg-options takes, and the fix they suggest works."""
     cfg = _concat(quickstart_on(coco, 'train'), {})
     checks.preflight(cfg, ('train',))
-    with pytest.raises(ValueError, match=r"data_root='nowhere/' does not exist"):
-        checks.preflight(_concat(quickstart_on(coco, 'train'), dict(data_root='nowhere/')), ('train',))
+    bad = _concat(quickstart_on(coco, 'train'), dict(data_root='nowhere/'))
+    key = 'train_dataloader.dataset.datasets.1.data_root'
+    with pytest.raises(ValueError, match=re.escape(f"{key}='nowhere/' does not exist")) as error:
+        checks.preflight(bad, ('train',))
+    assert f'--cfg-options {key}=/path/to/data/' in str(error.value)
+    bad.merge_from_dict({key: cfg.train_dataloader.dataset.datasets[0].data_root},
+                        allow_list_keys=True)  # as --cfg-options applies it
+    checks.preflight(bad, ('train',))
     wrong = _concat(quickstart_on(coco, 'train'), {})
     wrong.model.bbox_head.num_classes = 80
-    with pytest.raises(ValueError, match=r'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'):
+    with pytest.raises(ValueError, match=r'model.bbox_head.num_classes=80 but '
+                                         r'train_dataloader.dataset.datasets.0 has 3 classes'):
         checks.preflight(wrong, ('train',))
+
+
+def test_a_wrapped_dataset_is_named_by_its_own_key(coco):
+    cfg = quickstart_on(coco, 'train')
+    cfg.train_dataloader.dataset = dict(type='RepeatDataset', times=2, dataset=dict(
+        cfg.train_dataloader.dataset, ann_file='missing.json'))
+    with pytest.raises(ValueError, match=re.escape(
+            "train_dataloader.dataset.dataset.ann_file='missing.json': ")):
+        checks.preflight(cfg, ('train',))
 
 
 def test_tta_reaches_every_member_of_a_concat_test_set():
