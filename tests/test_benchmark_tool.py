@@ -14,6 +14,7 @@ def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
               '--memory', '--with-cp', '--accuracy', '--profile', '--json', out], cwd=tmp_path)
     data = json.loads(out.read_text())
     assert data['machine']['device'] == 'cpu' and data['machine']['cpu_capability']
+    assert data['complete'] is True
     row, = data['rows']
     for key in ('forward_ours_s', 'forward_reference_s', 'forward_ratio', 'train_ours_s',
                 'train_reference_s', 'train_ratio', 'train_peak_mb_ours', 'train_peak_mb_reference',
@@ -59,6 +60,11 @@ def test_profile_counts_each_cuda_kernel_once():
     # On the CPU every event is an operator, timed by its own CPU time.
     assert benchmark.operator_times(events, cuda=False, top=2) == {
         'aten::add': 0.02, 'aten::mm': 0.01, 'total': 0.035}
+    # A kernel no operator launched (a Triton kernel, launched by Triton's runtime) is in the
+    # total and reported apart, not lost between the operators and the total.
+    triton = events + [event('_depthwise_fwd_kernel', DeviceType.CUDA, 250.0, cpu_us=0.0)]
+    assert benchmark.operator_times(triton, cuda=True, top=2) == {
+        'aten::mm': 0.3, 'aten::add': 0.1, 'kernels outside operators': 0.25, 'total': 0.65}
 
 
 def _huge_pages_always() -> bool:
@@ -204,6 +210,52 @@ def test_benchmark_tool_measures_the_cost_of_new_input_sizes(tmp_path):
         assert 1 <= len(ops) <= 12 and 0 < sum(ops.values()) <= profile['total'] + 1e-6
 
 
+def test_a_run_that_stops_early_keeps_the_numbers_it_measured(tmp_path, monkeypatch):
+    """--json is rewritten as each number comes in: a size's forward times survive its training
+    step failing (or a time limit killing the process), marked ``"complete": false``."""
+    bench = load_tool('analysis/benchmark.py')
+    step_fn = bench.step_fn
+
+    def forward_only(model, x, mode, *args):
+        if mode == 'train':
+            raise RuntimeError('stopped before training')
+        return step_fn(model, x, mode, *args)
+
+    monkeypatch.setattr(bench, 'step_fn', forward_only)
+    out = tmp_path / 'bench.json'
+    with pytest.raises(RuntimeError, match='stopped before training'):
+        bench.main(['--device', 'cpu', '--sizes', '64x96', '--repeats', '1', '--warmup', '0',
+                    '--no-reference', '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert data['complete'] is False and data['machine']['device'] == 'cpu'
+    row, = data['rows']
+    assert row['size'] == '64x96' and row['forward_ours_s'] > 0 and row['max_abs_diff'] < 1e-4
+    assert 'train_ours_s' not in row
+
+
+def test_new_shape_saves_each_implementation_as_its_process_ends(tmp_path, monkeypatch):
+    """ours' first-call costs are kept when the reference's process never returns."""
+    bench = load_tool('analysis/benchmark.py')
+
+    def fresh_process(kind, impl, args, **spec):
+        assert kind == 'new_shape' and spec['sizes'] == [[64, 96], [96, 64]]
+        if impl == 'reference':
+            raise RuntimeError('the reference process was killed')
+        return dict(times=[(0.5, 0.1), (0.4, 0.1)])
+
+    monkeypatch.setattr(bench, 'in_fresh_process', fresh_process)
+    out = tmp_path / 'bench.json'
+    with pytest.raises(RuntimeError, match='reference process was killed'):
+        bench.main(['--device', 'cpu', '--modes', 'new_shape', '--sizes', '64x96', '96x64',
+                    '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert data['complete'] is False
+    assert [r['size'] for r in data['rows']] == ['64x96', '96x64', 'median over sizes']
+    assert data['rows'][0]['new_shape_first_ours_s'] == 0.5
+    assert data['rows'][2]['new_shape_extra_ours_ms'] == pytest.approx(350)
+    assert not any('reference' in key for row in data['rows'] for key in row)
+
+
 def test_new_shape_warm_up_is_at_a_size_that_is_not_timed():
     """The untimed first step takes the process's start-up costs at a size of its own: a timed
     size of 224 x 224 would otherwise not be new when it is timed."""
@@ -228,7 +280,9 @@ def test_new_shape_mode_runs_each_implementation_in_a_fresh_process(monkeypatch)
     monkeypatch.setattr(bench, 'in_fresh_process', fake_fresh_process)
     args = bench.parse_args(['--modes', 'new_shape', '--sizes', '64x96', '96x64', '--timm',
                              '--plain-kernels', '--device', 'cpu'])
-    rows = bench.bench_new_shapes(args)
+    results = bench.Results(None, {})
+    bench.bench_new_shapes(args, results)
+    rows = results.rows
     impls = ['ours', 'reference', 'timm', 'ours_plain_kernels']
     assert spawned == [('new_shape', impl, [[64, 96], [96, 64]]) for impl in impls]
     assert rows[1]['new_shape_first_timm_s'] == 1.5 and rows[1]['new_shape_repeat_timm_s'] == 0.25

@@ -146,6 +146,50 @@ def test_a_step_over_its_limit_is_killed_with_its_children_and_the_budget_is_kep
     assert printed.rindex('| part | measurement |') > printed.rindex('| step | status |')
 
 
+def test_a_step_stopped_early_gives_the_numbers_it_wrote_and_an_old_file_is_not_read(
+        tmp_path, monkeypatch):
+    """A benchmark step killed at its limit after writing its first numbers (as benchmark.py
+    rewrites --json) reports them, and says so; a step that fails before writing anything is not
+    credited with a result file an earlier call left in the same --out."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'steady_fp32.json').write_text(json.dumps(dict(machine={}, complete=True, rows=[
+        dict(size='800x1344', train_ratio=0.5)])))  # an earlier call's
+
+    def bench_step(name, code, limit):
+        writer = ('import json, sys, time; json.dump(dict(machine=dict(gpu="test"), '
+                  'complete=False, rows=[dict(size="median over sizes", '
+                  'new_shape_extra_ours_ms=42.0)]), open(sys.argv[-1], "w")); ' + code)
+        return suite.Step(name, '1', limit, [sys.executable, '-c', writer])
+
+    # a training run stopped at its limit after logging three windows (of one iteration each)
+    log = tmp_path / 'work' / 'work' / 'train_maskrcnn' / '20261206_000000' / 'vis_data'
+    records = ''.join(json.dumps(dict(iter=i, time=t, loss=1.0)) + '\n'
+                      for i, t in ((1, 3.0), (2, 0.5), (3, 0.7)))
+    trainer = (f'import os, time; os.makedirs({str(log)!r}); '
+               f'open({str(log / "scalars.json")!r}, "w").write({records!r}); time.sleep(60)')
+    steps = [bench_step('new_shape_fp32', 'time.sleep(60)', 5),
+             suite.Step('steady_fp32', '2', 30, [sys.executable, '-c', 'raise SystemExit(3)']),
+             suite.Step('train_maskrcnn', '3', 5, [sys.executable, '-c', trainer], kind='train')]
+    monkeypatch.setattr(suite, 'plan', lambda scale, device: steps)
+    monkeypatch.setattr(suite, 'MIN_STEP_S', 4)
+    summary = suite.main(['--out', str(out), '--smoke', '--budget', '60',
+                          '--work-dir', str(tmp_path / 'work')])
+    status = {s['name']: s['status'] for s in summary['steps']}
+    assert status == {'new_shape_fp32': 'timed out, partial numbers kept',
+                      'steady_fp32': 'failed (exit 3)',
+                      'train_maskrcnn': 'timed out, partial numbers kept'}
+    train = summary['values']['train_maskrcnn']
+    assert train['s_per_iter'] == pytest.approx(0.6) and train['complete'] is False
+    checks = {row['what']: row for row in summary['checks']}
+    first = checks['new input size, fp32: median extra ms of a first training step']
+    assert first['value'] == 42.0 and first['met'] is True
+    assert checks['fwd+bwd fp32 / reference']['value'] is None
+    assert summary['machine'] == {'gpu': 'test'}
+    assert summary['rerun'][3:6] == ['new_shape_fp32', 'steady_fp32', 'train_maskrcnn']
+    assert '| new_shape_fp32 | timed out, partial numbers kept |' in (out / 'summary.md').read_text()
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--out', 'o'], '--device cuda: this machine has no CUDA device'),
     (['--out', 'o', '--device', 'cpu'], 'on a CPU it runs only with --smoke'),

@@ -61,6 +61,9 @@ record ``cudnn_benchmark``).
 configs/benchmark/ holds the paper configs with mmdet's/mmseg's Swin-T in DaViT-T's place, the
 baseline to compare against.
 
+``--json`` is rewritten (atomically) each time a row gains numbers, with ``"complete": false``
+until the run ends: a run stopped at a time limit keeps what it had measured.
+
 Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
 """
 import argparse
@@ -72,7 +75,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
@@ -80,6 +83,7 @@ import torch  # noqa: E402
 from davit_mm import ops  # noqa: E402
 from davit_mm.checkpoint import convert_state_dict  # noqa: E402
 from davit_mm.cli import cfg_options_action, check_device, check_output_path  # noqa: E402
+from davit_mm.fileio import atomic_file  # noqa: E402
 from davit_mm.models import DaViT  # noqa: E402
 from davit_mm.models.reference import ReferenceDaViT  # noqa: E402
 
@@ -149,12 +153,13 @@ def parse_args(argv=None):
                         help='also record the costliest operators of one run of each '
                              '(torch.profiler; new_shape: of one more first call, by CPU time)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch\'s)')
-    parser.add_argument('--json', help='write all results to this file')
+    parser.add_argument('--json', help='write the results to this file (rewritten as each '
+                                       'number comes in; "complete": true once the run ends)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: a child's measurement
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
-        if args.json:  # written at the end, after all the measuring
+        if args.json:  # written as the numbers come in
             check_output_path('--json', args.json, folder=False)
     except ValueError as exc:
         parser.error(str(exc))
@@ -187,6 +192,32 @@ def parse_args(argv=None):
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
     return args
+
+
+class Results:
+    """The rows measured so far, written to ``path`` (``--json``; None: kept in memory only)
+    each time one is saved, with ``"complete": false`` until :meth:`finish`. A row is saved again
+    as it gains numbers (the same dict object), so a run stopped at a time limit keeps every
+    number measured before it: a size's forward times when its training times never came."""
+
+    def __init__(self, path: Optional[str], machine: dict):
+        self.path, self.machine, self.rows = path, machine, []
+        self._write(complete=False)  # the machine, even if no number ever comes
+
+    def save(self, row: dict) -> None:
+        if not any(kept is row for kept in self.rows):
+            self.rows.append(row)
+        self._write(complete=False)
+
+    def finish(self) -> None:
+        self._write(complete=True)
+
+    def _write(self, complete: bool) -> None:
+        if self.path:
+            text = json.dumps(dict(machine=self.machine, complete=complete, rows=self.rows),
+                              indent=1)
+            with atomic_file(self.path) as f:  # never a half-written file, even when killed
+                f.write(text.encode())
 
 
 # ------------------------------------------------------------------------------------ models
@@ -279,7 +310,10 @@ def operator_times(events, cuda: bool, top: int) -> Dict[str, float]:
     On CUDA the profile holds each kernel twice: as an event of its own (device type CUDA) and
     in the self device time of the operator that launched it. So operators (CPU events) are
     ranked by the device time of the kernels they launched, and the total sums the device
-    events only, each kernel once (as torch's own profiler table does).
+    events only, each kernel once (as torch's own profiler table does). Kernels launched outside
+    any operator (davit_mm's Triton kernels are launched by Triton's runtime, not by a PyTorch
+    operator) are in the total but in no operator's time: their sum is reported as
+    ``'kernels outside operators'``, beside the operators.
     """
     from torch.autograd import DeviceType
     fields = ('self_device_time_total', 'self_cuda_time_total') if cuda else ('self_cpu_time_total',)
@@ -293,7 +327,12 @@ def operator_times(events, cuda: bool, top: int) -> Dict[str, float]:
     operators = sorted((e for e in events if not on_device(e)), key=self_us, reverse=True)
     result = {event.key: self_us(event) / 1e3 for event in operators[:top]}
     counted = [e for e in events if on_device(e)] if cuda else operators
-    result['total'] = sum(self_us(event) for event in counted) / 1e3
+    total_us = sum(self_us(event) for event in counted)
+    if cuda:
+        outside_us = total_us - sum(self_us(event) for event in operators)
+        if outside_us >= 1:  # a microsecond: more than the rounding of the profiler's times
+            result['kernels outside operators'] = outside_us / 1e3
+    result['total'] = total_us / 1e3
     return result
 
 
@@ -515,37 +554,34 @@ def ours_variants(args) -> List[str]:
     return [impl for impl in KERNEL_VARIANTS if getattr(args, impl[len('ours_'):])]
 
 
-def bench_new_shapes(args) -> List[dict]:
+def bench_new_shapes(args, results: Results) -> None:
     """First call minus repeat call of a training step (forward + backward) at each size, every
     size new to the process: what cuDNN-style per-shape planning costs. Each implementation runs
     in a fresh process of its own: they share convolution shapes, and cuDNN and oneDNN keep what
-    they build per shape for the whole process."""
+    they build per shape for the whole process. The rows are saved as each implementation's
+    process ends (ours first)."""
     impls = ['ours'] + ([] if args.no_reference else ['reference']) + (
         ['timm'] if args.timm else []) + ours_variants(args)
-    results = {impl: in_fresh_process('new_shape', impl, args, sizes=[list(s) for s in args.sizes],
-                                      repeats=args.repeats, profile=args.profile)
-               for impl in impls}
-    times = {impl: result['times'] for impl, result in results.items()}
-    rows = []
-    for i, size in enumerate(args.sizes):
-        row = dict(arch=args.arch, size=f'{size[0]}x{size[1]}', batch=args.batch, dtype=args.dtype,
-                   device=args.device)
-        for impl in impls:
-            row[f'new_shape_first_{impl}_s'], row[f'new_shape_repeat_{impl}_s'] = times[impl][i]
-        rows.append(row)
-        print_row(row)
+    rows = [dict(arch=args.arch, size=f'{h}x{w}', batch=args.batch, dtype=args.dtype,
+                 device=args.device) for h, w in args.sizes]
     summary = dict(arch=args.arch, size='median over sizes', batch=args.batch, dtype=args.dtype,
                    device=args.device)
-    for impl in impls:
-        summary[f'new_shape_extra_{impl}_ms'] = 1e3 * statistics.median(
-            first - repeat for first, repeat in times[impl])
     if args.profile:
         summary['new_shape_profile_size'] = '{}x{}'.format(*profiled_new_size(args.sizes))
-        for impl in impls:
-            summary[f'new_shape_profile_{impl}_ms'] = results[impl]['profile']
-    rows.append(summary)
-    print_row(summary)
-    return rows
+    for impl in impls:
+        result = in_fresh_process('new_shape', impl, args, sizes=[list(s) for s in args.sizes],
+                                  repeats=args.repeats, profile=args.profile)
+        for row, (first, repeat) in zip(rows, result['times']):
+            row[f'new_shape_first_{impl}_s'], row[f'new_shape_repeat_{impl}_s'] = first, repeat
+            results.save(row)
+        summary[f'new_shape_extra_{impl}_ms'] = 1e3 * statistics.median(
+            first - repeat for first, repeat in result['times'])
+        if args.profile:
+            summary[f'new_shape_profile_{impl}_ms'] = result['profile']
+        results.save(summary)
+        print(f'new_shape: {impl} done', flush=True)
+    for row in rows + [summary]:
+        print_row(row)
 
 
 def profiled_new_size(sizes: Sequence[Sequence[int]]) -> Tuple[int, int]:
@@ -598,14 +634,13 @@ def new_shape_worker(cfg: dict) -> dict:
 WORKERS = {'memory': memory_worker, 'new_shape': new_shape_worker}
 
 
-def bench_backbone(args) -> List[dict]:
-    rows = []
+def bench_backbone(args, results: Results) -> None:
     dtype = DTYPES[args.dtype]
     if 'new_shape' in args.modes:
-        rows += bench_new_shapes(args)
+        bench_new_shapes(args, results)
         args.modes = [m for m in args.modes if m != 'new_shape']
         if not args.modes:
-            return rows
+            return
     timm_net = timm_model(args.arch, args.device) if args.timm else None
     for size in args.sizes:
         ours, ref = build_pair(args.arch, args.device)
@@ -619,6 +654,7 @@ def bench_backbone(args) -> List[dict]:
                                       for a, b in zip(ours(x), ref(x)))
         if args.accuracy:
             row['ours_err_vs_fp64'], row['reference_err_vs_fp64'] = accuracy_vs_fp64(ours, ref, x)
+        results.save(row)
         compiled = torch.compile(ours) if args.compile else None
         for mode in args.modes:
             fns = {'ours': step_fn(ours, x, mode, dtype, args.device)}
@@ -642,6 +678,7 @@ def bench_backbone(args) -> List[dict]:
                         suffix = '' if name == 'ours' else name[len('ours'):] if name.startswith(
                             'ours') else f'_{name}'
                         row[f'{mode}_ratio{suffix}'] = medians[name] / medians['reference']
+            results.save(row)
         if args.memory:
             for mode in args.modes:
                 impls = ['ours'] + ([] if args.no_reference else ['reference'])
@@ -654,17 +691,17 @@ def bench_backbone(args) -> List[dict]:
                     for key in ('rss', 'faulted'):
                         if f'{key}_bytes' in measured:
                             row[f'{mode}_{key}_mb_{impl}'] = measured[f'{key}_bytes'] / 2**20
+                    results.save(row)
                 if f'{mode}_peak_mb_reference' in row:
                     row[f'{mode}_memory_ratio'] = (row[f'{mode}_peak_mb_ours'] /
                                                    row[f'{mode}_peak_mb_reference'])
             if 'train_peak_mb_ours_cp' in row:
                 row['with_cp_memory_ratio'] = row['train_peak_mb_ours_cp'] / row['train_peak_mb_ours']
-        rows.append(row)
+        results.save(row)
         print_row(row)
-    return rows
 
 
-def bench_config(args) -> List[dict]:
+def bench_config(args, results: Results) -> None:
     from mmengine.registry import init_default_scope
 
     from davit_mm.cli import adapt_config_to_machine, library_of, load_config
@@ -678,10 +715,10 @@ def bench_config(args) -> List[dict]:
     # heads on a GPU.
     if cfg.get('env_cfg', {}).get('cudnn_benchmark'):
         torch.backends.cudnn.benchmark = True
-    rows = bench_config_steps(args, cfg, library) if set(args.modes) - {'test'} else []
+    if set(args.modes) - {'test'}:
+        bench_config_steps(args, cfg, library, results)
     if 'test' in args.modes:
-        rows.append(bench_config_test(args, cfg, library))
-    return rows
+        bench_config_test(args, cfg, library, results)
 
 
 def build_config_model(cfg):
@@ -706,7 +743,7 @@ def build_config_model(cfg):
     return model
 
 
-def bench_config_steps(args, cfg, library: str) -> List[dict]:
+def bench_config_steps(args, cfg, library: str, results: Results) -> None:
     """``train`` and ``forward`` at each of ``--sizes``, on random images."""
     from mmengine.optim import build_optim_wrapper
     model = build_config_model(cfg).to(args.device)
@@ -714,7 +751,6 @@ def bench_config_steps(args, cfg, library: str) -> List[dict]:
     if args.dtype != 'fp32':
         optim_cfg.update(type='AmpOptimWrapper', dtype=args.dtype)
     optim = build_optim_wrapper(model, optim_cfg)
-    rows = []
     for size in args.sizes:
         inputs, samples = fake_batch(library, args.batch, size, args.device)
         if args.device.startswith('cuda'):
@@ -737,18 +773,18 @@ def bench_config_steps(args, cfg, library: str) -> List[dict]:
         row = config_row(args, size=f'{size[0]}x{size[1]}', batch=args.batch)
         for mode in modes:  # the first call at a size new to the process
             row[f'{mode}_first_s'] = timed(fns[mode], args.device)
+        results.save(row)
         medians = interleaved({m: fns[m] for m in modes}, args.warmup, args.repeats, args.device)
         for mode, seconds in medians.items():
             row[f'{mode}_s'] = seconds
             row[f'{mode}_images_per_s'] = args.batch / seconds
         if args.device.startswith('cuda'):
             row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
-        rows.append(row)
+        results.save(row)
         print_row(row)
-    return rows
 
 
-def bench_config_test(args, cfg, library: str) -> dict:
+def bench_config_test(args, cfg, library: str, results: Results) -> None:
     """``test``: evaluation as ``tools/test.py`` runs it (``--tta`` too), without the data loading
     and the metric: the first ``--images`` images of the config's test set go through its test
     pipeline first, then ``model.test_step`` (preprocessing, inference, post-processing) is timed
@@ -793,8 +829,8 @@ def bench_config_test(args, cfg, library: str) -> dict:
                      test_median_batch_s=statistics.median(seconds))
     if args.device.startswith('cuda'):
         row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
+    results.save(row)
     print_row(row)
-    return row
 
 
 def config_row(args, **fields) -> dict:
@@ -837,6 +873,7 @@ def print_row(row: dict) -> None:
             value = '{' + ', '.join(f'{op}: {ms:.1f}' for op, ms in value.items()) + '}'
         parts.append(f'{key}={value:.4g}' if isinstance(value, float) else f'{key}={value}')
     print('  '.join(parts), flush=True)
+
 
 
 # Environment variables that cap the instruction set torch's CPU libraries use: with all three
@@ -910,11 +947,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     info = machine(args.device)
     print(', '.join(f'{key} {value}' for key, value in info.items()), flush=True)
-    rows = bench_config(args) if args.config else bench_backbone(args)
-    if args.json:
-        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(dict(machine=info, rows=rows), f, indent=1)
+    results = Results(args.json, info)
+    (bench_config if args.config else bench_backbone)(args, results)
+    results.finish()
 
 
 if __name__ == '__main__':

@@ -14,8 +14,10 @@ into the work directory. Every step logs to ``OUT/logs/STEP.log`` and leaves its
 each target with its measured value and whether it is met, the numbers reported beside the
 targets, the machine (GPU, torch, CUDA, cuDNN, Triton, and per dtype whether davit_mm's Triton
 kernels or PyTorch's computed the position encodings), and each step's status (``ok``,
-``failed``, ``timed out``, ``not run``). A step that would start with less than a minute of the
-budget left is not run; the summary ends with the ``--only`` command that runs those that did not
+``failed``, ``timed out``, ``not run``). A step that timed out or failed still gives the numbers
+it measured before it stopped (its status then says ``partial numbers kept``): the benchmark
+rewrites its ``--json`` as each number comes in, and a training run's log is read as far as it
+got. A step that would start with less than a minute of the budget left is not run; the summary ends with the ``--only`` command that runs those that did not
 finish, for a second call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's
 mini configs in place of the paper's and of the Swin-T baselines, no GPU-only options): it checks
 the plumbing, and its numbers mean nothing.
@@ -192,24 +194,36 @@ def seconds_per_iter(work_dir: str, interval: int) -> dict:
 
 
 def step_values(steps: Sequence[Step], out: str) -> Tuple[Dict[str, dict], dict]:
-    """Each finished step's numbers (a benchmark step's median-over-sizes row or its last row, a
-    training step's :func:`seconds_per_iter`), and the ``machine`` record of the first benchmark
-    step that wrote one."""
+    """Each step's numbers (a benchmark step's median-over-sizes row or its last row, a training
+    step's :func:`seconds_per_iter`), and the ``machine`` record of the first benchmark step that
+    wrote one. A step that timed out or failed gives what it wrote before it stopped (the
+    benchmark rewrites its file as each number comes in; :func:`run_step` says so in its
+    status)."""
     values, machine = {}, {}
     for step in steps:
         path = osp.join(out, f'{step.name}.json')
-        if step.status != 'ok' or not osp.exists(path):
+        if not osp.exists(path):
             continue
         with open(path) as f:
             data = json.load(f)
         if step.kind == 'bench':
             machine = machine or data.get('machine', {})
             rows = data['rows']
-            values[step.name] = next((r for r in rows if r.get('size') == 'median over sizes'),
-                                     rows[-1])
+            if rows:
+                values[step.name] = next((r for r in rows if r.get('size') == 'median over sizes'),
+                                         rows[-1])
         else:
             values[step.name] = data
     return values, machine
+
+
+def kept_numbers(path: str) -> bool:
+    """Whether a step's result file holds numbers (a benchmark's rows, a training measurement)."""
+    if not osp.exists(path):
+        return False
+    with open(path) as f:
+        data = json.load(f)
+    return bool(data.get('rows', True))
 
 
 @dataclass(frozen=True)
@@ -379,6 +393,8 @@ def run_step(step: Step, limit: float, work: str, out: str, scale: Scale) -> Non
     to ``OUT/logs/STEP.log``."""
     command = list(step.command)
     result = osp.join(out, f'{step.name}.json')
+    if osp.exists(result):  # an earlier call's, into the same --out: never read as this one's
+        os.remove(result)
     if step.kind == 'bench':
         command += ['--json', result]
     log_path = osp.join(out, 'logs', f'{step.name}.log')
@@ -397,20 +413,19 @@ def run_step(step: Step, limit: float, work: str, out: str, scale: Scale) -> Non
             stop_step(process)
             code = None
     step.seconds = time.monotonic() - start
-    if code is None:
-        step.status = 'timed out'
-    elif code != 0:
-        step.status = f'failed (exit {code})'
-    else:
-        step.status = 'ok'
-        if step.kind == 'train':
-            try:
-                measured = seconds_per_iter(osp.join(work, 'work', step.name), scale.log_interval)
-            except ValueError as exc:
+    step.status = ('timed out' if code is None else f'failed (exit {code})' if code != 0
+                   else 'ok')
+    if step.kind == 'train':  # a run stopped at its limit still logged its first windows
+        try:
+            measured = seconds_per_iter(osp.join(work, 'work', step.name), scale.log_interval)
+        except (OSError, ValueError) as exc:
+            if code == 0:
                 step.status = f'failed ({exc})'
-            else:
-                with open(result, 'w') as f:
-                    json.dump(measured, f, indent=1)
+        else:
+            with open(result, 'w') as f:
+                json.dump(dict(measured, complete=code == 0), f, indent=1)
+    if code != 0 and kept_numbers(result):
+        step.status += ', partial numbers kept'
     print(f'{step.name}: {step.status} in {step.seconds:.0f} s (limit {limit:.0f} s)', flush=True)
 
 
