@@ -18,7 +18,7 @@ import torch
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, losses, run_tool, write_datasets
+from helpers import CONFIGS, REPO, load_tool, losses, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -52,25 +52,10 @@ def train_killed_after(config, work, args, cwd, checkpoint_name, processes=None,
         assert time.time() < deadline, 'timed out waiting for the checkpoint'
         time.sleep(0.05)
     # torchrun starts its workers in sessions of their own: kill the whole tree, children first
-    for pid in reversed(_process_tree(process.pid)):
+    for pid in reversed([process.pid] + load_tool('analysis/gpu_suite.py').descendants(process.pid)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     process.wait()
-
-
-def _process_tree(root: int) -> list:
-    """``root`` and its descendants (from /proc), parents before children."""
-    children = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f'/proc/{entry}/stat') as f:
-                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-    tree = [root]
-    for pid in tree:
-        tree.extend(children.get(pid, []))
-    return tree
 
 
 def assert_identical_checkpoints(path_a, path_b):
