@@ -4,7 +4,6 @@ and heads of those configs."""
 import os.path as osp
 import re
 
-import pytest
 import torch
 from mmengine.config import Config
 
