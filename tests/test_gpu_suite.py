@@ -64,6 +64,11 @@ def test_checks_compare_each_number_with_its_target():
     assert amp['value'] == pytest.approx(1.5) and amp['met'] is True and amp['target'] == '>= 1.2'
     missing = rows['fwd+bwd fp16 autocast / reference']
     assert missing['value'] is None and missing['met'] is None
+    assert not any(row['partial'] for row in rows.values())
+    # a value that needs a step that stopped early is marked so
+    marked = {row['what']: row for row in suite.evaluate(suite.CHECKS, values, ['train_maskrcnn_amp'])}
+    assert marked['Mask R-CNN training s/iter fp32 / _amp config']['partial'] is True
+    assert marked['Mask R-CNN training s/iter / Swin-T']['partial'] is False
     reported = rows['maskrcnn training s/iter']
     assert reported['value'] == 0.6 and reported['met'] is None and reported['target'] == ''
 
@@ -183,11 +188,14 @@ def test_a_step_stopped_early_gives_the_numbers_it_wrote_and_an_old_file_is_not_
     assert train['s_per_iter'] == pytest.approx(0.6) and train['complete'] is False
     checks = {row['what']: row for row in summary['checks']}
     first = checks['new input size, fp32: median extra ms of a first training step']
-    assert first['value'] == 42.0 and first['met'] is True
+    assert first['value'] == 42.0 and first['met'] is True and first['partial'] is True
     assert checks['fwd+bwd fp32 / reference']['value'] is None
     assert summary['machine'] == {'gpu': 'test'}
     assert summary['rerun'][3:6] == ['new_shape_fp32', 'steady_fp32', 'train_maskrcnn']
-    assert '| new_shape_fp32 | timed out, partial numbers kept |' in (out / 'summary.md').read_text()
+    table = (out / 'summary.md').read_text()
+    assert '| new_shape_fp32 | timed out, partial numbers kept |' in table
+    assert ('| 1 | new input size, fp32: median extra ms of a first training step | 42 | <= 60 | '
+            'yes (a step stopped early) |') in table
 
 
 @pytest.mark.parametrize('argv,message', [

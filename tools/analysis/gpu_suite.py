@@ -280,19 +280,28 @@ CHECKS = [
 ]
 
 
-def evaluate(checks: Sequence[Check], values: Dict[str, dict]) -> List[dict]:
-    """Each check's value and, for a target, whether it is met (None: not measured)."""
+def evaluate(checks: Sequence[Check], values: Dict[str, dict],
+             partial: Sequence[str] = ()) -> List[dict]:
+    """Each check's value and, for a target, whether it is met (None: not measured).
+    ``partial``: the steps that stopped before the end; a value that needs one of them is
+    marked ``partial`` (a training step's mean over fewer iterations than planned, say)."""
+    finished = {name: row for name, row in values.items() if name not in partial}
     rows = []
     for check in checks:
-        try:
-            value = check.value(values)
-        except (KeyError, ZeroDivisionError):
-            value = None
+        value, from_partial = None, False
+        for source in (finished, values):
+            try:
+                value = check.value(source)
+            except (KeyError, ZeroDivisionError):
+                continue
+            from_partial = source is not finished
+            break
         met = None
         if value is not None and check.op:
             met = value <= check.target if check.op == '<=' else value >= check.target
         rows.append(dict(part=check.part, what=check.what, value=value,
-                         target=f'{check.op} {check.target:g}' if check.op else '', met=met))
+                         target=f'{check.op} {check.target:g}' if check.op else '', met=met,
+                         partial=from_partial))
     return rows
 
 
@@ -313,7 +322,7 @@ def profile_lines(values: Dict[str, dict]) -> List[str]:
 
 def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[str]) -> dict:
     values, machine = step_values(steps, out)
-    checks = evaluate(CHECKS, values)
+    checks = evaluate(CHECKS, values, [s.name for s in steps if s.status != 'ok'])
     left = [s.name for s in steps if s.status != 'ok']
     summary = dict(smoke=smoke, machine=machine,
                    steps=[dict(name=s.name, part=s.part, status=s.status,
@@ -330,6 +339,8 @@ def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[
     for row in checks:
         value = '' if row['value'] is None else f"{row['value']:.4g}"
         met = {None: '', True: 'yes', False: '**no**'}[row['met']]
+        if row['partial']:
+            met = f'{met} (a step stopped early)'.lstrip()
         lines.append(f"| {row['part']} | {row['what']} | {value} | {row['target']} | {met} |")
     details = ['', '| step | status | seconds | limit |', '|---|---|---|---|']
     details += [f'| {s.name} | {s.status} | {s.seconds:.0f} | {s.limit_s} |' for s in steps]
