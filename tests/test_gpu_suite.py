@@ -198,6 +198,16 @@ def test_a_step_stopped_early_gives_the_numbers_it_wrote_and_an_old_file_is_not_
             'yes (a step stopped early) |') in table
 
 
+def test_a_step_that_did_not_run_is_not_credited_with_an_earlier_calls_file(tmp_path):
+    (tmp_path / 'steady_fp32.json').write_text(json.dumps(dict(machine={}, rows=[dict(
+        size='800x1344', train_ratio=0.5)])))
+    for status in ('not run', 'not run (budget)'):
+        step = suite.Step('steady_fp32', '2', 30, ['true'], status=status)
+        assert suite.step_values([step], str(tmp_path)) == ({}, {})
+    ran = suite.Step('steady_fp32', '2', 30, ['true'], status='ok')
+    assert suite.step_values([ran], str(tmp_path))[0]['steady_fp32']['train_ratio'] == 0.5
+
+
 @pytest.mark.parametrize('argv,message', [
     (['--out', 'o'], '--device cuda: this machine has no CUDA device'),
     (['--out', 'o', '--device', 'cpu'], 'on a CPU it runs only with --smoke'),

@@ -17,8 +17,8 @@ kernels or PyTorch's computed the position encodings), and each step's status (`
 ``failed``, ``timed out``, ``not run``). A step that timed out or failed still gives the numbers
 it measured before it stopped (its status then says ``partial numbers kept``): the benchmark
 rewrites its ``--json`` as each number comes in, and a training run's log is read as far as it
-got. A step that would start with less than a minute of the budget left is not run; the summary ends with the ``--only`` command that runs those that did not
-finish, for a second call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's
+got. A step that would start with less than a minute of the budget left is not run; the summary
+ends with the ``--only`` command that runs those that did not finish, for a second call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's
 mini configs in place of the paper's and of the Swin-T baselines, no GPU-only options): it checks
 the plumbing, and its numbers mean nothing.
 
@@ -198,11 +198,11 @@ def step_values(steps: Sequence[Step], out: str) -> Tuple[Dict[str, dict], dict]
     step's :func:`seconds_per_iter`), and the ``machine`` record of the first benchmark step that
     wrote one. A step that timed out or failed gives what it wrote before it stopped (the
     benchmark rewrites its file as each number comes in; :func:`run_step` says so in its
-    status)."""
+    status); a step that did not run in this call gives nothing, whatever an earlier call left."""
     values, machine = {}, {}
     for step in steps:
         path = osp.join(out, f'{step.name}.json')
-        if not osp.exists(path):
+        if step.status.startswith('not run') or not osp.exists(path):
             continue
         with open(path) as f:
             data = json.load(f)
