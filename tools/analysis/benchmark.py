@@ -205,11 +205,13 @@ class Results:
         self._write(complete=False)  # the machine, even if no number ever comes
 
     def save(self, row: dict) -> None:
+        """Keep ``row`` (added the first time; the same dict again when it has grown)."""
         if not any(kept is row for kept in self.rows):
             self.rows.append(row)
         self._write(complete=False)
 
     def finish(self) -> None:
+        """Mark the results complete: the run measured everything it was asked for."""
         self._write(complete=True)
 
     def _write(self, complete: bool) -> None:
