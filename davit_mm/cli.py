@@ -72,17 +72,30 @@ def library_of(cfg: Config) -> str:
 
 
 def cfg_options_action():
-    """mmengine's ``DictAction`` for ``--cfg-options``, refusing an item without ``=`` by name
-    (mmengine's own message is "not enough values to unpack (expected 2, got 1)")."""
+    """mmengine's ``DictAction`` for ``--cfg-options``, refusing by name an item without ``=``
+    (mmengine's own message is "not enough values to unpack (expected 2, got 1)") and a value it
+    cannot take: a dict (``dict(...)`` became a string, or with a comma in it a
+    ``RecursionError`` deep in mmengine's parser)."""
     from mmengine.config import DictAction
+
+    accepted = 'numbers, strings, True/False/None, and [lists] or (tuples) of them'
 
     class ConfigOptions(DictAction):
         def __call__(self, parser, namespace, values, option_string=None):
             for item in values:
-                key, sep, _ = item.partition('=')
+                key, sep, value = item.partition('=')
                 if not sep or not key:
                     raise ValueError(f'{option_string} {item!r}: accepted KEY=VALUE items, e.g. '
                                      f'model.backbone.with_cp=True')
+                if re.match(r'\s*(dict\s*\(|\{)', value):
+                    raise ValueError(f'{option_string} {item!r}: a value cannot be a dict '
+                                     f'(accepted: {accepted}); set each of its keys instead, '
+                                     f'e.g. {key}.type=Pretrained {key}.checkpoint=PATH')
+                try:
+                    DictAction._parse_iterable(value)
+                except RecursionError:
+                    raise ValueError(f'{option_string} {item!r}: mmengine cannot parse this '
+                                     f'value; accepted: {accepted}') from None
             super().__call__(parser, namespace, values, option_string)
 
     return ConfigOptions
@@ -172,6 +185,25 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
             raise ValueError(f'--cfg-options {key}: {where} has no key {part!r}{hint}')
 
 
+def open_none_parents(cfg: Config, options: Dict[str, object]) -> None:
+    """Make each ``None`` that an option's key goes through an empty dict, so that
+    ``model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH`` fills
+    in a config's ``init_cfg=None`` (mmengine refuses: "init_cfg is a dict in the child config
+    but is of type NoneType in base config")."""
+    for key in options:
+        node = cfg._cfg_dict if isinstance(cfg, Config) else cfg
+        for part in key.split('.')[:-1]:
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                index = int(part)
+            elif isinstance(node, dict) and part in node:
+                index = part
+            else:
+                break  # a new branch: mmengine creates it
+            if node[index] is None:
+                node[index] = ConfigDict()
+            node = node[index]
+
+
 # mmengine's Runner(randomness=...): what `--cfg-options randomness.KEY=VALUE` may set, and the
 # types it accepts. mmengine's default (no `randomness` in the config) is dict(seed=None).
 RANDOMNESS_KEYS = {'seed': (int, type(None)), 'deterministic': (bool, ), 'diff_rank_seed': (bool, )}
@@ -203,6 +235,7 @@ def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
     cfg.launcher = launcher
     if cfg_options:
         check_cfg_options(cfg, cfg_options)
+        open_none_parents(cfg, cfg_options)
         cfg.merge_from_dict(cfg_options)
     library_of(cfg)
     if work_dir is not None:

@@ -137,6 +137,33 @@ def test_a_cfg_option_without_its_value_is_named(tmp_path, script, args):
     assert f"error: --cfg-options {args[-1]!r}: accepted KEY=VALUE items" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize('item', [
+    "model.backbone.init_cfg=dict(type='Pretrained',checkpoint='x.pth')",  # RecursionError
+    'model.backbone.init_cfg=dict(checkpoint=x.pth)',  # set as the string 'dict(...)'
+    "model.backbone.init_cfg={'checkpoint': 'x.pth'}",
+])
+def test_a_dict_value_in_cfg_options_is_refused_with_the_way_to_set_it(item):
+    import argparse
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=cli.cfg_options_action())
+    with pytest.raises(ValueError, match=re.escape(
+            f'--cfg-options {item!r}: a value cannot be a dict') + '.*'
+            + re.escape('model.backbone.init_cfg.type=Pretrained model.backbone.init_cfg.checkpoint=PATH')):
+        parser.parse_args(['--cfg-options', item])
+    args = parser.parse_args(['--cfg-options', 'a.b=[1,(2,3)]', 'c=dictionary'])
+    assert args.cfg_options == {'a.b': [1, (2, 3)], 'c': 'dictionary'}
+
+
+def test_cfg_options_fill_in_an_init_cfg_that_is_none():
+    """The quickstart configs set init_cfg=None; mmengine refused nested keys under it."""
+    assert Config.fromfile(RETINANET).model.backbone.init_cfg is None
+    cfg = cli.load_config(RETINANET, {'model.backbone.init_cfg.type': 'Pretrained',
+                                      'model.backbone.init_cfg.checkpoint': 'x.pth'})
+    assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint='x.pth')
+    with pytest.raises(ValueError, match="model.backbone has no key 'init_cgf'"):
+        cli.load_config(RETINANET, {'model.backbone.init_cgf.type': 'Pretrained'})
+
+
 def test_plot_loss_refuses_keys_the_log_does_not_have(tmp_path):
     log = tmp_path / 'work' / '20260101_000000' / 'vis_data'
     log.mkdir(parents=True)
