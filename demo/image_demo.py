@@ -6,7 +6,8 @@
 IMAGE is an image file or a folder of images. Detection configs draw boxes and masks (mmdet's
 DetInferencer), segmentation configs draw the label map (mmseg's MMSegInferencer); the library is
 picked from the config's default_scope. Drawn images go to OUT_DIR/vis/, raw predictions to
-OUT_DIR/preds/ (detection, JSON) or OUT_DIR/pred/ (segmentation, PNG label maps).
+OUT_DIR/preds/ (detection, IMAGE.json) or OUT_DIR/pred/ (segmentation, IMAGE_pred.png label
+maps), each named after its image.
 """
 import argparse
 import os
@@ -69,6 +70,26 @@ def checked_inferencer(base: type, checkpoint: str) -> type:
     return CheckedInferencer
 
 
+def named_label_maps(base: type) -> type:
+    """``base`` (mmseg's inferencer) saving each label map as ``IMAGE_pred.png``, after the image
+    it was predicted for: mmseg numbers them in the order the folder lists its files
+    (``00000000_pred.png``, ...), which says nothing of the image and restarts at every run."""
+    class NamedLabelMaps(base):
+
+        def postprocess(self, preds, visualization, return_datasample=False, pred_out_dir=''):
+            if pred_out_dir and not return_datasample:
+                import numpy as np
+                from PIL import Image
+                os.makedirs(pred_out_dir, exist_ok=True)
+                for pred in preds:
+                    name = osp.splitext(osp.basename(pred.img_path))[0]
+                    labels = pred.pred_sem_seg.numpy().data[0].astype(np.uint8)  # as mmseg saves
+                    Image.fromarray(labels).save(osp.join(pred_out_dir, f'{name}_pred.png'))
+            return super().postprocess(preds, visualization, return_datasample, pred_out_dir='')
+
+    return NamedLabelMaps
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_inputs(args.image, args.checkpoint, args.device)
@@ -84,7 +105,7 @@ def main(argv=None):
                    no_save_pred=False)
     else:
         from mmseg.apis import MMSegInferencer
-        inferencer = checked_inferencer(MMSegInferencer, args.checkpoint)(
+        inferencer = named_label_maps(checked_inferencer(MMSegInferencer, args.checkpoint))(
             model=cfg, weights=args.checkpoint, device=args.device)
         inferencer(args.image, out_dir=args.out_dir)
     print(f'drawn predictions: {osp.join(args.out_dir, "vis")}')

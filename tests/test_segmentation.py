@@ -157,9 +157,9 @@ def test_image_demo_draws_a_segmentation(trained):
     import cv2
 
     root, work = trained
-    image = root / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016' / 'images' / 'validation' / \
-        'ADE_valid_00000001.jpg'
-    result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(image), UPERNET,
+    folder = root / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016' / 'images' / 'validation'
+    image = folder / 'ADE_valid_00000001.jpg'
+    result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(folder), UPERNET,
                              str(work / 'iter_60.pth'), '--out-dir', str(root / 'demo')],
                             cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,8 +167,12 @@ def test_image_demo_draws_a_segmentation(trained):
     original = cv2.imread(str(image))
     assert drawn.shape == original.shape
     assert abs(drawn.astype(float) - original).mean() > 10  # the label map is blended in
-    label_maps = glob.glob(str(root / 'demo' / 'pred' / '*.png'))
-    assert len(label_maps) == 1
+    # One label map per image, named after it (mmseg numbers them in the folder's listing order).
+    names = sorted(osp.basename(p) for p in glob.glob(str(folder / '*.jpg')))
+    assert len(names) > 1
+    assert sorted(osp.basename(p) for p in glob.glob(str(root / 'demo' / 'pred' / '*'))) == [
+        name[:-len('.jpg')] + '_pred.png' for name in names]
+    label_maps = [str(root / 'demo' / 'pred' / 'ADE_valid_00000001_pred.png')]
     # The written label map holds the class of every pixel, as mmseg's own API predicts it.
     from mmseg.apis import inference_model, init_model
 
