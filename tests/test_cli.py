@@ -164,6 +164,33 @@ def test_cfg_options_fill_in_an_init_cfg_that_is_none():
         cli.load_config(RETINANET, {'model.backbone.init_cgf.type': 'Pretrained'})
 
 
+def test_plot_loss_joins_a_resumed_run_to_the_run_it_resumed(tmp_path):
+    """A run resumed from its iteration-20 checkpoint after logging up to 30 continues the curve
+    from 25; a later run started afresh in the same work dir starts it anew; a test run's
+    metrics (no iteration) change neither."""
+    from helpers import load_tool
+    plot_loss = load_tool('analysis/plot_loss.py')
+
+    def run(stamp, records):
+        folder = tmp_path / stamp / 'vis_data'
+        folder.mkdir(parents=True)
+        (folder / 'scalars.json').write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+    def train(iters, loss):
+        return [dict(iter=i, loss=loss) for i in iters]
+
+    run('20261206_010000', train([5, 10, 15, 20, 25, 30], 1.0) + [dict(mAP=0.1, step=1)])
+    run('20261206_020000', train([25, 30, 35], 0.5))  # --resume from iter_20.pth
+    run('20261206_030000', [dict(mAP=0.2, step=35)])  # tools/test.py
+    joined = plot_loss.read_scalars(str(tmp_path))
+    assert [(r['iter'], r['loss']) for r in joined if 'loss' in r] == [
+        (5, 1.0), (10, 1.0), (15, 1.0), (20, 1.0), (25, 0.5), (30, 0.5), (35, 0.5)]
+    assert [r['mAP'] for r in joined if 'mAP' in r] == [0.1, 0.2]
+    run('20261206_040000', train([5, 10], 2.0))  # a new run in the same work dir
+    assert [(r['iter'], r['loss']) for r in plot_loss.read_scalars(str(tmp_path))] == [
+        (5, 2.0), (10, 2.0)]
+
+
 def test_plot_loss_refuses_keys_the_log_does_not_have(tmp_path):
     log = tmp_path / 'work' / '20260101_000000' / 'vis_data'
     log.mkdir(parents=True)

@@ -2,8 +2,10 @@
 
     python tools/analysis/plot_loss.py WORK_DIR [--out loss_curve.png] [--keys loss loss_cls ...]
 
-Reads WORK_DIR/<latest timestamp>/vis_data/scalars.json (written by mmengine's LocalVisBackend
-during tools/train.py) and draws every logged loss against the iteration.
+Reads WORK_DIR/<timestamp>/vis_data/scalars.json (written by mmengine's LocalVisBackend during
+tools/train.py) and draws every logged loss against the iteration. A run resumed in the same work
+dir (``--resume``) continues the curve of the run it resumed; a run started afresh there starts
+it anew.
 """
 import argparse
 import glob
@@ -21,11 +23,28 @@ from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 
 
 def read_scalars(work_dir: str):
+    """The records of the runs in ``work_dir`` (one ``TIMESTAMP`` folder each, oldest first),
+    joined where a run resumed the one before: its first training record, at a later iteration
+    than the earlier run's first, replaces the earlier records from that iteration on (they were
+    logged past the checkpoint it resumed from, and it did those iterations again). A run whose
+    training records start where the earlier ones did started afresh: only its records are kept.
+    Records without an iteration (validation metrics, a tools/test.py run) are kept as they come."""
     files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
     if not files:
         raise ValueError(f'{work_dir!r} has no */vis_data/scalars.json: is it a tools/train.py work dir?')
-    with open(files[-1]) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records, first_iter = [], None
+    for path in files:
+        with open(path) as f:
+            run = [json.loads(line) for line in f if line.strip()]
+        start = next((r['iter'] for r in run if 'iter' in r), None)
+        if start is not None:
+            if first_iter is not None and start <= first_iter:
+                records, first_iter = [], None  # started afresh
+            records = [r for r in records if r.get('iter', -1) < start]
+            if first_iter is None:
+                first_iter = start
+        records += run
+    return records
 
 
 def plot(work_dir: str, out: str, keys=None) -> str:
