@@ -4,6 +4,7 @@ OpenMMLab layout (davit_mm/.mim/), so a config outside the repository inherits
 import glob
 import os
 import os.path as osp
+import re
 import shutil
 import site
 import subprocess
@@ -52,7 +53,9 @@ USER_SCRIPT = '''
 import os, sys
 import davit_mm
 from mmengine.config import Config
+from davit_mm.checks import check_num_classes
 cfg = Config.fromfile('my_maskrcnn.py')
+check_num_classes(cfg)  # the heads' 3 classes are the dataset's
 print(os.path.realpath(davit_mm.__file__))
 print(cfg.model.backbone.type, cfg.model.backbone.arch, cfg.model.roi_head.bbox_head.num_classes,
       cfg.tta_model.type, cfg.default_scope)
@@ -73,9 +76,9 @@ def test_a_config_outside_the_repository_inherits_from_the_installed_package(whe
                     '--prefix', str(venv), wheel], check=True, capture_output=True)  # into the venv
     project = tmp_path / 'my_project'
     project.mkdir()
-    (project / 'my_maskrcnn.py').write_text(
-        "_base_ = ['davit_mm::davit_maskrcnn_1x_coco.py']\n"
-        "model = dict(roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))\n")
+    readme = open(osp.join(REPO, 'README.md')).read()  # the README's example, as it stands
+    (project / 'my_maskrcnn.py').write_text(re.search(
+        r'```python\n(# my_project/my_maskrcnn.py.*?)```', readme, re.S).group(1))
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}  # no checkout on the path
     result = subprocess.run([python, '-W', 'ignore', '-c', USER_SCRIPT], cwd=project, capture_output=True,
                             text=True, env=env)
