@@ -93,7 +93,7 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
         if ann_file and not _is_remote(ann_file) and not osp.isfile(_joined(root, ann_file)):
             raise ValueError(f'{where}.ann_file={ann_file!r}: {_joined(root, ann_file)!r} does not exist')
         for key, folder in (dataset.get('data_prefix') or {}).items():
-            if folder and '://' not in folder and not osp.isdir(_joined(root, folder)):
+            if folder and not _is_remote(folder) and not osp.isdir(_joined(root, folder)):
                 raise ValueError(f'{where}.data_prefix.{key}={folder!r}: folder '
                                  f'{_joined(root, folder)!r} does not exist')
 

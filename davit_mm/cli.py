@@ -12,7 +12,7 @@ import os.path as osp
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -157,6 +157,16 @@ def check_output_path(label: str, path: str, folder: bool) -> None:
         raise ValueError(f'{label} {path!r} cannot be written: no write permission in {parent!r}')
 
 
+def _child_index(node, part: str) -> Optional[Union[int, str]]:
+    """Where ``part`` of a ``--cfg-options`` key leads in ``node``, as mmengine follows it: an
+    index into a list, a key of a dict; None where ``node`` has no such entry."""
+    if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+        return int(part)
+    if isinstance(node, dict) and part in node:
+        return part
+    return None
+
+
 def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
     """Refuse ``--cfg-options`` keys whose parent does not exist (typos would silently add keys).
 
@@ -170,11 +180,9 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
             check_randomness_option(key, options[key])
             continue  # the runner's argument: valid whether or not the config sets it
         for depth, part in enumerate(parts[:-1]):
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
-            if isinstance(node, dict) and part in node:
-                node = node[part]
+            index = _child_index(node, part)
+            if index is not None:
+                node = node[index]
                 continue
             where = '.'.join(parts[:depth]) or 'the config'
             choices = list(node) if isinstance(node, dict) else [str(i) for i in range(len(node))] \
@@ -193,11 +201,8 @@ def open_none_parents(cfg: Config, options: Dict[str, object]) -> None:
     for key in options:
         node = cfg._cfg_dict if isinstance(cfg, Config) else cfg
         for part in key.split('.')[:-1]:
-            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-                index = int(part)
-            elif isinstance(node, dict) and part in node:
-                index = part
-            else:
+            index = _child_index(node, part)
+            if index is None:
                 break  # a new branch: mmengine creates it
             if node[index] is None:
                 node[index] = ConfigDict()
