@@ -18,9 +18,10 @@ kernels or PyTorch's computed the position encodings), and each step's status (`
 it measured before it stopped (its status then says ``partial numbers kept``): the benchmark
 rewrites its ``--json`` as each number comes in, and a training run's log is read as far as it
 got. A step that would start with less than a minute of the budget left is not run; the summary
-ends with the ``--only`` command that runs those that did not finish, for a second call. ``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's
-mini configs in place of the paper's and of the Swin-T baselines, no GPU-only options): it checks
-the plumbing, and its numbers mean nothing.
+ends with the ``--only`` command that runs those that did not finish, for a second call.
+``--smoke`` runs the same plan shrunk (tiny inputs, the quickstart's mini configs in place of the
+paper's and of the Swin-T baselines, no GPU-only options): it checks the plumbing, and its numbers
+mean nothing.
 
 A measurement, never a test: run it on a quiet machine and report what it printed.
 """
@@ -217,15 +218,6 @@ def step_values(steps: Sequence[Step], out: str) -> Tuple[Dict[str, dict], dict]
     return values, machine
 
 
-def kept_numbers(path: str) -> bool:
-    """Whether a step's result file holds numbers (a benchmark's rows, a training measurement)."""
-    if not osp.exists(path):
-        return False
-    with open(path) as f:
-        data = json.load(f)
-    return bool(data.get('rows', True))
-
-
 @dataclass(frozen=True)
 class Check:
     part: str
@@ -322,8 +314,8 @@ def profile_lines(values: Dict[str, dict]) -> List[str]:
 
 def write_summary(steps: Sequence[Step], out: str, smoke: bool, argv_tail: List[str]) -> dict:
     values, machine = step_values(steps, out)
-    checks = evaluate(CHECKS, values, [s.name for s in steps if s.status != 'ok'])
     left = [s.name for s in steps if s.status != 'ok']
+    checks = evaluate(CHECKS, values, left)
     summary = dict(smoke=smoke, machine=machine,
                    steps=[dict(name=s.name, part=s.part, status=s.status,
                                seconds=round(s.seconds, 1), limit_s=s.limit_s) for s in steps],
@@ -435,7 +427,7 @@ def run_step(step: Step, limit: float, work: str, out: str, scale: Scale) -> Non
         else:
             with open(result, 'w') as f:
                 json.dump(dict(measured, complete=code == 0), f, indent=1)
-    if code != 0 and kept_numbers(result):
+    if code != 0 and step.name in step_values([step], out)[0]:
         step.status += ', partial numbers kept'
     print(f'{step.name}: {step.status} in {step.seconds:.0f} s (limit {limit:.0f} s)', flush=True)
 
