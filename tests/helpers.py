@@ -50,6 +50,19 @@ def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool 
     return result
 
 
+def assert_user_error(result: subprocess.CompletedProcess, *words: str, traceback: bool = False):
+    """``result`` is a tool stopped by a user error as the tools promise: exit status 2 and a line
+    ``error: ...`` followed by each of ``words``; no traceback unless ``traceback`` (an error raised
+    in a data-loading worker carries the worker's traceback inside its message)."""
+    stderr = result.stderr
+    start = 0 if stderr.startswith('error: ') else stderr.find('\nerror: ')
+    assert result.returncode == 2 and start >= 0, f'exit {result.returncode}:\n{stderr[-3000:]}'
+    for part in words:
+        assert part in stderr[start:], f'{part!r} not in:\n{stderr[-3000:]}'
+    if not traceback:
+        assert 'Traceback' not in stderr, stderr[-3000:]
+
+
 def logged_scalars(work_dir: str) -> List[dict]:
     """The training log records mmengine wrote (one dict per logged iteration), oldest first."""
     files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))

@@ -355,33 +355,34 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     assert '--aten-depthwise: the Triton kernel runs on CUDA only' in result.stderr
 
 
-@pytest.mark.parametrize('flag,variant,attributes,what,during', [
+@pytest.mark.parametrize('flag,variant,attributes,what,during,stand_ins', [
     ('--other-linears', 'ours_other_linears',
      ('_AVX2_INFERENCE_MATMUL', '_PACK_MLP_BACKWARD_WEIGHTS'), 'linear kernel',
-     lambda before: not before),
+     lambda before: not before, (True, False)),
     ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', '_PACK_FORWARD_WEIGHTS'),
-     'weight layout', lambda before: False),
+     'weight layout', lambda before: False, (True,)),
     ('--pack-every-call', 'ours_pack_every_call', ('_PACK_MIN_ROWS',), 'weight layout',
-     lambda before: 0),
+     lambda before: 0, (4096, 1)),
 ], ids=['other-linears', 'unpacked-weights', 'pack-every-call'])
-@pytest.mark.parametrize('before', [True, False])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
-                                                          attributes, what, during, before):
+                                                          attributes, what, during, stand_ins):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
     with the other choices of CPU linear kernel, --unpacked-weights (behind packing the weights
     of the inference MLP and of the training forward) with the weights handed to oneDNN plain,
-    --pack-every-call (behind ops._PACK_MIN_ROWS, here set to the stand-ins 1 and 0) with the
-    weights packed for every call; each puts the choices back after, and on a GPU it is refused,
-    saying why."""
+    --pack-every-call (behind ops._PACK_MIN_ROWS) with the weights packed for every call; each
+    puts the choices back after (checked from stand-in settings other than the variant's), and
+    on a GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
-    for attribute in attributes:
-        monkeypatch.setattr(ops, attribute, before)
-    seen = []
-    benchmark.KERNEL_VARIANTS[variant](
-        lambda: seen.append([getattr(ops, attribute) for attribute in attributes]))()
-    assert seen == [[during(before)] * len(attributes)]
-    assert all(getattr(ops, attribute) is before for attribute in attributes)
+    for before in stand_ins:
+        assert during(before) != before  # else a variant that changes nothing would pass
+        for attribute in attributes:
+            monkeypatch.setattr(ops, attribute, before)
+        seen = []
+        benchmark.KERNEL_VARIANTS[variant](
+            lambda: seen.append([getattr(ops, attribute) for attribute in attributes]))()
+        assert seen == [[during(before)] * len(attributes)]
+        assert all(getattr(ops, attribute) is before for attribute in attributes)
     args = benchmark.parse_args([flag, '--device', 'cpu'])
     assert benchmark.ours_variants(args) == [variant]
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)

@@ -9,7 +9,7 @@ import pytest
 from mmengine.config import Config
 
 from davit_mm import checks
-from helpers import CONFIGS, edited_config, run_tool, write_datasets
+from helpers import CONFIGS, assert_user_error, edited_config, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'davit_retinanet_1x_coco.py')
 MASK_RCNN = osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py')
@@ -99,9 +99,8 @@ def test_train_tool_names_a_broken_val_annotation_file(coco):
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
     ann.write_text(json.dumps({'images': []})[:-1])
     result = run_tool(['train.py', QUICKSTART, '--work-dir', coco / 'w'], cwd=coco, expect_ok=False)
-    assert result.returncode != 0
-    assert ("val_dataloader.dataset.ann_file='data/synthetic_coco/annotations/instances_val2017.json' "
-            'is not a readable JSON file') in result.stderr, result.stderr[-2000:]
+    assert_user_error(result, "val_dataloader.dataset.ann_file='data/synthetic_coco/annotations/"
+                              "instances_val2017.json' is not a readable JSON file")
 
 
 def test_train_tool_names_an_image_file_of_zero_bytes(coco):
@@ -110,7 +109,7 @@ def test_train_tool_names_an_image_file_of_zero_bytes(coco):
         image.write_bytes(b'')
     result = run_tool(['train.py', QUICKSTART, '--work-dir', coco / 'w', '--cfg-options',
                        'train_cfg.max_epochs=1'], cwd=coco, expect_ok=False)
-    assert result.returncode != 0
+    assert_user_error(result, 'cannot read image', traceback=True)  # raised in a loader worker
     assert re.search(r"cannot read image '.*data/synthetic_coco/train2017/\S+\.jpg' \(0 bytes\)",
                      result.stderr), result.stderr[-2000:]
 

@@ -112,7 +112,20 @@ def test_davit_mm_scope_resolves_to_the_imported_package_in_a_checkout(tmp_path)
 
 
 def test_version_lives_in_one_place():
+    """davit_mm/version.py holds the version; setup.py reads it from there, and no other file of
+    the package or its build names it."""
     import davit_mm
     result = subprocess.run([sys.executable, 'setup.py', '--version'], cwd=REPO,
                             capture_output=True, text=True)
     assert result.stdout.strip().splitlines()[-1] == davit_mm.__version__
+    files = glob.glob(osp.join(REPO, 'davit_mm', '**', '*.py'), recursive=True) + [
+        osp.join(REPO, name) for name in ('setup.py', 'setup.cfg', 'pyproject.toml') if osp.exists(osp.join(REPO, name))]
+    quoted = (f"'{davit_mm.__version__}'", f'"{davit_mm.__version__}"')
+
+    def names_the_version(path):
+        with open(path) as f:
+            text = f.read()
+        return any(q in text for q in quoted)
+
+    holders = [osp.relpath(f, REPO) for f in files if names_the_version(f)]
+    assert holders == [osp.join('davit_mm', 'version.py')]

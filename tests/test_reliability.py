@@ -18,7 +18,7 @@ import torch
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, load_tool, losses, run_tool, write_datasets
+from helpers import CONFIGS, REPO, assert_user_error, load_tool, losses, run_tool, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -181,7 +181,7 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
     truncated.write_bytes(latest.read_bytes()[:100000])
     explicit = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', str(truncated)],
                         cwd=data_dir, expect_ok=False)
-    assert explicit.returncode != 0 and 'corrupt or truncated' in explicit.stderr
+    assert_user_error(explicit, 'corrupt or truncated')
 
 
 def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
