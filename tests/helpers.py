@@ -1,8 +1,10 @@
 """What several test files share: the checkout's paths, the tiny architecture, running the real tools
 as a user would and reading what they leave behind. Test files import from here, never from
 conftest (pytest loads conftest.py itself; importing it again as a module gives a second copy)."""
+import contextlib
 import glob
 import importlib.util
+import io
 import json
 import os
 import os.path as osp
@@ -48,6 +50,23 @@ def run_tool(args: Sequence[str], cwd: str, timeout: int = 600, expect_ok: bool 
         raise AssertionError(f'{" ".join(map(str, args))} failed ({result.returncode}):\n'
                              f'{result.stdout[-3000:]}\n{result.stderr[-6000:]}')
     return result
+
+
+def run_tool_in_process(args: Sequence[str], cwd: str) -> subprocess.CompletedProcess:
+    """``tools/<script> args`` run as :func:`run_tool` runs it, but in this process: the tool's
+    ``main`` through ``davit_mm.cli.run_tool``, from ``cwd``. For user errors a tool reports
+    before it builds a model or a runner; a process start (imports: seconds) per case is then
+    most of the cost. That each tool's script exits through ``run_tool`` is test_cli's."""
+    from davit_mm.cli import run_tool as guarded
+    main = load_tool(args[0]).main
+    stdout, stderr, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = guarded(main, [str(a) for a in args[1:]])
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *words: str, traceback: bool = False):

@@ -13,7 +13,7 @@ from mmengine.config import Config
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.cli import adapt_config_to_machine
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, assert_user_error, run_tool, write_datasets
+from helpers import CONFIGS, REPO, assert_user_error, run_tool, run_tool_in_process, write_datasets
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -38,8 +38,8 @@ def data_dir(tmp_path_factory):
     (['model.backbone.out_indices=(1,2,4)'], 'out_indices=(1, 2, 4) has [4] out of range'),
 ])
 def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options'] + options,
-                      cwd=data_dir, expect_ok=False)
+    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options']
+                                 + options, cwd=data_dir)
     assert_user_error(result, message)
 
 
@@ -68,15 +68,15 @@ def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_
     ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
 ])
 def test_bad_randomness_options_are_refused(data_dir, option, message):
-    result = run_tool(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options', option],
-                      cwd=data_dir, expect_ok=False)
+    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options',
+                                  option], cwd=data_dir)
     assert_user_error(result, message)
 
 
 def test_a_config_with_a_syntax_error_is_named_with_its_line(data_dir, tmp_path):
     broken = tmp_path / 'broken.py'
     broken.write_text("_base_ = ['" + RETINANET + "']\nmodel = dict(backbone=dict(arch='tiny'\n")
-    result = run_tool(['train.py', broken], cwd=data_dir, expect_ok=False)
+    result = run_tool_in_process(['train.py', broken], cwd=data_dir)
     assert_user_error(result, f"config '{broken}' has a syntax error at line 2: '(' was never closed")
 
 
