@@ -345,6 +345,39 @@ def config_build_errors() -> Iterator[None]:
         raise ValueError(f'the config cannot be built: {exc.args[0] if exc.args else exc}') from exc
 
 
+def _main_process_only(function) -> Optional[Callable]:
+    """The function mmengine's ``master_only`` wraps in ``function``; None for any other."""
+    from mmengine.dist import master_only
+    wrapper_code = master_only(len).__code__
+    if getattr(function, '__code__', None) is wrapper_code:
+        return function.__wrapped__
+    return None
+
+
+def draw_on_every_process(visualizer) -> None:
+    """Let every process of a run draw with ``visualizer``. mmdet's and mmseg's visualizers draw
+    on the main process only (their ``add_datasample`` and ``add_image``, and ``dataset_meta``,
+    through which the test loop hands them the class names, are mmengine's ``master_only``), so
+    with N processes ``tools/test.py --show-dir`` drew only the main process's share of the test
+    images. This gives ``visualizer`` a subclass of its class with the functions ``master_only``
+    wraps: each process draws its own images (their files are named after the images). What is
+    not so wrapped is left as it is."""
+    import inspect
+    cls = type(visualizer)
+    plain = {}
+    for name in ('add_datasample', 'add_image'):
+        function = _main_process_only(getattr(cls, name))
+        if function is not None:
+            plain[name] = function
+    meta = inspect.getattr_static(cls, 'dataset_meta', None)
+    if isinstance(meta, property):
+        get, put = (_main_process_only(f) or f for f in (meta.fget, meta.fset))
+        if (get, put) != (meta.fget, meta.fset):
+            plain['dataset_meta'] = property(get, put)
+    if plain:
+        visualizer.__class__ = type(cls.__name__, (cls, ), plain)
+
+
 def add_checkpoint_hooks(cfg: Config) -> None:
     """Add davit_mm's checkpoint hooks (official whole-model files; runner checkpoints under
     ``weights_only``) to the config's ``custom_hooks``, where they are not already."""

@@ -83,6 +83,48 @@ def test_check_device_accepts_cpu_and_the_gpus_the_machine_has(monkeypatch):
         cli.check_device('cuda')
 
 
+@pytest.mark.parametrize('library', ['mmdet', 'mmseg'])
+def test_visualizers_draw_on_every_process_once_told_to(tmp_path, monkeypatch, library):
+    """On a process other than the main one, mmdet's and mmseg's visualizers draw nothing and
+    keep no class names (master_only); after draw_on_every_process they draw, as the main
+    process does (into an out_file for mmdet's hook, through the visualizer's backend for
+    mmseg's), with the class names the test loop hands them."""
+    import mmengine.dist.utils
+    import numpy as np
+    from mmengine.structures import InstanceData, PixelData
+    monkeypatch.setattr(mmengine.dist.utils, 'get_rank', lambda group=None: 1)
+    image, meta = np.zeros((16, 16, 3), np.uint8), dict(classes=('a', 'b'), palette=[(255, 0, 0), (0, 255, 0)])
+    if library == 'mmdet':
+        from mmdet.structures import DetDataSample
+        from mmdet.visualization import DetLocalVisualizer
+        visualizer = DetLocalVisualizer(name='rank1_det')
+        sample = DetDataSample(pred_instances=InstanceData(
+            bboxes=torch.tensor([[1., 1., 8., 8.]]), labels=torch.tensor([1]), scores=torch.tensor([0.9])))
+        kwargs = dict(out_file=str(tmp_path / 'drawn' / 'image.jpg'))
+    else:
+        from mmseg.structures import SegDataSample
+        from mmseg.visualization import SegLocalVisualizer
+        visualizer = SegLocalVisualizer(name='rank1_seg', save_dir=str(tmp_path),
+                                        vis_backends=[dict(type='LocalVisBackend')])
+        sample = SegDataSample(pred_sem_seg=PixelData(data=torch.ones(1, 16, 16, dtype=torch.long)))
+        kwargs = dict(step=0)
+
+    def drawn():
+        return sorted(osp.relpath(p, tmp_path) for p in glob.glob(str(tmp_path / '**' / '*.*'), recursive=True))
+
+    visualizer.dataset_meta = meta
+    assert visualizer.dataset_meta is None
+    visualizer.add_datasample('test_image.jpg', image, data_sample=sample, **kwargs)
+    assert drawn() == []
+    cli.draw_on_every_process(visualizer)
+    assert isinstance(visualizer, DetLocalVisualizer if library == 'mmdet' else SegLocalVisualizer)
+    visualizer.dataset_meta = meta
+    assert visualizer.dataset_meta == meta
+    visualizer.add_datasample('test_image.jpg', image, data_sample=sample, **kwargs)
+    assert drawn() == ([osp.join('drawn', 'image.jpg')] if library == 'mmdet' else
+                       [osp.join('vis_data', 'vis_image', 'test_image.jpg_0.png')])
+
+
 def test_check_output_path_refuses_what_cannot_be_written(tmp_path, monkeypatch):
     afile = tmp_path / 'afile'
     afile.write_bytes(b'')

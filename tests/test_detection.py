@@ -181,9 +181,13 @@ def test_dist_train_and_dist_test_with_two_cpu_processes_complete(coco_dir):
     assert 'Epoch(val) [1][1/1]' in output  # 4 images / (2 processes x batch 2)
     assert (work / 'epoch_1.pth').exists()
     assert losses(str(work)) and all(math.isfinite(v) for v in losses(str(work)))
-    result = run_tool(['dist_test.sh', RETINANET, work / 'epoch_1.pth', '2', '--work-dir', work / 'test'],
-                      cwd=coco_dir, env={'PORT': '29612'})
+    result = run_tool(['dist_test.sh', RETINANET, work / 'epoch_1.pth', '2', '--work-dir', work / 'test',
+                       '--show-dir', 'drawn'], cwd=coco_dir, env={'PORT': '29612'})
     assert 'Epoch(test) [1/1]' in result.stdout + result.stderr
+    # each process draws its own share of the 4 test images
+    drawn = sorted(osp.basename(p) for p in glob.glob(str(work / 'test' / '*' / 'drawn' / '*.jpg')))
+    assert drawn == sorted(osp.basename(p) for p in glob.glob(str(coco_dir / 'data' / 'synthetic_coco' / 'val2017' / '*.jpg')))
+    assert len(drawn) == 4
 
 
 # ------------------------------------------------------------------------ configs and figures

@@ -4,8 +4,9 @@
                          [--tta] [--cfg-options KEY=VALUE ...] [--launcher ...]
 
 ``--out``: mmdet configs dump raw predictions to OUT (a .pkl file); mmseg configs write the
-predicted label maps into the folder OUT. ``--show-dir``: every image's predictions are drawn
-(mmdet: into WORK_DIR/TIMESTAMP/SHOW_DIR; mmseg: into SHOW_DIR/vis_data/vis_image).
+predicted label maps into the folder OUT. ``--show-dir``: every image's predictions are drawn,
+by every process of a distributed run (mmdet: into WORK_DIR/TIMESTAMP/SHOW_DIR; mmseg: into
+SHOW_DIR/vis_data/vis_image).
 ``--tta``: test-time augmentation from the config's ``tta_model``/``tta_pipeline`` (davit_mm's
 configs: segmentation the official --aug-test, 6 scales x flip; detection 3 scales x flip).
 CHECKPOINT may also be a whole detector/segmentor released with the official DaViT code (mmdet 2.11 /
@@ -19,8 +20,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
 from davit_mm.checks import preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
-                          enable_tta, library_of, load_config, parse_launch_arguments,
-                          run_guarded, run_tool)
+                          draw_on_every_process, enable_tta, library_of, load_config,
+                          parse_launch_arguments, run_guarded, run_tool)
 
 
 def parse_args(argv=None):
@@ -79,6 +80,8 @@ def main(argv=None):
 
     runner = build_runner(cfg, training=False)
     check_checkpoint_fits(runner.model, args.checkpoint)  # evaluating a half-loaded model is worthless
+    if args.show_dir:
+        draw_on_every_process(runner.visualizer)
     if args.out and library == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
