@@ -216,7 +216,7 @@ def test_every_detection_config_builds_with_its_schedule_and_recipe():
     from davit_mm.models import DaViT
     names = sorted(glob.glob(osp.join(CONFIGS, 'davit*_coco*.py')))
     assert len(names) == 16  # {tiny, small, base} x {retinanet, maskrcnn} x {1x, 3x} + 4 AMP
-    built = {}  # model config -> model: the 3x and AMP configs' models are their 1x config's
+    built = {}  # model config -> model: each AMP config's model is its fp32 config's
     for name in names:
         cfg = Config.fromfile(name)
         assert cfg.default_scope == 'mmdet' and cfg.custom_imports.imports == ['davit_mm']
@@ -231,7 +231,9 @@ def test_every_detection_config_builds_with_its_schedule_and_recipe():
         assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
         # the model itself (built, not run): the named DaViT, and a neck taking what it returns
         key = repr(cfg.model.to_dict())
-        model = built[key] = built[key] if key in built else build_model(name)
+        if key not in built:
+            built[key] = build_model(name)
+        model = built[key]
         size = 'base' if '_base_' in name else 'small' if '_small_' in name else 'tiny'
         assert type(model.backbone) is DaViT and model.backbone.out_indices == backbone.out_indices
         assert (model.backbone.embed_dims, model.backbone.depths) == PAPER_ARCH[size], name
