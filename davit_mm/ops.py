@@ -15,7 +15,8 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
 - CPU: the linear layers run through oneDNN (``torch.ops.mkldnn._linear_pointwise``) with bias,
   GELU and residual additions fused into the matmul (at inference with AVX2 kernels through
   PyTorch's own matmul instead, accumulating onto the residual, the blocked MLP writing into
-  buffers of its own: :data:`_AVX2_INFERENCE_MATMUL`);
+  buffers of its own: :data:`_AVX2_INFERENCE_MATMUL`; in training on Intel CPUs through PyTorch's
+  matmul: :data:`_ONEDNN_TRAINING`);
   MLPs (at inference, and fc2 and the backward in fp32 training) and window attention at inference
   in cache-sized blocks of tokens; oneDNN gets the weights it would reorder at every call or
   block packed once per call (the inference MLP's, :data:`_PACK_MLP_WEIGHTS`; the training
@@ -137,6 +138,20 @@ def _sdpa_without_cudnn() -> Optional[Callable[[], contextlib.AbstractContextMan
                                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor ('GenuineIntel', 'AuthenticAMD', ...) as Linux reports it in
+    /proc/cpuinfo, or '' where it does not (other systems)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'vendor_id':
+                    return value.strip()
+    except OSError:
+        pass
+    return ''
+
+
 # The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
 # does not say).
 _CPU_CAPABILITY = getattr(torch.backends.cpu, 'get_cpu_capability', lambda: '')()
@@ -173,6 +188,14 @@ _PACK_FORWARD_WEIGHTS = True
 # (docs/benchmark.md; ``tools/analysis/benchmark.py --other-linears`` times the other choice
 # beside it).
 _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
+# Whether CPU training computes its linears with oneDNN's (:class:`_OneDNNLinearFunction`, and
+# :class:`_LeanMlpFunction` over blocks of tokens) rather than PyTorch's matmul (MKL's sgemm, the
+# MLP in one pass): everywhere but on Intel CPUs. On an Intel Xeon (model 207) DaViT-T's training
+# step took 1-9% less time with PyTorch's matmul, with AVX-512 and with AVX2 kernels, in each of
+# seven interleaved comparisons; on a Zen 4 CPU oneDNN's blocked MLP took 6-7% off the step
+# (docs/benchmark.md; ``tools/analysis/benchmark.py --other-training-linears`` times the other
+# choice beside it).
+_ONEDNN_TRAINING = _cpu_vendor() != 'GenuineIntel'
 # The fewest rows over which a weight that serves one call (rather than every block of a blocked
 # MLP) is packed for it. Packing costs a reorder and its set-up, which a call over few rows does
 # not earn back: on a Zen 4 CPU, with packing for every call DaViT-T's training step took 9%
@@ -501,7 +524,8 @@ def _lean_mlp(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> torc
     (it would not reach the backward, which then computes in the forward's dtype)."""
     device_type = _device_type(x)
     if _autocast_dtype(device_type) is None:
-        return _LeanMlpFunction.apply(x, *params, _onednn_fits(x, params[0]))
+        return _LeanMlpFunction.apply(x, *params,
+                                      _ONEDNN_TRAINING and _onednn_fits(x, params[0]))
     x, *params = _in_autocast_dtype(device_type, x, *params)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _LeanMlpFunction.apply(x, *params, False)
@@ -521,10 +545,11 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
     if gelu and residual is not None:
         raise ValueError('linear: gelu and residual cannot be combined')
     weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
-    if not _onednn_fits(x, weight):
+    training = _needs_grad(x, weight, bias)
+    if not _onednn_fits(x, weight) or (training and not _ONEDNN_TRAINING):
         out = F.linear(x, weight, bias)
         out = F.gelu(out) if gelu else out
-    elif not _needs_grad(x, weight, bias):
+    elif not training:
         if residual is not None:
             return _inference_linear_add(x, residual, weight, bias)
         return _inference_linear(x, weight, bias, 'gelu' if gelu else 'none')

@@ -139,6 +139,10 @@ def parse_args(argv=None):
                              "(at inference oneDNN's linear with AVX2 kernels, PyTorch's "
                              "matmul otherwise; in the training MLP's backward weight views "
                              "with AVX2 kernels, packed weights otherwise)")
+    parser.add_argument('--other-training-linears', action='store_true',
+                        help="CPU: also time ours with the other choice of linear kernel for "
+                             "training (oneDNN's on Intel CPUs, PyTorch's matmul elsewhere; "
+                             "inference unchanged)")
     parser.add_argument('--unpacked-weights', action='store_true',
                         help="CPU: also time ours with the inference MLP's and the training "
                              "forward's weights handed to oneDNN plain (reordered at every "
@@ -169,6 +173,8 @@ def parse_args(argv=None):
         parser.error(f'--aten-depthwise: the Triton kernel runs on CUDA only, not on '
                      f'--device {args.device}')
     for flag, given, what in (('--other-linears', args.other_linears, 'linear kernel'),
+                              ('--other-training-linears', args.other_training_linears,
+                               'linear kernel'),
                               ('--unpacked-weights', args.unpacked_weights, 'weight layout'),
                               ('--pack-every-call', args.pack_every_call, 'weight layout')):
         if given and args.device != 'cpu':
@@ -525,6 +531,13 @@ def other_linears(fn: Callable) -> Callable:
         _PACK_MLP_BACKWARD_WEIGHTS=not ops._PACK_MLP_BACKWARD_WEIGHTS)
 
 
+def other_training_linears(fn: Callable) -> Callable:
+    """``fn`` run with the other choice of linear kernel for CPU training than davit_mm makes on
+    this CPU: oneDNN's where it takes PyTorch's matmul (Intel CPUs), and the other way round
+    (:data:`davit_mm.ops._ONEDNN_TRAINING`; inference is unchanged)."""
+    return _with_ops_attributes(fn, _ONEDNN_TRAINING=not ops._ONEDNN_TRAINING)
+
+
 def unpacked_weights(fn: Callable) -> Callable:
     """``fn`` run with the weights davit_mm packs for oneDNN once per call handed to it plain,
     to be reordered at every call or block: the inference MLP's and the training forward's
@@ -542,7 +555,8 @@ def pack_every_call(fn: Callable) -> Callable:
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
 # name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
-                   'ours_other_linears': other_linears, 'ours_unpacked_weights': unpacked_weights,
+                   'ours_other_linears': other_linears, 'ours_other_training_linears': other_training_linears,
+                   'ours_unpacked_weights': unpacked_weights,
                    'ours_pack_every_call': pack_every_call}
 
 
