@@ -138,11 +138,11 @@ def _sdpa_without_cudnn() -> Optional[Callable[[], contextlib.AbstractContextMan
                                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _cpu_vendor() -> str:
+def _cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
     """The CPU's vendor ('GenuineIntel', 'AuthenticAMD', ...) as Linux reports it in
-    /proc/cpuinfo, or '' where it does not (other systems)."""
+    ``cpuinfo``, or '' where it does not (other systems)."""
     try:
-        with open('/proc/cpuinfo') as f:
+        with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(':')
                 if key.strip() == 'vendor_id':
@@ -191,10 +191,11 @@ _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
 # Whether CPU training computes its linears with oneDNN's (:class:`_OneDNNLinearFunction`, and
 # :class:`_LeanMlpFunction` over blocks of tokens) rather than PyTorch's matmul (MKL's sgemm, the
 # MLP in one pass): everywhere but on Intel CPUs. On an Intel Xeon (model 207) DaViT-T's training
-# step took 1-9% less time with PyTorch's matmul, with AVX-512 and with AVX2 kernels, in each of
-# seven interleaved comparisons; on a Zen 4 CPU oneDNN's blocked MLP took 6-7% off the step
-# (docs/benchmark.md; ``tools/analysis/benchmark.py --other-training-linears`` times the other
-# choice beside it).
+# step took 5-9% less time with PyTorch's matmul with AVX2 kernels (four interleaved comparisons),
+# and from 7% less to 0.4% more with AVX-512 kernels (five). On the Zen 4 CPU the oneDNN path was
+# built on, its blocked MLP took 6-7% off the step against oneDNN's in one pass, and PyTorch's
+# matmul over the same blocks was 4-5% slower (docs/benchmark.md;
+# ``tools/analysis/benchmark.py --other-training-linears`` times the other choice beside it).
 _ONEDNN_TRAINING = _cpu_vendor() != 'GenuineIntel'
 # The fewest rows over which a weight that serves one call (rather than every block of a blocked
 # MLP) is packed for it. Packing costs a reorder and its set-up, which a call over few rows does

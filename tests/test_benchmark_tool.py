@@ -359,19 +359,22 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
     ('--other-linears', 'ours_other_linears',
      ('_AVX2_INFERENCE_MATMUL', '_PACK_MLP_BACKWARD_WEIGHTS'), 'linear kernel',
      lambda before: not before, (True, False)),
+    ('--other-training-linears', 'ours_other_training_linears', ('_ONEDNN_TRAINING',),
+     'linear kernel', lambda before: not before, (True, False)),
     ('--unpacked-weights', 'ours_unpacked_weights', ('_PACK_MLP_WEIGHTS', '_PACK_FORWARD_WEIGHTS'),
      'weight layout', lambda before: False, (True,)),
     ('--pack-every-call', 'ours_pack_every_call', ('_PACK_MIN_ROWS',), 'weight layout',
      lambda before: 0, (4096, 1)),
-], ids=['other-linears', 'unpacked-weights', 'pack-every-call'])
+], ids=['other-linears', 'other-training-linears', 'unpacked-weights', 'pack-every-call'])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
                                                           attributes, what, during, stand_ins):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
-    with the other choices of CPU linear kernel, --unpacked-weights (behind packing the weights
-    of the inference MLP and of the training forward) with the weights handed to oneDNN plain,
-    --pack-every-call (behind ops._PACK_MIN_ROWS) with the weights packed for every call; each
-    puts the choices back after (checked from stand-in settings other than the variant's), and
-    on a GPU it is refused, saying why."""
+    with the other choices of CPU linear kernel, --other-training-linears (behind the Intel
+    choice) with the other kernel for training's linears, --unpacked-weights (behind packing the
+    weights of the inference MLP and of the training forward) with the weights handed to oneDNN
+    plain, --pack-every-call (behind ops._PACK_MIN_ROWS) with the weights packed for every
+    call; each puts the choices back after (checked from stand-in settings other than the
+    variant's), and on a GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
     for before in stand_ins:

@@ -32,6 +32,14 @@ _NUMPY_SCALAR_DEPRECATION = 'Conversion of an array with ndim > 0 to a scalar'
 pytestmark = pytest.mark.filterwarnings(f'ignore:{_NUMPY_SCALAR_DEPRECATION}:DeprecationWarning')
 
 
+@pytest.fixture(autouse=True)
+def onednn_training(monkeypatch):
+    """CPU training through oneDNN's linears, as davit_mm trains on every CPU but Intel's, so
+    that these tests check that path wherever they run (the tests of the other choice,
+    :data:`ops._ONEDNN_TRAINING`, set it themselves)."""
+    monkeypatch.setattr(ops, '_ONEDNN_TRAINING', True)
+
+
 class _NoOneDNNLinear:
     """Stands in for oneDNN's linear where CPU inference must not call it."""
 
@@ -152,6 +160,46 @@ def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_resi
         assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
 
 
+@onednn
+@pytest.mark.parametrize('onednn_training', [True, False], ids=['onednn', 'matmul'])
+def test_cpu_training_linears_take_the_kernel_the_switch_names(monkeypatch, onednn_training):
+    """:data:`ops._ONEDNN_TRAINING` sends CPU training's linears and MLPs through oneDNN's
+    linear, or (Intel CPUs) PyTorch's matmul; inference keeps oneDNN's (AVX-512 kernels) either
+    way. Outputs and gradients are the plain ops'."""
+    from torch.profiler import profile
+    monkeypatch.setattr(ops, '_ONEDNN_TRAINING', onednn_training)
+    monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', False)
+    torch.manual_seed(0)
+    layer, mlp = nn.Linear(16, 16), davit_module.Mlp(16, 64)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    with profile() as prof:
+        fast = ops.linear(mlp(x), layer, residual=x)
+        fast_grads = torch.autograd.grad(weighted_sum(fast), [x, *mlp.parameters()])
+    trained_by = {e.key for e in prof.key_averages()}
+    expected = plain(plain_mlp(mlp, x), layer, residual=x)
+    expected_grads = torch.autograd.grad(weighted_sum(expected), [x, *mlp.parameters()])
+    assert ('mkldnn::_linear_pointwise' in trained_by) is onednn_training, sorted(trained_by)
+    with profile() as prof, torch.no_grad():
+        ops.linear(mlp(x), layer, residual=x)
+    assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}
+    assert torch.allclose(fast, expected, atol=1e-5, rtol=1e-4)
+    for a, b in zip(fast_grads, expected_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('text,vendor', [
+    ('processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n', 'GenuineIntel'),
+    ('processor\t: 0\nvendor_id\t: AuthenticAMD\nprocessor\t: 1\nvendor_id\t: X\n',
+     'AuthenticAMD'),
+    ('processor\t: 0\nBogoMIPS\t: 50.00\n', ''),  # aarch64 Linux names no vendor_id
+    (None, '')])  # no /proc/cpuinfo: not Linux
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path, text, vendor):
+    cpuinfo = tmp_path / 'cpuinfo'
+    if text is not None:
+        cpuinfo.write_text(text)
+    assert ops._cpu_vendor(str(cpuinfo)) == vendor
+
+
 def plain_mlp(mlp, x, residual=None):
     return plain(F.gelu(plain(x, mlp.fc1)), mlp.fc2, residual=residual)
 
@@ -168,12 +216,15 @@ def _mlp_outputs_and_grads(forward, mlp, x, residual):
     return results
 
 
-@pytest.fixture(params=['onednn', 'portable'])
+@pytest.fixture(params=['onednn', 'matmul', 'portable'])
 def mlp_kernel(request, monkeypatch):
-    """The MLP's training path with oneDNN's matmuls (CPU) or the plain ones (every other
-    device, and CPU under autocast)."""
+    """The MLP's training path with oneDNN's matmuls (CPU), with PyTorch's (CPU training on Intel
+    CPUs, :data:`ops._ONEDNN_TRAINING` off) or the plain ones (every other device, and CPU under
+    autocast)."""
     if request.param == 'onednn' and ops._ONEDNN_LINEAR is None:
         pytest.skip('this torch has no oneDNN linear')
+    if request.param == 'matmul':
+        monkeypatch.setattr(ops, '_ONEDNN_TRAINING', False)
     if request.param == 'portable':
         monkeypatch.setattr(ops, '_ONEDNN_LINEAR', None)
     return request.param
@@ -712,6 +763,7 @@ for mode in ('eval', 'train'):
     report[mode] = dict(onednn_linear='mkldnn::_linear_pointwise' in names,
                         diff=max((a - b).abs().max().item() for a, b in zip(outs, expected)))
 report['pack_mlp_backward_weights'] = ops._PACK_MLP_BACKWARD_WEIGHTS
+report['vendor'] = ops._cpu_vendor()
 print(json.dumps(report))
 """
 
@@ -720,9 +772,10 @@ print(json.dumps(report))
 @pytest.mark.parametrize('capability', ['avx2', 'default'])
 def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch, capability):
     """With AVX2 kernels (here ``ATEN_CPU_CAPABILITY=avx2``, as on an AVX2 CPU) the backbone's
-    linears run through PyTorch's matmul at inference, not oneDNN's linear; with AVX-512 kernels,
-    and in training, through oneDNN's, whose MLP backward then gets packed weights with AVX2
-    kernels only. The outputs are the plain kernels' either way."""
+    linears run through PyTorch's matmul at inference, not oneDNN's linear; with AVX-512 kernels
+    through oneDNN's; in training through oneDNN's, whose MLP backward then gets packed weights
+    with AVX2 kernels only, except on Intel CPUs (PyTorch's matmul). The outputs are the plain
+    kernels' either way."""
     env = dict(os.environ)
     env.pop('ATEN_CPU_CAPABILITY', None)
     if capability == 'avx2':
@@ -737,7 +790,7 @@ def test_cpu_inference_linears_take_pytorchs_matmul_with_avx2_kernels(tiny_arch,
     avx2 = report['capability'] == 'AVX2'
     assert avx2 == (capability == 'avx2')
     assert report['eval']['onednn_linear'] is not avx2, report
-    assert report['train']['onednn_linear'], report
+    assert report['train']['onednn_linear'] is (report['vendor'] != 'GenuineIntel'), report
     assert report['pack_mlp_backward_weights'] is avx2, report
     for mode in ('eval', 'train'):
         assert report[mode]['diff'] < 1e-4, (mode, report)

@@ -3,7 +3,8 @@
     python tools/analysis/benchmark.py [--arch tiny] [--sizes 800x1216 ...] [--batch 1]
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
         [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
-        [--other-linears] [--unpacked-weights] [--pack-every-call] [--timm] [--profile]
+        [--other-linears] [--other-training-linears] [--unpacked-weights] [--pack-every-call]
+        [--timm] [--profile]
         [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
@@ -32,8 +33,9 @@ position encodings on PyTorch's depth-wise kernel instead of davit_mm's Triton k
 without Triton), ``--other-linears`` (CPU) ours with the other choices of linear kernel:
 at inference oneDNN's linear where torch's AVX2 kernels take PyTorch's matmul, and the matmul
 where AVX-512 kernels take oneDNN's; in the training MLP's backward, oneDNN's linears with
-transposed weight views where AVX2 kernels take packed weights, and the other way round
-(training linears are oneDNN's either way),
+transposed weight views where AVX2 kernels take packed weights, and the other way round,
+``--other-training-linears`` (CPU) ours with the other choice of linear kernel for training:
+oneDNN's where davit_mm takes PyTorch's matmul (Intel CPUs), and the other way round,
 ``--unpacked-weights`` (CPU) ours with the inference MLP's and the training forward's weights
 handed to oneDNN plain, to be reordered at every call or block, rather than packed once per
 call, ``--pack-every-call`` (CPU) ours with the weights of training linears that make one call
@@ -555,7 +557,8 @@ def pack_every_call(fn: Callable) -> Callable:
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
 # name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
-                   'ours_other_linears': other_linears, 'ours_other_training_linears': other_training_linears,
+                   'ours_other_linears': other_linears,
+                   'ours_other_training_linears': other_training_linears,
                    'ours_unpacked_weights': unpacked_weights,
                    'ours_pack_every_call': pack_every_call}
 
