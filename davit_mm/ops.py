@@ -540,7 +540,8 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
     On CPU without gradients, oneDNN applies the bias, the GELU or the residual addition in the
     matmul's epilogue (``F.linear`` copies the broadcast bias into the output first, and GELU and
     the addition each take another pass over it); with gradients, :class:`_OneDNNLinearFunction`
-    still skips the bias copy. With AVX2 kernels PyTorch's matmul runs the inference ones instead,
+    still skips the bias copy (except on Intel CPUs, where training takes ``F.linear``:
+    :data:`_ONEDNN_TRAINING`). With AVX2 kernels PyTorch's matmul runs the inference ones instead,
     GELU in place and the residual accumulated onto (:func:`_inference_linear_add`).
     """
     if gelu and residual is not None:
