@@ -191,7 +191,7 @@ _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
 # Whether CPU training computes its linears with oneDNN's (:class:`_OneDNNLinearFunction`, and
 # :class:`_LeanMlpFunction` over blocks of tokens) rather than PyTorch's matmul (MKL's sgemm, the
 # MLP in one pass): everywhere but on Intel CPUs. On an Intel Xeon (model 207) DaViT-T's training
-# step took 5-9% less time with PyTorch's matmul with AVX2 kernels (four interleaved comparisons),
+# step took 1-9% less time with PyTorch's matmul with AVX2 kernels (five interleaved comparisons),
 # and from 7% less to 0.4% more with AVX-512 kernels (five). On the Zen 4 CPU the oneDNN path was
 # built on, its blocked MLP took 6-7% off the step against oneDNN's in one pass, and PyTorch's
 # matmul over the same blocks was 4-5% slower (docs/benchmark.md;
