@@ -138,18 +138,26 @@ def _sdpa_without_cudnn() -> Optional[Callable[[], contextlib.AbstractContextMan
                                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def _cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
-    """The CPU's vendor ('GenuineIntel', 'AuthenticAMD', ...) as Linux reports it in
-    ``cpuinfo``, or '' where it does not (other systems)."""
+def cpuinfo_fields(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, str]:
+    """The fields Linux reports for the first CPU in ``cpuinfo`` ('vendor_id', 'model name',
+    'cpu family', ...), or {} where there is no such file (other systems)."""
+    fields = {}
     try:
         with open(cpuinfo) as f:
             for line in f:
+                if not line.strip():  # the end of the first CPU's block
+                    break
                 key, _, value = line.partition(':')
-                if key.strip() == 'vendor_id':
-                    return value.strip()
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ''
+    return fields
+
+
+def _cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """The CPU's vendor ('GenuineIntel', 'AuthenticAMD', ...) as Linux reports it in
+    ``cpuinfo``, or '' where it does not."""
+    return cpuinfo_fields(cpuinfo).get('vendor_id', '')
 
 
 # The instruction set torch's CPU kernels run with ('AVX2', 'AVX512', ...; '' on a torch that
@@ -547,8 +555,9 @@ def linear(x: torch.Tensor, layer: Union[nn.Linear, Tuple[torch.Tensor, Optional
     if gelu and residual is not None:
         raise ValueError('linear: gelu and residual cannot be combined')
     weight, bias = (layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer
-    training = _needs_grad(x, weight, bias)
-    if not _onednn_fits(x, weight) or (training and not _ONEDNN_TRAINING):
+    fits = _onednn_fits(x, weight)
+    training = fits and _needs_grad(x, weight, bias)
+    if not fits or (training and not _ONEDNN_TRAINING):
         out = F.linear(x, weight, bias)
         out = F.gelu(out) if gelu else out
     elif not training:

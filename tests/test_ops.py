@@ -161,13 +161,13 @@ def test_onednn_linear_gradients_match_autograd_of_the_plain_ops(gelu, with_resi
 
 
 @onednn
-@pytest.mark.parametrize('onednn_training', [True, False], ids=['onednn', 'matmul'])
-def test_cpu_training_linears_take_the_kernel_the_switch_names(monkeypatch, onednn_training):
+@pytest.mark.parametrize('use_onednn', [True, False], ids=['onednn', 'matmul'])
+def test_cpu_training_linears_take_the_kernel_the_switch_names(monkeypatch, use_onednn):
     """:data:`ops._ONEDNN_TRAINING` sends CPU training's linears and MLPs through oneDNN's
     linear, or (Intel CPUs) PyTorch's matmul; inference keeps oneDNN's (AVX-512 kernels) either
     way. Outputs and gradients are the plain ops'."""
     from torch.profiler import profile
-    monkeypatch.setattr(ops, '_ONEDNN_TRAINING', onednn_training)
+    monkeypatch.setattr(ops, '_ONEDNN_TRAINING', use_onednn)
     monkeypatch.setattr(ops, '_AVX2_INFERENCE_MATMUL', False)
     torch.manual_seed(0)
     layer, mlp = nn.Linear(16, 16), davit_module.Mlp(16, 64)
@@ -178,7 +178,7 @@ def test_cpu_training_linears_take_the_kernel_the_switch_names(monkeypatch, oned
     trained_by = {e.key for e in prof.key_averages()}
     expected = plain(plain_mlp(mlp, x), layer, residual=x)
     expected_grads = torch.autograd.grad(weighted_sum(expected), [x, *mlp.parameters()])
-    assert ('mkldnn::_linear_pointwise' in trained_by) is onednn_training, sorted(trained_by)
+    assert ('mkldnn::_linear_pointwise' in trained_by) is use_onednn, sorted(trained_by)
     with profile() as prof, torch.no_grad():
         ops.linear(mlp(x), layer, residual=x)
     assert 'mkldnn::_linear_pointwise' in {e.key for e in prof.key_averages()}
@@ -189,7 +189,7 @@ def test_cpu_training_linears_take_the_kernel_the_switch_names(monkeypatch, oned
 
 @pytest.mark.parametrize('text,vendor', [
     ('processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n', 'GenuineIntel'),
-    ('processor\t: 0\nvendor_id\t: AuthenticAMD\nprocessor\t: 1\nvendor_id\t: X\n',
+    ('processor\t: 0\nvendor_id\t: AuthenticAMD\n\nprocessor\t: 1\nvendor_id\t: X\n',
      'AuthenticAMD'),
     ('processor\t: 0\nBogoMIPS\t: 50.00\n', ''),  # aarch64 Linux names no vendor_id
     (None, '')])  # no /proc/cpuinfo: not Linux

@@ -915,14 +915,7 @@ def allocator() -> str:
 def cpu_model() -> str:
     """The CPU's name with its family and model numbers (the name alone, e.g. 'AMD EPYC' on
     cloud VMs, does not tell CPU generations apart, and speed ratios differ between them)."""
-    fields = {}
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return 'unknown'
+    fields = ops.cpuinfo_fields()
     name = fields.get('model name', 'unknown')
     if 'cpu family' in fields:
         name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
