@@ -20,7 +20,9 @@ if REPO not in sys.path:  # the checkout, not whatever davit_mm an environment m
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end runs of the real tools (tens of seconds)')
     warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # At most 2 threads, and the cores shared among pytest-xdist's workers (tools/run_tests.sh).
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)) // workers)))
 
 
 @pytest.fixture

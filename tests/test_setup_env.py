@@ -106,6 +106,25 @@ def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
     assert 'DAVIT_MM_WHEELHOUSE=' in result.stderr and 'is not a directory' in result.stderr
 
 
+def run_tests_sh(tmp_path, args, **env):
+    """What tools/run_tests.sh ``args`` would give pytest (options it always adds left out), and
+    OMP_NUM_THREADS as pytest would see it: a fake interpreter records both."""
+    fake = tmp_path / 'python'  # answers everything with success; records what pytest would get
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [ "$1 $2" = "-m pytest" ]; then shift 2; printf "%s\\n" "$@" > "$0.args"; '
+                    'echo "${OMP_NUM_THREADS:-unset}" > "$0.omp"; fi\n')
+    fake.chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if k not in ('DAVIT_MM_TEST_WORKERS', 'OMP_NUM_THREADS')}
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'run_tests.sh'), *args], timeout=120,
+                            env=dict(environ, PYTHON=str(fake), **env), capture_output=True, text=True)
+    if result.returncode != 0:
+        return result
+    given = (tmp_path / 'python.args').read_text().splitlines()
+    always = ['-p', 'no:cacheprovider', '-W', 'ignore:pkg_resources is deprecated']
+    start = next(i for i in range(len(given)) if given[i:i + len(always)] == always)
+    return given[:start] + given[start + len(always):], (tmp_path / 'python.omp').read_text().strip()
+
+
 @pytest.mark.parametrize('args,expected', [
     ([], ['tests']),
     (['-m', 'not slow', '-x'], ['tests', '-m', 'not slow', '-x']),
@@ -113,13 +132,29 @@ def test_setup_env_rejects_a_wheelhouse_that_is_not_a_folder(tmp_path):
     (['-q', 'tests/test_cli.py::test_traceback_on_request'], ['-q', 'tests/test_cli.py::test_traceback_on_request']),
 ])
 def test_run_tests_runs_the_files_given_or_the_whole_suite(tmp_path, args, expected):
-    """With a test path among its arguments, run_tests.sh ran it and the whole suite as well."""
-    fake = tmp_path / 'python'  # answers everything with success; records what pytest would get
-    fake.write_text('#!/usr/bin/env bash\n'
-                    'if [ "$1 $2" = "-m pytest" ]; then shift 2; printf "%s\\n" "$@" > "$0.args"; fi\n')
-    fake.chmod(0o755)
-    subprocess.run(['bash', os.path.join(REPO, 'tools', 'run_tests.sh'), *args], check=True, timeout=120,
-                   env=dict(os.environ, PYTHON=str(fake)), capture_output=True)
-    given = (tmp_path / 'python.args').read_text().splitlines()
-    options = ['-p', 'no:cacheprovider', '-W', 'ignore:pkg_resources is deprecated']
-    assert [a for a in given if a not in options] == expected
+    """The files or tests given, or else the whole suite, in one process with 1 worker asked for."""
+    assert run_tests_sh(tmp_path, args, DAVIT_MM_TEST_WORKERS='1') == (expected, 'unset')
+
+
+def test_run_tests_runs_the_whole_suite_in_two_workers_sharing_the_cores(tmp_path):
+    """By default the whole suite runs in 2 xdist workers, each test file in one of them, with the
+    cores shared out as threads; given files run in one process."""
+    cores = len(os.sched_getaffinity(0))
+    default = ['-n', '2', '--dist', 'loadfile'] if cores >= 2 else []
+    assert run_tests_sh(tmp_path, []) == (['tests'] + default, str(cores // 2) if default else 'unset')
+    assert run_tests_sh(tmp_path, ['-x']) == (['tests'] + default + ['-x'], str(cores // 2) if default else 'unset')
+    assert run_tests_sh(tmp_path, ['tests/test_registry.py']) == (['tests/test_registry.py'], 'unset')
+    # asked for: 3 workers for given files; the caller's threads and worker options are kept
+    assert run_tests_sh(tmp_path, ['tests/test_registry.py'], DAVIT_MM_TEST_WORKERS='3') == (
+        ['-n', '3', '--dist', 'loadfile', 'tests/test_registry.py'], str(max(1, cores // 3)))
+    assert run_tests_sh(tmp_path, [], OMP_NUM_THREADS='4') == (['tests'] + default, '4')
+    assert run_tests_sh(tmp_path, ['-n', '4']) == (['tests', '-n', '4'], 'unset')
+    assert run_tests_sh(tmp_path, ['-p', 'no:xdist']) == (['tests', '-p', 'no:xdist'], 'unset')
+    assert run_tests_sh(tmp_path, ['-pno:xdist']) == (['tests', '-pno:xdist'], 'unset')
+
+
+@pytest.mark.parametrize('workers', ['0', 'two', '-1'])
+def test_run_tests_refuses_a_worker_count_that_is_not_a_positive_integer(tmp_path, workers):
+    result = run_tests_sh(tmp_path, [], DAVIT_MM_TEST_WORKERS=workers)
+    assert result.returncode == 2
+    assert f"error: DAVIT_MM_TEST_WORKERS='{workers}': accepted a positive integer" in result.stderr
