@@ -140,9 +140,9 @@ def test_run_tests_runs_the_whole_suite_in_two_workers_sharing_the_cores(tmp_pat
     """By default the whole suite runs in 2 xdist workers, each test file in one of them, with the
     cores shared out as threads; given files run in one process."""
     cores = len(os.sched_getaffinity(0))
-    default = ['-n', '2', '--dist', 'loadfile'] if cores >= 2 else []
-    assert run_tests_sh(tmp_path, []) == (['tests'] + default, str(cores // 2) if default else 'unset')
-    assert run_tests_sh(tmp_path, ['-x']) == (['tests'] + default + ['-x'], str(cores // 2) if default else 'unset')
+    default, share = (['-n', '2', '--dist', 'loadfile'], str(cores // 2)) if cores >= 2 else ([], 'unset')
+    assert run_tests_sh(tmp_path, []) == (['tests'] + default, share)
+    assert run_tests_sh(tmp_path, ['-x']) == (['tests'] + default + ['-x'], share)
     assert run_tests_sh(tmp_path, ['tests/test_registry.py']) == (['tests/test_registry.py'], 'unset')
     # asked for: 3 workers for given files; the caller's threads and worker options are kept
     assert run_tests_sh(tmp_path, ['tests/test_registry.py'], DAVIT_MM_TEST_WORKERS='3') == (

@@ -31,10 +31,11 @@ for arg in "$@"; do
     *) if [ -e "${arg%%::*}" ]; then targets=(); fi ;;
   esac
 done
+cores=$(nproc 2>/dev/null || echo 1)
 workers=${DAVIT_MM_TEST_WORKERS:-}
 if [ -z "$workers" ]; then  # unset or empty
   workers=1
-  if [ ${#targets[@]} -gt 0 ] && [ "$(nproc 2>/dev/null || echo 1)" -ge 2 ]; then workers=2; fi
+  if [ ${#targets[@]} -gt 0 ] && [ "$cores" -ge 2 ]; then workers=2; fi
 fi
 parallel=()
 if [ "$workers_given" = 0 ] && [ "$workers" -gt 1 ]; then
@@ -42,8 +43,7 @@ if [ "$workers_given" = 0 ] && [ "$workers" -gt 1 ]; then
   # The workers share the cores: each (and each tool it starts) gets its part of them as threads,
   # not all of them, which would slow every worker down.
   if [ -z "${OMP_NUM_THREADS:-}" ]; then
-    share=$(( $(nproc 2>/dev/null || echo 1) / workers ))
-    export OMP_NUM_THREADS=$(( share > 0 ? share : 1 ))
+    export OMP_NUM_THREADS=$(( cores >= workers ? cores / workers : 1 ))
   fi
 fi
 exec "$DAVIT_MM_PYTHON" -m pytest ${targets[@]+"${targets[@]}"} ${parallel[@]+"${parallel[@]}"} \
