@@ -114,7 +114,8 @@ def run_tests_sh(tmp_path, args, **env):
                     'if [ "$1 $2" = "-m pytest" ]; then shift 2; printf "%s\\n" "$@" > "$0.args"; '
                     'echo "${OMP_NUM_THREADS:-unset}" > "$0.omp"; fi\n')
     fake.chmod(0o755)
-    environ = {k: v for k, v in os.environ.items() if k not in ('DAVIT_MM_TEST_WORKERS', 'OMP_NUM_THREADS')}
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ('DAVIT_MM_TEST_WORKERS', 'OMP_NUM_THREADS', 'OMP_THREAD_LIMIT')}
     result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'run_tests.sh'), *args], timeout=120,
                             env=dict(environ, PYTHON=str(fake), **env), capture_output=True, text=True)
     if result.returncode != 0:
@@ -148,6 +149,9 @@ def test_run_tests_runs_the_whole_suite_in_two_workers_sharing_the_cores(tmp_pat
     assert run_tests_sh(tmp_path, ['tests/test_registry.py'], DAVIT_MM_TEST_WORKERS='3') == (
         ['-n', '3', '--dist', 'loadfile', 'tests/test_registry.py'], str(max(1, cores // 3)))
     assert run_tests_sh(tmp_path, [], OMP_NUM_THREADS='4') == (['tests'] + default, '4')
+    # the cores are counted without the caller's thread settings (nproc itself answers them)
+    assert run_tests_sh(tmp_path, [], OMP_NUM_THREADS='1') == (['tests'] + default, '1')
+    assert run_tests_sh(tmp_path, [], OMP_THREAD_LIMIT='1')[0] == ['tests'] + default
     assert run_tests_sh(tmp_path, ['-n', '4']) == (['tests', '-n', '4'], 'unset')
     assert run_tests_sh(tmp_path, ['-p', 'no:xdist']) == (['tests', '-p', 'no:xdist'], 'unset')
     assert run_tests_sh(tmp_path, ['-pno:xdist']) == (['tests', '-pno:xdist'], 'unset')

@@ -31,7 +31,8 @@ for arg in "$@"; do
     *) if [ -e "${arg%%::*}" ]; then targets=(); fi ;;
   esac
 done
-cores=$(nproc 2>/dev/null || echo 1)
+# (nproc itself answers OMP_NUM_THREADS or OMP_THREAD_LIMIT where they are set: the cores without them)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 workers=${DAVIT_MM_TEST_WORKERS:-}
 if [ -z "$workers" ]; then  # unset or empty
   workers=1
