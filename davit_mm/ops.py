@@ -744,6 +744,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
+# Gradient entries of the channel attention's logits below this fraction of the largest in their
+# matrix (and subnormal ones) are dropped on the CPU (:data:`_DROP_NEGLIGIBLE_GRADS`; the
+# benchmark's --subnormal-grads times it off): see :func:`drop_negligible_grad`.
+NEGLIGIBLE_GRAD = 2.0 ** -60
+_DROP_NEGLIGIBLE_GRADS = True
+
+
+class _NegligibleGradFunction(torch.autograd.Function):
+    """The identity, whose backward sets the gradient's negligible entries to zero
+    (:func:`drop_negligible_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        size = grad.abs()
+        limit = size.amax(dim=(-2, -1), keepdim=True).mul_(NEGLIGIBLE_GRAD)
+        return grad.masked_fill(size < limit.clamp_(min=torch.finfo(grad.dtype).tiny), 0)
+
+
+def drop_negligible_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``; on the CPU fast path in training, the gradient that flows back through it has its
+    entries below :data:`NEGLIGIBLE_GRAD` of the largest in their ``(..., M, N)`` matrix, and
+    its subnormal entries, set to zero.
+
+    For the channel attention's ``d x d`` logits. At detection sizes the logits sum over tens
+    of thousands of tokens and their softmax is sharp, so the softmax's gradient holds entries
+    down to the subnormal range, and the two products of its backward with the ``N x d``
+    projections (and what they produce) run on the CPU's slow path for subnormal numbers: on an
+    Intel Xeon, about a sixth of DaViT-T's training step at 800 x 1216 (docs/benchmark.md). A
+    dropped entry changes a result by less than ``2^-55`` of the largest term of its sum, far
+    below float32's rounding of that sum. GPUs compute subnormal numbers at full speed.
+    """
+    if _DROP_NEGLIGIBLE_GRADS and _fast(x, 'cpu') and _needs_grad(x):
+        return _NegligibleGradFunction.apply(x)
+    return x
+
+
 # ------------------------------------------------------------------------------ convolution
 def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1

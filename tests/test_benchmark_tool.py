@@ -365,7 +365,10 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
      'weight layout', lambda before: False, (True,)),
     ('--pack-every-call', 'ours_pack_every_call', ('_PACK_MIN_ROWS',), 'weight layout',
      lambda before: 0, (4096, 1)),
-], ids=['other-linears', 'other-training-linears', 'unpacked-weights', 'pack-every-call'])
+    ('--subnormal-grads', 'ours_subnormal_grads', ('_DROP_NEGLIGIBLE_GRADS',), 'logit gradient',
+     lambda before: False, (True,)),
+], ids=['other-linears', 'other-training-linears', 'unpacked-weights', 'pack-every-call',
+        'subnormal-grads'])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
                                                           attributes, what, during, stand_ins):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
@@ -373,8 +376,9 @@ def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, f
     choice) with the other kernel for training's linears, --unpacked-weights (behind packing the
     weights of the inference MLP and of the training forward) with the weights handed to oneDNN
     plain, --pack-every-call (behind ops._PACK_MIN_ROWS) with the weights packed for every
-    call; each puts the choices back after (checked from stand-in settings other than the
-    variant's), and on a GPU it is refused, saying why."""
+    call, --subnormal-grads with the channel attention's logit gradients kept whole; each puts
+    the choices back after (checked from stand-in settings other than the variant's), and on a
+    GPU it is refused, saying why."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
     for before in stand_ins:

@@ -646,6 +646,84 @@ def test_split_heads_are_plain_views_without_gradients_traced_or_switched_off():
     assert torch.equal(traced(x), _plain_split(x, 3, 2)[1] * 2)
 
 
+def test_drop_negligible_grad_is_the_identity_whose_gradient_loses_only_negligible_entries():
+    """Per matrix: entries below 2^-60 of its largest go, and subnormal ones; the rest stay."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.randn(2, 1, 3, 3, requires_grad=True)
+    y = ops.drop_negligible_grad(x)
+    assert torch.equal(y, x) and y.grad_fn.name() == '_NegligibleGradFunctionBackward'
+    grad = torch.zeros(2, 1, 3, 3)
+    grad[0, 0, 0] = torch.tensor([-1.0, 2.0 ** -61, -(2.0 ** -59)])  # largest 1: the middle goes
+    grad[0, 0, 1, 0] = 1e-35  # far below 2^-60 of this matrix's largest
+    grad[1, 0, 0] = torch.tensor([1e-30, 1e-40, -2e-38])  # 2^-60 of 1e-30 is subnormal itself
+    grad[1, 0, 1, 0] = 1e-44
+    expected = grad.clone()
+    expected[0, 0, 0, 1] = expected[0, 0, 1, 0] = expected[1, 0, 0, 1] = expected[1, 0, 1, 0] = 0
+    assert 0 < grad[1, 0, 0, 1] < tiny and expected[1, 0, 0, 2] == -2e-38  # normal: kept
+    y.backward(grad)
+    assert torch.equal(x.grad, expected)
+
+
+def test_drop_negligible_grad_is_plain_without_gradients_traced_switched_off_or_off_the_cpu(
+        monkeypatch):
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert ops.drop_negligible_grad(x) is x
+    ops.set_fast_kernels(False)
+    try:
+        assert ops.drop_negligible_grad(x) is x
+    finally:
+        ops.set_fast_kernels(True)
+    traced = torch.jit.trace(lambda t: ops.drop_negligible_grad(t) * 2, (x, ))
+    assert '_NegligibleGradFunction' not in str(traced.graph)
+    monkeypatch.setattr(ops, '_DROP_NEGLIGIBLE_GRADS', False)  # the benchmark's --subnormal-grads
+    assert ops.drop_negligible_grad(x) is x
+    monkeypatch.setattr(ops, '_DROP_NEGLIGIBLE_GRADS', True)
+    monkeypatch.setattr(ops, '_device_type', lambda t: 'cuda')  # GPUs compute subnormals at speed
+    assert ops.drop_negligible_grad(x) is x
+
+
+@pytest.mark.parametrize('version,scale', [('v1', 3), ('v2', 6)])  # v2 scales by N^-0.5
+def test_channel_attention_drops_the_subnormal_gradient_of_its_sharp_logits(monkeypatch, version,
+                                                                             scale):
+    """A sharp softmax (a map of many tokens, large activations) gives its logits a gradient with
+    subnormal entries, which Intel CPUs multiply on a slow path: the fused channel attention
+    drops them before the two products with the tokens' projections, and its gradients stay
+    those of the plain path and of the undropped one."""
+    from davit_mm.models.davit import ChannelAttention
+    tiny = torch.finfo(torch.float32).tiny
+    seen, original = [], ops._NegligibleGradFunction.backward
+
+    def recorded(ctx, grad):
+        seen.append((grad, original(ctx, grad)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(ops._NegligibleGradFunction, 'backward', staticmethod(recorded))
+    torch.manual_seed(0)
+    attn = ChannelAttention(16, 2, version=version)
+    x = torch.randn(2, 12, 10, 16) * scale
+
+    def grads(fused: bool):
+        attn.fused = fused
+        inputs = [x.clone().requires_grad_()] + list(attn.parameters())
+        return torch.autograd.grad(weighted_sum(attn(inputs[0])), inputs)
+
+    fast = grads(True)
+    (into, out), = seen
+    assert into.shape == (2, 2, 8, 8)
+    subnormal = (into != 0) & (into.abs() < tiny)
+    assert subnormal.any() and not ((out != 0) & (out.abs() < tiny)).any()
+    kept = into.abs() >= (into.abs().amax(dim=(-2, -1), keepdim=True) * 2.0 ** -60).clamp(min=tiny)
+    assert torch.equal(out[kept], into[kept]) and not out[~kept].any()
+    plain = grads(False)
+    monkeypatch.setattr(ops, '_DROP_NEGLIGIBLE_GRADS', False)
+    undropped = grads(True)
+    assert len(seen) == 1  # neither of the others dropped anything
+    for f, p, u in zip(fast, plain, undropped):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5 * p.abs().max().item())
+        assert (f - u).abs().max() <= 2.0 ** -40 * u.abs().max()
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """Records each call of F.scaled_dot_product_attention."""

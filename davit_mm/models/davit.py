@@ -307,7 +307,8 @@ class ChannelAttention(_ProjectedAttention):
         acc = torch.promote_types(tokens.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Scaling the d x d product instead of an N x d operand: same maths, less work.
-            logits = (pair[0].to(acc).transpose(-1, -2) @ pair[1].to(acc)) * self._scale(N)
+            logits = ops.drop_negligible_grad(
+                pair[0].to(acc).transpose(-1, -2) @ pair[1].to(acc)) * self._scale(N)
             weight, bias = self._fold(logits.softmax(dim=-1), attended, fold_proj)
         weight, bias = weight.to(tokens.dtype), None if bias is None else bias.to(tokens.dtype)
         if fold_proj:

@@ -153,6 +153,10 @@ def parse_args(argv=None):
                         help="CPU: also time ours with the weights of training linears that make "
                              "one call packed for every call, however few rows it multiplies "
                              "(davit_mm packs them from davit_mm.ops._PACK_MIN_ROWS rows)")
+    parser.add_argument('--subnormal-grads', action='store_true',
+                        help="CPU: also time ours with the gradient of the channel attention's "
+                             "logits kept whole, subnormal entries included (davit_mm drops its "
+                             "negligible entries: davit_mm.ops.drop_negligible_grad)")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -178,7 +182,8 @@ def parse_args(argv=None):
                               ('--other-training-linears', args.other_training_linears,
                                'linear kernel'),
                               ('--unpacked-weights', args.unpacked_weights, 'weight layout'),
-                              ('--pack-every-call', args.pack_every_call, 'weight layout')):
+                              ('--pack-every-call', args.pack_every_call, 'weight layout'),
+                              ('--subnormal-grads', args.subnormal_grads, 'logit gradient')):
         if given and args.device != 'cpu':
             parser.error(f'{flag}: the choice of {what} is the CPU\'s, not '
                          f'--device {args.device}\'s')
@@ -554,13 +559,20 @@ def pack_every_call(fn: Callable) -> Callable:
     return _with_ops_attributes(fn, _PACK_MIN_ROWS=0)
 
 
+def subnormal_grads(fn: Callable) -> Callable:
+    """``fn`` run with the channel attention's logit gradients kept whole instead of losing their
+    negligible and subnormal entries (:data:`davit_mm.ops._DROP_NEGLIGIBLE_GRADS` off)."""
+    return _with_ops_attributes(fn, _DROP_NEGLIGIBLE_GRADS=False)
+
+
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
 # name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
                    'ours_other_linears': other_linears,
                    'ours_other_training_linears': other_training_linears,
                    'ours_unpacked_weights': unpacked_weights,
-                   'ours_pack_every_call': pack_every_call}
+                   'ours_pack_every_call': pack_every_call,
+                   'ours_subnormal_grads': subnormal_grads}
 
 
 def with_kernels(impl: str, fn: Callable) -> Callable:
