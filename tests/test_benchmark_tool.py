@@ -101,11 +101,38 @@ def test_benchmark_tool_times_a_whole_config(tmp_path):
     out = tmp_path / 'bench.json'
     config = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
     run_tool(['analysis/benchmark.py', '--config', config, '--sizes', '96x128', '--batch', '2',
-              '--repeats', '1', '--warmup', '0', '--json', out], cwd=tmp_path)
+              '--repeats', '1', '--warmup', '0', '--subnormal-grads', '--json', out], cwd=tmp_path)
     row, = json.loads(out.read_text())['rows']
     assert row['size'] == '96x128' and row['batch'] == 2
     assert row['train_s'] > 0 and row['forward_s'] > 0
     assert row['forward_images_per_s'] == pytest.approx(2 / row['forward_s'])
+    # A kernel variant times the same model's steps beside davit_mm's own.
+    assert row['train_ours_subnormal_grads_s'] > 0 and row['forward_ours_subnormal_grads_s'] > 0
+
+
+@pytest.mark.parametrize('flag', [['--arch', 'small'], ['--memory'], ['--with-cp'], ['--compile'],
+                                  ['--no-reference'], ['--timm'], ['--accuracy'], ['--profile']])
+def test_config_mode_refuses_the_backbone_modes_flags(capsys, flag):
+    """Config mode times the config's model alone: a backbone-mode flag would be ignored, so it
+    is refused by name."""
+    benchmark = load_tool('analysis/benchmark.py')
+    assert benchmark.parse_args(flag + ['--device', 'cpu'])  # backbone mode takes it
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(['--config', 'x.py', '--device', 'cpu'] + flag)
+    assert exit_info.value.code == 2
+    assert f'{flag[0]}: backbone mode only, not with --config' in capsys.readouterr().err
+
+
+def test_config_mode_takes_kernel_variants_for_train_and_forward_only(capsys):
+    benchmark = load_tool('analysis/benchmark.py')
+    assert benchmark.parse_args([]).arch == 'tiny'
+    args = benchmark.parse_args(['--config', 'x.py', '--device', 'cpu', '--plain-kernels'])
+    assert args.arch is None and benchmark.ours_variants(args) == ['ours_plain_kernels']
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--config', 'x.py', '--device', 'cpu', '--modes', 'forward', 'test',
+                              '--plain-kernels', '--subnormal-grads'])
+    assert ('--plain-kernels --subnormal-grads: with --config, kernel variants time the train '
+            'and forward modes' in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize('tta', [False, True])

@@ -104,7 +104,7 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--arch', default='tiny', help='DaViT arch name (backbone mode)')
+    parser.add_argument('--arch', help='DaViT arch name (backbone mode; default tiny)')
     parser.add_argument('--config', help='benchmark this config\'s whole model instead')
     parser.add_argument('--sizes', type=parse_size, nargs='+', default=[(800, 1216)])
     parser.add_argument('--batch', type=int, default=1)
@@ -192,8 +192,22 @@ def parse_args(argv=None):
                             ('--cfg-options', bool(args.cfg_options))):
             if given:
                 parser.error(f'{name} needs --config (it measures a whole detector or segmentor)')
-    elif 'new_shape' in args.modes:
-        parser.error('--modes new_shape: backbone mode only (config mode reports *_first_s)')
+        args.arch = args.arch or 'tiny'
+    else:
+        if 'new_shape' in args.modes:
+            parser.error('--modes new_shape: backbone mode only (config mode reports *_first_s)')
+        for name, given in (('--arch', args.arch is not None), ('--memory', args.memory),
+                            ('--with-cp', args.with_cp), ('--compile', args.compile),
+                            ('--no-reference', args.no_reference), ('--timm', args.timm),
+                            ('--accuracy', args.accuracy), ('--profile', args.profile)):
+            if given:
+                parser.error(f'{name}: backbone mode only, not with --config (the config names '
+                             f'the model, and config mode times it alone)')
+        if 'test' in args.modes and ours_variants(args):
+            flags = ' '.join('--' + impl[len('ours_'):].replace('_', '-')
+                             for impl in ours_variants(args))
+            parser.error(f'{flags}: with --config, kernel variants time the train and forward '
+                         f'modes, not --modes test')
     if 'new_shape' in args.modes and len(set(args.sizes)) < len(args.sizes):
         repeated = sorted({'{}x{}'.format(*s) for s in args.sizes if args.sizes.count(s) > 1})
         parser.error(f'--modes new_shape: --sizes {" ".join(repeated)} given more than once; '
@@ -805,10 +819,14 @@ def bench_config_steps(args, cfg, library: str, results: Results) -> None:
         for mode in modes:  # the first call at a size new to the process
             row[f'{mode}_first_s'] = timed(fns[mode], args.device)
         results.save(row)
-        medians = interleaved({m: fns[m] for m in modes}, args.warmup, args.repeats, args.device)
-        for mode, seconds in medians.items():
-            row[f'{mode}_s'] = seconds
-            row[f'{mode}_images_per_s'] = args.batch / seconds
+        steps = {m: fns[m] for m in modes}
+        for variant in ours_variants(args):  # the same model, kernels swapped for the call
+            steps.update({f'{m}_{variant}': with_kernels(variant, fns[m]) for m in modes})
+        medians = interleaved(steps, args.warmup, args.repeats, args.device)
+        for name, seconds in medians.items():
+            row[f'{name}_s'] = seconds
+            if name in modes:
+                row[f'{name}_images_per_s'] = args.batch / seconds
         if args.device.startswith('cuda'):
             row['peak_mb'] = torch.cuda.max_memory_allocated() / 2**20
         results.save(row)
