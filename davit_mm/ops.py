@@ -4,7 +4,8 @@ switch.
 The model (:mod:`davit_mm.models.davit`) calls :func:`linear`, :func:`mlp`, :func:`attention`,
 :func:`conv2d`, :func:`batched_linear`, :func:`split_heads` and :func:`add_dropped_path` where it
 would call ``F.linear``, ``fc2(gelu(fc1(x)))``, ``F.scaled_dot_product_attention``, ``conv(x)``,
-``baddbmm``, ``view -> permute -> unbind`` and ``x + DropPath(branch)``, and
+``baddbmm``, ``view -> permute -> unbind`` and ``x + DropPath(branch)``, passes channel
+attention's logits through :func:`drop_negligible_grad`, and
 asks :func:`inference_blocks` how to split its window attention at CPU inference. Each computes
 exactly the maths of the plain op (tested against it), and picks its kernel by device:
 
@@ -26,7 +27,9 @@ exactly the maths of the plain op (tested against it), and picks its kernel by d
   instead of PyTorch's CPU flash attention; convolutions are the plain ``F.conv2d`` (oneDNN
   already), with the position encodings' residual addition fused into oneDNN's convolution at
   inference (``torch.ops.mkldnn._convolution_pointwise``), and with AVX2 kernels the training
-  downsamples run as matrix products.
+  downsamples run as matrix products; in training the gradient of channel attention's logits
+  loses its negligible and subnormal entries, which CPUs multiply on a slow path
+  (:func:`drop_negligible_grad`).
 - CUDA: no convolution goes through cuDNN. cuDNN >= 9.10 builds an execution plan per convolution
   per new input shape (about 2.4 s for DaViT-T's 28 convolutions), which multi-scale training and
   evaluation pay again and again. The position encodings (``x + DWConv3x3(x)``) run as one Triton
