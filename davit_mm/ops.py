@@ -778,7 +778,7 @@ def drop_negligible_grad(x: torch.Tensor) -> torch.Tensor:
     of thousands of tokens and their softmax is sharp, so the softmax's gradient holds entries
     down to the subnormal range, and the two products of its backward with the ``N x d``
     projections (and what they produce) run on the CPU's slow path for subnormal numbers: on an
-    Intel Xeon, about a sixth of DaViT-T's training step at 800 x 1216 (docs/benchmark.md). A
+    Intel Xeon, a fifth of DaViT-T's training step at 800 x 1216 (docs/benchmark.md). A
     dropped entry changes a result by less than ``2^-55`` of the largest term of its sum, far
     below float32's rounding of that sum. GPUs compute subnormal numbers at full speed.
     """
