@@ -26,7 +26,7 @@ targets=(tests)  # unless a test path is among the arguments
 workers_given=0
 for arg in "$@"; do
   case "$arg" in
-    -n|-n*|--numprocesses|--numprocesses=*|no:xdist|-pno:xdist) workers_given=1 ;;
+    -n*|--numprocesses|--numprocesses=*|no:xdist|-pno:xdist) workers_given=1 ;;
     -*) ;;
     *) if [ -e "${arg%%::*}" ]; then targets=(); fi ;;
   esac

@@ -203,9 +203,9 @@ def parse_args(argv=None):
             if given:
                 parser.error(f'{name}: backbone mode only, not with --config (the config names '
                              f'the model, and config mode times it alone)')
-        if 'test' in args.modes and ours_variants(args):
-            flags = ' '.join('--' + impl[len('ours_'):].replace('_', '-')
-                             for impl in ours_variants(args))
+        variants = ours_variants(args)
+        if 'test' in args.modes and variants:
+            flags = ' '.join('--' + impl[len('ours_'):].replace('_', '-') for impl in variants)
             parser.error(f'{flags}: with --config, kernel variants time the train and forward '
                          f'modes, not --modes test')
     if 'new_shape' in args.modes and len(set(args.sizes)) < len(args.sizes):
