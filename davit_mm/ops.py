@@ -206,9 +206,10 @@ _PACK_MLP_BACKWARD_WEIGHTS = _CPU_CAPABILITY == 'AVX2'
 # and from 7% less to 0.4% more with AVX-512 kernels (five). On the Zen 4 CPU the oneDNN path was
 # built on, its blocked MLP took 6-7% off the step against oneDNN's in one pass, and PyTorch's
 # matmul over the same blocks was 4-5% slower; re-checked there at 9fc40d9, PyTorch's matmul for
-# all of training's linears was 6% slower with AVX-512 kernels and even with AVX2
-# (docs/benchmark.md; ``tools/analysis/benchmark.py --other-training-linears`` times the other
-# choice beside it).
+# all of training's linears was 6% slower with AVX-512 kernels and even with AVX2. On a Zen 3
+# CPU (AVX2 only) it was within a run's spread of oneDNN's with one image of 800 x 1216 and 11%
+# slower with two of 800 x 1344 (docs/benchmark.md; ``tools/analysis/benchmark.py
+# --other-training-linears`` times the other choice beside it).
 _ONEDNN_TRAINING = _cpu_vendor() != 'GenuineIntel'
 # The fewest rows over which a weight that serves one call (rather than every block of a blocked
 # MLP) is packed for it. Packing costs a reorder and its set-up, which a call over few rows does
