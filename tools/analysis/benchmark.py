@@ -20,7 +20,8 @@ medians are reported with their ratio and the largest output difference. ``forwa
 (eval, no grad); ``train`` is forward + backward of the sum of the outputs (train mode, drop path 0
 so both do the same work). ``--memory`` adds the peak memory of two steps of each mode for each
 implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` is the peak of the
-tensors allocated (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the profiler's memory timeline),
+tensors allocated (CUDA: ``torch.cuda.max_memory_allocated`` over what model and input hold; CPU:
+the profiler's memory timeline, which also counts the parameters and the input),
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
 and input in place, which also counts memory the C allocator keeps after frees, and
 ``*_faulted_mb_*`` (CPU) the memory a step touches for the first time (its minor page faults
@@ -408,16 +409,19 @@ def _reset_peak_resident() -> None:
 
 
 # torch's profiler hands out None without a new reference while ``_memory_profile()`` walks its
-# event tree: None's reference count fell by 64,000 for two bf16 training steps of DaViT-T at
-# 64 x 96 (torch 2.13). On Python < 3.12, where that count is real, it then reaches zero and the
-# interpreter aborts ("Fatal Python error: none_dealloc"). These references, held for the rest of
-# the (worker) process, keep it above zero.
+# event tree: None's reference count fell by 64,000 for two bf16 training steps of the reference
+# DaViT-T at 64 x 96 (torch 2.13, AVX2 kernels). On Python < 3.12, where that count is real, it
+# then reaches zero and the interpreter aborts ("Fatal Python error: none_dealloc";
+# tests/test_benchmark_tool.py measures that step). These references, held for the rest of the
+# (worker) process, keep it above zero.
 _NONE_REFERENCES: List[None] = []
 
 
 def _tensor_peak_bytes(fn, device: str) -> int:
-    """Peak bytes of tensors alive while ``fn`` runs twice, from the profiler's memory timeline
-    (allocations made before, e.g. the parameters, are not counted)."""
+    """Peak bytes of tensors alive while ``fn`` runs twice, from the profiler's memory timeline.
+    The timeline also counts the tensors made before that the steps use: the parameters and the
+    input (DaViT-T at 64 x 96, fp32: exactly their 110,443,776 bytes more than the peak of the
+    bytes allocated during the steps, in inference and in training)."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
     if sys.version_info < (3, 12):
@@ -467,7 +471,7 @@ def memory_worker(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
-        fn()  # in training, the second step also holds the first one's gradients
+        fn()  # (each training step sets the gradients to None first: the peak of one step)
         return dict(peak_bytes=torch.cuda.max_memory_allocated() - base)
     # The resident set first: growth of its peak (VmHWM) over what model and input hold. It also
     # counts what the C allocator keeps after frees, so it is larger than the tensors' peak.
