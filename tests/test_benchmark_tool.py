@@ -3,6 +3,9 @@ measurements for docs/benchmark.md, never test assertions)."""
 import functools
 import json
 import os.path as osp
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -361,13 +364,59 @@ def test_benchmark_tool_times_timm_and_plain_kernels_beside_ours(tmp_path):
     assert calls == [dict(name='davit_tiny', features_only=True, pretrained=False)] * 4
 
 
+def test_tensor_peak_bytes_is_the_allocators_peak_plus_what_was_held():
+    """The CPU peak: the most bytes allocated at once during the steps, plus the bytes held from
+    before. A block allocated before profiling and freed during it lowers nothing."""
+    import torch
+    benchmark = load_tool('analysis/benchmark.py')
+    earlier = [torch.empty(1 << 22)]  # 16 MiB
+
+    def step():
+        earlier.clear()
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 21)  # 8 MiB: 12 MiB at once
+        del a
+        c = torch.empty(1 << 19)  # 2 MiB: 10 MiB
+        del b, c
+
+    assert benchmark._tensor_peak_bytes(step, held=1000) == 1000 + 12 * 2 ** 20
+
+
+def test_cpu_peak_memory_is_the_profilers_memory_timeline(tmp_path):
+    """The CPU peak equals the peak of torch's memory timeline (which counts the tensors alive
+    from before that the steps use), with which docs/benchmark.md's numbers were first measured,
+    for a training step of DaViT-T at 64 x 96 (in a fresh process: building the timeline hands
+    out None without a new reference, enough in bf16 to abort Python < 3.12)."""
+    script = tmp_path / 'timeline.py'
+    script.write_text(textwrap.dedent(f"""\
+        import sys, torch
+        sys.path.insert(0, {osp.join(REPO, 'tools', 'analysis')!r})
+        import benchmark
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+        torch.manual_seed(0)
+        model, x = benchmark.DaViT('tiny', drop_path_rate=0.0), torch.randn(1, 3, 64, 96)
+        step = benchmark.step_fn(model, x, 'train', torch.float32, 'cpu')
+        fn = benchmark.with_kernels('ours', step)
+        fn(); fn()
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), x])
+        peak = benchmark._tensor_peak_bytes(fn, held)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn(); fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(x.device)
+        print(peak, max(sum(row) for row in sizes), held)
+        """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak, timeline_peak, held = map(int, result.stdout.split()[-3:])
+    assert peak == timeline_peak and peak > 2 * held  # the gradients as large as the parameters
+
+
 def test_memory_worker_measures_the_references_bf16_training_step():
-    """The reference's bf16 training step of DaViT-T at 64 x 96 is the one whose memory timeline
-    aborted Python < 3.12 ("Fatal Python error: none_dealloc"; benchmark._NONE_REFERENCES): its
-    worker, which holds the references, measures it. The timeline counts the parameters
-    (benchmark._tensor_peak_bytes) and a step's gradients: the peak holds both. On AVX2 kernels this worker takes about 3.5 minutes on 2 cores (torch's bf16 ops record
-    ~20x more profiler events than fp32's), so davit_mm's own bf16 step, which did not abort
-    without the references (Zen 3 EPYC, torch 2.13, Python 3.11), is not measured too."""
+    """The reference's bf16 training step, whose memory measurement aborted Python < 3.12 when
+    it came from the memory timeline ("Fatal Python error: none_dealloc", at teardown too): its
+    worker completes, and the peak holds the parameters and a step's gradients."""
     from types import SimpleNamespace
     benchmark = load_tool('analysis/benchmark.py')
     args = SimpleNamespace(arch='tiny', device='cpu', batch=1, dtype='bf16')

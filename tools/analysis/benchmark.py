@@ -21,7 +21,8 @@ medians are reported with their ratio and the largest output difference. ``forwa
 so both do the same work). ``--memory`` adds the peak memory of two steps of each mode for each
 implementation, measured in a fresh process per implementation: ``*_peak_mb_*`` is the peak of the
 tensors allocated (CUDA: ``torch.cuda.max_memory_allocated`` over what model and input hold; CPU:
-the profiler's memory timeline, which also counts the parameters and the input),
+the most the CPU allocator held at once during the steps, from the profiler's allocation events,
+plus the parameters, buffers and input, which the CUDA number leaves out),
 ``*_rss_mb_*`` (CPU) the growth of the peak resident set (VmHWM) over the resident set with model
 and input in place, which also counts memory the C allocator keeps after frees, and
 ``*_faulted_mb_*`` (CPU) the memory a step touches for the first time (its minor page faults
@@ -408,30 +409,27 @@ def _reset_peak_resident() -> None:
         pass  # then the peak also covers building the model, which is small against activations
 
 
-# torch's profiler hands out None without a new reference while ``_memory_profile()`` walks its
-# event tree: None's reference count fell by 64,000 for two bf16 training steps of the reference
-# DaViT-T at 64 x 96 (torch 2.13, AVX2 kernels). On Python < 3.12, where that count is real, it
-# then reaches zero and the interpreter aborts ("Fatal Python error: none_dealloc";
-# tests/test_benchmark_tool.py measures that step). These references, held for the rest of the
-# (worker) process, keep it above zero.
-_NONE_REFERENCES: List[None] = []
-
-
-def _tensor_peak_bytes(fn, device: str) -> int:
-    """Peak bytes of tensors alive while ``fn`` runs twice, from the profiler's memory timeline.
-    The timeline also counts the tensors made before that the steps use: the parameters and the
-    input (DaViT-T at 64 x 96, fp32: exactly their 110,443,776 bytes more than the peak of the
-    bytes allocated during the steps, in inference and in training)."""
+def _tensor_peak_bytes(fn, held: int) -> int:
+    """Peak bytes of tensors alive while ``fn`` runs twice on the CPU: ``held``, the bytes of the
+    tensors made before that the steps use (parameters, buffers, input), plus the most the CPU
+    allocator held at once of what it allocated during the steps. The profiler's allocation
+    events carry that running total; its count starts when profiling does."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import MemoryProfileTimeline
-    if sys.version_info < (3, 12):
-        _NONE_REFERENCES.extend([None] * (1 << 22))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
         fn()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device(device))
-    return int(max(sum(row) for row in sizes))
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == 'cpu':
+            events.append((node.start_time_ns, node.extra_fields))
+    if not events:
+        raise RuntimeError('the profiler recorded no CPU allocation during the steps')
+    first = min(events, key=lambda event: event[0])[1]
+    before = first.total_allocated - first.alloc_size  # (a free's alloc_size is negative)
+    return held + max(fields.total_allocated for _, fields in events) - before
 
 
 def faulted_bytes(fn: Callable, calls: int = 1) -> float:
@@ -481,7 +479,8 @@ def memory_worker(cfg: dict) -> dict:
     fn()
     rss = _proc_status_bytes('VmHWM') - base
     faulted = faulted_bytes(fn, calls=FAULT_STEPS)
-    return dict(peak_bytes=_tensor_peak_bytes(fn, device), rss_bytes=rss, faulted_bytes=faulted)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x])
+    return dict(peak_bytes=_tensor_peak_bytes(fn, held), rss_bytes=rss, faulted_bytes=faulted)
 
 
 def measure_memory(impl: str, mode: str, args, size) -> dict:
@@ -505,9 +504,6 @@ def worker(spec: str) -> None:
     cfg = json.loads(spec)
     torch.set_num_threads(cfg['threads'])
     print(json.dumps(WORKERS[cfg['kind']](cfg)), flush=True)
-    # Nothing to clean up: leave without the interpreter's teardown, where a memory worker that
-    # had printed its result could still abort over None's reference count (_NONE_REFERENCES).
-    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------- modes
