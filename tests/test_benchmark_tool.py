@@ -383,10 +383,11 @@ def test_tensor_peak_bytes_is_the_allocators_peak_plus_what_was_held():
 
 
 def test_cpu_peak_memory_is_the_profilers_memory_timeline(tmp_path):
-    """The CPU peak equals the peak of torch's memory timeline (which counts the tensors alive
-    from before that the steps use), with which docs/benchmark.md's numbers were first measured,
-    for a training step of DaViT-T at 64 x 96 (in a fresh process: building the timeline hands
-    out None without a new reference, enough in bf16 to abort Python < 3.12)."""
+    """The CPU peak is the peak of torch's memory timeline (which counts the tensors alive from
+    before that the steps use), with which docs/benchmark.md's numbers were first measured, for a
+    training step of DaViT-T at 64 x 96. The timeline sums each microsecond's events, so its peak
+    can miss a little (39 KB of 1.8 GB at 800 x 1216, Zen 3). In a fresh process: building the
+    timeline hands out None without a new reference, enough in bf16 to abort Python < 3.12."""
     script = tmp_path / 'timeline.py'
     script.write_text(textwrap.dedent(f"""\
         import sys, torch
@@ -410,7 +411,8 @@ def test_cpu_peak_memory_is_the_profilers_memory_timeline(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     peak, timeline_peak, held = map(int, result.stdout.split()[-3:])
-    assert peak == timeline_peak and peak > 2 * held  # the gradients as large as the parameters
+    assert timeline_peak <= peak <= timeline_peak + 2 ** 20
+    assert peak > 2 * held  # the gradients, as large as the parameters
 
 
 def test_memory_worker_measures_the_references_bf16_training_step():
