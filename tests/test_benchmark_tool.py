@@ -400,7 +400,7 @@ def test_cpu_peak_memory_is_the_profilers_memory_timeline(tmp_path):
         step = benchmark.step_fn(model, x, 'train', torch.float32, 'cpu')
         fn = benchmark.with_kernels('ours', step)
         fn(); fn()
-        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), x])
+        held = benchmark.held_bytes(model, x)
         peak = benchmark._tensor_peak_bytes(fn, held)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                      with_stack=True) as prof:

@@ -409,11 +409,16 @@ def _reset_peak_resident() -> None:
         pass  # then the peak also covers building the model, which is small against activations
 
 
+def held_bytes(model, x) -> int:
+    """Bytes of the tensors a step uses that are made before it: parameters, buffers, input."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x])
+
+
 def _tensor_peak_bytes(fn, held: int) -> int:
-    """Peak bytes of tensors alive while ``fn`` runs twice on the CPU: ``held``, the bytes of the
-    tensors made before that the steps use (parameters, buffers, input), plus the most the CPU
-    allocator held at once of what it allocated during the steps. The profiler's allocation
-    events carry that running total; its count starts when profiling does."""
+    """Peak bytes of tensors alive while ``fn`` runs twice on the CPU: ``held`` (what
+    :func:`held_bytes` counts), plus the most the CPU allocator held at once of what it allocated
+    during the steps. The profiler's allocation events carry that running total; its count
+    starts when profiling does."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -479,8 +484,8 @@ def memory_worker(cfg: dict) -> dict:
     fn()
     rss = _proc_status_bytes('VmHWM') - base
     faulted = faulted_bytes(fn, calls=FAULT_STEPS)
-    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers(), x])
-    return dict(peak_bytes=_tensor_peak_bytes(fn, held), rss_bytes=rss, faulted_bytes=faulted)
+    return dict(peak_bytes=_tensor_peak_bytes(fn, held_bytes(model, x)), rss_bytes=rss,
+                faulted_bytes=faulted)
 
 
 def measure_memory(impl: str, mode: str, args, size) -> dict:
