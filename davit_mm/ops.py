@@ -680,7 +680,8 @@ def _blocked_mlp_inference(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
     if residual is not None:
         residual = residual.reshape(out.shape)
     # oneDNN reorders a plain weight into its blocked layout at every call: once per MLP instead
-    # (the packed copies live for this call only). Bit-identical; not for PyTorch's matmul.
+    # (the packed copies live for this call only). Bit-identical with torch 2.13; with 2.11 the
+    # shorter last block rounds differently (docs/benchmark.md). Not for PyTorch's matmul.
     rows, pack = blocks[0].stop - blocks[0].start, _PACK_MLP_WEIGHTS and not _AVX2_INFERENCE_MATMUL
     w1, w2 = _packed(fc1.weight, rows, pack), _packed(fc2.weight, rows, pack)
     # PyTorch's matmul (AVX2 kernels) writes where it is told: every block's hidden activation
