@@ -27,7 +27,7 @@ onednn = pytest.mark.skipif(ops._ONEDNN_LINEAR is None, reason='this torch has n
 # the bit: it does in torch 2.13 (what the suite is run with). In torch 2.11 a weight packed for
 # other rows (the shorter last block of a blocked MLP) and, with AVX2 kernels, a transposed view
 # against its packed copy over some row counts give results that differ by rounding.
-_PACKED_BIT_IDENTICAL = tuple(int(part) for part in torch.__version__.split('.')[:2]) >= (2, 13)
+_PACKED_BIT_IDENTICAL = ops._TORCH_VERSION >= (2, 13)
 
 
 def assert_same_as_plain_weights(packed, plain):
