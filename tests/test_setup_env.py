@@ -2,6 +2,7 @@
 pip to numpy < 2 for torch < 2.3. Run against a throwaway venv without pip and a stand-in torch
 module, or with --check (which never calls pip) in the environment running the tests, so nothing
 can be installed anywhere."""
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,66 @@ def test_pip_keeps_the_installed_torch_distributions_version(bare_python, tmp_pa
     pin on the former matches nothing installed, and pip could not install davit_mm."""
     result = run_setup(bare_python, tmp_path, '2.11.0+cu130', distribution='2.11.0')
     assert 'every pip call below keeps torch==2.11.0\n' in result.stdout
+
+
+# Stands in for pip (``python -m pip``): records each call; ``download`` writes an sdist whose
+# setup.py asks for C++17 as mmcv 2.1.0's does, ``install --only-binary`` finds no wheel, and an
+# install of a folder keeps a copy of its setup.py; every other call succeeds without installing.
+FAKE_PIP = r"""
+import io, json, os, shutil, sys, tarfile
+log = os.environ['FAKE_PIP_LOG']
+args = sys.argv[1:]
+with open(log, 'a') as f:
+    f.write(json.dumps(args) + '\n')
+if args[0] == 'download':
+    folder = args[args.index('-d') + 1]
+    setup = (b"extra_compile_args['cxx'] = ['-std=c++17']\n"
+             b"extra_compile_args['nvcc'] += ['-std=c++17']\n")
+    with tarfile.open(os.path.join(folder, 'mmcv-2.1.0.tar.gz'), 'w:gz') as tar:
+        info = tarfile.TarInfo('mmcv-2.1.0/setup.py')
+        info.size = len(setup)
+        tar.addfile(info, io.BytesIO(setup))
+elif args[0] == 'install' and '--only-binary' in args:
+    sys.exit(1)
+elif args[0] == 'install' and os.path.isdir(args[-1]):
+    shutil.copy(os.path.join(args[-1], 'setup.py'), log + '.setup.py')
+"""
+
+
+@pytest.mark.parametrize('header', ['C++20', 'C++17'])
+def test_mmcv_is_built_with_cxx20_where_torchs_headers_need_it(bare_python, tmp_path, header):
+    """torch >= 2.14's headers need C++20; mmcv 2.1.0's setup.py asks for C++17. Where the headers
+    say C++20 and no mmcv wheel is found, the sdist is built with -std=c++20; elsewhere pip
+    installs mmcv from the requirements as before."""
+    fake = tmp_path / 'fake'
+    (fake / 'torch' / 'include' / 'ATen').mkdir(parents=True)
+    (fake / 'torch' / '__init__.py').write_text("__version__ = '2.15.0+cpu'\n")
+    (fake / 'torch' / 'include' / 'ATen' / 'ATen.h').write_text(
+        f'#error {header} or later compatible compiler is required to use ATen.\n')
+    (fake / 'pip').mkdir()
+    (fake / 'pip' / '__init__.py').write_text('')
+    (fake / 'pip' / '__main__.py').write_text(FAKE_PIP)
+    log = tmp_path / 'pip.log'
+    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake), FAKE_PIP_LOG=str(log))
+    env.pop('DAVIT_MM_WHEELHOUSE', None)
+    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1  # the fake pip installs nothing: the final check fails
+    assert 'the environment is still broken after installing' in result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    mmcv_calls = [c for c in calls if 'mmcv==2.1.0' in c or c[-1].endswith('/mmcv-2.1.0')]
+    message = 'torch 2.15.0+cpu needs C++20 and no mmcv==2.1.0 wheel was found'
+    if header == 'C++17':
+        assert mmcv_calls == [] and message not in result.stdout
+    else:
+        assert message in result.stdout
+        assert [c[0] for c in mmcv_calls] == ['install', 'download', 'install']
+        assert '--only-binary' in mmcv_calls[0] and '--no-binary' in mmcv_calls[1]
+        setup = (tmp_path / 'pip.log.setup.py').read_text()
+        assert setup.count('-std=c++20') == 2 and 'c++17' not in setup
+        assert not os.path.exists(mmcv_calls[2][-1])  # the unpacked source is removed afterwards
+    assert calls[-2][:3] == ['install', '--no-build-isolation', '-r']  # then the whole stack
+    assert calls[-2][3].endswith('requirements/openmmlab.txt')
 
 
 def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_python, tmp_path):

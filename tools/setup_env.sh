@@ -210,7 +210,31 @@ pip install -r "$repo/requirements/build.txt"
 
 # 3. mmcv with compiled ops against the installed torch (a matching wheel in the wheelhouse is taken
 #    as is), then the rest of the stack.
-MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -r "$repo/requirements/openmmlab.txt"
+mmcv_req=$(grep -E '^mmcv==' "$repo/requirements/openmmlab.txt")
+export MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# torch >= 2.14's headers need C++20, and mmcv 2.1.0's setup.py compiles its ops with -std=c++17
+# (hard-coded for every torch newer than 1.12.1), so against such a torch its source distribution
+# fails to build as published. Unless an mmcv wheel is found (the wheelhouse) or mmcv is already
+# installed, build it from that source with the standard raised to C++20 (nothing else changed).
+torch_cxx=$("$py" -c '
+import os, torch
+header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+print("c++20" if os.path.exists(header) and "C++20" in open(header).read() else "older")')
+if [ "$torch_cxx" = c++20 ] \
+    && ! "$py" -c 'import importlib.metadata as m, sys; sys.exit(m.version("mmcv") != sys.argv[1])' \
+         "${mmcv_req#mmcv==}" 2>/dev/null \
+    && ! pip install --no-build-isolation --only-binary mmcv "$mmcv_req" >/dev/null 2>&1; then
+  say "torch $torch_version needs C++20 and no $mmcv_req wheel was found: building it from source with -std=c++20 (mmcv's setup.py asks for -std=c++17)"
+  mmcv_src=$(mktemp -d)
+  trap 'rm -f "$constraints"; rm -rf "$mmcv_src"' EXIT
+  pip download --no-deps --no-binary :all: --no-build-isolation -d "$mmcv_src" "$mmcv_req"
+  tar -xzf "$mmcv_src"/mmcv-*.tar.gz -C "$mmcv_src"
+  mmcv_setup=$(echo "$mmcv_src"/mmcv-*/setup.py)
+  grep -q -- '-std=c++17' "$mmcv_setup" || die "$mmcv_setup has no -std=c++17 to raise: not the mmcv this script knows"
+  sed -i 's/-std=c++17/-std=c++20/g' "$mmcv_setup"
+  pip install --no-build-isolation "$(dirname "$mmcv_setup")"
+fi
+pip install --no-build-isolation -r "$repo/requirements/openmmlab.txt"
 
 # 4. davit_mm itself, editable, with its test extras.
 pip install --no-build-isolation -e "$repo[tests]"
