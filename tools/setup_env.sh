@@ -17,7 +17,8 @@
 #
 # A torch that is already installed is never replaced: every pip call runs with a constraint pinning
 # it, plus requirements/torch_before_2.3.txt (numpy < 2, opencv-python < 5) for torch < 2.3. A torch
-# older than 2.1 is refused. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
+# older than 2.1 is refused. Against a torch whose headers need C++20 (2.14 and newer) mmcv is built
+# from its sdist with -std=c++20. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
