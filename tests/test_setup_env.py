@@ -2,8 +2,10 @@
 pip to numpy < 2 for torch < 2.3. Run against a throwaway venv without pip and a stand-in torch
 module, or with --check (which never calls pip) in the environment running the tests, so nothing
 can be installed anywhere."""
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,35 +64,71 @@ def test_pip_keeps_the_installed_torch_distributions_version(bare_python, tmp_pa
     assert 'every pip call below keeps torch==2.11.0\n' in result.stdout
 
 
-# Stands in for pip (``python -m pip``): records each call; ``download`` writes an sdist whose
-# setup.py asks for C++17 as mmcv 2.1.0's does, ``install --only-binary`` finds no wheel, and an
-# install of a folder keeps a copy of its setup.py; every other call succeeds without installing.
+# The lines of mmcv 2.1.0's setup.py that setup_env.sh changes, as they stand there: runnable, so
+# that the stand-in pip can call get_version() the way setuptools would.
+MMCV_SETUP = """
+def get_version():
+    version_file = 'mmcv/version.py'
+    with open(version_file, encoding='utf-8') as f:
+        exec(compile(f.read(), version_file, 'exec'))
+    return locals()['__version__']
+
+
+extra_compile_args = {'cxx': ['-std=c++17'], 'nvcc': ['-std=c++17']}
+"""
+
+# Stands in for pip (``python -m pip``): records each call. ``download`` leaves the unpacked
+# source in a folder of $TMPDIR (as pip's --no-clean does) and fails, as pip's metadata step does
+# on Python >= 3.13; ``install --only-binary`` finds no wheel; an install of a folder keeps its
+# setup.py and what its get_version() gives; every other call succeeds without installing.
 FAKE_PIP = r"""
-import io, json, os, shutil, sys, tarfile
+import json, os, shutil, sys
 log = os.environ['FAKE_PIP_LOG']
 args = sys.argv[1:]
 with open(log, 'a') as f:
     f.write(json.dumps(args) + '\n')
 if args[0] == 'download':
-    folder = args[args.index('-d') + 1]
-    setup = (b"extra_compile_args['cxx'] = ['-std=c++17']\n"
-             b"extra_compile_args['nvcc'] += ['-std=c++17']\n")
-    with tarfile.open(os.path.join(folder, 'mmcv-2.1.0.tar.gz'), 'w:gz') as tar:
-        info = tarfile.TarInfo('mmcv-2.1.0/setup.py')
-        info.size = len(setup)
-        tar.addfile(info, io.BytesIO(setup))
+    tree = os.path.join(os.environ['TMPDIR'], 'pip-download-x', 'mmcv_0')
+    os.makedirs(os.path.join(tree, 'mmcv'))
+    with open(os.path.join(tree, 'setup.py'), 'w') as f:
+        f.write(os.environ['MMCV_SETUP'])
+    with open(os.path.join(tree, 'mmcv', 'version.py'), 'w') as f:
+        f.write("__version__ = '2.1.0'\n")
+    sys.exit(1)
 elif args[0] == 'install' and '--only-binary' in args:
     sys.exit(1)
 elif args[0] == 'install' and os.path.isdir(args[-1]):
     shutil.copy(os.path.join(args[-1], 'setup.py'), log + '.setup.py')
+    os.chdir(args[-1])
+    namespace = {}
+    exec(open('setup.py').read(), namespace)
+    try:
+        version = namespace['get_version']()
+    except KeyError as error:
+        version = f'KeyError: {error}'
+    with open(log + '.version', 'w') as f:
+        f.write(version)
 """
 
 
-@pytest.mark.parametrize('header', ['C++20', 'C++17'])
-def test_mmcv_is_built_with_cxx20_where_torchs_headers_need_it(bare_python, tmp_path, header):
-    """torch >= 2.14's headers need C++20; mmcv 2.1.0's setup.py asks for C++17. Where the headers
-    say C++20 and no mmcv wheel is found, the sdist is built with -std=c++20; elsewhere pip
-    installs mmcv from the requirements as before."""
+@pytest.fixture(scope='module')
+def bare_python313(tmp_path_factory):
+    """A venv without pip of a Python >= 3.13 found on this machine (PATH or pyenv), or a skip."""
+    candidates = [shutil.which(f'python3.{minor}') for minor in range(13, 20)]
+    candidates += sorted(glob.glob(os.path.expanduser('~/.pyenv/versions/3.1[3-9]*/bin/python3')))
+    for python in filter(None, candidates):
+        probe = subprocess.run([python, '-c', 'import sys; sys.exit(sys.version_info < (3, 13))'],
+                               capture_output=True)
+        if probe.returncode == 0:
+            venv = tmp_path_factory.mktemp('venv313')
+            subprocess.run([python, '-m', 'venv', '--without-pip', str(venv)], check=True)
+            return str(venv / 'bin' / 'python')
+    pytest.skip('no Python >= 3.13 on this machine')
+
+
+def run_setup_with_fake_pip(python, tmp_path, header):
+    """setup_env.sh with the stand-in pip and a torch 2.15.0 whose ATen.h asks for ``header``;
+    returns the result and pip's calls."""
     fake = tmp_path / 'fake'
     (fake / 'torch' / 'include' / 'ATen').mkdir(parents=True)
     (fake / 'torch' / '__init__.py').write_text("__version__ = '2.15.0+cpu'\n")
@@ -100,26 +138,55 @@ def test_mmcv_is_built_with_cxx20_where_torchs_headers_need_it(bare_python, tmp_
     (fake / 'pip' / '__init__.py').write_text('')
     (fake / 'pip' / '__main__.py').write_text(FAKE_PIP)
     log = tmp_path / 'pip.log'
-    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake), FAKE_PIP_LOG=str(log))
+    env = dict(os.environ, PYTHON=python, PYTHONPATH=str(fake), FAKE_PIP_LOG=str(log),
+               MMCV_SETUP=MMCV_SETUP)
     env.pop('DAVIT_MM_WHEELHOUSE', None)
     result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1  # the fake pip installs nothing: the final check fails
     assert 'the environment is still broken after installing' in result.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    mmcv_calls = [c for c in calls if 'mmcv==2.1.0' in c or c[-1].endswith('/mmcv-2.1.0')]
-    message = 'torch 2.15.0+cpu needs C++20 and no mmcv==2.1.0 wheel was found'
-    if header == 'C++17':
-        assert mmcv_calls == [] and message not in result.stdout
-    else:
-        assert message in result.stdout
-        assert [c[0] for c in mmcv_calls] == ['install', 'download', 'install']
-        assert '--only-binary' in mmcv_calls[0] and '--no-binary' in mmcv_calls[1]
-        setup = (tmp_path / 'pip.log.setup.py').read_text()
-        assert setup.count('-std=c++20') == 2 and 'c++17' not in setup
-        assert not os.path.exists(mmcv_calls[2][-1])  # the unpacked source is removed afterwards
     assert calls[-2][:3] == ['install', '--no-build-isolation', '-r']  # then the whole stack
     assert calls[-2][3].endswith('requirements/openmmlab.txt')
+    return result, [c for c in calls if 'mmcv==2.1.0' in c or c[-1].endswith('/mmcv_0')]
+
+
+def assert_built_from_source(tmp_path, mmcv_calls):
+    assert [c[0] for c in mmcv_calls] == ['install', 'download', 'install']
+    assert '--only-binary' in mmcv_calls[0] and '--no-clean' in mmcv_calls[1]
+    assert not os.path.exists(mmcv_calls[2][-1])  # the unpacked source is removed afterwards
+    return (tmp_path / 'pip.log.setup.py').read_text(), (tmp_path / 'pip.log.version').read_text()
+
+
+@pytest.mark.parametrize('header', ['C++20', 'C++17'])
+def test_mmcv_is_built_with_cxx20_where_torchs_headers_need_it(bare_python, tmp_path, header):
+    """torch >= 2.14's headers need C++20; mmcv 2.1.0's setup.py asks for C++17. Where the headers
+    say C++20 and no mmcv wheel is found, its source is built with -std=c++20 (and, on this Python,
+    nothing else changed); elsewhere pip installs mmcv from the requirements as before."""
+    result, mmcv_calls = run_setup_with_fake_pip(bare_python, tmp_path, header)
+    message = ('no mmcv==2.1.0 wheel found: building it from source with -std=c++20 '
+               '(torch 2.15.0+cpu needs C++20, mmcv asks for C++17)\n')
+    if header == 'C++17':
+        assert mmcv_calls == [] and 'building it from source' not in result.stdout
+        return
+    assert message in result.stdout
+    setup, version = assert_built_from_source(tmp_path, mmcv_calls)
+    assert setup.count('-std=c++20') == 2 and 'c++17' not in setup
+    assert "return locals()['__version__']" in setup and version == '2.1.0'
+
+
+def test_mmcv_reads_its_version_from_globals_on_python_3_13(bare_python313, tmp_path):
+    """On Python >= 3.13 exec() no longer writes a function's locals (PEP 667): mmcv's
+    get_version() fails with KeyError as published, and works once version.py runs in globals()."""
+    (tmp_path / 'mmcv').mkdir()
+    (tmp_path / 'mmcv' / 'version.py').write_text("__version__ = '2.1.0'\n")
+    published = subprocess.run([bare_python313, '-c', MMCV_SETUP + 'get_version()'], cwd=tmp_path,
+                               capture_output=True, text=True)
+    assert "KeyError: '__version__'" in published.stderr
+    result, mmcv_calls = run_setup_with_fake_pip(bare_python313, tmp_path / 'run', 'C++17')
+    assert 'building it from source with its version read from globals()' in result.stdout
+    setup, version = assert_built_from_source(tmp_path / 'run', mmcv_calls)
+    assert version == '2.1.0' and 'c++17' in setup and 'c++20' not in setup
 
 
 def test_an_installed_torch_that_fails_to_import_is_reported_not_replaced(bare_python, tmp_path):

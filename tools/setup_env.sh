@@ -17,8 +17,8 @@
 #
 # A torch that is already installed is never replaced: every pip call runs with a constraint pinning
 # it, plus requirements/torch_before_2.3.txt (numpy < 2, opencv-python < 5) for torch < 2.3. A torch
-# older than 2.1 is refused. Against a torch whose headers need C++20 (2.14 and newer) mmcv is built
-# from its sdist with -std=c++20. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
+# older than 2.1 is refused. Against a torch whose headers need C++20 (2.14 and newer), or on
+# Python >= 3.13, mmcv 2.1.0 is built from its sdist with the lines that fail there changed. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -213,26 +213,51 @@ pip install -r "$repo/requirements/build.txt"
 #    as is), then the rest of the stack.
 mmcv_req=$(grep -E '^mmcv==' "$repo/requirements/openmmlab.txt")
 export MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-# torch >= 2.14's headers need C++20, and mmcv 2.1.0's setup.py compiles its ops with -std=c++17
-# (hard-coded for every torch newer than 1.12.1), so against such a torch its source distribution
-# fails to build as published. Unless an mmcv wheel is found (the wheelhouse) or mmcv is already
-# installed, build it from that source with the standard raised to C++20 (nothing else changed).
+# mmcv 2.1.0's source distribution does not build as published where
+# - torch's headers need C++20 (torch >= 2.14): its setup.py compiles the ops with -std=c++17 (for
+#   every torch newer than 1.12.1);
+# - Python >= 3.13: its setup.py's get_version() exec()s mmcv/version.py and reads __version__ back
+#   from locals(), which PEP 667 made a snapshot that exec() does not write to (KeyError).
+# There, unless mmcv 2.1.0 is installed or a wheel of it is found (the wheelhouse), it is built from
+# that source with just those lines changed: -std=c++20, and version.py executed into globals().
 torch_cxx=$("$py" -c '
 import os, torch
 header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
 print("c++20" if os.path.exists(header) and "C++20" in open(header).read() else "older")')
-if [ "$torch_cxx" = c++20 ] \
+mmcv_fixes=()
+if [ "$torch_cxx" = c++20 ]; then
+  mmcv_fixes+=("-std=c++20 (torch $torch_version needs C++20, mmcv asks for C++17)")
+fi
+if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
+  mmcv_fixes+=("its version read from globals() (Python >= 3.13 does not let exec() write locals())")
+fi
+if [ ${#mmcv_fixes[@]} -gt 0 ] \
     && ! "$py" -c 'import importlib.metadata as m, sys; sys.exit(m.version("mmcv") != sys.argv[1])' \
          "${mmcv_req#mmcv==}" 2>/dev/null \
     && ! pip install --no-build-isolation --only-binary mmcv "$mmcv_req" >/dev/null 2>&1; then
-  say "torch $torch_version needs C++20 and no $mmcv_req wheel was found: building it from source with -std=c++20 (mmcv's setup.py asks for -std=c++17)"
+  fixes=$(printf '; %s' "${mmcv_fixes[@]}")
+  say "no $mmcv_req wheel found: building it from source with ${fixes:2}"
   mmcv_src=$(mktemp -d)
   trap 'rm -f "$constraints"; rm -rf "$mmcv_src"' EXIT
-  pip download --no-deps --no-binary :all: --no-build-isolation -d "$mmcv_src" "$mmcv_req"
-  tar -xzf "$mmcv_src"/mmcv-*.tar.gz -C "$mmcv_src"
-  mmcv_setup=$(echo "$mmcv_src"/mmcv-*/setup.py)
-  grep -q -- '-std=c++17' "$mmcv_setup" || die "$mmcv_setup has no -std=c++17 to raise: not the mmcv this script knows"
-  sed -i 's/-std=c++17/-std=c++20/g' "$mmcv_setup"
+  # pip fetches and unpacks the source (the index, proxies and find-links as configured), and
+  # --no-clean leaves the unpacked tree in its temporary folder. Its metadata step, which runs
+  # setup.py, fails on Python >= 3.13 at the very line changed below: what counts is the tree.
+  TMPDIR=$mmcv_src pip download --no-clean --no-deps --no-binary :all: --no-build-isolation \
+    -d "$mmcv_src/sdist" "$mmcv_req" >"$mmcv_src/download.log" 2>&1 || true
+  mmcv_setup=$(find "$mmcv_src" -mindepth 3 -maxdepth 3 -name setup.py | head -n 1)
+  [ -n "$mmcv_setup" ] || die "pip could not fetch the source of $mmcv_req:
+$(tail -n 5 "$mmcv_src/download.log")"
+  edit_mmcv_setup() {  # $1: the text that must be there; $2: the sed script that changes it
+    grep -qF -- "$1" "$mmcv_setup" || die "$mmcv_setup has no '$1' to change: not the mmcv this script knows"
+    sed -i "$2" "$mmcv_setup"
+  }
+  if [ "$torch_cxx" = c++20 ]; then
+    edit_mmcv_setup '-std=c++17' 's/-std=c++17/-std=c++20/g'
+  fi
+  if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
+    edit_mmcv_setup "return locals()['__version__']" \
+      "s/exec(compile(f.read(), version_file, 'exec'))/exec(compile(f.read(), version_file, 'exec'), globals())/; s/return locals()\['__version__'\]/return globals()['__version__']/"
+  fi
   pip install --no-build-isolation "$(dirname "$mmcv_setup")"
 fi
 pip install --no-build-isolation -r "$repo/requirements/openmmlab.txt"
