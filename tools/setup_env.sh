@@ -18,7 +18,8 @@
 # A torch that is already installed is never replaced: every pip call runs with a constraint pinning
 # it, plus requirements/torch_before_2.3.txt (numpy < 2, opencv-python < 5) for torch < 2.3. A torch
 # older than 2.1 is refused. Against a torch whose headers need C++20 (2.14 and newer), or on
-# Python >= 3.13, mmcv 2.1.0 is built from its sdist with the lines that fail there changed. The final check trains one step of a tiny DaViT RetinaNet through mmdet.
+# Python >= 3.13, mmcv 2.1.0 is built from its sdist with the lines that fail there changed. The
+# final check trains one step of a tiny DaViT RetinaNet through mmdet.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -224,11 +225,12 @@ torch_cxx=$("$py" -c '
 import os, torch
 header = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
 print("c++20" if os.path.exists(header) and "C++20" in open(header).read() else "older")')
+python_313=$("$py" -c 'import sys; print(int(sys.version_info >= (3, 13)))')
 mmcv_fixes=()
 if [ "$torch_cxx" = c++20 ]; then
   mmcv_fixes+=("-std=c++20 (torch $torch_version needs C++20, mmcv asks for C++17)")
 fi
-if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
+if [ "$python_313" = 1 ]; then
   mmcv_fixes+=("its version read from globals() (Python >= 3.13 does not let exec() write locals())")
 fi
 if [ ${#mmcv_fixes[@]} -gt 0 ] \
@@ -247,16 +249,23 @@ if [ ${#mmcv_fixes[@]} -gt 0 ] \
   mmcv_setup=$(find "$mmcv_src" -mindepth 3 -maxdepth 3 -name setup.py | head -n 1)
   [ -n "$mmcv_setup" ] || die "pip could not fetch the source of $mmcv_req:
 $(tail -n 5 "$mmcv_src/download.log")"
-  edit_mmcv_setup() {  # $1: the text that must be there; $2: the sed script that changes it
-    grep -qF -- "$1" "$mmcv_setup" || die "$mmcv_setup has no '$1' to change: not the mmcv this script knows"
-    sed -i "$2" "$mmcv_setup"
+  edit_mmcv_setup() {  # every $1 in mmcv's setup.py becomes $2; $1 must be there
+    "$py" -c '
+import sys
+path, old, new = sys.argv[1:]
+text = open(path).read()
+if old not in text:
+    sys.exit(1)
+open(path, "w").write(text.replace(old, new))' \
+      "$mmcv_setup" "$1" "$2" || die "$mmcv_setup has no \"$1\" to change: not the mmcv this script knows"
   }
   if [ "$torch_cxx" = c++20 ]; then
-    edit_mmcv_setup '-std=c++17' 's/-std=c++17/-std=c++20/g'
+    edit_mmcv_setup '-std=c++17' '-std=c++20'
   fi
-  if "$py" -c 'import sys; sys.exit(sys.version_info < (3, 13))'; then
-    edit_mmcv_setup "return locals()['__version__']" \
-      "s/exec(compile(f.read(), version_file, 'exec'))/exec(compile(f.read(), version_file, 'exec'), globals())/; s/return locals()\['__version__'\]/return globals()['__version__']/"
+  if [ "$python_313" = 1 ]; then
+    edit_mmcv_setup "exec(compile(f.read(), version_file, 'exec'))" \
+                    "exec(compile(f.read(), version_file, 'exec'), globals())"
+    edit_mmcv_setup "return locals()['__version__']" "return globals()['__version__']"
   fi
   pip install --no-build-isolation "$(dirname "$mmcv_setup")"
 fi
