@@ -21,9 +21,11 @@ def bare_python(tmp_path_factory):
     return str(venv / 'bin' / 'python')
 
 
-def run_setup(bare_python, tmp_path, torch_version, *args, distribution=None):
+def run_setup(bare_python, tmp_path, torch_version, *args, distribution=None, header=None,
+              **extra_env):
     """setup_env.sh with a stand-in torch reporting ``torch_version``, installed (a dist-info)
-    as version ``distribution`` if given."""
+    as version ``distribution`` if given, its ATen.h asking for the C++ standard ``header`` if
+    given; stand-in modules of ``tmp_path / 'fake'`` come first on the path."""
     fake = tmp_path / 'fake'
     (fake / 'torch').mkdir(parents=True)
     (fake / 'torch' / '__init__.py').write_text(f'__version__ = {torch_version!r}\n')
@@ -31,7 +33,11 @@ def run_setup(bare_python, tmp_path, torch_version, *args, distribution=None):
         (fake / f'torch-{distribution}.dist-info').mkdir()
         (fake / f'torch-{distribution}.dist-info' / 'METADATA').write_text(
             f'Name: torch\nVersion: {distribution}\n')
-    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake))
+    if header:
+        (fake / 'torch' / 'include' / 'ATen').mkdir(parents=True)
+        (fake / 'torch' / 'include' / 'ATen' / 'ATen.h').write_text(
+            f'#error {header} or later compatible compiler is required to use ATen.\n')
+    env = dict(os.environ, PYTHON=bare_python, PYTHONPATH=str(fake), **extra_env)
     env.pop('DAVIT_MM_WHEELHOUSE', None)
     return subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh'), *args], env=env,
                           capture_output=True, text=True, timeout=120)
@@ -129,20 +135,12 @@ def bare_python313(tmp_path_factory):
 def run_setup_with_fake_pip(python, tmp_path, header):
     """setup_env.sh with the stand-in pip and a torch 2.15.0 whose ATen.h asks for ``header``;
     returns the result and pip's calls."""
-    fake = tmp_path / 'fake'
-    (fake / 'torch' / 'include' / 'ATen').mkdir(parents=True)
-    (fake / 'torch' / '__init__.py').write_text("__version__ = '2.15.0+cpu'\n")
-    (fake / 'torch' / 'include' / 'ATen' / 'ATen.h').write_text(
-        f'#error {header} or later compatible compiler is required to use ATen.\n')
-    (fake / 'pip').mkdir()
-    (fake / 'pip' / '__init__.py').write_text('')
-    (fake / 'pip' / '__main__.py').write_text(FAKE_PIP)
+    (tmp_path / 'fake' / 'pip').mkdir(parents=True)
+    (tmp_path / 'fake' / 'pip' / '__init__.py').write_text('')
+    (tmp_path / 'fake' / 'pip' / '__main__.py').write_text(FAKE_PIP)
     log = tmp_path / 'pip.log'
-    env = dict(os.environ, PYTHON=python, PYTHONPATH=str(fake), FAKE_PIP_LOG=str(log),
-               MMCV_SETUP=MMCV_SETUP)
-    env.pop('DAVIT_MM_WHEELHOUSE', None)
-    result = subprocess.run(['bash', os.path.join(REPO, 'tools', 'setup_env.sh')], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_setup(python, tmp_path, '2.15.0+cpu', header=header, FAKE_PIP_LOG=str(log),
+                       MMCV_SETUP=MMCV_SETUP)
     assert result.returncode == 1  # the fake pip installs nothing: the final check fails
     assert 'the environment is still broken after installing' in result.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
