@@ -29,6 +29,15 @@ def weighted_sum(t: torch.Tensor) -> torch.Tensor:
     return (t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum()
 
 
+def build_model(config: str):
+    """The model of a config file, built in the config's default scope."""
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(config)
+    init_default_scope(cfg.default_scope)
+    return MODELS.build(cfg.model)
+
+
 def load_tool(path: str):
     """The module of ``tools/<path>`` (e.g. ``analysis/get_flops.py``), to call its functions."""
     name = osp.splitext(osp.basename(path))[0] + '_tool'

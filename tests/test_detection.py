@@ -10,8 +10,8 @@ import cv2
 import pytest
 from mmengine.config import Config
 
-from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, load_tool, logged_metric,
-                     losses, metric, run_tool, write_datasets)
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, build_model, load_tool,
+                     logged_metric, losses, metric, run_tool, write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -196,13 +196,6 @@ PAPER_PARAMS_M = {
     'davit_base_retinanet_1x_coco': 98.5, 'davit_maskrcnn_1x_coco': 47.8,
     'davit_small_maskrcnn_1x_coco': 69.2, 'davit_base_maskrcnn_1x_coco': 107.3,
 }
-
-
-def build_model(config):
-    from mmengine.registry import MODELS, init_default_scope
-    cfg = Config.fromfile(config)
-    init_default_scope(cfg.default_scope)
-    return MODELS.build(cfg.model)
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMS_M))
