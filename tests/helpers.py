@@ -38,6 +38,28 @@ def build_model(config: str):
     return MODELS.build(cfg.model)
 
 
+def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
+    """An untrained model of ``config``, saved as mmengine's runner saves one: with the message
+    hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights."""
+    import numpy as np
+    from mmengine.config import Config
+    from mmengine.logging import MessageHub
+    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_mm.cli import adapt_config_to_machine
+    cfg = Config.fromfile(config)
+    adapt_config_to_machine(cfg)
+    init_default_scope(cfg.default_scope)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    hub = MessageHub.get_instance(f'runner_checkpoint_{osp.basename(str(path))}')
+    hub.update_scalar('train/loss', np.float64(1.5))
+    hub.update_info('iter', 20)
+    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}},
+                'message_hub': hub.state_dict()}, str(path))
+    return str(path)
+
+
 def load_tool(path: str):
     """The module of ``tools/<path>`` (e.g. ``analysis/get_flops.py``), to call its functions."""
     name = osp.splitext(osp.basename(path))[0] + '_tool'

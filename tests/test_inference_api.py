@@ -6,32 +6,12 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
 
 from davit_mm.compat import needed, runner_checkpoints_readable
-from helpers import CONFIGS
+from helpers import CONFIGS, save_runner_checkpoint
 
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
-
-
-def save_checkpoint(config, scope, path, classes):
-    """An untrained model of ``config``, saved as mmengine's runner saves one: with the message
-    hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights."""
-    from mmengine.logging import MessageHub
-    from mmengine.registry import MODELS, init_default_scope
-    from davit_mm.cli import adapt_config_to_machine
-    cfg = Config.fromfile(config)
-    adapt_config_to_machine(cfg)
-    init_default_scope(scope)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    hub = MessageHub.get_instance(f'inference_api_{scope}')
-    hub.update_scalar('train/loss', np.float64(1.5))
-    hub.update_info('iter', 20)
-    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}},
-                'message_hub': hub.state_dict()}, str(path))
-    return str(path)
 
 
 def build_inferencer(cls, **kwargs):
@@ -50,7 +30,7 @@ def image(height=100, width=140):
 
 def test_det_inferencer_predicts_what_inference_detector_predicts(tmp_path):
     from mmdet.apis import DetInferencer, inference_detector, init_detector
-    weights = save_checkpoint(MASKRCNN, 'mmdet', tmp_path / 'det.pth', ('square', 'disk', 'triangle'))
+    weights = save_runner_checkpoint(MASKRCNN, tmp_path / 'det.pth', ('square', 'disk', 'triangle'))
     inferencer = build_inferencer(DetInferencer, model=MASKRCNN, weights=weights, device='cpu')
     result = inferencer(image(), return_datasamples=True)
     pred = result['predictions'][0].pred_instances
@@ -68,7 +48,7 @@ def test_det_inferencer_predicts_what_inference_detector_predicts(tmp_path):
 def test_mmseg_inferencer_predicts_what_inference_model_predicts(tmp_path):
     from mmseg.apis import MMSegInferencer, inference_model, init_model
     classes = tuple(f'class{i}' for i in range(150))
-    weights = save_checkpoint(UPERNET, 'mmseg', tmp_path / 'seg.pth', classes)
+    weights = save_runner_checkpoint(UPERNET, tmp_path / 'seg.pth', classes)
     inferencer = build_inferencer(MMSegInferencer, model=UPERNET, weights=weights, device='cpu')
     result = inferencer(image(77, 61), return_datasamples=True)
     with runner_checkpoints_readable():
