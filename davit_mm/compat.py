@@ -5,11 +5,14 @@
   checkpoints hold besides tensors, allowed for ``torch.load(weights_only=True)`` only while a
   davit_mm read or a runner with :class:`davit_mm.engine.RunnerCheckpointsHook` is at work (never
   process-wide).
+- :func:`torchscript_onnx_export` (torch >= 2.9 with mmdeploy <= 1.3.1): ``torch.onnx.export``'s
+  TorchScript exporter, which mmdeploy was written for, while ``tools/export_onnx.py`` runs it.
 - :func:`name_unreadable_images` (mmcv 2.x) and :func:`allow_davit_mm_config_scope`
   (mmengine <= 0.10.7) are applied when davit_mm is imported (:func:`apply_at_import`): every
   process that builds datasets or parses configs with davit_mm imports it first (``custom_imports``).
 """
 import contextlib
+import functools
 import os.path as osp
 import pickle
 import re
@@ -37,6 +40,7 @@ def _installed(package: str) -> Tuple[int, ...]:
 # Shim -> (package, first affected version, last version known to be affected; None: no fix yet).
 SHIMS: Dict[str, Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]] = {
     'runner_checkpoint_globals': (('torch', (2, 6), (99, )), ('mmengine', (0, 0), (0, 10, 7))),
+    'torchscript_onnx_export': (('torch', (2, 9), (99, )), ('mmdeploy', (0, 0), (1, 3, 1))),
     'name_unreadable_images': (('mmcv', (2, 0), (2, 2, 0)), ),
     'allow_davit_mm_config_scope': (('mmengine', (0, 0), (0, 10, 7)), ),
 }
@@ -115,6 +119,30 @@ def globals_allowed(objects: List[object]) -> Iterator[None]:
 def runner_checkpoints_readable() -> ContextManager[None]:
     """Within this block, ``torch.load`` (weights_only) reads mmengine's runner checkpoints."""
     return globals_allowed(runner_checkpoint_globals())
+
+
+# ---------------------------------------------------------------- mmdeploy vs torch.onnx.export
+@contextlib.contextmanager
+def torchscript_onnx_export() -> Iterator[None]:
+    """Within this block, ``torch.onnx.export`` uses the TorchScript exporter unless its caller
+    names another (``dynamo=True``).
+
+    Upstream problem: mmdeploy (checked up to 1.3.1, its latest release) calls
+    ``torch.onnx.export`` without ``dynamo=``, and torch 2.9 made ``dynamo=True`` its default.
+    Every export through mmdeploy then fails, whatever the backbone (mmdeploy's rewriters patch
+    the model for TorchScript tracing; torch.export meets them and refuses the inputs' structure,
+    and mmdeploy's cleanup fails on top with ``KeyError: -1``). Does nothing where the versions
+    do not need it.
+    """
+    if not needed('torchscript_onnx_export'):
+        yield
+        return
+    export = torch.onnx.export
+    torch.onnx.export = functools.partial(export, dynamo=False)
+    try:
+        yield
+    finally:
+        torch.onnx.export = export
 
 
 # ------------------------------------------------------------------------------- mmcv images

@@ -107,6 +107,48 @@ def test_each_import_time_shim_is_gated_on_its_package(monkeypatch, shim, packag
     assert not compat.needed(shim)
 
 
+class ExportProbe(torch.nn.Module):
+    """Records, per call, whether TorchScript's tracer ran it (torch.export does not trace; it
+    also undoes a forward's changes to the module's own attributes, hence the outside list)."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append(torch.jit.is_tracing())
+        return x + 1
+
+
+@pytest.mark.parametrize('versions,needed', [
+    ({'torch': (2, 13, 0), 'mmdeploy': (1, 3, 1)}, True),
+    ({'torch': (2, 8, 0), 'mmdeploy': (1, 3, 1)}, False),   # TorchScript was still the default
+    ({'torch': (2, 13, 0), 'mmdeploy': (1, 4, 0)}, False),  # a release after the one checked
+])
+def test_the_onnx_exporter_shim_is_gated_on_torch_and_mmdeploy(monkeypatch, versions, needed):
+    monkeypatch.setattr(compat, '_installed', lambda package: versions[package])
+    assert compat.needed('torchscript_onnx_export') is needed
+    export = torch.onnx.export
+    with compat.torchscript_onnx_export():
+        assert (torch.onnx.export is not export) is needed
+    assert torch.onnx.export is export
+
+
+def test_inside_the_exporter_shim_a_plain_export_call_traces_and_an_explicit_choice_holds(
+        monkeypatch, tmp_path):
+    pytest.importorskip('onnxscript')
+    monkeypatch.setattr(compat, 'needed', lambda shim: shim == 'torchscript_onnx_export')
+    export, calls = torch.onnx.export, []
+    with pytest.raises(RuntimeError, match='inside'), compat.torchscript_onnx_export():
+        torch.onnx.export(ExportProbe(calls), (torch.zeros(1, 3),), str(tmp_path / 'plain.onnx'))
+        assert calls == [True]
+        torch.onnx.export(ExportProbe(calls), (torch.zeros(1, 3),), str(tmp_path / 'dynamo.onnx'),
+                          dynamo=True)
+        assert calls[1:] and not any(calls[1:])
+        raise RuntimeError('an error inside the block')
+    assert torch.onnx.export is export
+
+
 def test_version_strings_are_compared_as_numbers():
     assert compat._version('2.13.0+cpu') == (2, 13, 0) and compat._version('0.10.7') > compat._version('0.9.1')
     assert compat._version('2.6.0rc1') == (2, 6, 0)
