@@ -33,6 +33,8 @@ MISTAKES = {
     'tools/train.py': (['nope.py'], "config 'nope.py': no such file"),
     'tools/test.py': ([RETINANET, 'nope.pth'], "checkpoint='nope.pth': no such file"),
     'tools/convert_checkpoint.py': (['nope.pth', 'out.pth'], 'no such file'),
+    'tools/export_onnx.py': (['deploy.py', RETINANET, 'nope.pth', 'demo.jpg'],
+                             "checkpoint='nope.pth': no such file"),
     'demo/image_demo.py': (['nope.jpg', RETINANET, 'nope.pth', '--device', 'cpu'],
                            "image 'nope.jpg': no such file or folder"),
     'tools/analysis/get_flops.py': (['nope.py'], "config 'nope.py': no such file"),

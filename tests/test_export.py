@@ -1,14 +1,18 @@
 """The backbone traces and exports for deployment: torch.jit.trace and ONNX graphs made at one input
 size run at others, and torch.export's graph, each compared with the eager model. So do whole
 detectors and segmentors built on it, up to their post-processing."""
+import json
+import os
 import os.path as osp
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from davit_mm.models import DaViT
-from helpers import CONFIGS, build_model
+from helpers import (CONFIGS, assert_user_error, build_model, run_tool, run_tool_in_process,
+                     save_runner_checkpoint)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -139,3 +143,124 @@ def test_upernet_torch_export_with_dynamic_size_holds_at_other_sizes():
     exported = torch.export.export(network, (x,), dynamic_shapes=shapes)
     for shape in ((1, 3, 384, 384), (3, 3, 448, 448)):
         assert_matches_eager(network, exported.module(), torch.randn(*shape))
+
+
+# ------------------------------------------------------------------- tools/export_onnx.py
+# mmdeploy itself is not a test dependency (its 1.3.1 wheel declares protobuf<=3.20.2, which
+# would downgrade onnx): the tool runs against a stand-in whose torch2onnx does what the real one
+# does with what it is handed. It reads the checkpoint with mmengine's loader (weights_only under
+# torch >= 2.6, as mmdeploy's build_pytorch_model does), records the keys it would load, and
+# exports with torch.onnx.export called without `dynamo=`, as mmdeploy calls it, recording
+# whether the TorchScript tracer ran the module.
+STAND_IN = '''
+import json, os, torch
+from mmengine.runner.checkpoint import _load_checkpoint
+
+
+TRACED = []
+
+
+class Probe(torch.nn.Module):
+    def forward(self, x):
+        TRACED.append(torch.jit.is_tracing())
+        return x + 1
+
+
+def torch2onnx(img, work_dir, save_file, deploy_cfg, model_cfg, model_checkpoint=None,
+               device='cuda:0'):
+    checkpoint = _load_checkpoint(model_checkpoint, map_location='cpu')
+    torch.onnx.export(Probe(), (torch.zeros(1, 3),), os.path.join(work_dir, save_file))
+    record = dict(img=img, deploy_cfg=deploy_cfg, model_cfg=model_cfg, device=device,
+                  checkpoint=model_checkpoint, keys=sorted(checkpoint['state_dict']),
+                  torchscript=all(TRACED) and bool(TRACED))
+    with open(os.path.join(work_dir, 'stand_in.json'), 'w') as f:
+        json.dump(record, f)
+'''
+DEPLOY_CFG = ("codebase_config = dict(type='mmdet', task='ObjectDetection')\n"
+              "onnx_config = dict(type='onnx', save_file='end2end.onnx')\n"
+              "backend_config = dict(type='onnxruntime')\n")
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    """A folder for PYTHONPATH holding the stand-in ``mmdeploy`` (1.3.1), a deploy config and an
+    image, and the command that runs the tool there."""
+    package = tmp_path / 'site' / 'mmdeploy'
+    (package / 'apis').mkdir(parents=True)
+    (package / '__init__.py').write_text("__version__ = '1.3.1'\n")
+    (package / 'apis' / '__init__.py').write_text(STAND_IN)
+    (tmp_path / 'deploy.py').write_text(DEPLOY_CFG)
+    (tmp_path / 'demo.jpg').write_bytes(b'an image the stand-in never reads')
+    path = os.pathsep.join([str(tmp_path / 'site'), os.environ.get('PYTHONPATH', '')])
+
+    def run(config, checkpoint, in_process=False):
+        args = ['export_onnx.py', 'deploy.py', config, checkpoint, 'demo.jpg', '--work-dir', 'out']
+        if in_process:  # refused before mmdeploy is imported
+            return run_tool_in_process(args, str(tmp_path))
+        return run_tool(args, str(tmp_path), expect_ok=False, env={'PYTHONPATH': path})
+    return SimpleNamespace(root=tmp_path, run=run)
+
+
+def stand_in_record(root):
+    with open(root / 'out' / 'stand_in.json') as f:
+        return json.load(f)
+
+
+def model_keys(config):
+    return sorted(build_model(config).state_dict())
+
+
+def test_export_tool_hands_mmdeploy_a_runner_checkpoint_and_the_torchscript_exporter(stand_in):
+    """A runner's checkpoint (unreadable under weights_only without davit_mm's scope) reaches
+    mmdeploy as it is, and mmdeploy's plain torch.onnx.export call traces with TorchScript
+    (torch >= 2.9 would take torch.export, which mmdeploy's rewriters break)."""
+    checkpoint = save_runner_checkpoint(RETINANET, stand_in.root / 'epoch_1.pth', ('a', 'b', 'c'))
+    result = stand_in.run(RETINANET, checkpoint)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'wrote out/end2end.onnx' in result.stdout
+    record = stand_in_record(stand_in.root)
+    assert record['checkpoint'] == checkpoint and record['model_cfg'] == RETINANET
+    assert record['device'] == 'cpu' and record['img'] == 'demo.jpg'
+    assert record['keys'] == model_keys(RETINANET)
+    assert record['torchscript'] is True
+    assert osp.isfile(stand_in.root / 'out' / 'end2end.onnx')
+
+
+def test_export_tool_converts_an_official_whole_model_before_mmdeploy_reads_it(stand_in):
+    """mmdeploy would load nothing of the official layout into the backbone, silently: the tool
+    hands it the model converted to davit_mm's layout, every key of the config's model."""
+    from davit_mm.synthetic import COCO_CLASSES
+    from official_models import official_checkpoint, official_config, randomise_
+    reference = build_model(official_config(RETINANET, 'retinanet', str(stand_in.root)))
+    path = stand_in.root / 'official_retinanet.pth'
+    torch.save(official_checkpoint(randomise_(reference.eval()), 'mmdet', COCO_CLASSES), path)
+    result = stand_in.run(RETINANET, path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'converted' in result.stdout and 'backbone.norm0' in result.stdout
+    record = stand_in_record(stand_in.root)
+    assert record['checkpoint'] == osp.join('out', 'checkpoint_davit_mm.pth')
+    assert record['keys'] == model_keys(RETINANET)
+
+
+def test_export_tool_refuses_a_checkpoint_that_does_not_fit_before_mmdeploy_runs(stand_in):
+    checkpoint = save_runner_checkpoint(RETINANET, stand_in.root / 'mini.pth', ('a', 'b', 'c'))
+    result = stand_in.run(osp.join(CONFIGS, 'davit_retinanet_1x_coco.py'), checkpoint)
+    assert_user_error(result, "does not fit the config's model", 'backbone.stem.conv.weight')
+    assert not osp.exists(stand_in.root / 'out' / 'stand_in.json')
+
+
+def test_export_tool_refuses_a_deploy_config_of_the_other_library(stand_in):
+    checkpoint = save_runner_checkpoint(RETINANET, stand_in.root / 'mini.pth', ('a', 'b', 'c'))
+    (stand_in.root / 'deploy.py').write_text(DEPLOY_CFG.replace("'mmdet'", "'mmseg'"))
+    result = stand_in.run(RETINANET, checkpoint, in_process=True)
+    assert_user_error(result, "deploy_cfg 'deploy.py' is a deploy config for 'mmseg', the model "
+                              "config's library is 'mmdet'")
+
+
+def test_export_tool_names_the_install_command_without_mmdeploy(stand_in):
+    (stand_in.root / 'site' / 'mmdeploy' / 'apis' / '__init__.py').write_text(
+        "raise ImportError('mmdeploy.apis needs what is missing here')\n")
+    checkpoint = save_runner_checkpoint(RETINANET, stand_in.root / 'mini.pth', ('a', 'b', 'c'))
+    result = stand_in.run(RETINANET, checkpoint)
+    assert_user_error(result, 'mmdeploy cannot be imported',
+                      'pip install --no-deps mmdeploy==1.3.1 aenum multiprocess dill')
