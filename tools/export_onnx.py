@@ -77,9 +77,8 @@ def checked_checkpoint(cfg, path: str, work_dir: str) -> str:
     init_default_scope(cfg.default_scope)
     with config_build_errors():
         model = MODELS.build(cfg.model)
-    checkpoint = read_training_checkpoint(path)
-    check_checkpoint_fits(model, path, checkpoint=checkpoint)
-    converted, note = adapt_model_checkpoint(model, checkpoint, path)
+    converted, note = adapt_model_checkpoint(model, read_training_checkpoint(path), path)
+    check_checkpoint_fits(model, path, checkpoint=converted)
     if not note:
         return path
     print(f'davit_mm: {note}')
