@@ -5,8 +5,10 @@
   checkpoints hold besides tensors, allowed for ``torch.load(weights_only=True)`` only while a
   davit_mm read or a runner with :class:`davit_mm.engine.RunnerCheckpointsHook` is at work (never
   process-wide).
-- :func:`torchscript_onnx_export` (torch >= 2.9 with mmdeploy <= 1.3.1): ``torch.onnx.export``'s
-  TorchScript exporter, which mmdeploy was written for, while ``tools/export_onnx.py`` runs it.
+- :func:`torchscript_onnx_export` (torch >= 2.9 with mmdeploy <= 1.3.1) and
+  :func:`onnx_cast_long` (mmdeploy <= 1.3.1 with a torch whose ONNX symbolics lack
+  ``_cast_Long``): what mmdeploy needs of torch's ONNX export, while ``tools/export_onnx.py``
+  runs it.
 - :func:`name_unreadable_images` (mmcv 2.x) and :func:`allow_davit_mm_config_scope`
   (mmengine <= 0.10.7) are applied when davit_mm is imported (:func:`apply_at_import`): every
   process that builds datasets or parses configs with davit_mm imports it first (``custom_imports``).
@@ -41,6 +43,7 @@ def _installed(package: str) -> Tuple[int, ...]:
 SHIMS: Dict[str, Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]] = {
     'runner_checkpoint_globals': (('torch', (2, 6), (99, )), ('mmengine', (0, 0), (0, 10, 7))),
     'torchscript_onnx_export': (('torch', (2, 9), (99, )), ('mmdeploy', (0, 0), (1, 3, 1))),
+    'onnx_cast_long': (('mmdeploy', (0, 0), (1, 3, 1)), ),  # and only where torch lacks it
     'name_unreadable_images': (('mmcv', (2, 0), (2, 2, 0)), ),
     'allow_davit_mm_config_scope': (('mmengine', (0, 0), (0, 10, 7)), ),
 }
@@ -143,6 +146,34 @@ def torchscript_onnx_export() -> Iterator[None]:
         yield
     finally:
         torch.onnx.export = export
+
+
+@contextlib.contextmanager
+def onnx_cast_long() -> Iterator[None]:
+    """Within this block, ``torch.onnx.symbolic_opset9._cast_Long`` exists.
+
+    Upstream problem: mmdeploy's ONNX symbolic of mmcv's RoIAlign (checked up to 1.3.1; for
+    every backend but TensorRT and PPLNN, ONNX Runtime's included, so every Mask R-CNN export to
+    it) imports that helper, which newer torch no longer has (torch 2.13: ``ImportError: cannot
+    import name '_cast_Long'``).
+    It is a cast to int64; it is added for the block only, where the module lacks it.
+    """
+    import importlib
+    # The module that ``from torch.onnx.symbolic_opset9 import ...`` reads (newer torch's
+    # ``torch.onnx`` also has an attribute of that name: another module).
+    symbolic_opset9 = importlib.import_module('torch.onnx.symbolic_opset9')
+    if not needed('onnx_cast_long') or hasattr(symbolic_opset9, '_cast_Long'):
+        yield
+        return
+
+    def _cast_Long(g, value, non_blocking):  # noqa: N802 (the name mmdeploy imports)
+        return g.op('Cast', value, to_i=torch.onnx.TensorProtoDataType.INT64)
+
+    symbolic_opset9._cast_Long = _cast_Long
+    try:
+        yield
+    finally:
+        del symbolic_opset9._cast_Long
 
 
 # ------------------------------------------------------------------------------- mmcv images

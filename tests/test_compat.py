@@ -2,12 +2,14 @@
 mmengine's runner checkpoints load and resume under torch's weights_only default while a runner with
 RunnerCheckpointsHook runs (not process-wide), and the unpickler allows no more than the
 HistoryBuffer statistics it needs."""
+import importlib
 import os
 import os.path as osp
 import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -147,6 +149,57 @@ def test_inside_the_exporter_shim_a_plain_export_call_traces_and_an_explicit_cho
         assert calls[1:] and not any(calls[1:])
         raise RuntimeError('an error inside the block')
     assert torch.onnx.export is export
+
+
+class ToLong(torch.autograd.Function):
+    """Exported through a symbolic that imports ``_cast_Long``, as mmdeploy's RoIAlign does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.long()
+
+    @staticmethod
+    def symbolic(g, x):
+        from torch.onnx.symbolic_opset9 import _cast_Long
+        return _cast_Long(g, x, False)
+
+
+class CastsToLong(torch.nn.Module):
+    def forward(self, x):
+        return ToLong.apply(x)
+
+
+def test_inside_the_cast_long_shim_mmdeploys_import_works_and_casts_to_int64(monkeypatch, tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    opset9 = importlib.import_module('torch.onnx.symbolic_opset9')
+    monkeypatch.delattr(opset9, '_cast_Long', raising=False)  # as torch 2.13 has it
+    monkeypatch.setattr(compat, 'needed', lambda shim: shim == 'onnx_cast_long')
+    path = str(tmp_path / 'cast.onnx')
+    with compat.onnx_cast_long():
+        torch.onnx.export(CastsToLong(), (torch.zeros(1, 3),), path, input_names=['x'], dynamo=False)
+    assert not hasattr(opset9, '_cast_Long')
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    out = session.run(None, {'x': np.full((1, 3), 2.5, np.float32)})[0]
+    assert out.dtype == np.int64 and out.tolist() == [[2, 2, 2]]
+    with pytest.raises(ImportError, match='_cast_Long'):
+        torch.onnx.export(CastsToLong(), (torch.zeros(1, 3),), path, dynamo=False)
+
+
+@pytest.mark.parametrize('mmdeploy,torch_has_it,added', [
+    ((1, 3, 1), False, True), ((1, 4, 0), False, False), ((1, 3, 1), True, False)])
+def test_the_cast_long_shim_is_gated_on_mmdeploy_and_on_torch_lacking_it(
+        monkeypatch, mmdeploy, torch_has_it, added):
+    monkeypatch.setattr(compat, '_installed', lambda package: mmdeploy)
+    opset9 = importlib.import_module('torch.onnx.symbolic_opset9')
+    own = object()
+    if torch_has_it:
+        monkeypatch.setattr(opset9, '_cast_Long', own, raising=False)
+    else:
+        monkeypatch.delattr(opset9, '_cast_Long', raising=False)
+    with compat.onnx_cast_long():
+        inside = getattr(opset9, '_cast_Long', None)
+    assert (inside is not None and inside is not own) is added
+    assert getattr(opset9, '_cast_Long', None) is (own if torch_has_it else None)
 
 
 def test_version_strings_are_compared_as_numbers():
