@@ -151,7 +151,8 @@ def test_upernet_torch_export_with_dynamic_size_holds_at_other_sizes():
 # does with what it is handed. It reads the checkpoint with mmengine's loader (weights_only under
 # torch >= 2.6, as mmdeploy's build_pytorch_model does), records the keys it would load, and
 # exports with torch.onnx.export called without `dynamo=`, as mmdeploy calls it, recording
-# whether the TorchScript tracer ran the module.
+# whether the TorchScript tracer ran the module, through a symbolic that imports `_cast_Long`
+# from torch's opset 9 symbolics, as mmdeploy's RoIAlign does, and runs the graph.
 STAND_IN = '''
 import json, os, torch
 from mmengine.runner.checkpoint import _load_checkpoint
@@ -160,19 +161,35 @@ from mmengine.runner.checkpoint import _load_checkpoint
 TRACED = []
 
 
+class ToLong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.long()
+
+    @staticmethod
+    def symbolic(g, x):
+        from torch.onnx.symbolic_opset9 import _cast_Long
+        return _cast_Long(g, x, False)
+
+
 class Probe(torch.nn.Module):
     def forward(self, x):
         TRACED.append(torch.jit.is_tracing())
-        return x + 1
+        return ToLong.apply(x + 1)
 
 
 def torch2onnx(img, work_dir, save_file, deploy_cfg, model_cfg, model_checkpoint=None,
                device='cuda:0'):
+    import numpy, onnxruntime
     checkpoint = _load_checkpoint(model_checkpoint, map_location='cpu')
-    torch.onnx.export(Probe(), (torch.zeros(1, 3),), os.path.join(work_dir, save_file))
+    path = os.path.join(work_dir, save_file)
+    torch.onnx.export(Probe(), (torch.zeros(1, 3),), path, input_names=['x'])
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    output = session.run(None, {'x': numpy.full((1, 3), 1.5, numpy.float32)})[0]
     record = dict(img=img, deploy_cfg=deploy_cfg, model_cfg=model_cfg, device=device,
                   checkpoint=model_checkpoint, keys=sorted(checkpoint['state_dict']),
-                  torchscript=all(TRACED) and bool(TRACED))
+                  torchscript=all(TRACED) and bool(TRACED), output=output.tolist(),
+                  output_dtype=str(output.dtype))
     with open(os.path.join(work_dir, 'stand_in.json'), 'w') as f:
         json.dump(record, f)
 '''
@@ -212,8 +229,9 @@ def model_keys(config):
 
 def test_export_tool_hands_mmdeploy_a_runner_checkpoint_and_the_torchscript_exporter(stand_in):
     """A runner's checkpoint (unreadable under weights_only without davit_mm's scope) reaches
-    mmdeploy as it is, and mmdeploy's plain torch.onnx.export call traces with TorchScript
-    (torch >= 2.9 would take torch.export, which mmdeploy's rewriters break)."""
+    mmdeploy as it is, mmdeploy's plain torch.onnx.export call traces with TorchScript (torch >=
+    2.9 would take torch.export, which mmdeploy's rewriters break), and a symbolic that imports
+    `_cast_Long` exports a cast to int64 (torch 2.13 has no `_cast_Long`)."""
     checkpoint = save_runner_checkpoint(RETINANET, stand_in.root / 'epoch_1.pth', ('a', 'b', 'c'))
     result = stand_in.run(RETINANET, checkpoint)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -223,6 +241,7 @@ def test_export_tool_hands_mmdeploy_a_runner_checkpoint_and_the_torchscript_expo
     assert record['device'] == 'cpu' and record['img'] == 'demo.jpg'
     assert record['keys'] == model_keys(RETINANET)
     assert record['torchscript'] is True
+    assert record['output'] == [[2, 2, 2]] and record['output_dtype'] == 'int64'  # _cast_Long
     assert osp.isfile(stand_in.root / 'out' / 'end2end.onnx')
 
 

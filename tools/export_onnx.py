@@ -12,7 +12,9 @@ up to its ONNX graph (mmdeploy's ``torch2onnx``), and besides:
   (mmdeploy loads what fits and goes on); a whole model released with the official DaViT code is
   converted first, into ``WORK_DIR/checkpoint_davit_mm.pth``;
 - runner checkpoints are read under torch >= 2.6 (``davit_mm.compat.runner_checkpoints_readable``);
-- mmdeploy 1.3.1 exports under torch >= 2.9 (``davit_mm.compat.torchscript_onnx_export``).
+- mmdeploy 1.3.1 exports under torch >= 2.9 (``davit_mm.compat.torchscript_onnx_export``), and
+  two-stage detectors (RoIAlign) under a torch without ``_cast_Long``
+  (``davit_mm.compat.onnx_cast_long``).
 
 Backends other than ONNX Runtime (TensorRT, OpenVINO, ...) build from this graph with mmdeploy's
 own tools. docs/getting_started.md (Deploy) says what was checked.
@@ -29,7 +31,8 @@ from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits, 
                                  read_training_checkpoint)
 from davit_mm.cli import (check_device, check_output_path, config_build_errors,  # noqa: E402
                           library_of, load_config, run_tool)
-from davit_mm.compat import runner_checkpoints_readable, torchscript_onnx_export  # noqa: E402
+from davit_mm.compat import (onnx_cast_long, runner_checkpoints_readable,  # noqa: E402
+                             torchscript_onnx_export)
 from davit_mm.fileio import atomic_file  # noqa: E402
 
 INSTALL = 'pip install --no-deps mmdeploy==1.3.1 aenum multiprocess dill'
@@ -100,7 +103,7 @@ def main(argv=None):
     torch2onnx = import_torch2onnx()
     os.makedirs(args.work_dir, exist_ok=True)
     checkpoint = checked_checkpoint(cfg, args.checkpoint, args.work_dir)
-    with torchscript_onnx_export(), runner_checkpoints_readable():
+    with torchscript_onnx_export(), onnx_cast_long(), runner_checkpoints_readable():
         torch2onnx(args.image, args.work_dir, 'end2end.onnx', args.deploy_cfg, args.model_cfg,
                    checkpoint, device=args.device)
     out = osp.join(args.work_dir, 'end2end.onnx')
