@@ -60,6 +60,20 @@ def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
     return str(path)
 
 
+class ToLong(torch.autograd.Function):
+    """``x.long()``, exported through a symbolic that imports ``_cast_Long`` from torch's opset 9
+    symbolics, as mmdeploy's RoIAlign does (torch 2.13 has no ``_cast_Long``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.long()
+
+    @staticmethod
+    def symbolic(g, x):
+        from torch.onnx.symbolic_opset9 import _cast_Long
+        return _cast_Long(g, x, False)
+
+
 def load_tool(path: str):
     """The module of ``tools/<path>`` (e.g. ``analysis/get_flops.py``), to call its functions."""
     name = osp.splitext(osp.basename(path))[0] + '_tool'

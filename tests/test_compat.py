@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from davit_mm import compat
 from davit_mm.engine import RunnerCheckpointsHook
-from helpers import REPO
+from helpers import REPO, ToLong
 
 
 class _ToyModel(BaseModel):
@@ -149,19 +149,6 @@ def test_inside_the_exporter_shim_a_plain_export_call_traces_and_an_explicit_cho
         assert calls[1:] and not any(calls[1:])
         raise RuntimeError('an error inside the block')
     assert torch.onnx.export is export
-
-
-class ToLong(torch.autograd.Function):
-    """Exported through a symbolic that imports ``_cast_Long``, as mmdeploy's RoIAlign does."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.long()
-
-    @staticmethod
-    def symbolic(g, x):
-        from torch.onnx.symbolic_opset9 import _cast_Long
-        return _cast_Long(g, x, False)
 
 
 class CastsToLong(torch.nn.Module):

@@ -151,25 +151,16 @@ def test_upernet_torch_export_with_dynamic_size_holds_at_other_sizes():
 # does with what it is handed. It reads the checkpoint with mmengine's loader (weights_only under
 # torch >= 2.6, as mmdeploy's build_pytorch_model does), records the keys it would load, and
 # exports with torch.onnx.export called without `dynamo=`, as mmdeploy calls it, recording
-# whether the TorchScript tracer ran the module, through a symbolic that imports `_cast_Long`
-# from torch's opset 9 symbolics, as mmdeploy's RoIAlign does, and runs the graph.
+# whether the TorchScript tracer ran the module, through helpers.ToLong's symbolic (which imports
+# `_cast_Long`, as mmdeploy's RoIAlign does), and runs the graph.
 STAND_IN = '''
 import json, os, torch
 from mmengine.runner.checkpoint import _load_checkpoint
 
+from helpers import ToLong  # a symbolic that imports _cast_Long, as mmdeploy's RoIAlign does
+
 
 TRACED = []
-
-
-class ToLong(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.long()
-
-    @staticmethod
-    def symbolic(g, x):
-        from torch.onnx.symbolic_opset9 import _cast_Long
-        return _cast_Long(g, x, False)
 
 
 class Probe(torch.nn.Module):
@@ -208,7 +199,8 @@ def stand_in(tmp_path):
     (package / 'apis' / '__init__.py').write_text(STAND_IN)
     (tmp_path / 'deploy.py').write_text(DEPLOY_CFG)
     (tmp_path / 'demo.jpg').write_bytes(b'an image the stand-in never reads')
-    path = os.pathsep.join([str(tmp_path / 'site'), os.environ.get('PYTHONPATH', '')])
+    path = os.pathsep.join([str(tmp_path / 'site'), osp.dirname(osp.abspath(__file__)),
+                            os.environ.get('PYTHONPATH', '')])
 
     def run(config, checkpoint, in_process=False):
         args = ['export_onnx.py', 'deploy.py', config, checkpoint, 'demo.jpg', '--work-dir', 'out']
