@@ -345,6 +345,15 @@ def config_build_errors() -> Iterator[None]:
         raise ValueError(f'the config cannot be built: {exc.args[0] if exc.args else exc}') from exc
 
 
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The config's model (as initialised when built: ``init_weights`` is not called), built in
+    its library's scope; what cannot be built is a config error (:func:`config_build_errors`)."""
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope(library_of(cfg))
+    with config_build_errors():
+        return MODELS.build(cfg.model)
+
+
 def _main_process_only(function) -> Optional[Callable]:
     """The function mmengine's ``master_only`` wraps in ``function``; None for any other."""
     from mmengine.dist import master_only

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
                                  read_training_checkpoint)
-from davit_mm.cli import (check_device, check_output_path, config_build_errors,  # noqa: E402
+from davit_mm.cli import (build_model, check_device, check_output_path,  # noqa: E402
                           library_of, load_config, run_tool)
 from davit_mm.compat import (onnx_cast_long, runner_checkpoints_readable,  # noqa: E402
                              torchscript_onnx_export)
@@ -76,10 +76,7 @@ def checked_checkpoint(cfg, path: str, work_dir: str) -> str:
     """The checkpoint mmdeploy is to load: ``path`` when it fits the config's model, key by key
     and shape by shape; an official whole model converted into ``work_dir``; anything else is
     refused (:class:`davit_mm.checkpoint.CheckpointError`)."""
-    from mmengine.registry import MODELS, init_default_scope
-    init_default_scope(cfg.default_scope)
-    with config_build_errors():
-        model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     converted, note = adapt_model_checkpoint(model, read_training_checkpoint(path), path)
     check_checkpoint_fits(model, path, checkpoint=converted)
     if not note:

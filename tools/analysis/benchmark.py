@@ -781,12 +781,10 @@ def build_config_model(cfg):
     import logging
 
     from mmengine.logging import MMLogger
-    from mmengine.registry import MODELS
 
-    from davit_mm.cli import config_build_errors
+    from davit_mm.cli import build_model
     torch.manual_seed(0)
-    with config_build_errors():
-        model = MODELS.build(cfg.model)
+    model = build_model(cfg)
     logger = MMLogger.get_current_instance()
     level = logger.level
     logger.setLevel(logging.WARNING)

@@ -24,12 +24,11 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 import torch  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from davit_mm import ops  # noqa: E402
 from davit_mm.checks import check_channels  # noqa: E402
-from davit_mm.cli import (adapt_config_to_machine, cfg_options_action, config_build_errors,  # noqa: E402
+from davit_mm.cli import (adapt_config_to_machine, build_model, cfg_options_action,  # noqa: E402
                           library_of, load_config, run_tool)
 
 DEFAULT_SHAPES = {'mmdet': (800, 1280), 'mmseg': (512, 2048)}
@@ -52,11 +51,8 @@ def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) 
     library = library_of(cfg)
     check_channels(cfg)
     adapt_config_to_machine(cfg, training=False)
-    init_default_scope(library)
-    from mmengine.registry import MODELS
     torch.manual_seed(0)
-    with config_build_errors():
-        model = MODELS.build(cfg.model).eval()
+    model = build_model(cfg).eval()
     for module in model.modules():
         if hasattr(module, 'set_fused_attention'):
             # The paper's steps: the fused channel attention folds its projections into one
