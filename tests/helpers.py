@@ -29,28 +29,25 @@ def weighted_sum(t: torch.Tensor) -> torch.Tensor:
     return (t * torch.linspace(-1, 1, t.numel()).view(t.shape)).sum()
 
 
-def build_model(config: str):
-    """The model of a config file, built in the config's default scope."""
+def build_model(config: str, for_this_machine: bool = False):
+    """The model of a config file, built as the tools build it (``davit_mm.cli.build_model``);
+    ``for_this_machine``: after ``adapt_config_to_machine`` (SyncBN -> BN off-GPU, ...)."""
     from mmengine.config import Config
-    from mmengine.registry import MODELS, init_default_scope
+
+    from davit_mm.cli import adapt_config_to_machine
+    from davit_mm.cli import build_model as build
     cfg = Config.fromfile(config)
-    init_default_scope(cfg.default_scope)
-    return MODELS.build(cfg.model)
+    if for_this_machine:
+        adapt_config_to_machine(cfg)
+    return build(cfg)
 
 
 def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
     """An untrained model of ``config``, saved as mmengine's runner saves one: with the message
     hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights."""
     import numpy as np
-    from mmengine.config import Config
     from mmengine.logging import MessageHub
-    from mmengine.registry import MODELS, init_default_scope
-
-    from davit_mm.cli import adapt_config_to_machine
-    cfg = Config.fromfile(config)
-    adapt_config_to_machine(cfg)
-    init_default_scope(cfg.default_scope)
-    model = MODELS.build(cfg.model)
+    model = build_model(config, for_this_machine=True)
     model.init_weights()
     hub = MessageHub.get_instance(f'runner_checkpoint_{osp.basename(str(path))}')
     hub.update_scalar('train/loss', np.float64(1.5))
@@ -58,6 +55,24 @@ def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
     torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}},
                 'message_hub': hub.state_dict()}, str(path))
     return str(path)
+
+
+class ExportProbe(torch.nn.Module):
+    """``x + 1``, recording in ``calls`` whether TorchScript's tracer ran it (torch.export does not
+    trace; it also undoes a forward's changes to the module's own attributes, hence the list)."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append(torch.jit.is_tracing())
+        return x + 1
+
+
+class CastToLong(torch.nn.Module):
+    def forward(self, x):
+        return ToLong.apply(x)
 
 
 class ToLong(torch.autograd.Function):

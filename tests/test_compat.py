@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from davit_mm import compat
 from davit_mm.engine import RunnerCheckpointsHook
-from helpers import REPO, ToLong
+from helpers import REPO, CastToLong, ExportProbe
 
 
 class _ToyModel(BaseModel):
@@ -109,19 +109,6 @@ def test_each_import_time_shim_is_gated_on_its_package(monkeypatch, shim, packag
     assert not compat.needed(shim)
 
 
-class ExportProbe(torch.nn.Module):
-    """Records, per call, whether TorchScript's tracer ran it (torch.export does not trace; it
-    also undoes a forward's changes to the module's own attributes, hence the outside list)."""
-
-    def __init__(self, calls):
-        super().__init__()
-        self.calls = calls
-
-    def forward(self, x):
-        self.calls.append(torch.jit.is_tracing())
-        return x + 1
-
-
 @pytest.mark.parametrize('versions,needed', [
     ({'torch': (2, 13, 0), 'mmdeploy': (1, 3, 1)}, True),
     ({'torch': (2, 8, 0), 'mmdeploy': (1, 3, 1)}, False),   # TorchScript was still the default
@@ -151,11 +138,6 @@ def test_inside_the_exporter_shim_a_plain_export_call_traces_and_an_explicit_cho
     assert torch.onnx.export is export
 
 
-class CastsToLong(torch.nn.Module):
-    def forward(self, x):
-        return ToLong.apply(x)
-
-
 def test_inside_the_cast_long_shim_mmdeploys_import_works_and_casts_to_int64(monkeypatch, tmp_path):
     ort = pytest.importorskip('onnxruntime')
     opset9 = importlib.import_module('torch.onnx.symbolic_opset9')
@@ -163,13 +145,13 @@ def test_inside_the_cast_long_shim_mmdeploys_import_works_and_casts_to_int64(mon
     monkeypatch.setattr(compat, 'needed', lambda shim: shim == 'onnx_cast_long')
     path = str(tmp_path / 'cast.onnx')
     with compat.onnx_cast_long():
-        torch.onnx.export(CastsToLong(), (torch.zeros(1, 3),), path, input_names=['x'], dynamo=False)
+        torch.onnx.export(CastToLong(), (torch.zeros(1, 3),), path, input_names=['x'], dynamo=False)
     assert not hasattr(opset9, '_cast_Long')
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     out = session.run(None, {'x': np.full((1, 3), 2.5, np.float32)})[0]
     assert out.dtype == np.int64 and out.tolist() == [[2, 2, 2]]
     with pytest.raises(ImportError, match='_cast_Long'):
-        torch.onnx.export(CastsToLong(), (torch.zeros(1, 3),), path, dynamo=False)
+        torch.onnx.export(CastToLong(), (torch.zeros(1, 3),), path, dynamo=False)
 
 
 @pytest.mark.parametrize('mmdeploy,torch_has_it,added', [

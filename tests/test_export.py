@@ -151,22 +151,15 @@ def test_upernet_torch_export_with_dynamic_size_holds_at_other_sizes():
 # does with what it is handed. It reads the checkpoint with mmengine's loader (weights_only under
 # torch >= 2.6, as mmdeploy's build_pytorch_model does), records the keys it would load, and
 # exports with torch.onnx.export called without `dynamo=`, as mmdeploy calls it, recording
-# whether the TorchScript tracer ran the module, through helpers.ToLong's symbolic (which imports
+# whether the TorchScript tracer ran the module, through helpers.CastToLong (its symbolic imports
 # `_cast_Long`, as mmdeploy's RoIAlign does), and runs the graph.
 STAND_IN = '''
 import json, os, torch
 from mmengine.runner.checkpoint import _load_checkpoint
 
-from helpers import ToLong  # a symbolic that imports _cast_Long, as mmdeploy's RoIAlign does
-
+from helpers import CastToLong, ExportProbe  # CastToLong: the symbolic imports _cast_Long
 
 TRACED = []
-
-
-class Probe(torch.nn.Module):
-    def forward(self, x):
-        TRACED.append(torch.jit.is_tracing())
-        return ToLong.apply(x + 1)
 
 
 def torch2onnx(img, work_dir, save_file, deploy_cfg, model_cfg, model_checkpoint=None,
@@ -174,7 +167,8 @@ def torch2onnx(img, work_dir, save_file, deploy_cfg, model_cfg, model_checkpoint
     import numpy, onnxruntime
     checkpoint = _load_checkpoint(model_checkpoint, map_location='cpu')
     path = os.path.join(work_dir, save_file)
-    torch.onnx.export(Probe(), (torch.zeros(1, 3),), path, input_names=['x'])
+    probe = torch.nn.Sequential(ExportProbe(TRACED), CastToLong())
+    torch.onnx.export(probe, (torch.zeros(1, 3),), path, input_names=['x'])
     session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
     output = session.run(None, {'x': numpy.full((1, 3), 1.5, numpy.float32)})[0]
     record = dict(img=img, deploy_cfg=deploy_cfg, model_cfg=model_cfg, device=device,

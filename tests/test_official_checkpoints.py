@@ -23,12 +23,12 @@ import torch
 from mmengine.config import Config
 
 from davit_mm import compat
-from davit_mm.cli import adapt_config_to_machine
 from davit_mm.checkpoint import (CheckpointError, adapt_model_checkpoint, convert_model_checkpoint,
                                  detect_model_format)
 from davit_mm.engine import OfficialCheckpointHook
 from davit_mm.synthetic import ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES
-from helpers import CONFIGS, REPO, assert_user_error, metric, run_tool, write_datasets
+from helpers import (CONFIGS, REPO, assert_user_error, build_model, metric, run_tool,
+                     write_datasets)
 from official_models import official_checkpoint, official_config, randomise_
 
 TESTS = osp.dirname(osp.abspath(__file__))
@@ -43,11 +43,7 @@ TOOL_ENV = {'PYTHONPATH': os.pathsep.join([TESTS, REPO, os.environ.get('PYTHONPA
 
 
 def build(config: str):
-    from mmengine.registry import MODELS, init_default_scope
-    cfg = Config.fromfile(config)
-    adapt_config_to_machine(cfg)
-    init_default_scope(cfg.default_scope)
-    return MODELS.build(cfg.model).eval()
+    return build_model(config, for_this_machine=True).eval()
 
 
 @pytest.fixture(scope='module')
