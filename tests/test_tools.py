@@ -6,6 +6,7 @@ import os.path as osp
 import subprocess
 import sys
 
+import cv2
 import pytest
 import torch
 from mmengine.config import Config
@@ -13,10 +14,12 @@ from mmengine.config import Config
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.cli import adapt_config_to_machine
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, assert_user_error, run_tool, run_tool_in_process, write_datasets
+from helpers import (CONFIGS, REPO, assert_user_error, run_tool, run_tool_in_process,
+                     save_runner_checkpoint, write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
+UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
 
 
 @pytest.fixture(scope='module')
@@ -217,6 +220,85 @@ def test_fine_tuning_from_a_checkpoint_with_another_num_classes_reports_the_skip
     assert skipped == {'bbox_head.retina_cls.weight', 'bbox_head.retina_cls.bias'}
     for key in set(after) - skipped:
         assert torch.equal(after[key], before[key]), key
+
+
+# ------------------------------------------------------------------------- test.py --show
+# A matplotlib backend (MPLBACKEND=module://recording_window) that opens no window: it records
+# each image the visualizer shows, under which title, and how long it then waits.
+RECORDING_WINDOW = """
+import json, os
+from matplotlib.backend_bases import FigureManagerBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+
+def record(**entry):
+    with open(os.environ['SHOWN_LOG'], 'a') as log:
+        log.write(json.dumps(entry) + '\\n')
+
+
+class FigureManager(FigureManagerBase):
+    def show(self):
+        image = self.canvas.figure.axes[0].images[0].get_array()
+        record(title=self.get_window_title(), shape=list(image.shape))
+
+
+class FigureCanvas(FigureCanvasAgg):
+    manager_class = FigureManager
+
+    def start_event_loop(self, timeout=0):
+        record(wait=timeout)
+"""
+
+
+@pytest.mark.parametrize('config,data', [(RETINANET, dict(coco=dict(num_train=1, num_val=3, seed=2))),
+                                         (UPERNET, dict(ade20k=dict(num_train=1, num_val=3, seed=2)))])
+def test_test_tool_shows_each_images_predictions_for_the_wait_time(tmp_path, config, data):
+    write_datasets(tmp_path, **data)
+    (tmp_path / 'recording_window.py').write_text(RECORDING_WINDOW)
+    checkpoint = save_runner_checkpoint(config, tmp_path / 'model.pth', ('a', 'b', 'c'))
+    log = tmp_path / 'shown.jsonl'
+    result = run_tool(['test.py', config, checkpoint, '--show', '--wait-time', '0.25'], cwd=tmp_path,
+                      env=dict(MPLBACKEND='module://recording_window', PYTHONPATH=str(tmp_path),
+                               SHOWN_LOG=str(log)))
+    assert '(test) [' in result.stdout  # the evaluation ran to its end (its log line)
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    shown, waits = entries[0::2], entries[1::2]  # each image: shown, then waited on
+    images = {p.name: p for p in tmp_path.rglob('*.jpg') if p.parent.name in ('val2017', 'validation')}
+    assert len(images) == 3 and len(shown) == 3
+    for name, entry in zip(sorted(images), sorted(shown, key=lambda e: e['title'])):
+        assert entry['title'].endswith(name)  # mmdet: NAME.jpg, mmseg: test_NAME.jpg
+        height, width = cv2.imread(str(images[name])).shape[:2]
+        assert entry['shape'] == [height, 2 * width, 3]  # ground truth beside the prediction
+    assert waits == [dict(wait=0.25)] * 3
+
+
+@pytest.mark.parametrize('config,args,message', [
+    (RETINANET, ['--wait-time', '1'], '--wait-time 1 applies to --show only'),
+    (RETINANET, ['--show', '--wait-time', '-1'], '--wait-time -1: accepted seconds >= 0'),
+    (RETINANET, ['--show', '--wait-time', 'nan'], '--wait-time nan: accepted seconds >= 0'),
+    (UPERNET, ['--show', '--show-dir', 'vis'], "--show with --show-dir: mmseg's visualization hook"),
+    (RETINANET, ['--show'], "--show: matplotlib's backend here is 'agg', which opens no window"),
+])
+def test_test_tool_refuses_show_options_it_cannot_honour(tmp_path, monkeypatch, config, args, message):
+    """Without a display matplotlib draws into memory only: the run would wait --wait-time
+    seconds per image (forever for 0) showing nothing."""
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(plt, 'get_backend', lambda: 'agg')
+    (tmp_path / 'model.pth').write_bytes(b'')  # refused before it is read
+    result = run_tool_in_process(['test.py', config, tmp_path / 'model.pth'] + args, cwd=tmp_path)
+    assert_user_error(result, message)
+
+
+def test_test_tool_names_why_matplotlib_cannot_open_a_window(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    def headless():
+        raise ImportError("Cannot load backend 'TkAgg' which requires the 'tk' interactive "
+                          "framework, as 'headless' is currently running")
+    monkeypatch.setattr(plt, 'get_backend', headless)
+    (tmp_path / 'model.pth').write_bytes(b'')
+    result = run_tool_in_process(['test.py', RETINANET, tmp_path / 'model.pth', '--show'], cwd=tmp_path)
+    assert_user_error(result, "--show: matplotlib cannot open a window here: Cannot load backend 'TkAgg'")
 
 
 # -------------------------------------------------------------- launchers, quickstart and demo
