@@ -136,6 +136,29 @@ def check_device(device: str) -> None:
                          f'cuda:{count - 1}')
 
 
+# matplotlib's backends that draw no window (mmengine's visualizers show images through matplotlib).
+NON_INTERACTIVE_BACKENDS = ('agg', 'cairo', 'pdf', 'pgf', 'ps', 'svg', 'template')
+
+
+def check_can_show(option: str = '--show') -> None:
+    """``option`` (showing images in a window) where matplotlib can open one. Without a display
+    matplotlib falls back to a backend that draws into memory, and mmengine's visualizers then wait
+    their ``wait_time`` per image with nothing shown (forever for 0).
+
+    Raises:
+        ValueError: matplotlib's backend draws no window, or the one asked for cannot load.
+    """
+    import matplotlib.pyplot as plt
+    try:
+        backend = plt.get_backend()
+    except ImportError as exc:  # e.g. MPLBACKEND=TkAgg where no display is
+        raise ValueError(f'{option}: matplotlib cannot open a window here: {exc}') from None
+    if backend.lower() in NON_INTERACTIVE_BACKENDS:
+        raise ValueError(f'{option}: matplotlib\'s backend here is {backend!r}, which opens no window '
+                         f'(no display found); run where there is a display, or set MPLBACKEND to '
+                         f'an interactive backend (e.g. TkAgg or QtAgg)')
+
+
 def check_output_path(label: str, path: str, folder: bool) -> None:
     """Refuse, before anything runs, an output location that cannot be written: a folder
     (``folder``) that exists as a file, a file that exists as a folder, or a path whose nearest

@@ -1,13 +1,14 @@
 """Run a davit_mm detector or segmentor on images and save the drawn predictions.
 
     python demo/image_demo.py IMAGE CONFIG CHECKPOINT [--out-dir outputs/demo] [--device cpu]
-                              [--score-thr 0.3]
+                              [--score-thr 0.3] [--show]
 
 IMAGE is an image file or a folder of images. Detection configs draw boxes and masks (mmdet's
 DetInferencer), segmentation configs draw the label map (mmseg's MMSegInferencer); the library is
 picked from the config's default_scope. Drawn images go to OUT_DIR/vis/, raw predictions to
 OUT_DIR/preds/ (detection, IMAGE.json) or OUT_DIR/pred/ (segmentation, IMAGE_pred.png label
-maps), each named after its image.
+maps), each named after its image. ``--show`` also displays each drawing in a window until a key
+is pressed (needs a display).
 """
 import argparse
 import os
@@ -20,8 +21,8 @@ import torch  # noqa: E402
 from davit_mm import compat  # noqa: E402
 from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
                                  read_training_checkpoint)
-from davit_mm.cli import (adapt_config_to_machine, check_device, check_output_path,  # noqa: E402
-                          library_of, load_config, run_tool)
+from davit_mm.cli import (adapt_config_to_machine, check_can_show, check_device,  # noqa: E402
+                          check_output_path, library_of, load_config, run_tool)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -36,6 +37,8 @@ def parse_args(argv=None):
                         help='device, e.g. cpu or cuda:0 (default: cuda:0 when available)')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: boxes below this score are not drawn')
+    parser.add_argument('--show', action='store_true',
+                        help='also display each drawing in a window until a key is pressed')
     return parser.parse_args(argv)
 
 
@@ -94,6 +97,8 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args.image, args.checkpoint, args.device)
     check_output_path('--out-dir', args.out_dir, folder=True)
+    if args.show:
+        check_can_show()
     cfg = load_config(args.config)
     adapt_config_to_machine(cfg, training=False)
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
@@ -102,12 +107,12 @@ def main(argv=None):
         inferencer = checked_inferencer(DetInferencer, args.checkpoint)(
             model=cfg, weights=args.checkpoint, device=args.device, show_progress=False)
         inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr,
-                   no_save_pred=False)
+                   no_save_pred=False, show=args.show)
     else:
         from mmseg.apis import MMSegInferencer
         inferencer = named_label_maps(checked_inferencer(MMSegInferencer, args.checkpoint))(
             model=cfg, weights=args.checkpoint, device=args.device)
-        inferencer(args.image, out_dir=args.out_dir)
+        inferencer(args.image, out_dir=args.out_dir, show=args.show)
     print(f'drawn predictions: {osp.join(args.out_dir, "vis")}')
 
 

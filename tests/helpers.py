@@ -42,9 +42,10 @@ def build_model(config: str, for_this_machine: bool = False):
     return build(cfg)
 
 
-def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
+def save_runner_checkpoint(config: str, path, classes: Sequence[str], palette: Sequence = None) -> str:
     """An untrained model of ``config``, saved as mmengine's runner saves one: with the message
-    hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights."""
+    hub's logged scalars (``HistoryBuffer`` objects holding numpy arrays) beside the weights, and
+    the dataset's ``classes`` (and ``palette``: mmseg's runs save one) in its meta."""
     import numpy as np
     from mmengine.logging import MessageHub
     model = build_model(config, for_this_machine=True)
@@ -52,7 +53,8 @@ def save_runner_checkpoint(config: str, path, classes: Sequence[str]) -> str:
     hub = MessageHub.get_instance(f'runner_checkpoint_{osp.basename(str(path))}')
     hub.update_scalar('train/loss', np.float64(1.5))
     hub.update_info('iter', 20)
-    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': classes}},
+    meta = {'classes': classes} if palette is None else {'classes': classes, 'palette': palette}
+    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': meta},
                 'message_hub': hub.state_dict()}, str(path))
     return str(path)
 

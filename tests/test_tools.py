@@ -250,26 +250,53 @@ class FigureCanvas(FigureCanvasAgg):
 """
 
 
-@pytest.mark.parametrize('config,data', [(RETINANET, dict(coco=dict(num_train=1, num_val=3, seed=2))),
-                                         (UPERNET, dict(ade20k=dict(num_train=1, num_val=3, seed=2)))])
-def test_test_tool_shows_each_images_predictions_for_the_wait_time(tmp_path, config, data):
-    write_datasets(tmp_path, **data)
-    (tmp_path / 'recording_window.py').write_text(RECORDING_WINDOW)
-    checkpoint = save_runner_checkpoint(config, tmp_path / 'model.pth', ('a', 'b', 'c'))
-    log = tmp_path / 'shown.jsonl'
-    result = run_tool(['test.py', config, checkpoint, '--show', '--wait-time', '0.25'], cwd=tmp_path,
-                      env=dict(MPLBACKEND='module://recording_window', PYTHONPATH=str(tmp_path),
-                               SHOWN_LOG=str(log)))
-    assert '(test) [' in result.stdout  # the evaluation ran to its end (its log line)
+SHOW_CASES = [(RETINANET, dict(coco=dict(num_train=1, num_val=3, seed=2))),
+              (UPERNET, dict(ade20k=dict(num_train=1, num_val=3, seed=2)))]
+
+
+def shown_in_a_recording_window(root, config, data, command):
+    """Run ``command`` (a tool and its arguments, the untrained model of ``config`` saved as
+    ``root/model.pth``) over 3 generated validation images with the recording backend; returns
+    the images ({name: path}) and, per image shown, what was shown and how long it waited."""
+    write_datasets(root, **data)
+    (root / 'recording_window.py').write_text(RECORDING_WINDOW)
+    save_runner_checkpoint(config, root / 'model.pth', ('a', 'b', 'c'),
+                           [[0, 0, 0], [255, 0, 0], [0, 255, 0]] if config == UPERNET else None)
+    log = root / 'shown.jsonl'
+    env = dict(MPLBACKEND='module://recording_window', PYTHONPATH=str(root), SHOWN_LOG=str(log))
+    result = run_tool(command, cwd=root, env=env)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
-    shown, waits = entries[0::2], entries[1::2]  # each image: shown, then waited on
-    images = {p.name: p for p in tmp_path.rglob('*.jpg') if p.parent.name in ('val2017', 'validation')}
-    assert len(images) == 3 and len(shown) == 3
-    for name, entry in zip(sorted(images), sorted(shown, key=lambda e: e['title'])):
+    shown = sorted(zip(entries[0::2], entries[1::2]), key=lambda pair: pair[0]['title'])
+    images = {p.name: p for p in root.rglob('*.jpg') if p.parent.name in ('val2017', 'validation')}
+    assert len(images) == 3 and len(shown) == 3, entries
+    return result, images, shown
+
+
+@pytest.mark.parametrize('config,data', SHOW_CASES)
+def test_test_tool_shows_each_images_predictions_for_the_wait_time(tmp_path, config, data):
+    result, images, shown = shown_in_a_recording_window(
+        tmp_path, config, data, ['test.py', config, 'model.pth', '--show', '--wait-time', '0.25'])
+    assert '(test) [' in result.stdout  # the evaluation ran to its end (its log line)
+    for name, (entry, wait) in zip(sorted(images), shown):
         assert entry['title'].endswith(name)  # mmdet: NAME.jpg, mmseg: test_NAME.jpg
         height, width = cv2.imread(str(images[name])).shape[:2]
         assert entry['shape'] == [height, 2 * width, 3]  # ground truth beside the prediction
-    assert waits == [dict(wait=0.25)] * 3
+        assert wait == dict(wait=0.25)
+
+
+@pytest.mark.parametrize('config,data', SHOW_CASES)
+def test_image_demo_shows_each_drawing_until_a_key_is_pressed_and_saves_it(tmp_path, config, data):
+    images_dir = 'data/synthetic_coco/val2017' if config == RETINANET else \
+        'data/synthetic_ade20k/ADEChallengeData2016/images/validation'
+    _, images, shown = shown_in_a_recording_window(
+        tmp_path, config, data, ['../demo/image_demo.py', images_dir, config, 'model.pth', '--device',
+                                 'cpu', '--out-dir', 'out', '--show'])
+    for name, (entry, wait) in zip(sorted(images), shown):
+        assert entry['title'] == name
+        height, width = cv2.imread(str(images[name])).shape[:2]
+        assert entry['shape'] == [height, width, 3]  # the prediction alone
+        assert wait == dict(wait=0)
+    assert sorted(p.name for p in (tmp_path / 'out' / 'vis').iterdir()) == sorted(images)
 
 
 @pytest.mark.parametrize('config,args,message', [
@@ -287,6 +314,16 @@ def test_test_tool_refuses_show_options_it_cannot_honour(tmp_path, monkeypatch, 
     (tmp_path / 'model.pth').write_bytes(b'')  # refused before it is read
     result = run_tool_in_process(['test.py', config, tmp_path / 'model.pth'] + args, cwd=tmp_path)
     assert_user_error(result, message)
+
+
+def test_image_demo_refuses_show_without_a_window(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(plt, 'get_backend', lambda: 'agg')
+    write_datasets(tmp_path, coco=dict(num_train=1, num_val=1, seed=2))
+    torch.save({'state_dict': {}}, tmp_path / 'weights.pth')  # readable: the --show check is next
+    result = run_tool_in_process(['../demo/image_demo.py', 'data/synthetic_coco/val2017', RETINANET,
+                                  'weights.pth', '--device', 'cpu', '--show'], cwd=tmp_path)
+    assert_user_error(result, "--show: matplotlib's backend here is 'agg', which opens no window")
 
 
 def test_test_tool_names_why_matplotlib_cannot_open_a_window(tmp_path, monkeypatch):

@@ -23,15 +23,13 @@ from typing import Optional
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
 from davit_mm.checks import preflight  # noqa: E402
-from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
-                          draw_on_every_process, enable_tta, library_of, load_config,
-                          parse_launch_arguments, run_guarded, run_tool)
+from davit_mm.cli import (add_launch_arguments, build_runner, check_can_show,  # noqa: E402
+                          check_output_path, draw_on_every_process, enable_tta, library_of,
+                          load_config, parse_launch_arguments, run_guarded, run_tool)
 
 
 # What mmdet's and mmseg's own tools/test.py default to.
 DEFAULT_WAIT_TIME = 2.
-# matplotlib's backends that draw no window (mmengine's visualizers show images through matplotlib).
-NON_INTERACTIVE_BACKENDS = ('agg', 'cairo', 'pdf', 'pgf', 'ps', 'svg', 'template')
 
 
 def parse_args(argv=None):
@@ -55,9 +53,7 @@ def parse_args(argv=None):
 
 
 def check_show(args, library: str) -> None:
-    """``--show`` and ``--wait-time`` make sense together and where a window can open: on a
-    machine without a display matplotlib falls back to a backend that draws nowhere, and the
-    visualizer would wait ``--wait-time`` seconds (forever for 0) per image showing nothing."""
+    """``--show`` and ``--wait-time`` make sense together, and where a window can open."""
     if args.wait_time is not None and not args.show:
         raise ValueError(f'--wait-time {args.wait_time:g} applies to --show only')
     if not args.show:
@@ -68,16 +64,7 @@ def check_show(args, library: str) -> None:
     if library == 'mmseg' and args.show_dir:
         raise ValueError('--show with --show-dir: mmseg\'s visualization hook then drops the '
                          'visualizer\'s file backends and --show-dir would stay empty; give one')
-    import matplotlib.pyplot as plt
-    try:
-        backend = plt.get_backend()
-    except ImportError as exc:  # e.g. MPLBACKEND=TkAgg where no display is
-        raise ValueError(f'--show: matplotlib cannot open a window here: {exc}') from None
-    if backend.lower() in NON_INTERACTIVE_BACKENDS:
-        raise ValueError(f'--show: matplotlib\'s backend here is {backend!r}, which opens no window '
-                         f'(no display found); run where there is a display, set MPLBACKEND to an '
-                         f'interactive backend (e.g. TkAgg or QtAgg), or draw into files with '
-                         f'--show-dir')
+    check_can_show()
 
 
 def enable_drawing(cfg, library: str, show_dir: Optional[str] = None,
