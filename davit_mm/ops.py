@@ -114,6 +114,15 @@ def _onednn_bf16_supported() -> bool:
         return False
 
 
+def _onednn_fp16_supported() -> bool:
+    """Whether oneDNN computes in fp16 here (AVX-512 FP16 or AMX-FP16, within
+    ``ONEDNN_MAX_CPU_ISA``). Private, and False on a torch without the query."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _cuda_depthwise_op() -> Optional[Callable]:
     """PyTorch's own CUDA depth-wise convolution (``aten::_conv_depthwise2d``, with autograd),
     or None; private, present with this signature since torch 1.x."""
@@ -221,6 +230,19 @@ _PACK_MIN_ROWS = 4096
 # The dtypes oneDNN's linear serves.
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
+# CPU attention in half precision (a bf16/fp16 model, or CPU autocast) takes the three plain steps
+# where gradients flow and oneDNN computes that dtype itself (the half dtypes below), and
+# PyTorch's CPU flash attention (F.scaled_dot_product_attention) everywhere else. Per DaViT-T
+# step at 800 x 1216 in bf16, on an Intel Xeon with AMX (model 167), the attention alone: with
+# AVX-512 kernels, training 97 ms plain against 745 ms for the flash attention (its backward is
+# slow for 49-token windows), inference 50 ms against 35; with AVX2 kernels, where oneDNN has no
+# bf16, the plain steps' half-precision matmuls are slow: training 1456 ms against 427,
+# inference 635 ms against 48 (fp16 alike; docs/benchmark.md). ``tools/analysis/benchmark.py
+# --other-half-attention`` times the other choice beside it.
+_NATIVE_HALF_DTYPES = tuple(dtype for dtype, native in ((torch.bfloat16, _onednn_bf16_supported()),
+                                                        (torch.float16, _onednn_fp16_supported()))
+                            if native)
+_PLAIN_HALF_ATTENTION = True  # False: the other choice (the benchmark's --other-half-attention)
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
 # The depth-wise kernel's backward, called with cuDNN off (see _AtenDepthwiseFunction).
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
@@ -736,19 +758,29 @@ def add_dropped_path(x: torch.Tensor, branch: torch.Tensor, drop_prob: float) ->
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for ``(..., tokens, d)`` queries, keys and values.
 
-    ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a bf16 model,
-    or CPU autocast): there PyTorch's CPU flash attention is slow for DaViT's 49-token windows
-    (531 ms of a 1.75 s DaViT-T training step in its backward; docs/benchmark.md), so the plain
-    steps run (the official code's own order). On CUDA, cuDNN's attention is left out
-    (:func:`_sdpa_without_cudnn`).
+    ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a half
+    precision model, or CPU autocast) where gradients flow and oneDNN computes that dtype itself:
+    there PyTorch's CPU flash attention is slow in backward for DaViT's 49-token windows, so the
+    plain steps run (the official code's own order; :data:`_NATIVE_HALF_DTYPES`). On CUDA,
+    cuDNN's attention is left out (:func:`_sdpa_without_cudnn`).
     """
-    if _fast(q, 'cpu') and (q.dtype in (torch.bfloat16, torch.float16)
-                            or _autocast_dtype('cpu') is not None):
+    if _fast(q, 'cpu') and _plain_half_attention(q, k, v):
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     if _SDPA_WITHOUT_CUDNN is not None and _fast(q, 'cuda'):
         with _SDPA_WITHOUT_CUDNN():  # no per-shape cuDNN plans (see _sdpa_without_cudnn)
             return F.scaled_dot_product_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def _plain_half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether CPU attention takes the plain steps (:data:`_NATIVE_HALF_DTYPES`); full precision
+    never does."""
+    half = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else _autocast_dtype('cpu')
+    if half is None:
+        return False
+    plain = (half in _NATIVE_HALF_DTYPES and torch.is_grad_enabled()
+             and (q.requires_grad or k.requires_grad or v.requires_grad))
+    return plain == _PLAIN_HALF_ATTENTION
 
 
 # Gradient entries of the channel attention's logits below this fraction of the largest in their

@@ -456,8 +456,10 @@ def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
      lambda before: 0, (4096, 1)),
     ('--subnormal-grads', 'ours_subnormal_grads', ('_DROP_NEGLIGIBLE_GRADS',), 'logit gradient',
      lambda before: False, (True,)),
+    ('--other-half-attention', 'ours_other_half_attention', ('_PLAIN_HALF_ATTENTION',),
+     'attention kernel', lambda before: False, (True,)),
 ], ids=['other-linears', 'other-training-linears', 'unpacked-weights', 'pack-every-call',
-        'subnormal-grads'])
+        'subnormal-grads', 'other-half-attention'])
 def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, flag, variant,
                                                           attributes, what, during, stand_ins):
     """--other-linears (the comparisons behind the AVX2 choices in docs/benchmark.md) times ours
@@ -465,9 +467,10 @@ def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, f
     choice) with the other kernel for training's linears, --unpacked-weights (behind packing the
     weights of the inference MLP and of the training forward) with the weights handed to oneDNN
     plain, --pack-every-call (behind ops._PACK_MIN_ROWS) with the weights packed for every
-    call, --subnormal-grads with the channel attention's logit gradients kept whole; each puts
-    the choices back after (checked from stand-in settings other than the variant's), and on a
-    GPU it is refused, saying why."""
+    call, --subnormal-grads with the channel attention's logit gradients kept whole,
+    --other-half-attention with the other CPU attention kernel in half precision; each puts the
+    choices back after (checked from stand-in settings other than the variant's), and on a GPU
+    it is refused, saying why (--other-half-attention in fp32 too: no choice is made there)."""
     from davit_mm import ops
     benchmark = load_tool('analysis/benchmark.py')
     for before in stand_ins:
@@ -479,13 +482,18 @@ def test_cpu_choice_flags_time_ours_with_the_other_choice(monkeypatch, capsys, f
             lambda: seen.append([getattr(ops, attribute) for attribute in attributes]))()
         assert seen == [[during(before)] * len(attributes)]
         assert all(getattr(ops, attribute) is before for attribute in attributes)
-    args = benchmark.parse_args([flag, '--device', 'cpu'])
+    args = benchmark.parse_args([flag, '--device', 'cpu', '--dtype', 'bf16'])
     assert benchmark.ours_variants(args) == [variant]
     monkeypatch.setattr(benchmark.torch.cuda, 'is_available', lambda: True)
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args([flag, '--device', 'cuda'])
+        benchmark.parse_args([flag, '--device', 'cuda', '--dtype', 'bf16'])
     assert exit_info.value.code == 2
     assert f"{flag}: the choice of {what} is the CPU's" in capsys.readouterr().err
+    if flag == '--other-half-attention':
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.parse_args([flag, '--device', 'cpu'])
+        assert exit_info.value.code == 2
+        assert f'{flag}: the choice is made in fp16/bf16 only' in capsys.readouterr().err
 
 
 def test_interleaved_rounds_rotate_so_no_run_always_follows_the_same_one():

@@ -4,7 +4,7 @@
         [--dtype fp32|fp16|bf16] [--device cpu|cuda] [--modes forward train] [--repeats 5]
         [--warmup 2] [--memory] [--with-cp] [--compile] [--plain-kernels] [--aten-depthwise]
         [--other-linears] [--other-training-linears] [--unpacked-weights] [--pack-every-call]
-        [--timm] [--profile]
+        [--subnormal-grads] [--other-half-attention] [--timm] [--profile]
         [--threads N] [--json OUT]
     python tools/analysis/benchmark.py --modes new_shape --sizes 544x832 608x928 ... [--timm]
         [--aten-depthwise]
@@ -42,7 +42,10 @@ oneDNN's where davit_mm takes PyTorch's matmul (Intel CPUs), and the other way r
 handed to oneDNN plain, to be reordered at every call or block, rather than packed once per
 call, ``--pack-every-call`` (CPU) ours with the weights of training linears that make one call
 packed for every call, however few rows it multiplies (davit_mm packs them from
-``davit_mm.ops._PACK_MIN_ROWS`` rows), ``--compile``
+``davit_mm.ops._PACK_MIN_ROWS`` rows), ``--other-half-attention`` (CPU, fp16/bf16) ours with the
+other choice of window-attention kernel in half precision: PyTorch's flash attention where
+davit_mm takes the plain steps (training, where oneDNN computes the dtype), and the plain steps
+where it takes the flash attention, ``--compile``
 ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
@@ -159,6 +162,11 @@ def parse_args(argv=None):
                         help="CPU: also time ours with the gradient of the channel attention's "
                              "logits kept whole, subnormal entries included (davit_mm drops its "
                              "negligible entries: davit_mm.ops.drop_negligible_grad)")
+    parser.add_argument('--other-half-attention', action='store_true',
+                        help="CPU, fp16/bf16: also time ours with the other choice of window-"
+                             "attention kernel (PyTorch's flash attention where davit_mm takes "
+                             "the plain steps, and the other way round: "
+                             "davit_mm.ops._NATIVE_HALF_DTYPES)")
     parser.add_argument('--accuracy', action='store_true',
                         help='also report the error of ours and of the reference against float64')
     parser.add_argument('--profile', action='store_true',
@@ -185,10 +193,15 @@ def parse_args(argv=None):
                                'linear kernel'),
                               ('--unpacked-weights', args.unpacked_weights, 'weight layout'),
                               ('--pack-every-call', args.pack_every_call, 'weight layout'),
-                              ('--subnormal-grads', args.subnormal_grads, 'logit gradient')):
+                              ('--subnormal-grads', args.subnormal_grads, 'logit gradient'),
+                              ('--other-half-attention', args.other_half_attention,
+                               'attention kernel')):
         if given and args.device != 'cpu':
             parser.error(f'{flag}: the choice of {what} is the CPU\'s, not '
                          f'--device {args.device}\'s')
+    if args.other_half_attention and args.dtype == 'fp32':
+        parser.error('--other-half-attention: the choice is made in fp16/bf16 only, not with '
+                     '--dtype fp32')
     if args.config is None:
         for name, given in (('--modes test', 'test' in args.modes), ('--tta', args.tta),
                             ('--cfg-options', bool(args.cfg_options))):
@@ -588,6 +601,13 @@ def subnormal_grads(fn: Callable) -> Callable:
     return _with_ops_attributes(fn, _DROP_NEGLIGIBLE_GRADS=False)
 
 
+def other_half_attention(fn: Callable) -> Callable:
+    """``fn`` run with the other choice of CPU attention kernel in half precision than davit_mm
+    makes: PyTorch's flash attention where it takes the plain steps, and the other way round
+    (:data:`davit_mm.ops._PLAIN_HALF_ATTENTION` off)."""
+    return _with_ops_attributes(fn, _PLAIN_HALF_ATTENTION=False)
+
+
 # ours with some of davit_mm.ops' kernels replaced, by implementation name: ``ours_`` and the
 # name of the flag that asks for it (``--plain-kernels``: ``ours_plain_kernels``)
 KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': aten_depthwise,
@@ -595,7 +615,8 @@ KERNEL_VARIANTS = {'ours_plain_kernels': plain_kernels, 'ours_aten_depthwise': a
                    'ours_other_training_linears': other_training_linears,
                    'ours_unpacked_weights': unpacked_weights,
                    'ours_pack_every_call': pack_every_call,
-                   'ours_subnormal_grads': subnormal_grads}
+                   'ours_subnormal_grads': subnormal_grads,
+                   'ours_other_half_attention': other_half_attention}
 
 
 def with_kernels(impl: str, fn: Callable) -> Callable:
