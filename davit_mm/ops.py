@@ -231,14 +231,15 @@ _PACK_MIN_ROWS = 4096
 _ONEDNN_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
 # CPU attention in half precision (a bf16/fp16 model, or CPU autocast) takes the three plain steps
-# where gradients flow and oneDNN computes that dtype itself (the half dtypes below), and
-# PyTorch's CPU flash attention (F.scaled_dot_product_attention) everywhere else. Per DaViT-T
-# step at 800 x 1216 in bf16, on an Intel Xeon with AMX (model 167), the attention alone: with
-# AVX-512 kernels, training 97 ms plain against 745 ms for the flash attention (its backward is
-# slow for 49-token windows), inference 50 ms against 35; with AVX2 kernels, where oneDNN has no
-# bf16, the plain steps' half-precision matmuls are slow: training 1456 ms against 427,
-# inference 635 ms against 48 (fp16 alike; docs/benchmark.md). ``tools/analysis/benchmark.py
-# --other-half-attention`` times the other choice beside it.
+# where oneDNN computes that dtype itself (the half dtypes below), and PyTorch's CPU flash
+# attention (F.scaled_dot_product_attention) where it does not. On an Intel Xeon with AMX (model
+# 167), DaViT-T at 800 x 1216 in bf16: with AVX-512 kernels the flash attention's backward is
+# slow for 49-token windows (training step 1.73 s against 1.13 s with the plain steps; inference
+# within a few percent either way); with AVX2 kernels, where oneDNN has no bf16, the plain
+# steps' half-precision matmuls are slow (plain steps against flash attention: training 91.5 s
+# against 90.1 s, inference 9.81 s against 9.05 s; the attention alone 1456 ms against 427 and
+# 635 ms against 48; fp16 alike in the attention alone; docs/benchmark.md).
+# ``tools/analysis/benchmark.py --other-half-attention`` times the other choice beside it.
 _NATIVE_HALF_DTYPES = tuple(dtype for dtype, native in ((torch.bfloat16, _onednn_bf16_supported()),
                                                         (torch.float16, _onednn_fp16_supported()))
                             if native)
@@ -759,12 +760,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """``softmax(q k^T / sqrt(d)) v`` for ``(..., tokens, d)`` queries, keys and values.
 
     ``F.scaled_dot_product_attention``, except on the CPU fast path in bf16/fp16 (a half
-    precision model, or CPU autocast) where gradients flow and oneDNN computes that dtype itself:
-    there PyTorch's CPU flash attention is slow in backward for DaViT's 49-token windows, so the
-    plain steps run (the official code's own order; :data:`_NATIVE_HALF_DTYPES`). On CUDA,
-    cuDNN's attention is left out (:func:`_sdpa_without_cudnn`).
+    precision model, or CPU autocast) where oneDNN computes that dtype itself: there PyTorch's
+    CPU flash attention is slow in backward for DaViT's 49-token windows, so the plain steps run
+    (the official code's own order; :data:`_NATIVE_HALF_DTYPES`). On CUDA, cuDNN's attention is
+    left out (:func:`_sdpa_without_cudnn`).
     """
-    if _fast(q, 'cpu') and _plain_half_attention(q, k, v):
+    if _fast(q, 'cpu') and _plain_half_attention(q):
         return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     if _SDPA_WITHOUT_CUDNN is not None and _fast(q, 'cuda'):
         with _SDPA_WITHOUT_CUDNN():  # no per-shape cuDNN plans (see _sdpa_without_cudnn)
@@ -772,15 +773,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def _plain_half_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _plain_half_attention(q: torch.Tensor) -> bool:
     """Whether CPU attention takes the plain steps (:data:`_NATIVE_HALF_DTYPES`); full precision
     never does."""
     half = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else _autocast_dtype('cpu')
-    if half is None:
-        return False
-    plain = (half in _NATIVE_HALF_DTYPES and torch.is_grad_enabled()
-             and (q.requires_grad or k.requires_grad or v.requires_grad))
-    return plain == _PLAIN_HALF_ATTENTION
+    return half is not None and (half in _NATIVE_HALF_DTYPES) == _PLAIN_HALF_ATTENTION
 
 
 # Gradient entries of the channel attention's logits below this fraction of the largest in their

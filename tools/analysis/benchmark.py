@@ -44,8 +44,8 @@ call, ``--pack-every-call`` (CPU) ours with the weights of training linears that
 packed for every call, however few rows it multiplies (davit_mm packs them from
 ``davit_mm.ops._PACK_MIN_ROWS`` rows), ``--other-half-attention`` (CPU, fp16/bf16) ours with the
 other choice of window-attention kernel in half precision: PyTorch's flash attention where
-davit_mm takes the plain steps (training, where oneDNN computes the dtype), and the plain steps
-where it takes the flash attention, ``--compile``
+davit_mm takes the plain steps (where oneDNN computes the dtype), and the plain steps where it
+takes the flash attention, ``--compile``
 ``torch.compile(ours)``,
 ``--timm`` timm's DaViT of the same arch (its own random weights: timing, and memory with
 ``--memory``, as for ``--plain-kernels``), ``--profile``
