@@ -83,8 +83,10 @@ cat <<EOF
 
 Everything is in $out:
   predictions/     validation images with the predicted boxes$( [ "$model" = maskrcnn ] && echo ' and masks')
+  demo/preds/      the same predictions as JSON, one file per image
   loss_curve.png   the training losses
   train/           config, logs and checkpoint ($(basename "$checkpoint"))
-  test.log         the COCO evaluation
+  test.log         the COCO evaluation (test/: its log and metrics as mmengine writes them)
+  data/            the generated dataset
 Next: docs/getting_started.md (train the paper's models on COCO and ADE20K).
 EOF
