@@ -227,14 +227,11 @@ _ONEDNN_TRAINING = _cpu_vendor() != 'GenuineIntel'
 # time at 800 x 1216 (docs/benchmark.md; ``tools/analysis/benchmark.py --pack-every-call``
 # times packing for every call beside it).
 _PACK_MIN_ROWS = 4096
-# The dtypes oneDNN's linear serves.
-_ONEDNN_DTYPES = (torch.float32,) + (
-    (torch.bfloat16,) if _ONEDNN_LINEAR is not None and _onednn_bf16_supported() else ())
 # CPU attention in half precision (a bf16/fp16 model, or CPU autocast) takes the three plain steps
 # where oneDNN computes that dtype itself (the half dtypes below), and PyTorch's CPU flash
 # attention (F.scaled_dot_product_attention) where it does not. On an Intel Xeon with AMX (model
 # 167), DaViT-T at 800 x 1216 in bf16: with AVX-512 kernels the flash attention's backward is
-# slow for 49-token windows (training step 1.73 s against 1.13 s with the plain steps; inference
+# slow for 49-token windows (training step 1.76 s against 1.15 s with the plain steps; inference
 # within a few percent either way); with AVX2 kernels, where oneDNN has no bf16, the plain
 # steps' half-precision matmuls are slow (plain steps against flash attention: training 91.5 s
 # against 90.1 s, inference 9.81 s against 9.05 s; the attention alone 1456 ms against 427 and
@@ -244,6 +241,9 @@ _NATIVE_HALF_DTYPES = tuple(dtype for dtype, native in ((torch.bfloat16, _onednn
                                                         (torch.float16, _onednn_fp16_supported()))
                             if native)
 _PLAIN_HALF_ATTENTION = True  # False: the other choice (the benchmark's --other-half-attention)
+# The dtypes oneDNN's linear serves.
+_ONEDNN_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if _ONEDNN_LINEAR is not None and torch.bfloat16 in _NATIVE_HALF_DTYPES else ())
 _CUDA_DEPTHWISE = _cuda_depthwise_op()
 # The depth-wise kernel's backward, called with cuDNN off (see _AtenDepthwiseFunction).
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
