@@ -234,8 +234,7 @@ _PACK_MIN_ROWS = 4096
 # slow for 49-token windows (training step 1.76 s against 1.15 s with the plain steps; inference
 # within a few percent either way); with AVX2 kernels, where oneDNN has no bf16, the plain
 # steps' half-precision matmuls are slow (plain steps against flash attention: training 91.5 s
-# against 90.1 s, inference 9.81 s against 9.05 s; the attention alone 1456 ms against 427 and
-# 635 ms against 48; fp16 alike in the attention alone; docs/benchmark.md).
+# against 90.1 s, inference 9.81 s against 9.05 s; docs/benchmark.md).
 # ``tools/analysis/benchmark.py --other-half-attention`` times the other choice beside it.
 _NATIVE_HALF_DTYPES = tuple(dtype for dtype, native in ((torch.bfloat16, _onednn_bf16_supported()),
                                                         (torch.float16, _onednn_fp16_supported()))
