@@ -1,7 +1,7 @@
 """tools/setup_env.sh never replaces a torch it finds: it refuses one older than 2.1 and constrains
-pip to numpy < 2 for torch < 2.3. Run against a throwaway venv without pip and a stand-in torch
-module, or with --check (which never calls pip) in the environment running the tests, so nothing
-can be installed anywhere."""
+pip to numpy < 2 for torch < 2.3. Run against a throwaway venv, a stand-in torch module and a
+stand-in pip that records its calls and the constraints file each is given, or with --check (which
+never calls pip) in the environment running the tests, so nothing can be installed anywhere."""
 import glob
 import json
 import os
@@ -51,23 +51,28 @@ def test_a_torch_older_than_2_1_is_refused_not_replaced(bare_python, tmp_path):
 
 
 def test_torch_before_2_3_gets_the_numpy_1_constraints(bare_python, tmp_path):
-    result = run_setup(bare_python, tmp_path, '2.1.2+cu121')
+    result, constraints = run_setup_with_fake_pip(bare_python, tmp_path, '2.1.2+cu121')
     assert 'torch 2.1.2+cu121 < 2.3: adding the constraints of requirements/torch_before_2.3.txt' \
         in result.stdout
-    assert 'No module named pip' in result.stderr  # then pip runs, and is missing here: no install
+    with open(os.path.join(REPO, 'requirements', 'torch_before_2.3.txt')) as f:
+        before_2_3 = f.read().splitlines()
+    assert constraints[0] == 'torch==2.1.2+cu121' and constraints[1:] == before_2_3
+    assert 'numpy<2' in constraints and 'opencv-python<5' in constraints
 
 
 def test_a_current_torch_gets_no_numpy_constraint(bare_python, tmp_path):
-    result = run_setup(bare_python, tmp_path, '2.13.0+cpu')
+    result, constraints = run_setup_with_fake_pip(bare_python, tmp_path, '2.13.0+cpu')
     assert 'torch_before_2.3' not in result.stdout and 'needs torch >= 2.1' not in result.stderr
-    assert 'No module named pip' in result.stderr
+    assert constraints == ['torch==2.13.0+cpu']
 
 
 def test_pip_keeps_the_installed_torch_distributions_version(bare_python, tmp_path):
     """PyPI's CUDA builds report torch.__version__ 2.11.0+cu130 but are torch 2.11.0 to pip: a
     pin on the former matches nothing installed, and pip could not install davit_mm."""
-    result = run_setup(bare_python, tmp_path, '2.11.0+cu130', distribution='2.11.0')
+    result, constraints = run_setup_with_fake_pip(bare_python, tmp_path, '2.11.0+cu130',
+                                                  distribution='2.11.0')
     assert 'every pip call below keeps torch==2.11.0\n' in result.stdout
+    assert constraints == ['torch==2.11.0']
 
 
 # The lines of mmcv 2.1.0's setup.py that setup_env.sh changes, as they stand there: runnable, so
@@ -83,7 +88,8 @@ def get_version():
 extra_compile_args = {'cxx': ['-std=c++17'], 'nvcc': ['-std=c++17']}
 """
 
-# Stands in for pip (``python -m pip``): records each call. ``download`` leaves the unpacked
+# Stands in for pip (``python -m pip``): records each call and the lines of the $PIP_CONSTRAINT file
+# it is given. ``download`` leaves the unpacked
 # source in a folder of $TMPDIR (as pip's --no-clean does) and fails, as pip's metadata step does
 # on Python >= 3.13; ``install --only-binary`` finds no wheel; an install of a folder keeps its
 # setup.py and what its get_version() gives; every other call succeeds without installing.
@@ -93,6 +99,8 @@ log = os.environ['FAKE_PIP_LOG']
 args = sys.argv[1:]
 with open(log, 'a') as f:
     f.write(json.dumps(args) + '\n')
+with open(os.environ['PIP_CONSTRAINT']) as f, open(log + '.constraints', 'a') as out:
+    out.write(json.dumps(f.read().splitlines()) + '\n')
 if args[0] == 'download':
     tree = os.path.join(os.environ['TMPDIR'], 'pip-download-x', 'mmcv_0')
     os.makedirs(os.path.join(tree, 'mmcv'))
@@ -132,18 +140,28 @@ def bare_python313(tmp_path_factory):
     pytest.skip('no Python >= 3.13 on this machine')
 
 
-def run_setup_with_fake_pip(python, tmp_path, header):
-    """setup_env.sh with the stand-in pip and a torch 2.15.0 whose ATen.h asks for ``header``;
-    returns the result and pip's calls."""
+def run_setup_with_fake_pip(python, tmp_path, torch_version, **kwargs):
+    """setup_env.sh with the stand-in pip and a stand-in torch ``torch_version`` (``kwargs`` as
+    run_setup's); returns the result and the lines of the constraints file, the same for every
+    pip call."""
     (tmp_path / 'fake' / 'pip').mkdir(parents=True)
     (tmp_path / 'fake' / 'pip' / '__init__.py').write_text('')
     (tmp_path / 'fake' / 'pip' / '__main__.py').write_text(FAKE_PIP)
     log = tmp_path / 'pip.log'
-    result = run_setup(python, tmp_path, '2.15.0+cpu', header=header, FAKE_PIP_LOG=str(log),
-                       MMCV_SETUP=MMCV_SETUP)
+    result = run_setup(python, tmp_path, torch_version, FAKE_PIP_LOG=str(log),
+                       MMCV_SETUP=MMCV_SETUP, **kwargs)
+    seen = [json.loads(line) for line in (tmp_path / 'pip.log.constraints').read_text().splitlines()]
+    assert len(seen) >= 2 and all(lines == seen[0] for lines in seen)
+    return result, seen[0]
+
+
+def run_setup_building_mmcv(python, tmp_path, header):
+    """setup_env.sh with the stand-in pip and a torch 2.15.0 whose ATen.h asks for ``header``;
+    returns the result and pip's calls that install mmcv."""
+    result, _ = run_setup_with_fake_pip(python, tmp_path, '2.15.0+cpu', header=header)
     assert result.returncode == 1  # the fake pip installs nothing: the final check fails
     assert 'the environment is still broken after installing' in result.stderr
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [json.loads(line) for line in (tmp_path / 'pip.log').read_text().splitlines()]
     assert calls[-2][:3] == ['install', '--no-build-isolation', '-r']  # then the whole stack
     assert calls[-2][3].endswith('requirements/openmmlab.txt')
     return result, [c for c in calls if 'mmcv==2.1.0' in c or c[-1].endswith('/mmcv_0')]
@@ -162,7 +180,7 @@ def test_mmcv_is_built_with_cxx20_where_torchs_headers_need_it(bare_python, tmp_
     say C++20 and no mmcv wheel is found, its source is built with -std=c++20; elsewhere pip
     installs mmcv from the requirements as before (on Python < 3.13, where nothing else needs
     changing; the bare venv runs the tests' Python)."""
-    result, mmcv_calls = run_setup_with_fake_pip(bare_python, tmp_path, header)
+    result, mmcv_calls = run_setup_building_mmcv(bare_python, tmp_path, header)
     new_python = sys.version_info >= (3, 13)
     if header == 'C++17' and not new_python:
         assert mmcv_calls == [] and 'building it from source' not in result.stdout
@@ -185,7 +203,7 @@ def test_mmcv_reads_its_version_from_globals_on_python_3_13(bare_python313, tmp_
     published = subprocess.run([bare_python313, '-c', MMCV_SETUP + 'get_version()'], cwd=tmp_path,
                                capture_output=True, text=True)
     assert "KeyError: '__version__'" in published.stderr
-    result, mmcv_calls = run_setup_with_fake_pip(bare_python313, tmp_path / 'run', 'C++17')
+    result, mmcv_calls = run_setup_building_mmcv(bare_python313, tmp_path / 'run', 'C++17')
     assert 'building it from source with its version read from globals()' in result.stdout
     setup, version = assert_built_from_source(tmp_path / 'run', mmcv_calls)
     assert version == '2.1.0' and 'c++17' in setup and 'c++20' not in setup
