@@ -122,12 +122,21 @@ def test_amp_without_a_gpu_is_refused_with_a_clear_message():
 
 def test_amp_configs_count_test_and_draw_on_a_cpu(tmp_path):
     """Only training uses the AMP optimizer wrapper: get_flops, tools/test.py and the demo never
-    build it, and took the *_amp configs as they are."""
-    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'))
-    adapt_config_to_machine(cfg, training=False)
+    build it, and take the *_amp configs as they are (test and demo: the quickstart RetinaNet with
+    the *_amp configs' optimizer wrapper)."""
     result = run_tool(['analysis/get_flops.py', osp.join(CONFIGS, 'davit_retinanet_1x_coco_amp.py'),
                        '--shape', '64', '64'], cwd=tmp_path)
     assert 'params: 38.53M' in result.stdout, result.stdout
+    write_datasets(tmp_path, coco=dict(num_train=1, num_val=2, seed=3))
+    (tmp_path / 'amp.py').write_text(f"_base_ = [{RETINANET!r}]\n"
+                                     "optim_wrapper = dict(type='AmpOptimWrapper', loss_scale='dynamic')\n")
+    save_runner_checkpoint(RETINANET, tmp_path / 'model.pth', ('a', 'b', 'c'))
+    result = run_tool(['test.py', 'amp.py', 'model.pth'], cwd=tmp_path)
+    assert 'Epoch(test) [1/1]' in result.stdout, result.stdout  # the evaluation ran to its end
+    run_tool(['../demo/image_demo.py', 'data/synthetic_coco/val2017', 'amp.py', 'model.pth',
+              '--device', 'cpu', '--out-dir', 'out'], cwd=tmp_path)
+    images = sorted(p.name for p in (tmp_path / 'data' / 'synthetic_coco' / 'val2017').iterdir())
+    assert len(images) == 2 and sorted(p.name for p in (tmp_path / 'out' / 'vis').iterdir()) == images
 
 
 def test_checkpoint_hooks_are_added_to_configs_without_custom_hooks():
