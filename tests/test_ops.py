@@ -1036,7 +1036,7 @@ def test_on_cuda_under_autocast_the_convolutions_run_in_the_autocast_dtype(mocke
     """As autocast would run nn.Conv2d: the depth-wise kernel and the conv matmuls get bf16
     operands (fp16 on a real GPU; bf16 is what CPU autocast accepts)."""
     depthwise_calls, _ = mocked_cuda
-    seen = []
+    outputs, expected = [], []
     dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
     dense = nn.Conv2d(8, 16, 2, stride=2)
     x = torch.randn(1, 8, 6, 6)
@@ -1048,11 +1048,16 @@ def test_on_cuda_under_autocast_the_convolutions_run_in_the_autocast_dtype(mocke
         ops._autocast_dtype = ops_autocast
         try:
             for conv in (dw, dense):
-                seen.append(ops.conv2d(conv, x).dtype)
+                outputs.append(ops.conv2d(conv, x))
+                expected.append(conv(x))  # nn.Conv2d under the same autocast
         finally:
             ops._autocast_dtype = original
-    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert [out.dtype for out in outputs] == [torch.bfloat16, torch.bfloat16]
     assert len(depthwise_calls) == 1
+    for out, reference in zip(outputs, expected):
+        assert out.shape == reference.shape
+        # bf16 operands (8 bits of mantissa), summed in another order
+        assert (out.float() - reference.float()).abs().max() <= 2e-2 * reference.abs().max()
 
 
 def test_on_cuda_the_mlp_trains_with_the_portable_lean_function(mocked_cuda, monkeypatch):
