@@ -256,13 +256,24 @@ def test_drop_path_with_its_addition_in_one_pass_is_mmcvs_drop_path(dtype):
 
 
 def test_init_follows_official_scheme(tiny_arch):
+    """Every Linear: weights trunc_normal(std=.02), biases 0; every LayerNorm: weight 1, bias 0
+    (the official _init_weights). Everything is first set to other values."""
     model = DaViT(tiny_arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5)
     model.init_weights()
-    linear = model.stages[0].blocks[0].spatial_block.attn.qkv
-    assert linear.bias.abs().max() == 0
-    assert 0.015 < linear.weight.std().item() < 0.025  # trunc_normal(std=.02), cut at +-2
-    norm = model.norm0
-    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert linears and norms
+    for linear in linears:
+        assert linear.bias is None or linear.bias.abs().max() == 0
+        assert 0.015 < linear.weight.std().item() < 0.025 and abs(linear.weight.mean()) < 0.01
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert 0.019 < weights.std().item() < 0.021  # trunc_normal(std=.02), cut at +-2 (100 std)
+    for norm in norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
 
 
 def test_out_indices_build_only_the_norms_and_stages_they_need(tiny_arch):
