@@ -1529,13 +1529,24 @@ def test_conv_as_matmul_is_the_convolution(kernel, stride, padding, size):
 
 @pytest.mark.skipif(ops._ONEDNN_CONV is None, reason='this torch has no oneDNN fused convolution')
 @pytest.mark.parametrize('channels_last', [True, False])
-def test_conv_with_residual_at_inference_is_the_plain_conv_plus_the_residual(channels_last):
+def test_conv_with_residual_at_inference_is_the_plain_conv_plus_the_residual(channels_last,
+                                                                            monkeypatch):
+    """oneDNN's fused convolution + add serves channels-last maps, and equals the plain ops."""
+    fused_calls = []
+    original = ops._ONEDNN_CONV
+
+    def recorded(*args):
+        fused_calls.append(args[0].shape)
+        return original(*args)
+
+    monkeypatch.setattr(ops, '_ONEDNN_CONV', recorded)
     conv = nn.Conv2d(16, 16, 3, padding=1, groups=16).to(memory_format=torch.channels_last)
     x = torch.randn(2, 9, 11, 16).permute(0, 3, 1, 2)  # a channels-last (B, C, H, W) view
     if not channels_last:
         x = x.contiguous()  # not served by oneDNN's fused kernel: the plain ops run
     with torch.no_grad():
-        fused = ops.conv2d(conv, x, residual=x)
-        expected = x + conv(x)
-    assert fused.shape == expected.shape
-    assert (fused - expected).abs().max() < 1e-5
+        out = ops.conv2d(conv, x, residual=x)
+        assert len(fused_calls) == (1 if channels_last else 0)
+        expected = F.conv2d(x.contiguous(), conv.weight, conv.bias, padding=1, groups=16) + x
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() < 1e-5
