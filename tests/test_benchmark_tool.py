@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from helpers import CONFIGS, REPO, load_tool, run_tool
 
@@ -100,11 +101,32 @@ def test_faulted_bytes_counts_memory_touched_for_the_first_time():
     region.close()
 
 
-def test_benchmark_tool_times_a_whole_config(tmp_path):
+def test_benchmark_tool_times_a_whole_config(tmp_path, monkeypatch):
+    """Each timed training step runs the config's model on the batch and updates its weights;
+    each timed forward runs it in eval mode."""
+    benchmark = load_tool('analysis/benchmark.py')
+    built, calls = [], []
+
+    def build_and_record(cfg):
+        model = benchmark_build(cfg)
+        model.backbone.register_forward_hook(
+            lambda module, args, out: calls.append((module.training, tuple(args[0].shape))))
+        built.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    benchmark_build = benchmark.build_config_model
+    monkeypatch.setattr(benchmark, 'build_config_model', build_and_record)
     out = tmp_path / 'bench.json'
     config = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
-    run_tool(['analysis/benchmark.py', '--config', config, '--sizes', '96x128', '--batch', '2',
-              '--repeats', '1', '--warmup', '0', '--subnormal-grads', '--json', out], cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    benchmark.main(['--config', config, '--sizes', '96x128', '--batch', '2', '--repeats', '1',
+                    '--warmup', '0', '--subnormal-grads', '--json', str(out)])
+    # train and forward: the first call, the timed one, the timed one of the kernel variant
+    assert sorted(calls) == [(False, (2, 3, 96, 128))] * 3 + [(True, (2, 3, 96, 128))] * 3
+    (model, before), = built
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith('backbone.') for k in changed)
+    assert any(k.startswith('bbox_head.') for k in changed)
     row, = json.loads(out.read_text())['rows']
     assert row['size'] == '96x128' and row['batch'] == 2
     assert row['train_s'] > 0 and row['forward_s'] > 0
@@ -425,6 +447,16 @@ def test_memory_worker_measures_the_references_bf16_training_step():
     measured = benchmark.measure_memory('reference', 'train', args, (64, 96))
     parameter_bytes = 4 * sum(p.numel() for p in benchmark.ReferenceDaViT('tiny').parameters())
     assert measured['peak_bytes'] >= 2 * parameter_bytes, (measured, parameter_bytes)
+
+
+def test_plain_kernels_runs_ours_with_the_kernels_switched_off_and_back_after(monkeypatch):
+    from davit_mm import ops
+    benchmark = load_tool('analysis/benchmark.py')
+    monkeypatch.setattr(ops, '_enabled', True)
+    seen = []
+    benchmark.KERNEL_VARIANTS['ours_plain_kernels'](
+        lambda: seen.append(ops.fast_kernels_enabled()))()
+    assert seen == [False] and ops.fast_kernels_enabled()
 
 
 def test_aten_depthwise_runs_ours_as_without_triton_and_only_on_cuda(tmp_path):
