@@ -145,6 +145,29 @@ def read_training_checkpoint(path: str) -> dict:
     return content
 
 
+def check_resumable(checkpoint: dict, path: str) -> List[str]:
+    """What mmengine's ``Runner.resume`` reads from a training checkpoint (``meta`` with the epoch
+    and iteration, ``message_hub``), or a :class:`CheckpointError` naming what is missing;
+    returns the parts a resume restores when present and otherwise starts afresh without a word
+    (``optimizer``, ``param_schedulers``) that this one lacks."""
+    meta = checkpoint.get('meta')
+    missing = []
+    if not isinstance(meta, dict):
+        missing.append("'meta'")
+    else:
+        missing += [f"meta[{key!r}]" for key in ('epoch', 'iter')
+                    if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool)]
+    if not isinstance(checkpoint.get('message_hub'), dict):
+        missing.append("'message_hub'")
+    if missing:
+        raise CheckpointError(
+            f'checkpoint {path!r} cannot be resumed from: it has no {", ".join(missing)}, which a '
+            f'checkpoint written during training has (this one holds model weights); to train '
+            f'from its weights, start a new run with load_from (--cfg-options load_from={path}) '
+            f'instead of --resume')
+    return [key for key in ('optimizer', 'param_schedulers') if key not in checkpoint]
+
+
 def _read_safetensors(path: str, map_location) -> dict:
     try:
         from safetensors.torch import load_file
@@ -739,6 +762,7 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
         seen.add(osp.realpath(path))
         try:
             content = read_training_checkpoint(path)
+            check_resumable(content, path)
         except CheckpointError as exc:
             print_log(f'davit_mm: not resuming from {path}: {exc}', logger='current', level=30)
             broken.append(path)

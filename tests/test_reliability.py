@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import os.path as osp
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,8 @@ import torch
 from davit_mm.checkpoint import read_training_checkpoint
 from davit_mm.engine import AtomicLocalBackend
 from davit_mm.synthetic import write_coco
-from helpers import CONFIGS, REPO, assert_user_error, load_tool, losses, run_tool, write_datasets
+from helpers import (CONFIGS, REPO, assert_user_error, load_tool, losses, run_tool,
+                     save_runner_checkpoint, write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -181,17 +183,48 @@ def test_auto_resume_skips_a_truncated_latest_checkpoint_and_names_it(data_dir):
     assert_user_error(explicit, 'corrupt or truncated')
 
 
+@pytest.mark.parametrize('how', [['--resume', 'weights.pth'],
+                                 ['--cfg-options', 'resume=True', 'load_from=weights.pth']])
+def test_resume_from_a_weights_only_file_is_refused_saying_to_use_load_from(tmp_path, how):
+    """mmengine's resume stopped with KeyError: 'meta' after building everything."""
+    write_datasets(tmp_path, coco=dict(num_train=1, num_val=1, seed=4))
+    save_runner_checkpoint(RETINANET, tmp_path / 'trained.pth', ('a', 'b', 'c'))
+    checkpoint = torch.load(tmp_path / 'trained.pth', weights_only=False)
+    torch.save({'state_dict': checkpoint['state_dict']}, tmp_path / 'weights.pth')
+    result = run_tool(['train.py', RETINANET, '--work-dir', tmp_path / 'work'] + how, cwd=tmp_path,
+                      expect_ok=False)
+    assert_user_error(result, "checkpoint 'weights.pth' cannot be resumed from: it has no 'meta', "
+                              "'message_hub'", '--cfg-options load_from=weights.pth')
+    assert not (tmp_path / 'work').exists() or not list((tmp_path / 'work').rglob('*.log'))
+
+
+def test_what_a_resume_needs_and_what_it_would_start_afresh():
+    from davit_mm.checkpoint import CheckpointError, check_resumable
+    whole = {'meta': {'epoch': 3, 'iter': 12}, 'message_hub': {}, 'state_dict': {},
+             'optimizer': {}, 'param_schedulers': []}
+    assert check_resumable(whole, 'a.pth') == []
+    assert check_resumable({k: v for k, v in whole.items() if k != 'optimizer'}, 'a.pth') == ['optimizer']
+    for broken, missing in (({**whole, 'meta': {'epoch': 3}}, "meta['iter']"),
+                            ({**whole, 'meta': {'epoch': True, 'iter': 12}}, "meta['epoch']"),
+                            ({**whole, 'message_hub': None}, "'message_hub'")):
+        with pytest.raises(CheckpointError, match=re.escape(f'it has no {missing},')):
+            check_resumable(broken, 'a.pth')
+
+
 def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
     from davit_mm.checkpoint import latest_valid_checkpoint
     work = tmp_path / 'work'
     work.mkdir()
     for epoch in (1, 2, 10, 11):
-        torch.save({'meta': {'epoch': epoch}, 'state_dict': {'w': torch.ones(64)}}, work / f'epoch_{epoch}.pth')
+        torch.save({'meta': {'epoch': epoch, 'iter': 4 * epoch}, 'message_hub': {},
+                    'state_dict': {'w': torch.ones(64)}}, work / f'epoch_{epoch}.pth')
     (work / 'epoch_11.pth').write_bytes((work / 'epoch_11.pth').read_bytes()[:300])  # killed mid-save
     (work / 'last_checkpoint').write_text(str(work / 'epoch_11.pth'))  # mmengine writes it absolute
+    torch.save({'state_dict': {'w': torch.ones(64)}}, work / 'epoch_12.pth')  # weights only
     monkeypatch.chdir(tmp_path)
     path, content = latest_valid_checkpoint('work')
     assert path == str(work / 'epoch_10.pth') and content['meta']['epoch'] == 10  # 10 > 2: by number
+    (work / 'epoch_12.pth').unlink()
     for name in ('epoch_1.pth', 'epoch_2.pth', 'epoch_10.pth'):
         (work / name).write_bytes(b'')
     assert latest_valid_checkpoint('work') is None

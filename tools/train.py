@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from davit_mm.checkpoint import (check_checkpoint_fits, latest_valid_checkpoint,  # noqa: E402
-                                 read_training_checkpoint)
+from davit_mm.checkpoint import (check_checkpoint_fits, check_resumable,  # noqa: E402
+                                 latest_valid_checkpoint, read_training_checkpoint)
 from davit_mm.checks import preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner, check_output_path,  # noqa: E402
                           load_config, parse_launch_arguments, run_guarded, run_tool)
@@ -68,7 +68,11 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
         checkpoint = read_training_checkpoint(args.resume)
-    if cfg.get('resume') and checkpoint is not None:
+    lacking = []  # what the resumed run starts afresh
+    if cfg.get('resume') and cfg.get('load_from'):  # --resume, or resume = True in the config
+        if checkpoint is None:
+            checkpoint = read_training_checkpoint(cfg.load_from)
+        lacking = check_resumable(checkpoint, cfg.load_from)
         keep_the_runs_seed(cfg, checkpoint)
 
     seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
@@ -80,6 +84,9 @@ def main(argv=None):
                                      checkpoint=checkpoint)
         if note:
             runner.logger.warning(f'load_from: {note}')
+        if lacking:
+            runner.logger.warning(f'--resume: {cfg.load_from} has no {" and no ".join(lacking)}: '
+                                  f'the resumed run starts them afresh')
     with run_guarded(cfg):
         runner.train()
         del runner  # its DDP wrapper holds the process group: free it before the group goes
