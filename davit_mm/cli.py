@@ -249,17 +249,56 @@ def check_randomness_option(key: str, value: object) -> None:
         raise ValueError(f'--cfg-options {key}={value!r}: accepted {names}')
 
 
+CONFIG_SUFFIXES = ('.py', '.yml', '.yaml', '.json')  # what mmengine's Config.fromfile reads
+
+
+def read_config(path: str, label: str = 'config') -> Config:
+    """``Config.fromfile(path)``, or a ValueError naming ``label``, the file and what is wrong with
+    it (a syntax error, a name or import that fails as mmengine runs it, a YAML/JSON error, a
+    ``_base_`` that is missing), where it is, if it can be told."""
+    if not osp.isfile(path):
+        raise ValueError(f'{label} {path!r}: no such file')
+    if not path.lower().endswith(CONFIG_SUFFIXES):
+        raise ValueError(f'{label} {path!r}: mmengine reads configs named *.py, *.yml, *.yaml or '
+                         f'*.json, not {osp.splitext(path)[1] or "a name without a suffix"}')
+    try:
+        return Config.fromfile(path)
+    except SyntaxError as exc:  # mmengine parses the top file as '<unknown>'
+        where = path if exc.filename in (None, '<unknown>') else exc.filename
+        raise ValueError(f'{label} {where!r} has a syntax error at line {exc.lineno}: {exc.msg}: '
+                         f'{(exc.text or "").strip()}') from exc
+    except FileNotFoundError as exc:  # a _base_ (or a file it reads) that is not there
+        raise ValueError(f'{label} {path!r}: {exc.strerror}: {exc.filename!r}') from exc
+    except Exception as exc:  # whatever running a config raised: NameError, ImportError, ...
+        raise ValueError(f'{label} {path!r} cannot be read: {_where_config_failed(exc)}'
+                         f'{type(exc).__name__}{": " if str(exc) else ""}{exc}') from exc
+
+
+def _where_config_failed(exc: Exception) -> str:
+    """``'line N of FILE (CODE): '`` for the config line (top file or a base) that raised
+    ``exc`` as mmengine ran it, or ``''``; with what mmengine's new-style configs allow when a
+    name imported there was called."""
+    import traceback
+
+    import mmengine
+    library = osp.dirname(osp.realpath(mmengine.__file__))
+    frames = traceback.extract_tb(exc.__traceback__)
+    lines = [frame for frame in frames if frame.name == '<module>'
+             and not osp.realpath(frame.filename).startswith(library)]
+    if not lines:
+        return ''
+    frame = lines[-1]
+    lazy = any(osp.basename(f.filename) == 'lazy.py' and osp.realpath(f.filename).startswith(library)
+               for f in frames[frames.index(frame):])
+    hint = (' (a config that imports modules is read as an mmengine new-style config, whose '
+            'imported names can be referred to, not called)' if lazy else '')
+    return f'line {frame.lineno} of {frame.filename} ({(frame.line or "").strip()}){hint}: '
+
+
 def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
                 work_dir: Optional[str] = None, launcher: str = 'none') -> Config:
     """``Config.fromfile`` + ``--cfg-options`` + work dir, as the mmdet/mmseg tools do it."""
-    if not osp.isfile(path):
-        raise ValueError(f'config {path!r}: no such file')
-    try:
-        cfg = Config.fromfile(path)
-    except SyntaxError as exc:  # mmengine parses the top file as '<unknown>'
-        where = path if exc.filename in (None, '<unknown>') else exc.filename
-        raise ValueError(f'config {where!r} has a syntax error at line {exc.lineno}: {exc.msg}: '
-                         f'{(exc.text or "").strip()}') from exc
+    cfg = read_config(path)
     cfg.launcher = launcher
     if cfg_options:
         check_cfg_options(cfg, cfg_options)

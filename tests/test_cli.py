@@ -358,3 +358,35 @@ def test_a_type_no_registry_has_is_a_config_error(tmp_path):
                                       'model.neck.type=NoSuchNeck'], _coco(tmp_path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith('error: the config cannot be built: ') and 'NoSuchNeck' in result.stderr
+
+
+@pytest.mark.parametrize('name,text,message', [
+    ('mine.txt', "x = 1\n", "config '{dir}/mine.txt': mmengine reads configs named *.py, *.yml, *.yaml or "
+                            "*.json, not .txt"),
+    ('mine', "x = 1\n", 'not a name without a suffix'),
+    ('mine.py', "a = 1\nx = undefined_name\n",
+     "cannot be read: line 2 of {dir}/mine.py (x = undefined_name): NameError: name 'undefined_name' "
+     "is not defined"),
+    ('mine.py', "import torch\nx = torch.zeros(1)\n",
+     "line 2 of {dir}/mine.py (x = torch.zeros(1)) (a config that imports modules is read as an "
+     "mmengine new-style config, whose imported names can be referred to, not called): RuntimeError"),
+    ('mine.yaml', "a: [1, 2\nb: 3\n", "config '{dir}/mine.yaml' cannot be read: ParserError: "),
+    ('mine.json', '{"a": 1,}', "cannot be read: JSONDecodeError: Expecting property name"),
+    ('mine.py', "_base_ = ['nope.py']\n", "config '{dir}/mine.py': No such file or directory: "
+                                          "'{dir}/nope.py'"),
+])
+def test_a_config_that_cannot_be_read_is_named_with_the_reason(tmp_path, name, text, message):
+    """Config.fromfile's OSError for the suffix, and whatever running a config raised, were
+    tracebacks (exit 1)."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as info:
+        cli.load_config(str(tmp_path / name))
+    assert message.format(dir=tmp_path) in str(info.value)
+
+
+def test_export_tool_reads_the_deploy_config_the_same_way(tmp_path):
+    (tmp_path / 'deploy.txt').write_text('codebase_config = dict(type="mmdet")\n')
+    result = _tool('tools/export_onnx.py', [tmp_path / 'deploy.txt', RETINANET, RETINANET, RETINANET],
+                   tmp_path)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f"error: deploy_cfg '{tmp_path / 'deploy.txt'}': mmengine reads configs named" in result.stderr

@@ -30,7 +30,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
                                  read_training_checkpoint)
 from davit_mm.cli import (build_model, check_device, check_output_path,  # noqa: E402
-                          library_of, load_config, run_tool)
+                          library_of, load_config, read_config, run_tool)
 from davit_mm.compat import (onnx_cast_long, runner_checkpoints_readable,  # noqa: E402
                              torchscript_onnx_export)
 from davit_mm.fileio import atomic_file  # noqa: E402
@@ -63,10 +63,7 @@ def import_torch2onnx():
 
 def check_deploy_cfg(path: str, library: str) -> None:
     """DEPLOY_CFG exists and is a config of MODEL_CFG's library (mmdeploy's ``codebase_config``)."""
-    from mmengine.config import Config
-    if not osp.isfile(path):
-        raise ValueError(f'deploy_cfg {path!r}: no such file')
-    codebase = Config.fromfile(path).get('codebase_config', {}).get('type')
+    codebase = read_config(path, 'deploy_cfg').get('codebase_config', {}).get('type')
     if codebase != library:
         raise ValueError(f"deploy_cfg {path!r} is a deploy config for {codebase!r}, the model "
                          f"config's library is {library!r}")
