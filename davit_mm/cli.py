@@ -214,6 +214,38 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
             hint = f'; did you mean {", ".join(close)}?' if close else \
                 f'; it has {sorted(choices)[:12]}' if choices else ''
             raise ValueError(f'--cfg-options {key}: {where} has no key {part!r}{hint}')
+        leaf = parts[-1]
+        if isinstance(node, dict) and leaf not in node and not (len(parts) == 1 and leaf in RUNNER_KEYS):
+            close = [k for k in node if isinstance(k, str) and _one_edit_apart(leaf, k)]
+            if close:
+                where = '.'.join(parts[:-1]) or 'the config'
+                raise ValueError(
+                    f'--cfg-options {key}: {where} has no key {leaf!r}; did you mean '
+                    f'{", ".join(close)}? (a new key one letter away from one the config has is '
+                    f'taken for a typo; set it in a config file if it is meant)')
+
+
+# What mmengine's Runner reads from a config's top level: keys `--cfg-options` may add.
+RUNNER_KEYS = frozenset((
+    'model', 'work_dir', 'train_dataloader', 'val_dataloader', 'test_dataloader', 'train_cfg',
+    'val_cfg', 'test_cfg', 'auto_scale_lr', 'optim_wrapper', 'param_scheduler', 'val_evaluator',
+    'test_evaluator', 'default_hooks', 'custom_hooks', 'data_preprocessor', 'load_from', 'resume',
+    'launcher', 'env_cfg', 'log_processor', 'log_level', 'visualizer', 'default_scope',
+    'randomness', 'experiment_name', 'activation_checkpointing', 'compile',
+    'efficient_conv_bn_eval', 'find_unused_parameters', 'model_wrapper_cfg', 'sync_bn'))
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One letter inserted, removed, changed, or two neighbours swapped (``score_thrr``,
+    ``load_form``), in names of 4 letters or more."""
+    if a == b or min(len(a), len(b)) < 4 or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def open_none_parents(cfg: Config, options: Dict[str, object]) -> None:

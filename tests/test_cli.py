@@ -390,3 +390,25 @@ def test_export_tool_reads_the_deploy_config_the_same_way(tmp_path):
                    tmp_path)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert f"error: deploy_cfg '{tmp_path / 'deploy.txt'}': mmengine reads configs named" in result.stderr
+
+
+@pytest.mark.parametrize('key,close', [('load_form', 'load_from'),
+                                       ('model.test_cfg.rcnn.score_thrr', 'score_thr'),
+                                       ('train_cfg.max_epoch', 'max_epochs'),
+                                       ('model.backbone.drop_path_rat', 'drop_path_rate')])
+def test_a_new_cfg_options_key_one_letter_from_an_existing_one_is_a_typo(key, close):
+    """mmengine adds any key it is given: `load_form=x.pth` trained from scratch, exit 0."""
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py'))
+    where = key.rpartition('.')[0] or 'the config'
+    with pytest.raises(ValueError, match=re.escape(
+            f"--cfg-options {key}: {where} has no key {key.rpartition('.')[2]!r}; did you mean {close}?")):
+        cli.check_cfg_options(cfg, {key: 1})
+
+
+def test_new_cfg_options_keys_that_are_not_near_misses_are_taken():
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py'))
+    options = {'find_unused_parameters': True,  # a key the runner reads, absent from the config
+               'model.backbone.with_cp': True, 'default_hooks.checkpoint.max_keep_ckpts': 3,
+               'default_hooks.checkpoint.save_last': True, 'train_cfg.max_epochs': 3}
+    cli.check_cfg_options(cfg, options)
+    assert not cli._one_edit_apart('save_last', 'save_best') and cli._one_edit_apart('abcd', 'abdc')
