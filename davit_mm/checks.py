@@ -279,12 +279,13 @@ def _check_heads_after_neck(model: dict) -> None:
 
 
 # ------------------------------------------------------------------------- annotation files
-def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str]]:
-    """(config key, path) of every local JSON annotation file of the dataloaders and evaluators."""
+def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str, object]]:
+    """(config key, path, the type of the dataset or evaluator reading it) of every local JSON
+    annotation file of the dataloaders and evaluators."""
     for split, where, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
         if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset.get('backend_args')):
-            yield f'{where}.ann_file', _joined(root, ann_file)
+            yield f'{where}.ann_file', _joined(root, ann_file), dataset.get('type')
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
@@ -294,7 +295,36 @@ def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str,
             if ann and not _is_remote(ann) and _reads_local_files(evaluator.get('backend_args')):
                 where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
                     else f'{split}_evaluator.{i}'
-                yield f'{where}.ann_file', ann
+                yield f'{where}.ann_file', ann, evaluator.get('type')
+
+
+def _reads_coco_json(reader: object, scope: Optional[str]) -> bool:
+    """Whether ``reader`` (a dataset's or evaluator's type) is mmdet's CocoDataset or CocoMetric
+    or one of their subclasses, which read the file through the COCO API."""
+    if scope != 'mmdet':
+        return False
+    from mmdet.datasets import CocoDataset
+    from mmdet.evaluation import CocoMetric
+    from mmdet.registry import DATASETS, METRICS
+    if isinstance(reader, str):
+        reader = DATASETS.get(reader) or METRICS.get(reader)
+    return isinstance(reader, type) and issubclass(reader, (CocoDataset, CocoMetric))
+
+
+def _check_coco_layout(content: object, key: str, path: str) -> None:
+    """A COCO annotation file is an object with lists of ``images`` and ``categories`` (and of
+    ``annotations``, which test-dev's image info lacks); the COCO API stopped on another JSON file
+    with ``KeyError: 'categories'``."""
+    if not isinstance(content, dict):
+        raise ValueError(f'{key}={path!r} holds a JSON {type(content).__name__}, not a COCO '
+                         f'annotation file (an object with "images", "annotations" and "categories")')
+    wrong = [name for name in ('images', 'categories') if not isinstance(content.get(name), list)]
+    if 'annotations' in content and not isinstance(content['annotations'], list):
+        wrong.append('annotations')
+    if wrong:
+        raise ValueError(f'{key}={path!r} is not a COCO annotation file: it has no list of '
+                         f'{" / ".join(repr(name) for name in wrong)} (its keys: '
+                         f'{sorted(content)[:12]})')
 
 
 def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
@@ -304,7 +334,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
     the matching bracket.
     """
-    for key, path in _annotation_files(cfg, splits):
+    for key, path, reader in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
         if not osp.isfile(path):
@@ -315,9 +345,11 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
         if size <= _FULL_JSON_PARSE_BYTES:
             try:
                 with open(path, 'rb') as f:
-                    json.load(f)
+                    content = json.load(f)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
+            if _reads_coco_json(reader, cfg.get('default_scope')):
+                _check_coco_layout(content, key, path)
             continue
         with open(path, 'rb') as f:
             head = f.read(4096).lstrip()[:1]

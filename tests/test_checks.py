@@ -73,6 +73,12 @@ def quickstart_on(coco, *splits):
 @pytest.mark.parametrize('content,message', [
     (b'', 'is empty (0 bytes)'),
     (b'<html>not json</html>', 'is not a readable JSON file: Expecting value: line 1 column 1'),
+    # JSON, but not COCO: the COCO API stopped with KeyError: 'categories'
+    (b'{"a": 1}', "is not a COCO annotation file: it has no list of 'images' / 'categories' (its "
+                  "keys: ['a'])"),
+    (b'{"images": [], "categories": [], "annotations": {}}',
+     "is not a COCO annotation file: it has no list of 'annotations'"),
+    (b'[1, 2]', 'holds a JSON list, not a COCO annotation file'),
 ])
 def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, message):
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
@@ -81,6 +87,14 @@ def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, mes
     key = "val_dataloader.dataset.ann_file='.*instances_val2017.json'"
     with pytest.raises(ValueError, match=f'{key} {re.escape(message)}'):
         checks.check_annotation_files(cfg)
+
+
+def test_a_coco_file_without_annotations_is_taken_as_test_dev_image_info_is(coco):
+    ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
+    content = json.loads(ann.read_text())
+    del content['annotations']
+    ann.write_text(json.dumps(content))
+    checks.check_annotation_files(quickstart_on(coco, 'train', 'val'))
 
 
 def test_large_annotation_file_cut_off_is_refused(coco, monkeypatch):
