@@ -22,10 +22,31 @@ _FULL_JSON_PARSE_BYTES = 64 * 2**20
 def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     """Every check of this module for the dataloaders ``splits``: data roots and folders,
     annotation files, class counts, and the channels between backbone, neck and heads."""
+    if 'train' in splits:
+        check_schedule(cfg)
     check_data_paths(cfg, splits)
     check_annotation_files(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0])
     check_channels(cfg)
+
+
+# ------------------------------------------------------------------------- the schedule
+def check_schedule(cfg: Config) -> None:
+    """The training loop's lengths and intervals are whole numbers >= 1: with ``max_epochs=0``
+    mmengine trained nothing and exited 0, with ``val_interval=0`` it trained a whole epoch and
+    then stopped with ZeroDivisionError; so ``auto_scale_lr.base_batch_size`` where it is used."""
+    train_cfg = cfg.get('train_cfg') or {}
+    for name in ('max_epochs', 'max_iters', 'val_interval'):
+        if name in train_cfg:
+            _check_count(f'train_cfg.{name}', train_cfg[name])
+    auto_scale_lr = cfg.get('auto_scale_lr') or {}
+    if auto_scale_lr.get('enable') and 'base_batch_size' in auto_scale_lr:
+        _check_count('auto_scale_lr.base_batch_size', auto_scale_lr['base_batch_size'])
+
+
+def _check_count(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{key}={value!r}: accepted a whole number >= 1')
 
 
 # ------------------------------------------------------------------------- data and classes

@@ -220,3 +220,34 @@ def test_heads_follow_the_last_of_several_necks():
     cfg.model.rpn_head.in_channels = 256
     with pytest.raises(ValueError, match=r'model.rpn_head.in_channels=256 but model.neck.1.out_channels=128'):
         checks.check_channels(cfg)
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'train_cfg.max_epochs': 0}, 'train_cfg.max_epochs=0: accepted a whole number >= 1'),
+    ({'train_cfg.max_epochs': -3}, 'train_cfg.max_epochs=-3: accepted a whole number >= 1'),
+    ({'train_cfg.max_epochs': 2.5}, 'train_cfg.max_epochs=2.5: accepted'),
+    ({'train_cfg.val_interval': 0}, 'train_cfg.val_interval=0: accepted a whole number >= 1'),
+    ({'auto_scale_lr.enable': True, 'auto_scale_lr.base_batch_size': 0},
+     'auto_scale_lr.base_batch_size=0: accepted a whole number >= 1'),
+])
+def test_a_schedule_that_trains_nothing_or_divides_by_zero_is_refused(options, message):
+    """max_epochs=0 trained nothing and exited 0; val_interval=0 and base_batch_size=0 stopped
+    with ZeroDivisionError, the first after a whole epoch."""
+    cfg = edited_config(QUICKSTART, options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        checks.check_schedule(cfg)
+
+
+def test_the_schedules_of_the_shipped_configs_pass():
+    for path in glob.glob(osp.join(CONFIGS, '**', '*.py'), recursive=True):
+        if '_base_' not in path:
+            checks.check_schedule(Config.fromfile(path))
+    cfg = edited_config(QUICKSTART, {'auto_scale_lr.base_batch_size': 0})  # not enabled: not used
+    checks.check_schedule(cfg)
+
+
+def test_train_tool_refuses_a_zero_val_interval_before_training(coco):
+    result = run_tool(['train.py', QUICKSTART, '--work-dir', coco / 'w', '--cfg-options',
+                       'train_cfg.val_interval=0'], cwd=coco, expect_ok=False)
+    assert_user_error(result, 'train_cfg.val_interval=0: accepted a whole number >= 1')
+    assert not (coco / 'w').exists() or not list((coco / 'w').rglob('*.pth'))
