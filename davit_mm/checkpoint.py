@@ -476,13 +476,19 @@ def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
         elif value.is_floating_point() != target.is_floating_point() or (
                 not target.is_floating_point() and value.dtype != target.dtype):
             problems.setdefault('wrong dtypes', []).append(f'{key}: {value.dtype}, model {target.dtype}')
-        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        elif value.is_floating_point() and not bool(_finite(value).all()):
+            bad = int((~_finite(value)).sum())
             problems.setdefault('NaN/Inf values', []).append(f'{key} ({bad} of {value.numel()})')
     if problems:
         raise CheckpointError(f'{source}: tensors that cannot be loaded, nothing was: ' + '; '.join(
             f'{len(keys)} with {what}: {", ".join(keys[:5])}{", ..." if len(keys) > 5 else ""}'
             for what, keys in problems.items()))
+
+
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite``, also for the 8-bit float dtypes it is not implemented for (checked as
+    the fp32 values they are loaded as)."""
+    return torch.isfinite(value.float() if value.element_size() == 1 else value)
 
 
 # ---------------------------------------------------------------------------- backbone loading
