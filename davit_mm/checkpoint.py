@@ -110,6 +110,9 @@ def check_map_location(map_location: object) -> None:
         raise ValueError(f'map_location={map_location!r} is not a device: {accepted}') from exc
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"map_location={map_location!r}: this machine has no CUDA device; use 'cpu'")
+    if device.type == 'cpu' and device.index is not None:  # torch.load: "don't know how to restore"
+        raise ValueError(f"map_location={map_location!r}: torch.load takes the CPU as 'cpu', "
+                         f"without an index")
 
 
 def read_checkpoint(path: str, map_location: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:

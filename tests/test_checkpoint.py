@@ -359,6 +359,7 @@ def test_safetensors_are_recognised_by_content(tiny_arch, tmp_path, name):
 @pytest.mark.parametrize('map_location, error, message', [
     ('gpu', ValueError, r"map_location='gpu' is not a device: accepted a device \('cpu', 'cuda'"),
     (3, TypeError, r'map_location=3 \(int\): accepted a device'),
+    ('cpu:0', ValueError, r"map_location='cpu:0': torch.load takes the CPU as 'cpu', without an index"),
     pytest.param('cuda', ValueError, r"map_location='cuda': this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')),
 ])
