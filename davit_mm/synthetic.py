@@ -188,7 +188,7 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
     the COCO tool's, with ``--coco-classes``).
 
     Raises:
-        ValueError: image counts below 1 (train) / 0 (val), objects below 1, sides below 32,
+        ValueError: image counts below 1, objects below 1, a negative seed, sides below 32,
             an ``out_dir`` that cannot be written (:func:`davit_mm.cli.check_output_path`).
     """
     import argparse
@@ -205,7 +205,8 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
                             help="COCO's 80 categories, the shapes as person, bicycle and car: for "
                                  'the configs of the real COCO, unchanged')
     args = parser.parse_args(argv)
-    for name, least in (('num_train', 1), ('num_val', 1), ('max_objects', 1)):
+    # numpy's default_rng takes any integer from 0 on; its own message names no option
+    for name, least in (('num_train', 1), ('num_val', 1), ('max_objects', 1), ('seed', 0)):
         if getattr(args, name) < least:
             raise ValueError(f'--{name.replace("_", "-")} {getattr(args, name)}: accepted {least} or more')
     if min(args.size) < 32:

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import CONFIGS, REPO, load_tool, run_tool
+from helpers import CONFIGS, REPO, assert_user_error, load_tool, run_tool, run_tool_in_process
 
 
 def test_benchmark_tool_reports_times_ratios_memory_and_accuracy(tmp_path):
@@ -614,3 +614,62 @@ def test_the_gpu_record_says_which_kernel_computes_the_position_encodings(monkey
         (x.device.type, compute)) or compute == torch.float32)  # the fp16 self-check failed
     assert benchmark.depthwise_kernels('cpu') == {'fp32': 'triton', 'fp16': 'pytorch'}
     assert asked == [('cpu', torch.float32), ('cpu', torch.float16)]
+
+
+def test_benchmark_refuses_timm_where_it_is_not_installed_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'timm', None)  # import timm fails, as where it is not installed
+    out = tmp_path / 'bench.json'
+    result = run_tool_in_process(['analysis/benchmark.py', '--timm', '--sizes', '32x32', '--repeats', '1',
+                                  '--warmup', '0', '--device', 'cpu', '--json', out], cwd=tmp_path)
+    assert_user_error(result, '--timm needs timm: pip install timm')
+    assert result.stdout == '' and not out.exists()  # not even the machine's line
+
+
+@pytest.mark.parametrize('tool', ['dataset/make_synthetic_coco.py', 'dataset/make_synthetic_ade20k.py'])
+def test_dataset_generators_name_a_negative_seed(tmp_path, tool):
+    """numpy's default_rng takes any integer from 0 on; -1 is named, before anything is written."""
+    result = run_tool_in_process([tool, tmp_path / 'out', '--seed', '-1'], cwd=tmp_path)
+    assert_user_error(result, '--seed -1: accepted 0 or more')
+    assert not (tmp_path / 'out').exists()
+
+
+# ----------------------------------------------------------------- tools/analysis/plot_scaling.py
+SCALING_SIZES = ('256x256', '512x512', '768x768')
+
+
+def _scaling_rows(*sizes, **values):
+    """Rows as benchmark.py --json writes them, with ``values`` (e.g. forward_ours_s=1.0)."""
+    return [dict(size=size, arch='tiny', dtype='fp32', device='cpu', threads=1, **values) for size in sizes]
+
+
+@pytest.mark.parametrize('data, words', [
+    ([{}, {}, {}], ["row 0 has no 'size' (its keys: [])", "expected benchmark.py --json's"]),
+    ({'machine': {}, 'rows': {'a': 1, 'b': 2, 'c': 3}}, ["its 'rows' is a dict, not a list of rows"]),
+    ({'machine': {}}, ["has no 'rows' (its keys: ['machine'])"]),
+    ([1, 2, 3], ['row 0 is an int, not a dict']),
+    (dict(rows=_scaling_rows(*SCALING_SIZES, new_shape_first_ours_s=1.0)),
+     ['has no forward timings or memory to plot (none of forward_ours_s, ', '--modes forward']),
+    (_scaling_rows(*SCALING_SIZES[:2], forward_ours_s=1.0) * 2,
+     ['has 4 rows of 2 sizes', 'needs at least 3 different sizes']),
+    (_scaling_rows(*SCALING_SIZES[:2], forward_ours_s=1.0) + _scaling_rows(SCALING_SIZES[2]),
+     ['row 2 (768x768) has forward_ours_s: none; expected a finite number in every row']),
+    (_scaling_rows('256', '512', '768', forward_ours_s=1.0), ["row 0 has 'size': '256'; expected 'HxW'"]),
+    ('{"rows": [', ['is not a JSON file (Expecting value']),
+], ids=['rows_without_keys', 'rows_a_dict', 'no_rows', 'rows_not_dicts', 'no_forward_keys',
+        'two_sizes', 'a_row_lacks_a_series', 'size_not_HxW', 'cut_off'])
+def test_plot_scaling_names_what_its_json_lacks(tmp_path, data, words):
+    path, out = tmp_path / 'scaling.json', tmp_path / 'scaling.png'
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    result = run_tool_in_process(['analysis/plot_scaling.py', path, '--out', out], cwd=tmp_path)
+    assert_user_error(result, f"json='{path}'", *words)
+    assert not out.exists()
+
+
+def test_plot_scaling_fits_each_series_of_benchmark_rows(tmp_path):
+    rows = [dict(row, forward_ours_s=n * 1.0, forward_peak_mb_ours=n * 10.0)
+            for n, row in enumerate(_scaling_rows(*SCALING_SIZES), start=1)]
+    path, out = tmp_path / 'scaling.json', tmp_path / 'scaling.png'
+    path.write_text(json.dumps(dict(machine={}, complete=True, rows=rows)))
+    result = run_tool_in_process(['analysis/plot_scaling.py', path, '--out', out], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'forward_ours_s: ' in result.stdout and 'forward_peak_mb_ours: ' in result.stdout and out.exists()

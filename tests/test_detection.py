@@ -10,8 +10,9 @@ import cv2
 import pytest
 from mmengine.config import Config
 
-from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, build_model, load_tool,
-                     logged_metric, losses, metric, run_tool, write_datasets)
+from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, assert_user_error, build_model,
+                     load_tool, logged_metric, losses, metric, run_tool, run_tool_in_process,
+                     write_datasets)
 
 RETINANET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 MASKRCNN = osp.join(CONFIGS, 'quickstart', 'davit_mini_maskrcnn_synthetic_coco.py')
@@ -166,6 +167,23 @@ def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path,
     assert drawn['loss'][1] == losses(str(trained_maskrcnn))
     assert drawn['loss_mask'][1] == losses(str(trained_maskrcnn), 'loss_mask')
     assert drawn['loss'][0] == sorted(drawn['loss'][0]) and len(drawn['loss'][0]) >= 4
+
+
+@pytest.mark.parametrize('line_2, words', [
+    ('{"loss": 0.9, "it', ['not a JSON record (Unterminated string starting at: column 15)',
+                          'the file is cut off or corrupt']),
+    ('[0.9]\n', ["'[0.9]' is not a JSON object"]),
+], ids=['cut_off', 'not_an_object'])
+def test_plot_loss_names_the_file_and_line_of_a_corrupt_log(tmp_path, line_2, words):
+    """A scalars.json cut off (a run killed while writing) or corrupt: the file and line, not
+    json's words alone."""
+    scalars = tmp_path / 'work' / '20240101_000000' / 'vis_data' / 'scalars.json'
+    scalars.parent.mkdir(parents=True)
+    scalars.write_text('{"loss": 1.0, "iter": 1}\n' + line_2)
+    result = run_tool_in_process(['analysis/plot_loss.py', tmp_path / 'work', '--out', tmp_path / 'loss.png'],
+                                 cwd=tmp_path)
+    assert_user_error(result, f"'{scalars}' line 2: ", *words)
+    assert not (tmp_path / 'loss.png').exists()
 
 
 @pytest.mark.slow

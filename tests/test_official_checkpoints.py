@@ -28,7 +28,7 @@ from davit_mm.checkpoint import (CheckpointError, adapt_model_checkpoint, conver
 from davit_mm.engine import OfficialCheckpointHook
 from davit_mm.synthetic import ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES
 from helpers import (CONFIGS, REPO, assert_user_error, build_model, metric, run_tool,
-                     write_datasets)
+                     run_tool_in_process, write_datasets)
 from official_models import official_checkpoint, official_config, randomise_
 
 TESTS = osp.dirname(osp.abspath(__file__))
@@ -364,6 +364,39 @@ def test_eval_official_rejects_bad_options(tmp_path):
                           (['--checkpoint-dir', str(tmp_path), '--only', 'yolo'], "--only ['yolo']")]:
         result = subprocess.run([sys.executable, EVAL] + args, capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr
+
+
+FOLDER, MISSING = object(), object()
+
+
+@pytest.mark.parametrize('table, words', [
+    ([dict(name='a', config='c.py', checkpoint='a.pth', published=[45.0])],
+     ["row 0 (a) has published=[45.0]; expected metric name -> published number"]),
+    ([dict(name='a', config='c.py', checkpoint='a.pth', published={'mIoU': '46.3'})],
+     ["row 0 (a) has published={'mIoU': '46.3'}"]),
+    (dict(name='a', config='c.py', checkpoint='a.pth', published={'mIoU': 46.3}),
+     ['holds an object, not a list of rows; expected a JSON list of rows such as [{"name": ']),
+    ([dict(name='a', config='c.py', checkpoint=3, published={})],
+     ['row 0 has checkpoint=3; expected a non-empty string']),
+    ('[{"name": "a",', ['not a JSON file (Expecting property name', 'expected a JSON list of rows']),
+    (FOLDER, ['is a folder; expected a file holding a JSON list of rows']),
+    (MISSING, ['no such file']),
+], ids=['published_a_list', 'published_a_string', 'a_dict', 'checkpoint_a_number', 'cut_off', 'a_folder',
+        'missing'])
+def test_eval_official_names_what_is_wrong_with_its_table(tmp_path, table, words):
+    path = tmp_path / 'rows.json'
+    if table is FOLDER:
+        path.mkdir()
+    elif isinstance(table, str):
+        path.write_text(table)
+    elif table is not MISSING:
+        path.write_text(json.dumps(table))
+    out = tmp_path / 'table.md'
+    result = run_tool_in_process(['analysis/eval_official.py', '--checkpoint-dir', tmp_path, '--dry-run',
+                                  '--table', path, '--out', out, '--work-dir', tmp_path / 'work'],
+                                 cwd=tmp_path)
+    assert_user_error(result, f'--table {path}: ', *words)
+    assert not out.exists()
 
 
 @pytest.mark.slow

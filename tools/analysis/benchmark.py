@@ -74,6 +74,7 @@ until the run ends: a run stopped at a time limit keeps what it had measured.
 Benchmarks are measurements, never tests: run them on a quiet machine and report the command.
 """
 import argparse
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -1013,6 +1014,8 @@ def main(argv=None):
     if args.worker:
         worker(args.worker)
         return
+    if args.timm and importlib.util.find_spec('timm') is None:  # before any measuring
+        raise ValueError('--timm needs timm: pip install timm')
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine(args.device)

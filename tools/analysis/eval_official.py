@@ -71,15 +71,62 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+TABLE_ROW = ('{"name": "maskrcnn_t_1x", "config": "configs/davit_maskrcnn_1x_coco.py", "checkpoint": '
+             '"mask_rcnn_davit_t_1x.pth", "published": {"coco/bbox_mAP": 45.0}}')
+
+
+def _json_kind(value) -> str:
+    """What ``value`` was in the JSON text: an object, a list, a string, ..."""
+    kinds = ((bool, 'true/false'), (dict, 'an object'), (list, 'a list'), (str, 'a string'),
+             ((int, float), 'a number'), (type(None), 'null'))
+    return next(kind for types, kind in kinds if isinstance(value, types))
+
+
+def read_table(path: str) -> List[dict]:
+    """``--table``: a JSON list of rows as :func:`builtin_rows` makes them, each with a ``name``,
+    ``config`` and ``checkpoint`` (strings) and ``published`` (metric name -> number).
+
+    Raises:
+        ValueError: ``--table PATH: ...`` naming what is wrong and what is accepted.
+    """
+    label = f'--table {path}'
+    expected = f'a JSON list of rows such as [{TABLE_ROW}, ...]'
+    if osp.isdir(path):
+        raise ValueError(f'{label}: is a folder; expected a file holding {expected}')
+    if not osp.isfile(path):
+        raise ValueError(f'{label}: no such file')
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f'{label}: not a JSON file ({exc}); expected {expected}') from None
+    except OSError as exc:
+        raise ValueError(f'{label}: cannot be read: {exc.strerror}') from None
+    if not isinstance(rows, list):
+        raise ValueError(f'{label}: holds {_json_kind(rows)}, not a list of rows; expected {expected}')
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f'{label}: row {i} is {_json_kind(row)}, not an object; '
+                             f'expected {expected}')
+        missing = {'name', 'config', 'checkpoint', 'published'} - set(row)
+        if missing:
+            raise ValueError(f'{label}: row {i} lacks {sorted(missing)}; expected {expected}')
+        for key in ('name', 'config', 'checkpoint'):
+            if not isinstance(row[key], str) or not row[key]:
+                raise ValueError(f'{label}: row {i} has {key}={row[key]!r}; expected a non-empty string')
+        published = row['published']
+        if not isinstance(published, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in published.values()):
+            raise ValueError(f'{label}: row {i} ({row["name"]}) has published={published!r}; expected '
+                             f'metric name -> published number, e.g. {{"coco/bbox_mAP": 45.0}} '
+                             f'(metrics: {", ".join(METRICS)})')
+    return rows
+
+
 def load_rows(args) -> List[dict]:
     rows = builtin_rows()
     if args.table:
-        with open(args.table) as f:
-            rows = json.load(f)
-        for i, row in enumerate(rows):
-            missing = {'name', 'config', 'checkpoint', 'published'} - set(row)
-            if missing:
-                raise ValueError(f'--table {args.table}: row {i} lacks {sorted(missing)}')
+        rows = read_table(args.table)
     if args.only:
         names = [row['name'] for row in rows]
         unknown = [name for name in args.only if name not in names]

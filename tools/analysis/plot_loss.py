@@ -22,6 +22,33 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 
 
+def read_records(path: str):
+    """The records of one ``scalars.json`` (a JSON object per line).
+
+    Raises:
+        ValueError: naming the file and the line that is not a record (a file cut off or corrupt).
+    """
+    records = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f'{path!r} line {number}: not a JSON record ({exc.msg}: column '
+                                     f'{exc.colno}): the file is cut off or corrupt; mmengine writes '
+                                     f'one JSON object per line') from None
+                if not isinstance(record, dict):
+                    raise ValueError(f'{path!r} line {number}: {line.strip()[:40]!r} is not a JSON '
+                                     f'object; mmengine writes one JSON object per line')
+                records.append(record)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f'{path!r}: not a text file ({exc.reason} at byte {exc.start}): corrupt?') from None
+    return records
+
+
 def read_scalars(work_dir: str):
     """The records of the runs in ``work_dir`` (one ``TIMESTAMP`` folder each, oldest first),
     joined where a run resumed the one before: its first training record, at a later iteration
@@ -34,8 +61,7 @@ def read_scalars(work_dir: str):
         raise ValueError(f'{work_dir!r} has no */vis_data/scalars.json: is it a tools/train.py work dir?')
     records, first_iter = [], None
     for path in files:
-        with open(path) as f:
-            run = [json.loads(line) for line in f if line.strip()]
+        run = read_records(path)
         start = next((r['iter'] for r in run if 'iter' in r), None)
         if start is not None:
             if first_iter is not None and start <= first_iter:
