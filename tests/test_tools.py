@@ -2,6 +2,7 @@
 checked before anything runs, configs adapted to the machine (or refused), checkpoints given to
 tools/test.py and tools/train.py checked, and the launchers' and demo's refusals."""
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -359,20 +360,135 @@ def test_more_gpus_than_the_machine_has_is_refused(tmp_path):
     assert result.returncode == 2 and 'asked for 8 GPUs but this machine has 2' in result.stderr
 
 
-@pytest.mark.parametrize('gpus', ['0', 'two', '-1'])
-def test_a_gpu_count_that_is_not_a_positive_integer_is_refused(tmp_path, gpus):
-    result = run_tool(['dist_train.sh', RETINANET, gpus], cwd=tmp_path, expect_ok=False)
-    assert result.returncode == 2 and 'must be a positive integer' in result.stderr
+def _recording_program(path, name):
+    """An executable ``path/name`` that only leaves ``path/name.ran`` behind: run as PYTHON or as
+    ``srun``, it shows whether a launcher got as far as starting anything."""
+    program = path / name
+    program.write_text(f'#!/usr/bin/env bash\ntouch {path / (name + ".ran")}\nexit 3\n')
+    program.chmod(0o755)
+    return program
 
 
-@pytest.mark.parametrize('args,message', [(['--iters', '0'], '--iters must be a positive integer'),
-                                          (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
-                                          (['--epochs', '3'], "unknown argument '--epochs'")])
+# The launchers' numbers (tools/common.sh: davit_mm_require_integer): decimal, no sign, no leading
+# zeros, in range; a value of any length is refused without bash's arithmetic overflowing.
+LAUNCH_CASES = [
+    ('0', {}, 'GPUS=0 (processes on this node): accepted an integer from 1 to 1024'),
+    ('two', {}, "GPUS='two' (processes on this node): accepted an integer from 1 to 1024"),
+    ('-1', {}, "GPUS='-1' (processes on this node): accepted an integer from 1 to 1024"),
+    ('00', {}, 'GPUS=00 (processes on this node): accepted an integer from 1 to 1024, written '
+               'without leading zeros'),
+    ('08', {}, 'GPUS=08 (processes on this node): accepted an integer from 1 to 1024, written '
+               'without leading zeros'),
+    ('99999999999999999999', {}, 'GPUS=99999999999999999999 (processes on this node): accepted an '
+                                 'integer from 1 to 1024'),
+    ('1025', {}, 'GPUS=1025 (processes on this node): accepted an integer from 1 to 1024'),
+    ('1', {'PORT': '70000'}, 'PORT=70000: accepted an integer from 1 to 65535'),
+    ('1', {'PORT': 'abc'}, "PORT='abc': accepted an integer from 1 to 65535"),
+    ('1', {'PORT': '0'}, 'PORT=0: accepted an integer from 1 to 65535'),
+    ('1', {'NNODES': '0'}, 'NNODES=0: accepted an integer from 1 to 65536'),
+    ('1', {'NNODES': 'abc'}, "NNODES='abc': accepted an integer from 1 to 65536"),
+    ('1', {'NNODES': '1:2'}, "NNODES='1:2': accepted an integer from 1 to 65536"),
+    ('1', {'NODE_RANK': '-1'}, "NODE_RANK='-1' (with NNODES=1): accepted an integer from 0 to 0"),
+    ('1', {'NNODES': '2', 'NODE_RANK': '2'}, 'NODE_RANK=2 (with NNODES=2): accepted an integer from 0 to 1'),
+]
+
+
+@pytest.mark.parametrize('tool', ['dist_train.sh', 'dist_test.sh'])
+@pytest.mark.parametrize('gpus,env,message', LAUNCH_CASES)
+def test_a_gpu_count_that_is_not_a_positive_integer_is_refused(tmp_path, tool, gpus, env, message):
+    """...and the same for NNODES, NODE_RANK and PORT: refused before anything runs (PYTHON is
+    a program that records being started: not even the CUDA check, let alone torchrun)."""
+    python = _recording_program(tmp_path, 'python')
+    args = [RETINANET, gpus] if tool == 'dist_train.sh' else [RETINANET, 'model.pth', gpus]
+    result = run_tool([tool] + args, cwd=tmp_path, expect_ok=False, timeout=30,
+                      env=dict({'NNODES': '', 'NODE_RANK': '', 'PORT': ''}, PYTHON=str(python), **env))
+    assert result.returncode == 2 and result.stderr == f'error: {message}\n', result.stderr
+    assert not (tmp_path / 'python.ran').exists()
+
+
+def test_launchers_hand_good_numbers_to_torchrun(tmp_path):
+    """The checks refuse only bad values: these reach PYTHON (the CUDA check, then torchrun)."""
+    python = _recording_program(tmp_path, 'python')
+    for env in ({'NNODES': '', 'NODE_RANK': '', 'PORT': ''},
+                {'NNODES': '2', 'NODE_RANK': '1', 'PORT': '65535'}):
+        result = run_tool(['dist_train.sh', RETINANET, '1024'], cwd=tmp_path, expect_ok=False,
+                          timeout=30, env=dict(env, PYTHON=str(python)))
+        assert result.returncode == 3 and result.stderr == '', result.stderr
+        assert (tmp_path / 'python.ran').exists()
+        (tmp_path / 'python.ran').unlink()
+
+
+@pytest.mark.parametrize('tool', ['slurm_train.sh', 'slurm_test.sh'])
+@pytest.mark.parametrize('env,message', [
+    ({'GPUS': '0'}, 'GPUS=0 (tasks, one per GPU, over all nodes): accepted an integer from 1 to 65536'),
+    ({'GPUS': '08'}, 'GPUS=08 (tasks, one per GPU, over all nodes): accepted an integer from 1 to 65536, '
+                     'written without leading zeros'),
+    ({'GPUS': '99999999999999999999'}, 'GPUS=99999999999999999999 (tasks, one per GPU, over all nodes): '
+                                       'accepted an integer from 1 to 65536'),
+    ({'GPUS_PER_NODE': 'eight'}, "GPUS_PER_NODE='eight': accepted an integer from 1 to 1024"),
+    ({'GPUS_PER_NODE': '00'}, 'GPUS_PER_NODE=00: accepted an integer from 1 to 1024, written without '
+                              'leading zeros'),
+    ({'CPUS_PER_TASK': '-5'}, "CPUS_PER_TASK='-5': accepted an integer from 1 to 1024"),
+    ({'MASTER_PORT': '70000'}, 'MASTER_PORT=70000: accepted an integer from 1 to 65535'),
+])
+def test_slurm_launchers_refuse_bad_counts_before_srun(tmp_path, tool, env, message):
+    _recording_program(tmp_path, 'srun')
+    path = f'{tmp_path}{os.pathsep}{os.environ["PATH"]}'
+    result = run_tool([tool, 'partition', 'job', RETINANET, 'w'], cwd=tmp_path, expect_ok=False,
+                      timeout=30, env=dict({'GPUS': '', 'GPUS_PER_NODE': '', 'CPUS_PER_TASK': '',
+                                            'MASTER_PORT': ''}, PATH=path, **env))
+    assert result.returncode == 2 and result.stderr == f'error: {message}\n', result.stderr
+    assert not (tmp_path / 'srun.ran').exists()
+
+
+def test_slurm_launchers_hand_good_counts_to_srun(tmp_path):
+    """The checks refuse only bad values: the defaults, and no MASTER_PORT, reach srun."""
+    _recording_program(tmp_path, 'srun')
+    path = f'{tmp_path}{os.pathsep}{os.environ["PATH"]}'
+    result = run_tool(['slurm_train.sh', 'partition', 'job', RETINANET, 'w'], cwd=tmp_path,
+                      expect_ok=False, timeout=30, env={'GPUS': '', 'GPUS_PER_NODE': '',
+                                                        'CPUS_PER_TASK': '', 'MASTER_PORT': '',
+                                                        'PATH': path})
+    assert result.returncode == 3 and (tmp_path / 'srun.ran').exists(), result.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--iters', '0'], "--iters must be a positive integer from 1 to 100000 written without leading zeros"),
+    (['--iters', '00'], "--iters must be a positive integer from 1 to 100000"),
+    (['--iters', '08'], "--iters must be a positive integer from 1 to 100000 written without leading "
+                        "zeros (a demo of a few minutes; longer runs: tools/train.py), got '08'"),
+    (['--iters', '100001'], "--iters must be a positive integer from 1 to 100000"),
+    (['--iters', '99999999999999999999'], "--iters must be a positive integer from 1 to 100000"),
+    (['--model', 'yolo'], '--model must be maskrcnn or retinanet'),
+    (['--epochs', '3'], "unknown argument '--epochs'")])
 def test_quickstart_rejects_bad_options_before_doing_anything(tmp_path, args, message):
     result = run_tool(['quickstart.sh'] + args + ['--out-dir', tmp_path / 'q'], cwd=tmp_path,
-                      expect_ok=False)
-    assert result.returncode == 2 and message in result.stderr
+                      expect_ok=False, timeout=30)
+    assert result.returncode == 2 and result.stderr.startswith(f'quickstart: {message}'), result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr  # that line only
     assert not (tmp_path / 'q').exists()
+
+
+@pytest.mark.parametrize('out_dir,message', [
+    ('', "--out-dir must name a folder, got ''"),
+    ('afile', "--out-dir 'afile' is a file, not a folder"),
+    ('afile/q', "--out-dir 'afile/q' cannot be created: Not a directory")])
+def test_quickstart_refuses_an_output_folder_it_cannot_use_before_the_setup(tmp_path, out_dir, message):
+    """Before: `mkdir: cannot create directory ''`, exit 1, after the setup step had run. PYTHON
+    records being started: neither the setup nor anything later runs."""
+    (tmp_path / 'afile').write_text('')
+    python = _recording_program(tmp_path, 'python')
+    result = run_tool(['quickstart.sh', '--out-dir', out_dir], cwd=tmp_path, expect_ok=False,
+                      timeout=30, env={'PYTHON': str(python)})
+    assert result.returncode == 2 and result.stderr.startswith(f'quickstart: {message}'), result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr  # that line only
+    assert 'environment' not in result.stdout and not (tmp_path / 'python.ran').exists()
+
+
+def test_quickstart_help_shows_the_whole_header(tmp_path):
+    result = run_tool(['quickstart.sh', '--help'], cwd=tmp_path, timeout=30)
+    assert result.stdout.startswith('See davit_mm work end to end')
+    assert '1 to 100000' in result.stdout and result.stdout.rstrip().endswith('retinanet (boxes)')
 
 
 def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):

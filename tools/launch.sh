@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # torchrun wrapper used by dist_train.sh and dist_test.sh: launch.sh NPROC SCRIPT [ARGS...]
 # Multi-node through NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1) and PORT (29500).
+# NPROC 1..1024, NNODES 1..65536, NODE_RANK 0..NNODES-1, PORT 1..65535: decimal, no leading zeros.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NPROC=$1
 shift
-case "$NPROC" in
-  ''|*[!0-9]*|0) echo "error: the process count must be a positive integer, got '$NPROC'" >&2; exit 2 ;;
-esac
+# Checked before anything runs (torchrun would fail on each of these with a traceback).
+davit_mm_require_integer GPUS "$NPROC" 1 1024 'processes on this node'
+davit_mm_require_integer NNODES "${NNODES:-1}" 1 65536
+davit_mm_require_integer NODE_RANK "${NODE_RANK:-0}" 0 $((${NNODES:-1} - 1)) "with NNODES=${NNODES:-1}"
+davit_mm_require_integer PORT "${PORT:-29500}" 1 65535
 if "$DAVIT_MM_PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   available=$("$DAVIT_MM_PYTHON" -c 'import torch; print(torch.cuda.device_count())')
   if [ "${NNODES:-1}" = 1 ] && [ "$NPROC" -gt "$available" ]; then

@@ -7,8 +7,10 @@
 #   bash tools/quickstart.sh [--iters N] [--out-dir DIR] [--model maskrcnn|retinanet]
 #
 #   --iters N      training iterations (default 320: 20 epochs of 64 images at batch 4); rounded up
-#                  to whole epochs
-#   --out-dir DIR  where everything goes (default: outputs/quickstart in the repository)
+#                  to whole epochs; 1 to 100000 (this is a demo of a few minutes: longer runs
+#                  belong to tools/train.py)
+#   --out-dir DIR  where everything goes, created if needed; not empty, not a file (default:
+#                  outputs/quickstart in the repository)
 #   --model NAME   maskrcnn (boxes and masks, default) or retinanet (boxes)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -22,7 +24,7 @@ num_train=64
 num_val=16
 batch=4  # the quickstart configs' train_dataloader.batch_size
 
-usage() { sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 die() { printf 'quickstart: %s\n' "$*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,7 +35,11 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-case "$iters" in ''|*[!0-9]*|0) die "--iters must be a positive integer, got '$iters'" ;; esac
+max_iters=100000  # a demo of a few minutes (320 by default); the --help text says so
+davit_mm_is_integer_in "$iters" 1 "$max_iters" ||
+  die "--iters must be a positive integer from 1 to $max_iters written without leading zeros (a demo of a few minutes; longer runs: tools/train.py), got '$iters'"
+[ -n "$out" ] || die "--out-dir must name a folder, got ''"
+[ ! -e "$out" ] || [ -d "$out" ] || die "--out-dir '$out' is a file, not a folder"
 case "$model" in
   maskrcnn) config="$root/configs/quickstart/davit_mini_maskrcnn_synthetic_coco.py" ;;
   retinanet) config="$root/configs/quickstart/davit_mini_retinanet_synthetic_coco.py" ;;
@@ -42,10 +48,11 @@ esac
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
+created=$(mkdir -p -- "$out" 2>&1) || die "--out-dir '$out' cannot be created: ${created##*: }"
+
 step "1/6 environment"
 bash "$root/tools/setup_env.sh"
 
-mkdir -p "$out"
 out=$(cd "$out" && pwd)
 data="$out/data/synthetic_coco"
 step "2/6 dataset: $data"
