@@ -160,13 +160,16 @@ def check_can_show(option: str = '--show') -> None:
 
 
 def check_output_path(label: str, path: str, folder: bool) -> None:
-    """Refuse, before anything runs, an output location that cannot be written: a folder
-    (``folder``) that exists as a file, a file that exists as a folder, or a path whose nearest
-    existing parent is a file or not writable. Missing folders are left to be created.
+    """Refuse, before anything runs, an output location that cannot be written: an empty path,
+    a folder (``folder``) that exists as a file, a file that exists as a folder, or a path whose
+    nearest existing parent is a file or not writable. Missing folders are left to be created.
 
     Raises:
         ValueError: naming ``label`` (the option or key), ``path`` and the problem.
     """
+    if not path:  # os.makedirs('') fails; mmengine would write into the working directory
+        raise ValueError(f"{label} '': an empty path; give the {'folder' if folder else 'file'} "
+                         f"to write")
     if folder and osp.exists(path) and not osp.isdir(path):
         raise ValueError(f'{label} {path!r} is a file, not a folder')
     if not folder and osp.isdir(path):

@@ -160,6 +160,15 @@ def test_check_output_path_refuses_what_cannot_be_written(tmp_path, monkeypatch)
     ('tools/analysis/eval_official.py', ['--checkpoint-dir', '.', '--work-dir', 'afile'],
      "--work-dir 'afile' is a file, not a folder"),
     ('tools/dataset/make_synthetic_coco.py', ['afile/coco'], "out_dir 'afile/coco' cannot be created"),
+    # an empty path: mmengine wrote into the working directory, --out '' and --show-dir '' were
+    # ignored, convert_checkpoint.py failed after converting
+    ('tools/test.py', [RETINANET, 'afile', '--work-dir', ''], "work_dir '': an empty path; give the folder"),
+    ('tools/test.py', [RETINANET, 'afile', '--out', ''], "--out '': an empty path; give the file"),
+    ('tools/test.py', [RETINANET, 'afile', '--show-dir', ''], "--show-dir '': an empty path"),
+    ('tools/train.py', [RETINANET, '--work-dir', ''], "work_dir '': an empty path"),
+    ('tools/convert_checkpoint.py', ['afile', ''], "dst '': an empty path; give the file"),
+    ('tools/analysis/benchmark.py', ['--device', 'cpu', '--json', ''], "--json '': an empty path"),
+    ('tools/analysis/gpu_suite.py', ['--smoke', '--out', ''], "--out '': an empty path"),
 ])
 def test_tools_refuse_output_paths_before_they_run(tmp_path, script, args, message):
     """These failed with a traceback from mmengine's or Python's makedirs, or after the work was

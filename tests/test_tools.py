@@ -505,7 +505,9 @@ def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
              ([str(image), MASKRCNN, str(empty), '--device', 'tpu'],
               '--device tpu: accepted cpu, cuda or cuda:N'),
              ([str(image), MASKRCNN, str(weights), '--device', 'cpu', '--out-dir', str(empty / 'o')],
-              f"--out-dir {str(empty / 'o')!r} cannot be created: {str(empty)!r} is a file")]
+              f"--out-dir {str(empty / 'o')!r} cannot be created: {str(empty)!r} is a file"),
+             ([str(image), MASKRCNN, str(weights), '--device', 'cpu', '--out-dir', ''],
+              "--out-dir '': an empty path; give the folder to write")]
     if not torch.cuda.is_available():
         cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
     for args, message in cases:

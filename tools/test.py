@@ -96,10 +96,10 @@ def main(argv=None):
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
     check_output_path('work_dir', cfg.work_dir, folder=True)
-    if args.out:  # mmseg writes label maps into a folder, mmdet one .pkl file
+    if args.out is not None:  # mmseg writes label maps into a folder, mmdet one .pkl file
         check_output_path('--out', args.out, folder=library == 'mmseg')
-    if args.show_dir:  # mmdet's hook draws into WORK_DIR/TIMESTAMP/SHOW_DIR
-        check_output_path('--show-dir', args.show_dir if library == 'mmseg' else
+    if args.show_dir is not None:  # mmdet's hook draws into WORK_DIR/TIMESTAMP/SHOW_DIR
+        check_output_path('--show-dir', args.show_dir if library == 'mmseg' or not args.show_dir else
                           osp.join(cfg.work_dir, args.show_dir), folder=True)
     check_show(args, library)
     preflight(cfg, ('test', ))

@@ -180,7 +180,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     try:
         check_device(args.device)
-        if args.json:  # written as the numbers come in
+        if args.json is not None:  # written as the numbers come in
             check_output_path('--json', args.json, folder=False)
     except ValueError as exc:
         parser.error(str(exc))

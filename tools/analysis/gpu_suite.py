@@ -455,10 +455,10 @@ def parse_args(argv=None):
                          '--smoke (a plumbing check)')
     if args.budget < MIN_STEP_S:
         raise ValueError(f'--budget {args.budget:g}: accepted {MIN_STEP_S} seconds or more')
-    if not args.list and not args.out:
+    if not args.list and args.out is None:
         raise ValueError('--out is required (where the results go), except with --list')
     for label, folder in (('--out', args.out), ('--work-dir', args.work_dir)):
-        if folder and not args.list:
+        if folder is not None and not args.list:
             check_output_path(label, folder, folder=True)
     return args
 
