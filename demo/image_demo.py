@@ -16,6 +16,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from davit_mm import compat  # noqa: E402
@@ -42,12 +43,22 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_inputs(image: str, checkpoint: str, device: str) -> None:
+def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> None:
     if osp.isdir(image):
-        if not any(name.lower().endswith(IMAGE_SUFFIXES) for name in os.listdir(image)):
+        names = sorted(name for name in os.listdir(image) if name.lower().endswith(IMAGE_SUFFIXES))
+        if not names:
             raise ValueError(f'image folder {image!r} holds no images ({", ".join(IMAGE_SUFFIXES)})')
+        images = [osp.join(image, name) for name in names]
     elif not osp.isfile(image):
         raise ValueError(f'image {image!r}: no such file or folder')
+    else:
+        images = [image]
+    for path in images:  # the inferencers stop at one with a bare "failed to load image"
+        if cv2.imread(path, cv2.IMREAD_COLOR) is None:
+            raise ValueError(f'image {path!r} ({osp.getsize(path)} bytes) cannot be read as an '
+                             f'image: not an image file, or cut off')
+    if not 0 <= score_thr <= 1:  # NaN too: scores are probabilities
+        raise ValueError(f'--score-thr {score_thr}: accepted a score from 0 to 1')
     if not osp.isfile(checkpoint):
         raise ValueError(f'checkpoint={checkpoint!r}: no such file')
     check_device(device)
@@ -95,7 +106,7 @@ def named_label_maps(base: type) -> type:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_inputs(args.image, args.checkpoint, args.device)
+    check_inputs(args.image, args.checkpoint, args.device, args.score_thr)
     check_output_path('--out-dir', args.out_dir, folder=True)
     if args.show:
         check_can_show()

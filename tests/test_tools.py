@@ -508,6 +508,17 @@ def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
               f"--out-dir {str(empty / 'o')!r} cannot be created: {str(empty)!r} is a file"),
              ([str(image), MASKRCNN, str(weights), '--device', 'cpu', '--out-dir', ''],
               "--out-dir '': an empty path; give the folder to write")]
+    # the inferencers stopped with a bare "AssertionError: failed to load image"
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    (bad / 'notes.jpg').write_text('not an image\n')
+    (bad / 'cut.jpg').write_bytes(image.read_bytes()[:200])
+    cases += [([str(bad / 'notes.jpg'), MASKRCNN, str(weights)],
+               f"image {str(bad / 'notes.jpg')!r} (13 bytes) cannot be read as an image"),
+              ([str(bad), MASKRCNN, str(weights)],  # a folder: every image is checked
+               f"image {str(bad / 'cut.jpg')!r} (200 bytes) cannot be read as an image")]
+    cases += [([str(image), MASKRCNN, str(weights), '--score-thr', thr],  # nothing drawn, exit 0
+               f'--score-thr {thr}: accepted a score from 0 to 1') for thr in ('nan', '5.0', '-0.5')]
     if not torch.cuda.is_available():
         cases.append(([str(image), MASKRCNN, str(image), '--device', 'cuda:0'], 'has no CUDA device'))
     for args, message in cases:
