@@ -282,6 +282,8 @@ def check_randomness_option(key: str, value: object) -> None:
     if not isinstance(value, accepted) or (accepted == (int, type(None)) and isinstance(value, bool)):
         names = ' or '.join('None' if t is type(None) else t.__name__ for t in accepted)
         raise ValueError(f'--cfg-options {key}={value!r}: accepted {names}')
+    if name == 'seed' and value is not None and not 0 <= value < 2**32:  # numpy's seeding range
+        raise ValueError(f'--cfg-options {key}={value!r}: accepted 0 to 2**32 - 1, or None')
 
 
 CONFIG_SUFFIXES = ('.py', '.yml', '.yaml', '.json')  # what mmengine's Config.fromfile reads

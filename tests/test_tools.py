@@ -70,6 +70,9 @@ def test_seed_and_deterministic_from_cfg_options_reach_the_runner(data_dir, tmp_
 @pytest.mark.parametrize('option,message', [
     ('randomness.sed=0', "randomness.sed: randomness accepts ['deterministic', 'diff_rank_seed', 'seed']"),
     ('randomness.seed=abc', "randomness.seed='abc': accepted int or None"),
+    # mmengine: "Seed must be between 0 and 2**32 - 1", naming neither option nor value
+    ('randomness.seed=-1', 'randomness.seed=-1: accepted 0 to 2**32 - 1, or None'),
+    ('randomness.seed=4294967296', 'randomness.seed=4294967296: accepted 0 to 2**32 - 1'),
 ])
 def test_bad_randomness_options_are_refused(data_dir, option, message):
     result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options',
