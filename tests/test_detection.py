@@ -170,13 +170,12 @@ def test_loss_curve_is_plotted_from_the_training_log(trained_maskrcnn, tmp_path,
 
 
 @pytest.mark.parametrize('line_2, words', [
-    ('{"loss": 0.9, "it', ['not a JSON record (Unterminated string starting at: column 15)',
-                          'the file is cut off or corrupt']),
+    ('{"loss": 0.9, "it\n{"loss": 0.8, "iter": 3}\n',
+     ['not a JSON record (Invalid control character at: column 18)', 'the file is cut off or corrupt']),
     ('[0.9]\n', ["'[0.9]' is not a JSON object"]),
-], ids=['cut_off', 'not_an_object'])
+], ids=['cut_line', 'not_an_object'])
 def test_plot_loss_names_the_file_and_line_of_a_corrupt_log(tmp_path, line_2, words):
-    """A scalars.json cut off (a run killed while writing) or corrupt: the file and line, not
-    json's words alone."""
+    """A corrupt scalars.json: the file and line, not json's words alone."""
     scalars = tmp_path / 'work' / '20240101_000000' / 'vis_data' / 'scalars.json'
     scalars.parent.mkdir(parents=True)
     scalars.write_text('{"loss": 1.0, "iter": 1}\n' + line_2)
@@ -184,6 +183,17 @@ def test_plot_loss_names_the_file_and_line_of_a_corrupt_log(tmp_path, line_2, wo
                                  cwd=tmp_path)
     assert_user_error(result, f"'{scalars}' line 2: ", *words)
     assert not (tmp_path / 'loss.png').exists()
+
+
+def test_plot_loss_leaves_out_the_unfinished_last_line_of_a_run_still_writing(tmp_path):
+    scalars = tmp_path / 'work' / '20240101_000000' / 'vis_data' / 'scalars.json'
+    scalars.parent.mkdir(parents=True)
+    scalars.write_text('{"loss": 1.0, "iter": 1}\n{"loss": 0.9, "iter": 2}\n{"loss": 0.8, "it')
+    result = run_tool_in_process(['analysis/plot_loss.py', tmp_path / 'work', '--out',
+                                  tmp_path / 'loss.png'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f'{scalars}: line 3 left out: unfinished' in result.stdout
+    assert (tmp_path / 'loss.png').stat().st_size > 0
 
 
 @pytest.mark.slow

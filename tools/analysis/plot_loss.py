@@ -23,10 +23,11 @@ from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 
 
 def read_records(path: str):
-    """The records of one ``scalars.json`` (a JSON object per line).
+    """The records of one ``scalars.json`` (a JSON object per line). An unfinished last line
+    (no newline yet: a run writing it now, or killed while writing it) is left out, saying so.
 
     Raises:
-        ValueError: naming the file and the line that is not a record (a file cut off or corrupt).
+        ValueError: naming the file and the line that is not a record (a file corrupt).
     """
     records = []
     try:
@@ -37,6 +38,9 @@ def read_records(path: str):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
+                    if not line.endswith('\n') and not f.read(1):
+                        print(f'{path}: line {number} left out: unfinished (a run still writing it?)')
+                        break
                     raise ValueError(f'{path!r} line {number}: not a JSON record ({exc.msg}: column '
                                      f'{exc.colno}): the file is cut off or corrupt; mmengine writes '
                                      f'one JSON object per line') from None
