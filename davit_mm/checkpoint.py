@@ -21,7 +21,9 @@ import os.path as osp
 import pickle
 import pickletools
 import re
+import reprlib
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -278,17 +280,15 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
 
     Raises:
         ValueError: unknown ``format``.
-        TypeError: ``prefix`` is not a str.
+        TypeError: ``state_dict`` is not a dict with str keys, or ``prefix`` not a str.
         CheckpointError: no DaViT keys, the requested format/prefix is absent, or several
             backbones (prefixes) are present and ``prefix`` was not given.
     """
+    _check_state_dict(state_dict)
     if format != 'auto' and format not in FORMATS:
         raise ValueError(f"format={format!r}: accepted 'auto' or one of {FORMATS}")
-    if prefix is not None and not isinstance(prefix, str):
-        raise TypeError(f"prefix={prefix!r} ({type(prefix).__name__}): accepted a str such as "
-                        f"'backbone.' (or None to detect it)")
-    if prefix and not prefix.endswith('.'):
-        prefix += '.'  # as mmengine's Pretrained init reads prefix='backbone'
+    if prefix is not None:
+        prefix = _check_prefix(prefix, " (or None to detect it)")
     layouts = [layout for layout in LAYOUTS.values() if format in ('auto', layout.format)]
     found: Dict[Tuple[str, str], None] = {}
     for key in state_dict:
@@ -310,6 +310,39 @@ def detect_format(state_dict: Dict[str, torch.Tensor], prefix: Optional[str] = N
         raise CheckpointError(f'the checkpoint holds several DaViT backbones {sorted(found)}; '
                               f'choose one with prefix=...')
     return next(iter(found))
+
+
+def _check_state_dict(state_dict: object, argument: str = 'state_dict') -> None:
+    """Refuse what is not a flat ``{str: tensor}`` dict (a path, None, a list), naming
+    ``argument``; values are :func:`check_tensors`' to check.
+
+    Raises:
+        TypeError: not a dict (a Mapping), or a key that is not a str.
+    """
+    if not isinstance(state_dict, Mapping):
+        hint = ' (a file: read it with read_checkpoint)' if isinstance(state_dict, (str, os.PathLike)) else ''
+        raise TypeError(f'{argument}={reprlib.repr(state_dict)} ({type(state_dict).__name__}): '
+                        f'accepted a dict of tensors {{name: tensor}}{hint}')
+    key = next((key for key in state_dict if not isinstance(key, str)), None)
+    if key is not None:
+        raise TypeError(f'{argument} has the key {key!r} ({type(key).__name__}): accepted a dict '
+                        f'of tensors whose keys are str')
+
+
+def _check_prefix(prefix: object, also: str = " ('' for none)") -> str:
+    """``prefix`` ending with its dot, as mmengine's Pretrained init reads ``prefix='backbone'``."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix={prefix!r} ({type(prefix).__name__}): accepted a str such as "
+                        f"'backbone.'{also}")
+    return prefix + '.' if prefix and not prefix.endswith('.') else prefix
+
+
+def _layout(layout: object) -> Layout:
+    """The :data:`LAYOUTS` record named ``layout``, or a ValueError listing the names."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f'layout={layout!r}: accepted one of {tuple(LAYOUTS)} (the layouts '
+                         f'detect_format returns)')
+    return LAYOUTS[layout]
 
 
 def _is_dual_attention_layout(state_dict: Dict[str, torch.Tensor], layout: Layout, prefix: str) -> bool:
@@ -334,7 +367,7 @@ def guess_model(state_dict: Dict[str, torch.Tensor]) -> Optional[Tuple[str, str]
 
 def layout_format(layout: str) -> str:
     """The user-facing format name of a layout (``'florence2_hf'`` -> ``'florence2'``)."""
-    return LAYOUTS[layout].format
+    return _layout(layout).format
 
 
 @dataclass
@@ -355,8 +388,15 @@ class Conversion:
 
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
                        prefix: str = '') -> Conversion:
-    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored)."""
-    spec = LAYOUTS[layout]
+    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored).
+
+    Raises:
+        ValueError: ``layout`` is not a key of :data:`LAYOUTS`.
+        TypeError: ``state_dict`` is not a dict with str keys, or ``prefix`` not a str.
+    """
+    _check_state_dict(state_dict)
+    spec = _layout(layout)
+    prefix = _check_prefix(prefix)
     rules = [(re.compile(pattern), repl) for pattern, repl in spec.rules]
     converted: Dict[str, torch.Tensor] = {}
     sources: Dict[str, str] = {}
@@ -383,6 +423,7 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
 
 def describe_state_dict(state_dict: Dict[str, torch.Tensor]) -> str:
     """Infer the arch of a davit_mm-layout state dict, e.g. for error messages."""
+    _check_state_dict(state_dict)
     dims, depths = [], []
     stage = 0
     while True:
@@ -437,6 +478,8 @@ def compare_state_dict(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
     """Compare ``state`` with a model's state dict ``own``: model keys absent from ``state``,
     keys of ``state`` the model does not have, and shape mismatches; keys for which ``may_lack``,
     ``may_have`` or ``may_differ`` say so are tolerated instead."""
+    _check_state_dict(state, 'state')
+    _check_state_dict(own, 'own')
     fit = Fit()
     for key in own:
         if key not in state:
@@ -461,7 +504,10 @@ def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
 
     Raises:
         CheckpointError: naming each problem and its first offending keys.
+        TypeError: ``state_dict`` or ``own`` is not a dict with str keys.
     """
+    _check_state_dict(state_dict)
+    _check_state_dict(own, 'own')
     problems: Dict[str, List[str]] = {}
     for key, value in state_dict.items():
         target = own.get(key)
@@ -517,7 +563,12 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
         CheckpointError: unreadable file, no DaViT weights, a different size or variant
             (shape mismatch, unknown keys, weights missing), or a format that implies a
             different channel attention than the model's.
+        TypeError: ``model`` is not a :class:`DaViT`.
     """
+    from .models.davit import DaViT
+    if not isinstance(model, DaViT):
+        raise TypeError(f'model={type(model).__name__}: accepted a davit_mm DaViT backbone (of a '
+                        f'detector or segmentor: its .backbone)')
     if checkpoint is None:
         raise CheckpointError("init_cfg=dict(type='Pretrained') needs checkpoint=PATH")
     source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'the given state dict'
@@ -580,6 +631,7 @@ def _summarise(keys: Sequence[str]) -> str:
 def detect_model_format(state_dict: Dict[str, torch.Tensor], meta: Optional[dict] = None) -> Optional[str]:
     """The :data:`MODEL_FORMATS` key of a whole trained detector/segmentor state dict of another
     codebase, or None (a backbone-only file, a davit_mm model, anything else)."""
+    _check_state_dict(state_dict)
     modules = {key.split('.')[0] for key in state_dict} - {'backbone'}
     meta = meta if isinstance(meta, dict) else {}
     candidates = [fmt for fmt in MODEL_FORMATS.values()
@@ -632,6 +684,9 @@ def convert_model_checkpoint(checkpoint: dict, source: str = 'the checkpoint') -
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     state_dict = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{source}: its 'state_dict' is a {type(state_dict).__name__}, not a "
+                              f'dict of tensors')
     meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
     name = detect_model_format(state_dict, meta)
     if name is None:

@@ -27,6 +27,8 @@ from mmengine.logging import print_log
 CACHE_ENV = 'DAVIT_MM_CACHE'
 TIMEOUT_ENV = 'DAVIT_MM_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT_S = 10.0  # per connection attempt and per read, not for the whole file
+# Python's socket timeouts overflow past 2**63 ns (~9.2e9 s), and 2**31 s where time_t is 32-bit.
+MAX_TIMEOUT_S = 1e9
 CONFIG_KEY = 'model.backbone.init_cfg.checkpoint'  # where davit_mm's configs name the weights
 
 
@@ -82,6 +84,8 @@ def cached_path(url: str) -> str:
 
 
 def _timeout() -> float:
+    """``$DAVIT_MM_DOWNLOAD_TIMEOUT``, else the default; NaN, 0 and below, and values the socket
+    layer cannot hold (inf, 1e10: ``OverflowError: timestamp out of range``) are refused."""
     value = os.environ.get(TIMEOUT_ENV)
     if value is None:
         return DEFAULT_TIMEOUT_S
@@ -89,8 +93,9 @@ def _timeout() -> float:
         timeout = float(value)
     except ValueError:
         timeout = -1.0
-    if not timeout > 0:
-        raise ValueError(f'{TIMEOUT_ENV}={value!r}: accepted a positive number of seconds')
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValueError(f'{TIMEOUT_ENV}={value!r}: accepted a number of seconds > 0 and '
+                         f'<= {MAX_TIMEOUT_S:.0f} (unset: {DEFAULT_TIMEOUT_S:g})')
     return timeout
 
 

@@ -551,6 +551,18 @@ def test_input_of_wrong_rank_or_channels_is_rejected(tiny_arch, shape):
         DaViT(tiny_arch)(torch.randn(shape))
 
 
+@pytest.mark.parametrize('image, got', [
+    ((torch.rand(1, 3, 32, 32) * 255).to(torch.uint8), 'dtype torch.uint8'),  # an image as decoded
+    (torch.zeros(1, 3, 32, 32, dtype=torch.long), 'dtype torch.int64'),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.bool), 'dtype torch.bool'),
+    (torch.zeros(1, 3, 32, 32).numpy(), 'ndarray'),
+    (torch.zeros(1, 3, 32, 32).tolist(), 'list'),
+])
+def test_input_that_is_not_a_float_tensor_is_a_type_error_naming_what_it_is(tiny_arch, image, got):
+    with pytest.raises(TypeError, match=rf'^DaViT expects a float tensor \(normalised images\), got {got}$'):
+        DaViT(tiny_arch)(image)
+
+
 @pytest.mark.parametrize('fast', [True, False])
 def test_an_empty_batch_gives_empty_maps_forward_and_backward(tiny_arch, fast):
     """A batch of 0 images (as PyTorch's own layers take it) failed in a reshape with -1."""

@@ -13,7 +13,9 @@ from mmengine.logging import MMLogger
 from safetensors.torch import save_file
 
 import formats
-from davit_mm.checkpoint import CheckpointError, load_pretrained, read_checkpoint
+from davit_mm.checkpoint import (CheckpointError, check_tensors, compare_state_dict, convert_model_checkpoint,
+                                 convert_state_dict, describe_state_dict, detect_format, detect_model_format,
+                                 layout_format, load_pretrained, read_checkpoint)
 from davit_mm.models import DaViT
 from davit_mm.models.reference import ReferenceDaViT
 from helpers import REPO, assert_user_error
@@ -148,6 +150,44 @@ def test_prefix_without_its_dot_reads_as_mmengine_does_and_a_non_str_prefix_is_r
     assert_same_outputs(pretrained(tiny_arch, path, prefix='backbone'), ref)
     with pytest.raises(TypeError, match=r"prefix=3 \(int\): accepted a str such as 'backbone.'"):
         pretrained(tiny_arch, path, prefix=3)
+    state_dict = formats.official_detector(ref.state_dict())  # converted, no key began with '.'
+    assert convert_state_dict(state_dict, 'official', 'backbone').sources == \
+        convert_state_dict(state_dict, 'official', 'backbone.').sources
+
+
+LAYOUT_NAMES = r"\('davit_mm', 'timm', 'official', 'mmpretrain', 'florence2', 'florence2_hf'\)"
+
+
+@pytest.mark.parametrize('call, error, message', [
+    (lambda sd: convert_state_dict(sd, 'bogus'), ValueError,
+     rf"^layout='bogus': accepted one of {LAYOUT_NAMES} \(the layouts detect_format returns\)$"),
+    (lambda sd: layout_format(None), ValueError, rf'^layout=None: accepted one of {LAYOUT_NAMES}'),
+    (lambda sd: convert_state_dict(sd, 'official', None), TypeError,
+     r"^prefix=None \(NoneType\): accepted a str such as 'backbone.' \('' for none\)$"),
+    (lambda sd: detect_format(None), TypeError,
+     r'^state_dict=None \(NoneType\): accepted a dict of tensors \{name: tensor\}$'),
+    (lambda sd: detect_format('ckpt.pth'), TypeError,  # read as the keys '.', 'c', 'h', 'k', ...
+     r"^state_dict='ckpt.pth' \(str\): accepted a dict of tensors \{name: tensor\} \(a file: read it "
+     r'with read_checkpoint\)$'),
+    (lambda sd: detect_format({**sd, 3: torch.zeros(1)}), TypeError,
+     r'^state_dict has the key 3 \(int\): accepted a dict of tensors whose keys are str$'),
+    (lambda sd: convert_state_dict([1, 2], 'official'), TypeError, r'^state_dict=\[1, 2\] \(list\)'),
+    (lambda sd: describe_state_dict(None), TypeError, r'^state_dict=None \(NoneType\)'),
+    (lambda sd: compare_state_dict(None, sd), TypeError, r'^state=None \(NoneType\)'),
+    (lambda sd: compare_state_dict(sd, None), TypeError, r'^own=None \(NoneType\)'),
+    (lambda sd: check_tensors(None, sd, 'x'), TypeError, r'^state_dict=None \(NoneType\)'),
+    (lambda sd: check_tensors(sd, None, 'x'), TypeError, r'^own=None \(NoneType\)'),
+    (lambda sd: detect_model_format(None), TypeError, r'^state_dict=None \(NoneType\)'),
+    (lambda sd: convert_model_checkpoint({'state_dict': None}), CheckpointError,
+     r"^the checkpoint: its 'state_dict' is a NoneType, not a dict of tensors$"),
+    (lambda sd: load_pretrained(torch.nn.Linear(2, 2), sd), TypeError,  # AttributeError: no 'arch'
+     r'^model=Linear: accepted a davit_mm DaViT backbone \(of a detector or segmentor: its .backbone\)$'),
+])
+def test_checkpoint_functions_name_a_bad_argument_its_value_and_what_is_accepted(tiny_arch, call, error,
+                                                                                 message):
+    # before: KeyError: 'bogus', TypeError: 'NoneType' object is not iterable, AttributeError, ...
+    with pytest.raises(error, match=message):
+        call(formats.official_classification(ReferenceDaViT(tiny_arch).state_dict()))
 
 
 @pytest.mark.parametrize('wrap', [

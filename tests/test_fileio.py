@@ -167,10 +167,25 @@ def test_unreachable_url_fails_within_seconds_naming_url_cache_and_the_config_op
     assert os.listdir(tmp_path / 'cache') == []  # no partial file left behind
 
 
-def test_a_bad_timeout_setting_is_refused(monkeypatch):
-    monkeypatch.setenv(fileio.TIMEOUT_ENV, '0')
-    with pytest.raises(ValueError, match="DAVIT_MM_DOWNLOAD_TIMEOUT='0': accepted a positive number"):
+# inf and 1e10 overflowed in the socket layer (OverflowError: timestamp out of range)
+@pytest.mark.parametrize('value', ['inf', '1e10', 'nan', '0', '-1', 'abc', ''])
+def test_a_bad_timeout_setting_is_refused(monkeypatch, value):
+    monkeypatch.setenv(fileio.TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=rf"^DAVIT_MM_DOWNLOAD_TIMEOUT='{value}': accepted a number of "
+                                         r'seconds > 0 and <= 1000000000 \(unset: 10\)$'):
         fileio.resolve_checkpoint('http://127.0.0.1:9/x.pth')
+
+
+@pytest.mark.parametrize('value', ['0.5', '1e9'])
+def test_timeouts_up_to_the_largest_accepted_reach_the_network(tmp_path, monkeypatch, value):
+    closed = socket.socket()  # a port nothing listens on: the connection is refused at once
+    closed.bind(('127.0.0.1', 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(fileio.TIMEOUT_ENV, value)
+    with pytest.raises(fileio.DownloadError, match=f'^could not download http://127.0.0.1:{port}/x.pth'):
+        fileio.resolve_checkpoint(f'http://127.0.0.1:{port}/x.pth')
 
 
 def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, results):

@@ -98,6 +98,51 @@ def test_predictions_without_masks_are_merged_as_mmdets_det_tta_model_does():
     torch.testing.assert_close(ours.scores, theirs.scores)
 
 
+NMS = dict(type='nms', iou_threshold=0.5)
+
+
+@pytest.mark.parametrize('tta_cfg, error, message', [
+    # before: built, then merging raised KeyError: 'nms' / dropped the last detection / a TypeError
+    # from the slice / NameError / TypeError from mmcv's nms
+    ({}, ValueError, r"^tta_cfg=\{\} lacks \['nms', 'max_per_img'\]; accepted a dict such as dict\(nms="),
+    (None, TypeError, r'^tta_cfg=None \(NoneType\): accepted a dict such as'),
+    (dict(nms=NMS, max_per_img=-1), ValueError,
+     r'^tta_cfg.max_per_img=-1 \(int\): accepted an int >= 1 \(detections kept per image\), or None for all$'),
+    (dict(nms=NMS, max_per_img=0), ValueError, r'^tta_cfg.max_per_img=0 \(int\)'),
+    (dict(nms=NMS, max_per_img='5'), ValueError, r"^tta_cfg.max_per_img='5' \(str\)"),
+    (dict(nms=NMS, max_per_img=True), ValueError, r'^tta_cfg.max_per_img=True \(bool\)'),
+    (dict(nms='nms', max_per_img=5), ValueError,
+     r"^tta_cfg.nms='nms' \(str\): accepted an mmcv NMS config such as dict\(type='nms', iou_threshold=0.5\)"),
+    (dict(nms=dict(type='nsm', iou_threshold=0.5), max_per_img=5), ValueError,
+     r"^tta_cfg.nms=\{'type': 'nsm', 'iou_threshold': 0.5\}: mmcv's batched_nms fails on it \(NameError: "
+     r"name 'nsm' is not defined\); accepted an mmcv NMS config"),
+    (dict(nms=dict(type='nms'), max_per_img=5), ValueError,
+     r"^tta_cfg.nms=\{'type': 'nms'\}: mmcv's batched_nms fails on it \(TypeError: nms\(\) missing 1 "
+     r"required positional argument: 'iou_threshold'\)"),
+])
+def test_a_tta_cfg_that_merging_would_fail_on_is_refused_when_built(tta_cfg, error, message):
+    from mmdet.registry import MODELS
+    with pytest.raises(error, match=message):
+        MODELS.build(dict(type='mmdet.DetTTAModelWithMasks', module=FakeDetector([0.9]), tta_cfg=tta_cfg))
+
+
+@pytest.mark.parametrize('tta_cfg, kept', [
+    (dict(nms=NMS, max_per_img=1), 1),
+    (dict(nms=dict(iou_threshold=0.5), max_per_img=100), 1),  # mmcv's batched_nms: type 'nms' by default
+    (dict(nms=dict(type='soft_nms', iou_threshold=0.5), max_per_img=100), 1),  # the duplicate: score 0
+    (dict(nms=None, max_per_img=None), 2),  # batched_nms without NMS; a slice [:None] keeps all
+])
+@pytest.mark.parametrize('masks', [True, False])
+def test_tta_cfg_forms_that_mmdets_det_tta_model_takes_merge_as_it_does(tta_cfg, kept, masks):
+    from davit_mm.tta import DetTTAModelWithMasks
+    model = DetTTAModelWithMasks(module=FakeDetector([0.6, 0.9]), tta_cfg=tta_cfg)  # a plain dict
+    views = [model.module.test_step(dict(data_samples=tta_batch([flip])['data_samples'][0]))[0]
+             for flip in (False, True)]
+    for view in views if not masks else ():
+        del view.pred_instances.masks  # DetTTAModel's own merge, which reads tta_cfg.nms
+    assert len(model._merge_single_sample(views).pred_instances) == kept
+
+
 DETECTION_CONFIGS = {
     'davit_retinanet_1x_coco.py': ('DetTTAModel', (1333, 800)),
     'davit_base_retinanet_3x_coco.py': ('DetTTAModel', (1333, 800)),

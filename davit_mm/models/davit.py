@@ -748,6 +748,9 @@ class DaViT(BaseModule):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, in_channels, H, W)`` -> one ``(B, C_i, ceil(H / 2^(i+2)), ...)`` map per out index."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # uint8 images, numpy
+            got = f'dtype {x.dtype}' if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f'DaViT expects a float tensor (normalised images), got {got}')
         # Under torch.jit.trace sizes are traced values and comparing one warns that the trace may
         # not generalise; the channel count is fixed, and the stem's convolution checks it there.
         if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != self.in_channels):
