@@ -89,7 +89,8 @@ def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, mes
         checks.check_annotation_files(cfg)
 
 
-def test_a_coco_file_without_annotations_is_taken_as_test_dev_image_info_is(coco):
+def test_a_coco_file_without_annotations_is_taken_as_test_dev_image_info_is(coco, monkeypatch):
+    monkeypatch.chdir(coco)  # the evaluator's ann_file is relative: data/synthetic_coco/...
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
     content = json.loads(ann.read_text())
     del content['annotations']
