@@ -216,6 +216,9 @@ def check_cfg_options(cfg: Config, options: Dict[str, object]) -> None:
             close = difflib.get_close_matches(part, choices, n=3)
             hint = f'; did you mean {", ".join(close)}?' if close else \
                 f'; it has {sorted(choices)[:12]}' if choices else ''
+            if not close and isinstance(node, dict):  # a block the config lacks, maybe meant
+                hint += (f' (to add a {part!r} block, set it in a config of your own that '
+                         f'inherits this one: _base_ = [...])')
             raise ValueError(f'--cfg-options {key}: {where} has no key {part!r}{hint}')
         leaf = parts[-1]
         if isinstance(node, dict) and leaf not in node and not (len(parts) == 1 and leaf in RUNNER_KEYS):

@@ -421,3 +421,11 @@ def test_new_cfg_options_keys_that_are_not_near_misses_are_taken():
                'default_hooks.checkpoint.save_last': True, 'train_cfg.max_epochs': 3}
     cli.check_cfg_options(cfg, options)
     assert not cli._one_edit_apart('save_last', 'save_best') and cli._one_edit_apart('abcd', 'abdc')
+
+
+def test_a_cfg_options_block_the_config_lacks_is_refused_saying_where_to_add_it():
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_maskrcnn_1x_coco.py'))
+    with pytest.raises(ValueError, match=re.escape(
+            "optim_wrapper has no key 'clip_grad'; it has ['_scope_', 'optimizer', 'type'] (to add a "
+            "'clip_grad' block, set it in a config of your own that inherits this one")):
+        cli.check_cfg_options(cfg, {'optim_wrapper.clip_grad.max_norm': 35})
