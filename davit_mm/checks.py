@@ -13,6 +13,7 @@ import os.path as osp
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
 
 # Annotation files up to this size are parsed in full; larger ones (COCO train, ~450 MB) are
 # checked at both ends, which catches files that are not JSON or were cut off.
@@ -300,13 +301,14 @@ def _check_heads_after_neck(model: dict) -> None:
 
 
 # ------------------------------------------------------------------------- annotation files
-def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str, object]]:
-    """(config key, path, the type of the dataset or evaluator reading it) of every local JSON
-    annotation file of the dataloaders and evaluators."""
+def _annotation_files(cfg: Config, splits: Sequence[str]
+                      ) -> Iterator[Tuple[str, str, object, Optional[ConfigDict]]]:
+    """(config key, path, the type of the dataset or evaluator reading it, the dataset config or
+    None for an evaluator) of every local JSON annotation file of the dataloaders and evaluators."""
     for split, where, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
         if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset.get('backend_args')):
-            yield f'{where}.ann_file', _joined(root, ann_file), dataset.get('type')
+            yield f'{where}.ann_file', _joined(root, ann_file), dataset.get('type'), dataset
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
@@ -316,7 +318,7 @@ def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str,
             if ann and not _is_remote(ann) and _reads_local_files(evaluator.get('backend_args')):
                 where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
                     else f'{split}_evaluator.{i}'
-                yield f'{where}.ann_file', ann, evaluator.get('type')
+                yield f'{where}.ann_file', ann, evaluator.get('type'), None
 
 
 def _reads_coco_json(reader: object, scope: Optional[str]) -> bool:
@@ -348,6 +350,74 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
+def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tuple]) -> None:
+    """What mmdet's CocoDataset would crash on much later, or silently get wrong: duplicate image
+    ids (one image dropped, another given its boxes) or category names, annotations whose
+    ``image_id``/``category_id`` name nothing, a ``bbox`` that is not 4 finite numbers, no
+    ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's metainfo) missing from the
+    categories (an IndexError after the first epoch). The boxes mmdet leaves out as it reads them
+    (empty inside the image, under 1 pixel, ``area`` <= 0) are counted in a warning, or refused
+    when they are all there is."""
+    import math
+
+    def refuse(problem: str) -> None:
+        raise ValueError(f'{key}={path!r}: {problem}')
+
+    images, names = {}, {}
+    for image in content['images']:
+        if not isinstance(image, dict) or 'id' not in image:
+            refuse(f'an entry of "images" has no "id": {str(image)[:80]}')
+        if image['id'] in images:
+            refuse(f'image id {image["id"]!r} is given twice ({images[image["id"]].get("file_name")!r} '
+                   f'and {image.get("file_name")!r}): mmdet would drop one and give the other its boxes')
+        images[image['id']] = image
+    for category in content['categories']:
+        if not isinstance(category, dict) or 'id' not in category or 'name' not in category:
+            refuse(f'an entry of "categories" lacks "id" or "name": {str(category)[:80]}')
+        if category['name'] in names.values():
+            refuse(f'the category name {category["name"]!r} is given twice (ids '
+                   f'{[i for i, n in names.items() if n == category["name"]][0]!r} and '
+                   f'{category["id"]!r})')
+        names[category['id']] = category['name']
+    missing = [name for name in classes or () if name not in names.values()]
+    if missing:
+        refuse(f'the dataset\'s classes {missing} are not among its categories '
+               f'{sorted(names.values())[:12]} (metainfo.classes must name categories of the file)')
+    dropped = []
+    for ann in content.get('annotations', []):
+        where = f'annotation {ann.get("id")!r}' if isinstance(ann, dict) else 'an annotation'
+        if not isinstance(ann, dict):
+            refuse(f'{where} is not an object: {str(ann)[:80]}')
+        for field in ('image_id', 'category_id', 'bbox', 'area'):
+            if field not in ann:
+                refuse(f'{where} has no "{field}"')
+        box = ann['bbox']
+        if not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            refuse(f'{where} has bbox={box!r}: accepted [x, y, width, height], 4 finite numbers')
+        if ann['image_id'] not in images:
+            refuse(f'{where} has image_id={ann["image_id"]!r}, which no entry of "images" has')
+        if ann['category_id'] not in names:
+            refuse(f'{where} has category_id={ann["category_id"]!r}, which no entry of "categories" '
+                   f'has (ids {sorted(names)[:12]})')
+        if ann.get('iscrowd', 0) not in (0, 1) or isinstance(ann.get('iscrowd', 0), bool):
+            refuse(f'{where} has iscrowd={ann["iscrowd"]!r}: accepted 0 or 1')
+        image, (x, y, w, h) = images[ann['image_id']], box
+        width, height = image.get('width', math.inf), image.get('height', math.inf)
+        inside = max(0, min(x + w, width) - max(x, 0)) * max(0, min(y + h, height) - max(y, 0))
+        if inside == 0 or w < 1 or h < 1 or not ann['area'] > 0:
+            dropped.append(ann.get('id'))
+    kept = len(content.get('annotations', [])) - len(dropped)
+    if dropped and kept == 0:
+        refuse(f'mmdet would leave out every one of its {len(dropped)} annotations (boxes empty inside '
+               f'their image, under 1 pixel wide or high, or area <= 0; ids {dropped[:5]})')
+    if dropped:
+        print_log(f'davit_mm: {key}={path!r}: mmdet leaves out {len(dropped)} of '
+                  f'{kept + len(dropped)} annotations (boxes empty inside their image, under 1 pixel '
+                  f'wide or high, or area <= 0; ids {dropped[:5]}{", ..." if len(dropped) > 5 else ""})',
+                  logger='current', level=30)
+
+
 def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     """Refuse JSON annotation files that are missing, empty, not JSON or cut off, naming the key
     and the file (mmdet's loader raises a JSONDecodeError that names neither).
@@ -355,7 +425,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
     the matching bracket.
     """
-    for key, path, reader in _annotation_files(cfg, splits):
+    for key, path, reader, dataset in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
         if not osp.isfile(path):
@@ -371,6 +441,8 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
                 raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
             if _reads_coco_json(reader, cfg.get('default_scope')):
                 _check_coco_layout(content, key, path)
+                classes = None if dataset is None else _dataset_classes(dataset, cfg.get('default_scope'))
+                _check_coco_content(content, key, path, classes)
             continue
         with open(path, 'rb') as f:
             head = f.read(4096).lstrip()[:1]

@@ -252,3 +252,65 @@ def test_train_tool_refuses_a_zero_val_interval_before_training(coco):
                        'train_cfg.val_interval=0'], cwd=coco, expect_ok=False)
     assert_user_error(result, 'train_cfg.val_interval=0: accepted a whole number >= 1')
     assert not (coco / 'w').exists() or not list((coco / 'w').rglob('*.pth'))
+
+
+def _corrupt(ann: dict, case: str) -> None:
+    first = ann['annotations'][0]
+    if case == 'dup_image_id':
+        ann['images'][1]['id'] = ann['images'][0]['id']
+    elif case == 'dup_category_name':
+        ann['categories'].append(dict(id=99, name=ann['categories'][0]['name']))
+    elif case == 'class_not_a_category':
+        ann['categories'][-1]['name'] += 'x'
+    elif case == 'unknown_category':
+        first['category_id'] = 99
+    elif case == 'unknown_image':
+        first['image_id'] = 999
+    elif case == 'bbox_nan':
+        first['bbox'][2] = float('nan')
+    elif case == 'bbox_short':
+        first['bbox'] = first['bbox'][:3]
+    elif case == 'no_area':
+        del first['area']
+    elif case == 'iscrowd_2':
+        first['iscrowd'] = 2
+    elif case == 'all_area_0':
+        for a in ann['annotations']:
+            a['area'] = 0
+
+
+@pytest.mark.parametrize('case,message', [
+    ('dup_image_id', "image id 1 is given twice ('000001.jpg' and '000002.jpg')"),
+    ('dup_category_name', "the category name 'square' is given twice (ids 1 and 99)"),
+    ('class_not_a_category', "the dataset's classes ["),
+    ('unknown_category', 'has category_id=99, which no entry of "categories" has'),
+    ('unknown_image', 'has image_id=999, which no entry of "images" has'),
+    ('bbox_nan', 'has bbox=['),
+    ('bbox_short', 'has bbox=['),
+    ('no_area', 'has no "area"'),
+    ('iscrowd_2', 'has iscrowd=2: accepted 0 or 1'),
+    ('all_area_0', 'mmdet would leave out every one of its'),
+])
+def test_coco_annotations_mmdet_would_drop_misread_or_crash_on_are_refused(coco, case, message):
+    """mmdet dropped these silently (training on nothing with area 0 everywhere), gave one image
+    another's boxes, or stopped with a KeyError / IndexError after the first epoch."""
+    path = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
+    content = json.loads(path.read_text())
+    _corrupt(content, case)
+    path.write_text(json.dumps(content))
+    cfg = quickstart_on(coco, 'train')
+    cfg.val_cfg = None
+    with pytest.raises(ValueError, match=r"train_dataloader.dataset.ann_file='.*instances_train2017.json': "
+                                         r'(annotation 1 )?' + re.escape(message)):
+        checks.check_annotation_files(cfg, ('train',))
+
+
+def test_a_few_boxes_mmdet_leaves_out_are_taken(coco):
+    """Real COCO has boxes under a pixel: mmdet leaves them out, and a warning counts them."""
+    path = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
+    content = json.loads(path.read_text())
+    content['annotations'][0]['bbox'][2] = 0.5
+    path.write_text(json.dumps(content))
+    cfg = quickstart_on(coco, 'train')
+    cfg.val_cfg = None
+    checks.check_annotation_files(cfg, ('train',))
