@@ -425,6 +425,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
     the matching bracket.
     """
+    checked = set()  # (file, classes): a file the dataloader and the evaluator both read, once
     for key, path, reader, dataset in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
@@ -442,7 +443,11 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
             if _reads_coco_json(reader, cfg.get('default_scope')):
                 _check_coco_layout(content, key, path)
                 classes = None if dataset is None else _dataset_classes(dataset, cfg.get('default_scope'))
+                done = {c for p, c in checked if p == osp.realpath(path)}
+                if done and (classes is None or classes in done):
+                    continue
                 _check_coco_content(content, key, path, classes)
+                checked.add((osp.realpath(path), classes))
             continue
         with open(path, 'rb') as f:
             head = f.read(4096).lstrip()[:1]
