@@ -10,7 +10,7 @@ without samples.
 import json
 import os
 import os.path as osp
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
@@ -301,14 +301,13 @@ def _check_heads_after_neck(model: dict) -> None:
 
 
 # ------------------------------------------------------------------------- annotation files
-def _annotation_files(cfg: Config, splits: Sequence[str]
-                      ) -> Iterator[Tuple[str, str, object, Optional[ConfigDict]]]:
-    """(config key, path, the type of the dataset or evaluator reading it, the dataset config or
-    None for an evaluator) of every local JSON annotation file of the dataloaders and evaluators."""
+def _annotation_files(cfg: Config, splits: Sequence[str]) -> Iterator[Tuple[str, str, dict, bool]]:
+    """(config key, path, the config of the dataset or evaluator reading it, whether that is a
+    dataset) of every local JSON annotation file of the dataloaders and evaluators."""
     for split, where, dataset in _datasets_that_run(cfg, splits):
         root, ann_file = dataset.get('data_root') or '', dataset.get('ann_file') or ''
         if ann_file and not _is_remote(root + ann_file) and _reads_local_files(dataset.get('backend_args')):
-            yield f'{where}.ann_file', _joined(root, ann_file), dataset.get('type'), dataset
+            yield f'{where}.ann_file', _joined(root, ann_file), dataset, True
         if split == 'train':
             continue
         for i, evaluator in enumerate(_as_list(cfg.get(f'{split}_evaluator') or [])):
@@ -318,7 +317,7 @@ def _annotation_files(cfg: Config, splits: Sequence[str]
             if ann and not _is_remote(ann) and _reads_local_files(evaluator.get('backend_args')):
                 where = f'{split}_evaluator' if isinstance(cfg.get(f'{split}_evaluator'), dict) \
                     else f'{split}_evaluator.{i}'
-                yield f'{where}.ann_file', ann, evaluator.get('type'), None
+                yield f'{where}.ann_file', ann, evaluator, False
 
 
 def _reads_coco_json(reader: object, scope: Optional[str]) -> bool:
@@ -350,14 +349,19 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
-def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tuple]) -> None:
+def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tuple],
+                        warn: bool = True, masks: Optional[str] = None) -> None:
     """What mmdet's CocoDataset would crash on much later, or silently get wrong: duplicate image
     ids (one image dropped, another given its boxes) or category names, annotations whose
     ``image_id``/``category_id`` name nothing, a ``bbox`` that is not 4 finite numbers, no
     ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's metainfo) missing from the
     categories (an IndexError after the first epoch). The boxes mmdet leaves out as it reads them
-    (empty inside the image, under 1 pixel, ``area`` <= 0) are counted in a warning, or refused
-    when they are all there is."""
+    (empty inside the image, under 1 pixel, ``area`` <= 0) are counted in a warning (``warn``), or
+    refused when they are all there is. With ``masks`` (``'load'``: a pipeline loading them,
+    ``'segm'``: mask evaluation) a ``segmentation`` that is missing or empty, or an RLE of another
+    size than its image, is refused; polygons of fewer than 3 points are refused for ``'segm'``
+    (pycocotools stops on them after the whole inference) and counted in the warning otherwise
+    (mmdet leaves them out)."""
     import math
 
     def refuse(problem: str) -> None:
@@ -383,7 +387,7 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
     if missing:
         refuse(f'the dataset\'s classes {missing} are not among its categories '
                f'{sorted(names.values())[:12]} (metainfo.classes must name categories of the file)')
-    dropped = []
+    dropped, short_polygons = [], []
     for ann in content.get('annotations', []):
         where = f'annotation {ann.get("id")!r}' if isinstance(ann, dict) else 'an annotation'
         if not isinstance(ann, dict):
@@ -403,6 +407,8 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
         if ann.get('iscrowd', 0) not in (0, 1) or isinstance(ann.get('iscrowd', 0), bool):
             refuse(f'{where} has iscrowd={ann["iscrowd"]!r}: accepted 0 or 1')
         image, (x, y, w, h) = images[ann['image_id']], box
+        if masks and _bad_mask(ann, image, where, refuse, strict=masks == 'segm'):
+            short_polygons.append(ann.get('id'))
         width, height = image.get('width', math.inf), image.get('height', math.inf)
         inside = max(0, min(x + w, width) - max(x, 0)) * max(0, min(y + h, height) - max(y, 0))
         if inside == 0 or w < 1 or h < 1 or not ann['area'] > 0:
@@ -411,11 +417,35 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
     if dropped and kept == 0:
         refuse(f'mmdet would leave out every one of its {len(dropped)} annotations (boxes empty inside '
                f'their image, under 1 pixel wide or high, or area <= 0; ids {dropped[:5]})')
-    if dropped:
+    if short_polygons and warn:
+        print_log(f'davit_mm: {key}={path!r}: mmdet leaves out the polygons of fewer than 3 points '
+                  f'of {len(short_polygons)} annotations (ids {short_polygons[:5]})',
+                  logger='current', level=30)
+    if dropped and warn:
         print_log(f'davit_mm: {key}={path!r}: mmdet leaves out {len(dropped)} of '
                   f'{kept + len(dropped)} annotations (boxes empty inside their image, under 1 pixel '
                   f'wide or high, or area <= 0; ids {dropped[:5]}{", ..." if len(dropped) > 5 else ""})',
                   logger='current', level=30)
+
+
+def _bad_mask(ann: dict, image: dict, where: str, refuse: Callable[[str], None], strict: bool) -> bool:
+    """Refuse an annotation's ``segmentation`` that mmdet or pycocotools stop on; True when it
+    has polygons of fewer than 3 points (refused if ``strict``)."""
+    segmentation = ann.get('segmentation')
+    if not segmentation:  # LoadAnnotations(with_mask=True): KeyError: 'mask'
+        refuse(f'{where} has segmentation={segmentation!r}: a pipeline or metric reading masks '
+               f'needs polygons [[x1, y1, x2, y2, x3, y3, ...], ...] or an RLE dict')
+    if isinstance(segmentation, dict):
+        size = [image.get('height'), image.get('width')]
+        if segmentation.get('size') != size:
+            refuse(f'{where} has an RLE of size {segmentation.get("size")!r}, its image '
+                   f'{image.get("file_name")!r} is {size!r} (height, width)')
+        return False
+    short = [poly for poly in segmentation if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2]
+    if short and strict:
+        refuse(f'{where} has a polygon of fewer than 3 points ({str(short[0])[:60]}): the COCO '
+               f'API stops on it when evaluating masks')
+    return bool(short)
 
 
 def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
@@ -425,8 +455,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
     the matching bracket.
     """
-    checked = set()  # (file, classes): a file the dataloader and the evaluator both read, once
-    for key, path, reader, dataset in _annotation_files(cfg, splits):
+    for key, path, reader, is_dataset in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
         if not osp.isfile(path):
@@ -440,14 +469,18 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
                     content = json.load(f)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
-            if _reads_coco_json(reader, cfg.get('default_scope')):
+            if _reads_coco_json(reader.get('type'), cfg.get('default_scope')):
                 _check_coco_layout(content, key, path)
-                classes = None if dataset is None else _dataset_classes(dataset, cfg.get('default_scope'))
-                done = {c for p, c in checked if p == osp.realpath(path)}
-                if done and (classes is None or classes in done):
-                    continue
-                _check_coco_content(content, key, path, classes)
-                checked.add((osp.realpath(path), classes))
+                if is_dataset:  # what the dataloader reads, warning of what it leaves out
+                    loads_masks = any(isinstance(step, dict) and step.get('with_mask')
+                                      for step in reader.get('pipeline') or [])
+                    _check_coco_content(content, key, path,
+                                        _dataset_classes(reader, cfg.get('default_scope')),
+                                        masks='load' if loads_masks else None)
+                else:  # what the evaluator crashes on (its dataloader warned already)
+                    metric = reader.get('metric', 'bbox')
+                    _check_coco_content(content, key, path, None, warn=False,
+                                        masks='segm' if 'segm' in _as_list(metric) else None)
             continue
         with open(path, 'rb') as f:
             head = f.read(4096).lstrip()[:1]
