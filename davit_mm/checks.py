@@ -26,6 +26,7 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     if 'train' in splits:
         check_schedule(cfg)
     check_data_paths(cfg, splits)
+    warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0])
     check_channels(cfg)
@@ -118,6 +119,36 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
             if folder and not _is_remote(folder) and not osp.isdir(_joined(root, folder)):
                 raise ValueError(f'{where}.data_prefix.{key}={folder!r}: folder '
                                  f'{_joined(root, folder)!r} does not exist')
+
+
+_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def warn_of_images_left_out(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """mmseg's folder datasets read the images named ``*{img_suffix}`` (``.jpg`` for ADE20K) and
+    leave the others out without a word: a warning counts the image files of other suffixes."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    import inspect
+
+    from mmseg.registry import DATASETS
+    for _, where, dataset in _datasets_that_run(cfg, splits):
+        folder = (dataset.get('data_prefix') or {}).get('img_path')
+        dataset_type = DATASETS.get(dataset.get('type', ''))
+        if dataset.get('ann_file') or folder is None or not isinstance(dataset_type, type):
+            continue
+        folder = _joined(dataset.get('data_root') or '', folder)
+        if _is_remote(folder) or not osp.isdir(folder):
+            continue
+        suffix = dataset.get('img_suffix', inspect.signature(dataset_type).parameters.get(
+            'img_suffix', inspect.Parameter('img_suffix', 1, default='.jpg')).default)
+        others = sorted(osp.relpath(osp.join(d, name), folder) for d, _, names in os.walk(folder)
+                        for name in names if name.lower().endswith(_IMAGE_SUFFIXES)
+                        and not name.endswith(suffix))
+        if others:
+            print_log(f'davit_mm: {where}: {len(others)} images in {folder!r} are not *{suffix} and are '
+                      f'left out ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}); set '
+                      f'{where}.img_suffix to read them', logger='current', level=30)
 
 
 def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:

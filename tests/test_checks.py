@@ -5,6 +5,7 @@ import json
 import os.path as osp
 import re
 
+import cv2
 import pytest
 from mmengine.config import Config
 
@@ -342,3 +343,21 @@ def test_polygons_under_3_points_are_refused_where_masks_are_evaluated(coco):
     with pytest.raises(ValueError, match=r"val_evaluator.ann_file='.*': annotation \d+ has a polygon of "
                                          r'fewer than 3 points'):
         checks.check_annotation_files(cfg, ('train', 'val'))
+
+
+def test_images_an_mmseg_folder_dataset_leaves_out_are_counted_in_a_warning(tmp_path, monkeypatch):
+    """ADE20K's dataset reads *.jpg only: a .png image was left out of training and validation
+    without a word."""
+    write_datasets(tmp_path, ade20k=dict(num_train=2, num_val=2, seed=1))
+    root = tmp_path / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016'
+    image = sorted((root / 'images' / 'training').iterdir())[0]
+    cv2.imwrite(str(image.with_suffix('.png')), cv2.imread(str(image)))
+    image.unlink()
+    cfg = edited_config(osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py'),
+                        {f'{split}_dataloader.dataset.data_root': str(root) for split in ('train', 'val')})
+    warnings = []
+    monkeypatch.setattr(checks, 'print_log', lambda message, **kwargs: warnings.append(message))
+    checks.preflight(cfg, ('train', 'val'))
+    assert warnings == [f"davit_mm: train_dataloader.dataset: 1 images in '{root}/images/training' are "
+                        f"not *.jpg and are left out ({image.stem}.png); set "
+                        f"train_dataloader.dataset.img_suffix to read them"]
