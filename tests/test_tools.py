@@ -184,9 +184,17 @@ def trained(data_dir):
     return work / 'epoch_1.pth'
 
 
-def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, trained):
+def test_test_tool_refuses_a_checkpoint_with_another_num_classes(data_dir, trained, tmp_path):
+    # the test set with two categories more, so that the config's 5 classes are among them
+    content = json.loads((data_dir / 'data' / 'synthetic_coco' / 'annotations' /
+                          'instances_val2017.json').read_text())
+    names = [c['name'] for c in content['categories']] + ['d', 'e']
+    content['categories'] += [dict(id=98, name='d'), dict(id=99, name='e')]
+    (tmp_path / 'val5.json').write_text(json.dumps(content))
     result = run_tool(['test.py', RETINANET, trained, '--cfg-options', 'model.bbox_head.num_classes=5',
-                       'test_dataloader.dataset.metainfo.classes=[a,b,c,d,e]'],
+                       f'test_dataloader.dataset.metainfo.classes=[{",".join(names)}]',
+                       f'test_dataloader.dataset.ann_file={tmp_path / "val5.json"}',
+                       f'test_evaluator.ann_file={tmp_path / "val5.json"}'],
                       cwd=data_dir, expect_ok=False)
     assert_user_error(result, 'does not fit', 'another num_classes', 'bbox_head.retina_cls.weight')
 
