@@ -121,7 +121,8 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
                                  f'{_joined(root, folder)!r} does not exist')
 
 
-_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+# Image files as the tools take them (demo/image_demo.py lists a folder's with these).
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def warn_of_images_left_out(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
@@ -143,7 +144,7 @@ def warn_of_images_left_out(cfg: Config, splits: Sequence[str] = ('train', 'val'
         suffix = dataset.get('img_suffix', inspect.signature(dataset_type).parameters.get(
             'img_suffix', inspect.Parameter('img_suffix', 1, default='.jpg')).default)
         others = sorted(osp.relpath(osp.join(d, name), folder) for d, _, names in os.walk(folder)
-                        for name in names if name.lower().endswith(_IMAGE_SUFFIXES)
+                        for name in names if name.lower().endswith(IMAGE_SUFFIXES)
                         and not name.endswith(suffix))
         if others:
             print_log(f'davit_mm: {where}: {len(others)} images in {folder!r} are not *{suffix} and are '

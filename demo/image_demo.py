@@ -22,10 +22,9 @@ import torch  # noqa: E402
 from davit_mm import compat  # noqa: E402
 from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits,  # noqa: E402
                                  read_training_checkpoint)
+from davit_mm.checks import IMAGE_SUFFIXES  # noqa: E402
 from davit_mm.cli import (adapt_config_to_machine, check_can_show, check_device,  # noqa: E402
                           check_output_path, library_of, load_config, run_tool)
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def parse_args(argv=None):
