@@ -487,6 +487,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     Files up to 64 MiB are parsed; larger ones are checked to start with ``{``/``[`` and end with
     the matching bracket.
     """
+    parsed = {}  # real path -> content: a file the dataloader and its evaluator both read, once
     for key, path, reader, is_dataset in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
@@ -496,11 +497,13 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
         if size == 0:
             raise ValueError(f'{key}={path!r} is empty (0 bytes)')
         if size <= _FULL_JSON_PARSE_BYTES:
-            try:
-                with open(path, 'rb') as f:
-                    content = json.load(f)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
+            if osp.realpath(path) not in parsed:
+                try:
+                    with open(path, 'rb') as f:
+                        parsed[osp.realpath(path)] = json.load(f)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise ValueError(f'{key}={path!r} is not a readable JSON file: {exc}') from exc
+            content = parsed[osp.realpath(path)]
             if _reads_coco_json(reader.get('type'), cfg.get('default_scope')):
                 _check_coco_layout(content, key, path)
                 if is_dataset:  # what the dataloader reads, warning of what it leaves out
