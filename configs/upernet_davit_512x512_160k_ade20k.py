@@ -2,7 +2,7 @@
 # 512x2048, 46.3 mIoU (protocol not stated); `tools/test.py --tta` gives the multi-scale + flip number.
 _base_ = [
     './_base_/models/upernet_davit.py',
-    'mmseg::_base_/datasets/ade20k.py',
+    './_base_/datasets/ade20k.py',
     './_base_/schedule_davit_160k.py',
 ]
 crop_size = (512, 512)
@@ -22,6 +22,7 @@ tta_pipeline = [
         [dict(type='RandomFlip', prob=0., direction='horizontal'),
          dict(type='RandomFlip', prob=1., direction='horizontal')],
         [dict(type='LoadAnnotations')],
+        [{{_base_.check_seg_map}}],
         [dict(type='PackSegInputs')],
     ])
 ]

@@ -7,6 +7,7 @@ AssertionError (more feature maps than the neck takes), with a JSONDecodeError t
 (class counts). :func:`empty_datasets` diagnoses, after the fact, a run that failed on a dataset
 without samples.
 """
+import itertools
 import json
 import os
 import os.path as osp
@@ -188,7 +189,7 @@ def _num_classes_fields(node, path='model'):
 
 def check_num_classes(cfg: Config, split: str = 'train') -> None:
     """Refuse heads whose ``num_classes`` differs from the dataset's class count (mmdet would train,
-    then fail or mislabel at evaluation)."""
+    then fail or mislabel at evaluation), and a ``CheckSegMap`` in the split's pipeline that does."""
     loader = cfg.get(f'{split}_dataloader')
     if not loader:
         return
@@ -200,11 +201,16 @@ def check_num_classes(cfg: Config, split: str = 'train') -> None:
     key, classes = next(((k, c) for k, c in members if c is not None), (None, None))
     if classes is None:
         return
-    for path, value in _num_classes_fields(cfg.model):
+    # the heads', and the label checks in the pipelines (CheckSegMap num_classes)
+    fields = itertools.chain(_num_classes_fields(cfg.model), *(
+        _num_classes_fields(d.get('pipeline'), f'{split}_dataloader.{k}.pipeline')
+        for k, d in keyed_datasets(loader['dataset'])))
+    for path, value in fields:
+        where = ' and CheckSegMap' if '.pipeline.' in path else ''
         if value != len(classes):
             raise ValueError(f'{path}={value} but {split}_dataloader.{key} has {len(classes)} '
                              f'classes {classes[:5]}{"..." if len(classes) > 5 else ""}: set '
-                             f'num_classes={len(classes)} in every head, or the dataset metainfo')
+                             f'num_classes={len(classes)} in every head{where}, or the dataset metainfo')
 
 
 def empty_datasets(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> List[str]:

@@ -21,16 +21,19 @@ def _to_register(library: str) -> Dict[str, List[type]]:
     from .engine import (OfficialCheckpointHook, PositionSeededDataset, PositionSeededSampler,
                          RandomStateHook, RunnerCheckpointsHook)
     from .models import DaViT
+    from .transforms import CheckImageSize, CheckSegMap
     models = [DaViT]
     if library == 'mmdet':
         from .tta import DetTTAModelWithMasks
         models.append(DetTTAModelWithMasks)
+    transforms = [CheckImageSize] if library == 'mmdet' else [CheckSegMap]
     return dict(MODELS=models, HOOKS=[RandomStateHook, OfficialCheckpointHook, RunnerCheckpointsHook],
-                DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler])
+                DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler],
+                TRANSFORMS=transforms)
 
 
 def register_all_modules() -> List[str]:
-    """Register davit_mm's models and hooks into mmdet's and mmseg's registries, and its
+    """Register davit_mm's models, hooks and data checks into mmdet's and mmseg's registries, and its
     checkpoint file backend into mmengine's; returns the libraries used.
 
     Idempotent. A library that is installed but fails to import (e.g. an mmcv it refuses)

@@ -194,6 +194,13 @@ def write_datasets(root, coco: dict = None, ade20k: dict = None):
     return root
 
 
+def transform_of(pipeline: Sequence[dict], kind: str) -> dict:
+    """The first transform config of type ``kind`` in ``pipeline``."""
+    found = [t for t in pipeline if t['type'] == kind]
+    assert found, f'no {kind} in {[t["type"] for t in pipeline]}'
+    return found[0]
+
+
 def edited_config(path: str, edits: Dict[str, object] = None):
     """``Config.fromfile(path)`` with ``edits`` merged in as ``--cfg-options`` would (dotted keys)."""
     from mmengine.config import Config

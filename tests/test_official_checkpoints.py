@@ -28,7 +28,7 @@ from davit_mm.checkpoint import (CheckpointError, adapt_model_checkpoint, conver
 from davit_mm.engine import OfficialCheckpointHook
 from davit_mm.synthetic import ADE20K_BACKGROUND_LABEL, ADE20K_SHAPE_LABELS, COCO_CLASSES
 from helpers import (CONFIGS, REPO, assert_user_error, build_model, metric, run_tool,
-                     run_tool_in_process, write_datasets)
+                     run_tool_in_process, transform_of, write_datasets)
 from official_models import official_checkpoint, official_config, randomise_
 
 TESTS = osp.dirname(osp.abspath(__file__))
@@ -333,7 +333,7 @@ def test_upernet_tta_is_the_official_aug_test(size):
     assert cfg.model.test_cfg.mode == 'whole'
     resize = [t for t in cfg.test_dataloader.dataset.pipeline if t['type'] == 'Resize']
     assert [(t['scale'], t['keep_ratio']) for t in resize] == [((2048, 512), True)]
-    scales, flips = cfg.tta_pipeline[1]['transforms'][:2]
+    scales, flips = transform_of(cfg.tta_pipeline, 'TestTimeAug')['transforms'][:2]
     # mmseg 0.11 MultiScaleFlipAug: img_scale (2048, 512) times each ratio, truncated to ints.
     assert [t['scale'] for t in scales] == [(int(2048 * r), int(512 * r)) for r in OFFICIAL_ASPECTS]
     assert all(t['keep_ratio'] for t in scales)

@@ -8,7 +8,7 @@ from mmengine.config import Config
 
 from davit_mm.cli import adapt_config_to_machine
 from helpers import (CONFIGS, PAPER_ARCH, REPO, assert_loss_goes_down, logged_metric, metric, run_tool,
-                     write_datasets)
+                     transform_of, write_datasets)
 
 UPERNET = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
 
@@ -61,7 +61,7 @@ def test_multi_scale_flip_tta_runs_and_reports_miou(trained):
     # TTA never lost mIoU in calibration (above); 2 points of slack for other machines' numerics
     assert tta > MIOU_BAR and tta > single - 2, (single, tta)
     cfg = Config.fromfile(UPERNET)  # the paper's protocol: 6 scales x flip
-    scales = [t['scale_factor'] for t in cfg.tta_pipeline[1]['transforms'][0]]
+    scales = [t['scale_factor'] for t in transform_of(cfg.tta_pipeline, 'TestTimeAug')['transforms'][0]]
     assert scales == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
 

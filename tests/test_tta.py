@@ -8,7 +8,7 @@ import torch
 from mmengine.config import Config
 
 import davit_mm  # noqa: F401  (registers DetTTAModelWithMasks into mmdet)
-from helpers import CONFIGS
+from helpers import CONFIGS, transform_of
 
 HEIGHT, WIDTH = 20, 30
 BOX = torch.tensor([2., 3., 10., 15.])  # x1, y1, x2, y2 in the original image
@@ -158,7 +158,7 @@ def test_detection_configs_define_flip_and_multi_scale_tta(name):
     cfg = Config.fromfile(osp.join(CONFIGS, name))
     tta_type, test_scale = DETECTION_CONFIGS[name]
     assert cfg.tta_model.type == tta_type
-    resizes, flips = cfg.tta_pipeline[1]['transforms'][:2]
+    resizes, flips = transform_of(cfg.tta_pipeline, 'TestTimeAug')['transforms'][:2]
     scales = [t['scale'] for t in resizes]
     assert len(scales) == 3 and scales[0] == test_scale  # the single-scale test size, and two more
     assert [t['prob'] for t in flips] == [1.0, 0.0]
