@@ -387,12 +387,18 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
+def _is_size(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and \
+        float(value).is_integer()
+
+
 def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tuple],
-                        warn: bool = True, masks: Optional[str] = None) -> None:
+                        warn: bool = True, masks: Optional[str] = None, dataset: bool = True) -> None:
     """What mmdet's CocoDataset would crash on much later, or silently get wrong: duplicate image
     ids (one image dropped, another given its boxes) or category names, annotations whose
-    ``image_id``/``category_id`` name nothing, a ``bbox`` that is not 4 finite numbers, no
-    ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's metainfo) missing from the
+    ``image_id``/``category_id`` name nothing, an image without ``file_name``, ``height`` or
+    ``width`` (a ``dataset``'s; an evaluator's sizes for mask evaluation), a ``bbox`` that is not
+    4 finite numbers, no ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's metainfo) missing from the
     categories (an IndexError after the first epoch). The boxes mmdet leaves out as it reads them
     (empty inside the image, under 1 pixel, ``area`` <= 0) are counted in a warning (``warn``), or
     refused when they are all there is. With ``masks`` (``'load'``: a pipeline loading them,
@@ -406,9 +412,20 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
         raise ValueError(f'{key}={path!r}: {problem}')
 
     images, names = {}, {}
+    # what mmdet's CocoDataset reads of each image (a KeyError traceback when missing); the
+    # COCO API rasterises polygons at the image's size for mask evaluation
+    fields = ('file_name', 'height', 'width') if dataset else \
+        ('height', 'width') if masks == 'segm' else ()
     for image in content['images']:
         if not isinstance(image, dict) or 'id' not in image:
             refuse(f'an entry of "images" has no "id": {str(image)[:80]}')
+        for field in fields:
+            value = image.get(field)
+            if not (isinstance(value, str) and value if field == 'file_name' else _is_size(value)):
+                has = f'{field}={value!r}' if field in image else f'no {field!r}'
+                accepted = 'a file name' if field == 'file_name' else 'a whole number of pixels > 0'
+                refuse(f'image id {image["id"]!r} has {has}: accepted {accepted} (mmdet reads each '
+                       f'image\'s {", ".join(fields)})')
         if image['id'] in images:
             refuse(f'image id {image["id"]!r} is given twice ({images[image["id"]].get("file_name")!r} '
                    f'and {image.get("file_name")!r}): mmdet would drop one and give the other its boxes')
@@ -520,7 +537,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
                                         masks='load' if loads_masks else None)
                 else:  # what the evaluator crashes on (its dataloader warned already)
                     metric = reader.get('metric', 'bbox')
-                    _check_coco_content(content, key, path, None, warn=False,
+                    _check_coco_content(content, key, path, None, warn=False, dataset=False,
                                         masks='segm' if 'segm' in _as_list(metric) else None)
             continue
         with open(path, 'rb') as f:

@@ -284,6 +284,12 @@ def _corrupt(ann: dict, case: str) -> None:
         first['segmentation'] = {'size': [10, 10], 'counts': 'f037000`1'}
     elif case == 'two_point_polygon':
         first['segmentation'] = [first['segmentation'][0][:4]]
+    elif case == 'no_height':
+        del ann['images'][1]['height']
+    elif case == 'width_text':
+        ann['images'][0]['width'] = '160'
+    elif case == 'no_file_name':
+        ann['images'][0]['file_name'] = ''
 
 
 @pytest.mark.parametrize('case,message', [
@@ -300,6 +306,11 @@ def _corrupt(ann: dict, case: str) -> None:
     # the pipeline loads masks: KeyError: 'mask' / "all input arrays must have the same shape"
     ('empty_segmentation', 'has segmentation=[]: a pipeline or metric reading masks needs polygons'),
     ('rle_of_another_size', "has an RLE of size [10, 10], its image '000001.jpg' is ["),
+    # KeyError: 'height' traceback as mmdet loaded the file; '160' failed comparisons later
+    ('no_height', "image id 2 has no 'height': accepted a whole number of pixels > 0 (mmdet reads each "
+                  "image's file_name, height, width)"),
+    ('width_text', "image id 1 has width='160': accepted a whole number of pixels > 0"),
+    ('no_file_name', "image id 1 has file_name='': accepted a file name"),
 ])
 def test_coco_annotations_mmdet_would_drop_misread_or_crash_on_are_refused(coco, case, message):
     """mmdet dropped these silently (training on nothing with area 0 everywhere), gave one image
