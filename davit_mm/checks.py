@@ -7,7 +7,6 @@ AssertionError (more feature maps than the neck takes), with a JSONDecodeError t
 (class counts). :func:`empty_datasets` diagnoses, after the fact, a run that failed on a dataset
 without samples.
 """
-import itertools
 import json
 import os
 import os.path as osp
@@ -29,7 +28,7 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     check_data_paths(cfg, splits)
     warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
-    check_num_classes(cfg, 'train' if 'train' in splits else splits[0])
+    check_num_classes(cfg, 'train' if 'train' in splits else splits[0], splits)
     check_channels(cfg)
 
 
@@ -187,30 +186,46 @@ def _num_classes_fields(node, path='model'):
             yield from _num_classes_fields(value, f'{path}.{i}')
 
 
-def check_num_classes(cfg: Config, split: str = 'train') -> None:
-    """Refuse heads whose ``num_classes`` differs from the dataset's class count (mmdet would train,
-    then fail or mislabel at evaluation), and a ``CheckSegMap`` in the split's pipeline that does."""
+def _split_classes(cfg: Config, split: str) -> Tuple[Optional[str], Optional[tuple]]:
+    """(dataset key, classes) of ``split``'s dataloader: a ConcatDataset's first member that has
+    classes; (None, None) without a dataloader or classes."""
     loader = cfg.get(f'{split}_dataloader')
     if not loader:
-        return
+        return None, None
     from mmengine.registry import init_default_scope
     init_default_scope(cfg.get('default_scope'))
     members = [(key, _dataset_classes(d, cfg.get('default_scope')))
                for key, d in keyed_datasets(loader['dataset'])]
-    # a ConcatDataset's: the first member's that has classes
-    key, classes = next(((k, c) for k, c in members if c is not None), (None, None))
-    if classes is None:
-        return
-    # the heads', and the label checks in the pipelines (CheckSegMap num_classes)
-    fields = itertools.chain(_num_classes_fields(cfg.model), *(
-        _num_classes_fields(d.get('pipeline'), f'{split}_dataloader.{k}.pipeline')
-        for k, d in keyed_datasets(loader['dataset'])))
-    for path, value in fields:
-        where = ' and CheckSegMap' if '.pipeline.' in path else ''
-        if value != len(classes):
-            raise ValueError(f'{path}={value} but {split}_dataloader.{key} has {len(classes)} '
-                             f'classes {classes[:5]}{"..." if len(classes) > 5 else ""}: set '
-                             f'num_classes={len(classes)} in every head{where}, or the dataset metainfo')
+    return next(((k, c) for k, c in members if c is not None), (None, None))
+
+
+def _refuse_class_count(path: str, value: int, split: str, key: str, classes: tuple, fix: str) -> None:
+    if value != len(classes):
+        raise ValueError(f'{path}={value} but {split}_dataloader.{key} has {len(classes)} classes '
+                         f'{classes[:5]}{"..." if len(classes) > 5 else ""}: {fix}')
+
+
+def check_num_classes(cfg: Config, split: str = 'train', splits: Sequence[str] = ()) -> None:
+    """Refuse heads whose ``num_classes`` differs from ``split``'s dataset's class count (mmdet
+    would train, then fail or mislabel at evaluation), and a ``CheckSegMap`` in the pipelines of
+    ``split`` and ``splits`` whose ``num_classes`` differs from its own dataset's."""
+    key, classes = _split_classes(cfg, split)
+    if classes is not None:
+        for path, value in _num_classes_fields(cfg.model):
+            _refuse_class_count(path, value, split, key, classes,
+                                f'set num_classes={len(classes)} in every head, or the dataset metainfo')
+    for pipeline_split in dict.fromkeys((split, *splits)):
+        key, classes = _split_classes(cfg, pipeline_split)
+        if classes is None:
+            continue
+        for member, dataset in keyed_datasets(cfg[f'{pipeline_split}_dataloader']['dataset']):
+            for path, value in _num_classes_fields(dataset.get('pipeline'),
+                                                   f'{pipeline_split}_dataloader.{member}.pipeline'):
+                _refuse_class_count(
+                    path, value, pipeline_split, key, classes,
+                    f'set num_classes={len(classes)} in its CheckSegMap (a config inheriting the '
+                    f'pipeline cannot edit one step of it: write the train, val, test and TTA pipelines '
+                    f'anew, or pass --cfg-options {path}={len(classes)})')
 
 
 def empty_datasets(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> List[str]:

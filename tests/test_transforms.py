@@ -158,12 +158,18 @@ def test_quickstart_segmentation_refuses_a_damaged_label_map(ade20k, monkeypatch
 
 def test_check_seg_map_classes_must_be_the_datasets():
     cfg = edited_config(osp.join(CONFIGS, 'upernet_davit_512x512_160k_ade20k.py'))
-    checks.check_num_classes(cfg)
+    checks.check_num_classes(cfg, 'train', ('train', 'val'))
     cfg.train_dataloader.dataset.pipeline[2].num_classes = 151
     with pytest.raises(ValueError, match=r'train_dataloader.dataset.pipeline.2.num_classes=151 but '
-                                         r'train_dataloader.dataset has 150 classes .* in every head and '
-                                         r'CheckSegMap'):
+                                         r'train_dataloader.dataset has 150 classes .*: set num_classes=150 in '
+                                         r'its CheckSegMap .* or pass --cfg-options '
+                                         r'train_dataloader.dataset.pipeline.2.num_classes=150\)'):
         checks.check_num_classes(cfg)
+    cfg.train_dataloader.dataset.pipeline[2].num_classes = 150
+    cfg.val_dataloader.dataset.pipeline[3].num_classes = 19  # checked where the tools run val
+    checks.check_num_classes(cfg)
+    with pytest.raises(ValueError, match=r'val_dataloader.dataset.pipeline.3.num_classes=19 but'):
+        checks.check_num_classes(cfg, 'train', ('train', 'val'))
 
 
 # ------------------------------------------------------------------------------- shipped configs
