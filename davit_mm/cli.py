@@ -37,9 +37,26 @@ def run_tool(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
     except USER_ERRORS as exc:
         if os.environ.get('DAVIT_MM_TRACEBACK') == '1':
             raise
-        print(f'error: {exc}\n(DAVIT_MM_TRACEBACK=1 shows where it was raised)', file=sys.stderr)
+        print(f'error: {user_message(exc)}\n(DAVIT_MM_TRACEBACK=1 shows where it was raised)',
+              file=sys.stderr)
         return 2
     return 0
+
+
+_WORKER_ERROR = re.compile(r'Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback')
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error. torch re-raises an error of a DataLoader worker with the
+    worker's whole traceback as its message: then the worker's own message, and which worker."""
+    text = str(exc)
+    caught = _WORKER_ERROR.match(text)
+    if caught:
+        # the traceback's last "Type: message" line (a module-qualified name for non-builtins)
+        lines = list(re.finditer(rf'\n(?:[\w.]+\.)?{caught.group(1)}: ', text))
+        if lines:
+            return f'{text[lines[-1].end():].rstrip()} (raised {caught.group(2)})'
+    return text
 
 
 def torchrun(argv: Sequence[str]) -> int:

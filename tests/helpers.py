@@ -131,17 +131,16 @@ def run_tool_in_process(args: Sequence[str], cwd: str) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
-def assert_user_error(result: subprocess.CompletedProcess, *words: str, traceback: bool = False):
+def assert_user_error(result: subprocess.CompletedProcess, *words: str):
     """``result`` is a tool stopped by a user error as the tools promise: exit status 2 and a line
-    ``error: ...`` followed by each of ``words``; no traceback unless ``traceback`` (an error raised
-    in a data-loading worker carries the worker's traceback inside its message)."""
+    ``error: ...`` followed by each of ``words``; no traceback (not even a DataLoader worker's,
+    which torch puts inside the error's message)."""
     stderr = result.stderr
     start = 0 if stderr.startswith('error: ') else stderr.find('\nerror: ')
     assert result.returncode == 2 and start >= 0, f'exit {result.returncode}:\n{stderr[-3000:]}'
     for part in words:
         assert part in stderr[start:], f'{part!r} not in:\n{stderr[-3000:]}'
-    if not traceback:
-        assert 'Traceback' not in stderr, stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
 
 
 def logged_scalars(work_dir: str) -> List[dict]:

@@ -69,6 +69,29 @@ def test_each_tool_reports_a_user_error_with_exit_status_2_and_no_traceback(scri
     assert 'Traceback' not in result.stderr
 
 
+class _DataError(ValueError):
+    """A user error of a module other than builtins: tracebacks name it module-qualified."""
+
+
+@pytest.mark.parametrize('error,message', [
+    (ValueError("image 'a.jpg' decodes as 90x64\nsecond line"), "image 'a.jpg' decodes as 90x64\nsecond line"),
+    (_DataError('label map: ValueError: inside'), 'label map: ValueError: inside'),
+])
+def test_user_error_of_a_dataloader_worker_is_its_own_message_and_the_worker(error, message):
+    """torch re-raises a worker's error with the worker's whole traceback as its message, which the
+    tools printed after `error:`."""
+    from torch._utils import ExceptionWrapper
+    try:
+        raise error
+    except ValueError:
+        wrapped = ExceptionWrapper(where='in DataLoader worker process 3')
+    with pytest.raises(ValueError) as caught:
+        wrapped.reraise()
+    assert 'Traceback' in str(caught.value)
+    assert cli.user_message(caught.value) == f'{message} (raised in DataLoader worker process 3)'
+    assert cli.user_message(error) == message  # raised in the main process: as it is
+
+
 def test_check_device_accepts_cpu_and_the_gpus_the_machine_has(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)

@@ -4,6 +4,7 @@ predict, stop with the files named, in every shipped config's pipelines."""
 import glob
 import json
 import os.path as osp
+import re
 
 import cv2
 import numpy as np
@@ -83,13 +84,18 @@ def test_quickstart_detection_refuses_an_image_resized_after_annotation(coco, mo
 
 
 def test_train_tool_stops_at_an_image_resized_after_annotation(coco):
-    """Before the check, the run trained on boxes outside the half-size image and exited 0."""
+    """Before the check, the run trained on boxes outside the half-size image and exited 0. Raised
+    in a DataLoader worker, whose traceback torch puts in the message: the tool prints the
+    worker's own message and which worker raised it."""
     for path in glob.glob(str(coco / 'data' / 'synthetic_coco' / 'train2017' / '*.jpg')):
         image = cv2.imread(path)
         cv2.imwrite(path, cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2)))
     result = run_tool(['train.py', QUICKSTART_DET, '--work-dir', coco / 'w', '--cfg-options',
-                       'train_cfg.max_epochs=1'], cwd=coco, expect_ok=False)
-    assert_user_error(result, 'decodes as', 'Was the image resized', traceback=True)
+                       'train_cfg.max_epochs=1', 'train_dataloader.num_workers=1'], cwd=coco, expect_ok=False)
+    assert_user_error(result, 'decodes as', 'Was the image resized')
+    assert re.search(r"(?m)^error: image 'data/synthetic_coco/train2017/\d+\.jpg' decodes as .* restore the "
+                     r'annotated image\. \(raised in DataLoader worker process 0\)\n\(DAVIT_MM_TRACEBACK=1',
+                     result.stderr), result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------- segmentation
