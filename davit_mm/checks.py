@@ -206,18 +206,18 @@ def _refuse_class_count(path: str, value: int, split: str, key: str, classes: tu
 
 
 def check_num_classes(cfg: Config, split: str = 'train', splits: Sequence[str] = ()) -> None:
-    """Refuse heads whose ``num_classes`` differs from ``split``'s dataset's class count (mmdet
-    would train, then fail or mislabel at evaluation), and a ``CheckSegMap`` in the pipelines of
-    ``split`` and ``splits`` whose ``num_classes`` differs from its own dataset's."""
-    key, classes = _split_classes(cfg, split)
-    if classes is not None:
-        for path, value in _num_classes_fields(cfg.model):
-            _refuse_class_count(path, value, split, key, classes,
-                                f'set num_classes={len(classes)} in every head, or the dataset metainfo')
+    """Refuse heads whose ``num_classes`` differs from the class count of the dataset of ``split``
+    or of ``splits`` (mmdet would train, then fail or mislabel at evaluation), and a
+    ``CheckSegMap`` in those splits' pipelines whose ``num_classes`` differs from its dataset's."""
     for pipeline_split in dict.fromkeys((split, *splits)):
         key, classes = _split_classes(cfg, pipeline_split)
-        if classes is None:
-            continue
+        if classes is None or (pipeline_split != 'train' and cfg.get(f'{pipeline_split}_cfg') is None):
+            continue  # (a val/test dataloader runs only with its val_cfg/test_cfg)
+        # the heads against every split's dataset: a val set of other classes failed after a
+        # whole epoch (IndexError in CocoMetric)
+        for path, value in _num_classes_fields(cfg.model):
+            _refuse_class_count(path, value, pipeline_split, key, classes,
+                                f'set num_classes={len(classes)} in every head, or the dataset metainfo')
         for member, dataset in keyed_datasets(cfg[f'{pipeline_split}_dataloader']['dataset']):
             for path, value in _num_classes_fields(dataset.get('pipeline'),
                                                    f'{pipeline_split}_dataloader.{member}.pipeline'):
@@ -402,6 +402,10 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
+def _shortened(names: list) -> str:
+    return str(tuple(names[:8]))[:-1] + (', ...)' if len(names) > 8 else ')')
+
+
 def _is_size(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and \
         float(value).is_integer()
@@ -457,6 +461,13 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
     if missing:
         refuse(f'the dataset\'s classes {missing} are not among its categories '
                f'{sorted(names.values())[:12]} (metainfo.classes must name categories of the file)')
+    in_file_order = [name for name in names.values() if name in (classes or ())]
+    if classes and in_file_order != list(classes):
+        refuse(f'its "categories" list the classes in another order than metainfo.classes: mmdet '
+               f'numbers labels in the file\'s order and names them in metainfo\'s, so objects would '
+               f'be trained, scored or named as another class. The file\'s order: '
+               f'{_shortened(in_file_order)}; metainfo.classes: {_shortened(list(classes))}. List '
+               f'metainfo.classes in the file\'s order (the same in every file the model reads)')
     dropped, short_polygons = [], []
     for ann in content.get('annotations', []):
         where = f'annotation {ann.get("id")!r}' if isinstance(ann, dict) else 'an annotation'

@@ -143,6 +143,17 @@ def test_class_count_comes_from_the_dataset_type_of_the_configs_scope(config, ke
         checks.check_num_classes(edited_config(config, {key: 7}))
 
 
+def test_a_validation_set_of_other_classes_than_the_heads_is_refused():
+    """The run trained a whole epoch, then stopped with IndexError in CocoMetric."""
+    cfg = edited_config(QUICKSTART, {'val_dataloader.dataset.metainfo.classes': ('square', 'disk')})
+    checks.check_num_classes(cfg)  # the training set alone: as the heads
+    with pytest.raises(ValueError, match=r'model.bbox_head.num_classes=3 but val_dataloader.dataset has 2 '
+                                         r"classes \('square', 'disk'\): set num_classes=2 in every head"):
+        checks.check_num_classes(cfg, 'train', ('train', 'val'))
+    cfg.val_cfg = None  # a validation set the run does not use
+    checks.check_num_classes(cfg, 'train', ('train', 'val'))
+
+
 def test_semantic_heads_keep_their_own_class_count():
     """HTC's and SCNet's semantic heads segment COCO-stuff's 183 classes beside 80 detected ones."""
     cfg = edited_config(MASK_RCNN, {'model.roi_head.semantic_head': dict(
@@ -284,6 +295,8 @@ def _corrupt(ann: dict, case: str) -> None:
         first['segmentation'] = {'size': [10, 10], 'counts': 'f037000`1'}
     elif case == 'two_point_polygon':
         first['segmentation'] = [first['segmentation'][0][:4]]
+    elif case == 'categories_reordered':
+        ann['categories'].reverse()
     elif case == 'no_height':
         del ann['images'][1]['height']
     elif case == 'width_text':
@@ -311,6 +324,12 @@ def _corrupt(ann: dict, case: str) -> None:
                   "image's file_name, height, width)"),
     ('width_text', "image id 1 has width='160': accepted a whole number of pixels > 0"),
     ('no_file_name', "image id 1 has file_name='': accepted a file name"),
+    # trained, scored and named each object as another class, exit 0
+    ('categories_reordered', 'its "categories" list the classes in another order than metainfo.classes: '
+                             "mmdet numbers labels in the file's order and names them in metainfo's, so "
+                             "objects would be trained, scored or named as another class. The file's "
+                             "order: ('triangle', 'disk', 'square'); metainfo.classes: ('square', 'disk', "
+                             "'triangle')."),
 ])
 def test_coco_annotations_mmdet_would_drop_misread_or_crash_on_are_refused(coco, case, message):
     """mmdet dropped these silently (training on nothing with area 0 everywhere), gave one image

@@ -14,7 +14,7 @@ from PIL import Image
 
 from davit_mm import checks
 from davit_mm.transforms import CheckImageSize, CheckSegMap
-from helpers import CONFIGS, assert_user_error, edited_config, run_tool, write_datasets
+from helpers import CONFIGS, assert_user_error, edited_config, run_tool, run_tool_in_process, write_datasets
 
 QUICKSTART_DET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
 QUICKSTART_SEG = osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py')
@@ -176,6 +176,15 @@ def test_check_seg_map_classes_must_be_the_datasets():
     checks.check_num_classes(cfg)
     with pytest.raises(ValueError, match=r'val_dataloader.dataset.pipeline.3.num_classes=19 but'):
         checks.check_num_classes(cfg, 'train', ('train', 'val'))
+
+
+def test_test_tool_checks_the_tta_pipelines_check_seg_map(ade20k):
+    """`--tta` replaces the test pipeline with tta_pipeline, whose CheckSegMap went unchecked."""
+    (ade20k / 'model.pth').write_bytes(b'not read: the config is refused first')
+    result = run_tool_in_process(['test.py', QUICKSTART_SEG, ade20k / 'model.pth', '--tta', '--cfg-options',
+                                  'tta_pipeline.1.transforms.3.0.num_classes=19'], cwd=ade20k)
+    assert_user_error(result, 'test_dataloader.dataset.pipeline.1.transforms.3.0.num_classes=19 but '
+                              'test_dataloader.dataset has 150 classes')
 
 
 # ------------------------------------------------------------------------------- shipped configs
