@@ -14,6 +14,7 @@ import argparse
 import os
 import os.path as osp
 import sys
+from typing import List
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import cv2  # noqa: E402
@@ -42,7 +43,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> None:
+def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> List[str]:
+    """The image files to draw (a folder's images: its files of an image suffix, in any case, which
+    mmdet's inferencer would skip for an upper-case one), once the arguments are checked."""
     if osp.isdir(image):
         names = sorted(name for name in os.listdir(image) if name.lower().endswith(IMAGE_SUFFIXES))
         if not names:
@@ -64,6 +67,7 @@ def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> 
     # The inferencers read it with mmengine's loader, which fails on an empty, truncated or
     # foreign file with torch's bare unpickling errors.
     read_training_checkpoint(checkpoint)
+    return images
 
 
 def checked_inferencer(base: type, checkpoint: str) -> type:
@@ -105,7 +109,7 @@ def named_label_maps(base: type) -> type:
 
 def main(argv=None):
     args = parse_args(argv)
-    check_inputs(args.image, args.checkpoint, args.device, args.score_thr)
+    images = check_inputs(args.image, args.checkpoint, args.device, args.score_thr)
     check_output_path('--out-dir', args.out_dir, folder=True)
     if args.show:
         check_can_show()
@@ -116,14 +120,14 @@ def main(argv=None):
         from mmdet.apis import DetInferencer
         inferencer = checked_inferencer(DetInferencer, args.checkpoint)(
             model=cfg, weights=args.checkpoint, device=args.device, show_progress=False)
-        inferencer(args.image, out_dir=args.out_dir, pred_score_thr=args.score_thr,
+        inferencer(images, out_dir=args.out_dir, pred_score_thr=args.score_thr,
                    no_save_pred=False, show=args.show)
     else:
         from mmseg.apis import MMSegInferencer
         inferencer = named_label_maps(checked_inferencer(MMSegInferencer, args.checkpoint))(
             model=cfg, weights=args.checkpoint, device=args.device)
-        inferencer(args.image, out_dir=args.out_dir, show=args.show)
-    print(f'drawn predictions: {osp.join(args.out_dir, "vis")}')
+        inferencer(images, out_dir=args.out_dir, show=args.show)
+    print(f'drawn predictions of {len(images)} image(s): {osp.join(args.out_dir, "vis")}')
 
 
 if __name__ == '__main__':

@@ -125,17 +125,26 @@ def test_mask_rcnn_flip_and_multi_scale_tta_merges_boxes_and_masks(coco_dir, tra
 
 
 @pytest.mark.slow
-def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_maskrcnn):
+def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_maskrcnn, tmp_path):
+    """A folder's images are drawn whatever the case of their suffix (mmdet's inferencer skipped
+    `.JPG` files: a folder of them wrote nothing, exit 0); what is not an image is passed over."""
+    import shutil
     checkpoint = trained_maskrcnn / 'epoch_12.pth'
     images = coco_dir / 'data' / 'synthetic_coco' / 'val2017'
-    for source, expected in [(images / '000001.jpg', 1), (images, 4)]:
+    folder = tmp_path / 'camera'
+    shutil.copytree(images, folder)
+    (folder / '000002.jpg').rename(folder / '000002.JPG')
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / 'more').mkdir()
+    for source, expected in [(images / '000001.jpg', 1), (folder, 4)]:
         out = coco_dir / f'demo_{expected}'
         result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(source),
                                  MASKRCNN, str(checkpoint), '--out-dir', str(out)],
                                 cwd=coco_dir, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
-        drawn = sorted(glob.glob(str(out / 'vis' / '*.jpg')))
-        assert len(drawn) == expected
+        assert f'drawn predictions of {expected} image(s)' in result.stdout
+        drawn = sorted(glob.glob(str(out / 'vis' / '*')))
+        assert len(drawn) == expected and (expected == 1 or drawn[1].endswith('000002.JPG'))
         image, picture = cv2.imread(str(images / '000001.jpg')), cv2.imread(drawn[0])
         assert picture.shape == image.shape
         # predictions drawn over it (26% of the pixels moved by > 40 levels; a JPEG re-encode
