@@ -22,10 +22,12 @@ _FULL_JSON_PARSE_BYTES = 64 * 2**20
 
 def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     """Every check of this module for the dataloaders ``splits``: data roots and folders,
-    annotation files, class counts, and the channels between backbone, neck and heads."""
+    pipeline variables that reach no dataloader, annotation files, class counts, and the channels
+    between backbone, neck and heads."""
     if 'train' in splits:
         check_schedule(cfg)
     check_data_paths(cfg, splits)
+    warn_of_unused_pipelines(cfg, splits)
     warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0], splits)
@@ -109,9 +111,12 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
         if _is_remote(root) or not _reads_local_files(dataset.get('backend_args')):
             continue  # remote storage: nothing to check locally
         if root and not osp.isdir(root):
+            top = cfg.get('data_root')
+            unused = f'. The config\'s data_root={top!r} is not this key: in a config that inherits ' \
+                f'the dataloaders, set {where}.data_root too' if isinstance(top, str) and top != root else ''
             raise ValueError(f'{where}.data_root={root!r} does not exist (working directory '
                              f'{osp.abspath(".")}); point it at your data, e.g. --cfg-options '
-                             f'{where}.data_root=/path/to/data/')
+                             f'{where}.data_root=/path/to/data/{unused}')
         ann_file = dataset.get('ann_file') or ''
         if ann_file and not _is_remote(ann_file) and not osp.isfile(_joined(root, ann_file)):
             raise ValueError(f'{where}.ann_file={ann_file!r}: {_joined(root, ann_file)!r} does not exist')
@@ -119,6 +124,39 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
             if folder and not _is_remote(folder) and not osp.isdir(_joined(root, folder)):
                 raise ValueError(f'{where}.data_prefix.{key}={folder!r}: folder '
                                  f'{_joined(root, folder)!r} does not exist')
+
+
+# The pipeline variables of mmdet's and mmseg's configs, and the dataloaders that use them.
+_PIPELINE_VARIABLES = (('train_pipeline', ('train', )), ('test_pipeline', ('val', 'test')))
+
+
+def _pipelines(dataset_cfg: ConfigDict) -> Iterator[list]:
+    """Every ``pipeline`` of a dataset config and of the datasets it wraps (MultiImageMixDataset
+    has one of its own)."""
+    if isinstance(dataset_cfg, dict):
+        if isinstance(dataset_cfg.get('pipeline'), list):
+            yield dataset_cfg['pipeline']
+        yield from _pipelines(dataset_cfg.get('dataset'))
+        for member in dataset_cfg.get('datasets') or ():
+            yield from _pipelines(member)
+
+
+def warn_of_unused_pipelines(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> None:
+    """Warn of a ``train_pipeline``/``test_pipeline`` that no dataloader of ``splits`` runs: set in a
+    config that inherits the dataloaders, the variable does not reach them (mmengine substitutes
+    a variable only in the file that uses it), and the run went on with the inherited pipeline."""
+    for variable, users in _PIPELINE_VARIABLES:
+        pipeline = cfg.get(variable)
+        loaders = [f'{split}_dataloader' for split in users
+                   if split in splits and cfg.get(f'{split}_dataloader')]
+        if not isinstance(pipeline, list) or not loaders:
+            continue
+        if all(pipeline not in _pipelines(cfg[loader].get('dataset')) for loader in loaders):
+            keys = ' / '.join(f'{loader}.dataset.pipeline' for loader in loaders)
+            print_log(f'davit_mm: the config sets {variable}, but {keys} is another list, which the '
+                      f'run uses: a config that inherits the dataloaders must also set them, e.g. '
+                      f'{loaders[0]} = dict(dataset=dict(pipeline={variable}))',
+                      logger='current', level=30)
 
 
 # Image files as the tools take them (demo/image_demo.py lists a folder's with these).

@@ -375,6 +375,42 @@ def test_polygons_under_3_points_are_refused_where_masks_are_evaluated(coco):
         checks.check_annotation_files(cfg, ('train', 'val'))
 
 
+def test_a_pipeline_variable_no_dataloader_runs_is_warned_of(tmp_path, monkeypatch):
+    """A config inheriting the dataloaders that sets only train_pipeline/test_pipeline: mmengine
+    does not substitute them there, and the run went on with the inherited pipelines, exit 0."""
+    own = tmp_path / 'own.py'
+    own.write_text(f"_base_ = [{QUICKSTART!r}]\n"
+                   "train_pipeline = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations'),\n"
+                   "                  dict(type='Resize', scale=(96, 64)), dict(type='PackDetInputs')]\n"
+                   "test_pipeline = train_pipeline\n")
+    warnings = []
+    monkeypatch.setattr(checks, 'print_log', lambda message, **kwargs: warnings.append(message))
+    checks.warn_of_unused_pipelines(Config.fromfile(str(own)))
+    assert warnings == [
+        'davit_mm: the config sets train_pipeline, but train_dataloader.dataset.pipeline is another '
+        'list, which the run uses: a config that inherits the dataloaders must also set them, e.g. '
+        'train_dataloader = dict(dataset=dict(pipeline=train_pipeline))',
+        'davit_mm: the config sets test_pipeline, but val_dataloader.dataset.pipeline / '
+        'test_dataloader.dataset.pipeline is another list, which the run uses: a config that inherits '
+        'the dataloaders must also set them, e.g. val_dataloader = dict(dataset=dict(pipeline=test_pipeline))']
+    with open(own, 'a') as f:  # as the warning says
+        f.write('train_dataloader = dict(dataset=dict(pipeline=train_pipeline))\n'
+                'val_dataloader = dict(dataset=dict(pipeline=test_pipeline))\n')
+    warnings.clear()
+    checks.warn_of_unused_pipelines(Config.fromfile(str(own)))
+    assert warnings == []
+
+
+def test_a_top_level_data_root_that_reaches_no_dataloader_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where data/coco/ is not
+    own = tmp_path / 'own.py'
+    own.write_text(f"_base_ = [{RETINANET!r}]\ndata_root = {str(tmp_path)!r}\n")
+    with pytest.raises(ValueError, match=r"train_dataloader.dataset.data_root='data/coco/' does not exist .*"
+                                         r"The config's data_root='.*' is not this key: in a config that "
+                                         r'inherits the dataloaders, set train_dataloader.dataset.data_root too'):
+        checks.check_data_paths(Config.fromfile(str(own)))
+
+
 def test_images_an_mmseg_folder_dataset_leaves_out_are_counted_in_a_warning(tmp_path, monkeypatch):
     """ADE20K's dataset reads *.jpg only: a .png image was left out of training and validation
     without a word."""
