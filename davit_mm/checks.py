@@ -26,10 +26,12 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     between backbone, neck and heads."""
     if 'train' in splits:
         check_schedule(cfg)
+        check_mask_annotations(cfg)
     check_data_paths(cfg, splits)
     warn_of_unused_pipelines(cfg, splits)
     warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
+    check_seg_classes(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0], splits)
     check_channels(cfg)
 
@@ -222,6 +224,52 @@ def _num_classes_fields(node, path='model'):
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from _num_classes_fields(value, f'{path}.{i}')
+
+
+def check_seg_classes(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """An mmseg dataset of a type with classes of its own (ADE20KDataset's 150) given other
+    ``metainfo.classes``: mmseg reads the label maps in the type's numbering and keeps only those
+    classes, relabelled, every other pixel becoming 255 (ignored). Label maps numbering the user's
+    own classes then trained on nothing (loss 0, mIoU nan, exit 0): warned of. Names that are not
+    the type's classes are refused, pointing at ``BaseSegDataset`` (mmseg's own message does not)."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    from mmseg.registry import DATASETS
+    for _, where, dataset in _datasets_that_run(cfg, splits):
+        new = (dataset.get('metainfo') or {}).get('classes')
+        kind = dataset.get('type')
+        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
+        name = getattr(dataset_type, '__name__', kind)
+        old = (getattr(dataset_type, 'METAINFO', None) or {}).get('classes')
+        if new is None or not old or list(new) == list(old):
+            continue
+        own = (f"for label maps that number classes of your own (0, 1, ...), use type='BaseSegDataset' "
+               f"with the img_suffix, seg_map_suffix and reduce_zero_label your files need")
+        foreign = [name for name in new if name not in old]
+        if foreign:
+            raise ValueError(f'{where}.metainfo.classes names {_shortened(foreign)}, which are not among '
+                             f'{name}\'s {len(old)} classes: mmseg takes only a subset of '
+                             f'them, relabelled; {own}')
+        print_log(f'davit_mm: {where} ({name}) keeps {len(new)} of its {len(old)} classes: '
+                  f'mmseg reads the label maps in {name}\'s numbering, gives these classes '
+                  f'the labels 0..{len(new) - 1} and every other pixel 255 (ignored); {own}',
+                  logger='current', level=30)
+
+
+def check_mask_annotations(cfg: Config) -> None:
+    """A model with a mask head trains on masks: a training pipeline whose ``LoadAnnotations``
+    does not load them stopped at the first iteration with ``AttributeError: 'InstanceData'
+    object has no attribute 'masks'``."""
+    roi_head = (cfg.get('model') or {}).get('roi_head') or {}
+    loader = cfg.get('train_dataloader')
+    if not isinstance(roi_head, dict) or not roi_head.get('mask_head') or not loader:
+        return
+    for key, dataset in keyed_datasets(loader['dataset']):
+        for i, step in enumerate(dataset.get('pipeline') or []):
+            if isinstance(step, dict) and step.get('type') in ('LoadAnnotations', 'mmdet.LoadAnnotations') \
+                    and not step.get('with_mask'):
+                raise ValueError(f'model.roi_head.mask_head trains on masks, but train_dataloader.{key}.'
+                                 f'pipeline.{i} (LoadAnnotations) does not load them: add with_mask=True')
 
 
 def _split_classes(cfg: Config, split: str) -> Tuple[Optional[str], Optional[tuple]]:

@@ -154,6 +154,40 @@ def test_a_validation_set_of_other_classes_than_the_heads_is_refused():
     checks.check_num_classes(cfg, 'train', ('train', 'val'))
 
 
+def test_seg_classes_other_than_the_dataset_types_are_explained():
+    """ADE20KDataset given 2 of its names relabelled label maps numbering the user's own classes
+    to 255 everywhere: loss 0, mIoU nan, exit 0. Other names stopped with mmseg's "not a subset"."""
+    cfg = edited_config(UPERNET, {'train_dataloader.dataset.metainfo.classes': ('sky', 'tree')})
+    warnings = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checks, 'print_log', lambda message, **kwargs: warnings.append(message))
+        checks.check_seg_classes(cfg)
+    assert warnings == [
+        "davit_mm: train_dataloader.dataset (ADE20KDataset) keeps 2 of its 150 classes: mmseg reads the "
+        "label maps in ADE20KDataset's numbering, gives these classes the labels 0..1 and every other "
+        "pixel 255 (ignored); for label maps that number classes of your own (0, 1, ...), use "
+        "type='BaseSegDataset' with the img_suffix, seg_map_suffix and reduce_zero_label your files need"]
+    cfg.train_dataloader.dataset.metainfo.classes = ('crop', 'weed', 'sky')
+    with pytest.raises(ValueError, match=r"train_dataloader.dataset.metainfo.classes names \('crop', 'weed'\), "
+                                         r"which are not among ADE20KDataset's 150 classes: .* use "
+                                         r"type='BaseSegDataset'"):
+        checks.check_seg_classes(cfg)
+    cfg.train_dataloader.dataset.type = 'BaseSegDataset'  # classes of its own: nothing to say
+    checks.check_seg_classes(cfg)
+
+
+def test_a_mask_head_with_a_pipeline_loading_no_masks_is_refused():
+    """It stopped at the first iteration: 'InstanceData' object has no attribute 'masks'."""
+    cfg = edited_config(MASK_RCNN)
+    checks.check_mask_annotations(cfg)
+    cfg.train_dataloader.dataset.pipeline[2].with_mask = False
+    with pytest.raises(ValueError, match=r'model.roi_head.mask_head trains on masks, but '
+                                         r'train_dataloader.dataset.pipeline.2 \(LoadAnnotations\) does '
+                                         r'not load them: add with_mask=True'):
+        checks.check_mask_annotations(cfg)
+    checks.check_mask_annotations(edited_config(RETINANET))  # no mask head
+
+
 def test_semantic_heads_keep_their_own_class_count():
     """HTC's and SCNet's semantic heads segment COCO-stuff's 183 classes beside 80 detected ones."""
     cfg = edited_config(MASK_RCNN, {'model.roi_head.semantic_head': dict(
