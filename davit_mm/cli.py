@@ -384,8 +384,26 @@ def enable_tta(cfg: Config, library: str) -> None:
     if 'tta_pipeline' not in cfg:
         raise ValueError(f'--tta: the config has no tta_pipeline (library {library})')
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
-    for dataset in innermost_datasets(cfg.test_dataloader.dataset):  # each of a ConcatDataset's
+    datasets = innermost_datasets(cfg.test_dataloader.dataset)  # each of a ConcatDataset's
+    test_scales, tta_scales = _resize_scales(datasets[0].get('pipeline')), _resize_scales(cfg.tta_pipeline)
+    if test_scales and tta_scales and not set(test_scales) & set(tta_scales):
+        from mmengine.logging import print_log
+        print_log(f'davit_mm: --tta: the tta_pipeline resizes to {sorted(tta_scales)}, none of them the '
+                  f'test pipeline\'s {sorted(test_scales)}: a config that changes the test scale sets '
+                  f'its tta_pipeline too (else the inherited one runs)', logger='current', level=30)
+    for dataset in datasets:
         dataset.pipeline = cfg.tta_pipeline
+
+
+def _resize_scales(node) -> List[tuple]:
+    """The ``scale`` of every Resize in a pipeline config, TestTimeAug's choices included."""
+    if isinstance(node, dict):
+        found = [tuple(node['scale'])] if node.get('type') == 'Resize' and \
+            isinstance(node.get('scale'), (list, tuple)) else []
+        return found + [s for value in node.values() for s in _resize_scales(value)]
+    if isinstance(node, (list, tuple)):
+        return [s for value in node for s in _resize_scales(value)]
+    return []
 
 
 # ------------------------------------------------------------------------- the machine

@@ -162,3 +162,22 @@ def test_detection_configs_define_flip_and_multi_scale_tta(name):
     scales = [t['scale'] for t in resizes]
     assert len(scales) == 3 and scales[0] == test_scale  # the single-scale test size, and two more
     assert [t['prob'] for t in flips] == [1.0, 0.0]
+
+
+def test_tta_at_none_of_the_test_scales_is_warned_of(monkeypatch):
+    """A config that changed the test scale but inherited the tta_pipeline ran --tta at the
+    paper's scales (mAP 0.228 single-scale, 0.000 with --tta, exit 0)."""
+    import mmengine.logging
+
+    from davit_mm.cli import enable_tta
+    warnings = []
+    monkeypatch.setattr(mmengine.logging, 'print_log', lambda message, **kwargs: warnings.append(message))
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco.py'))
+    enable_tta(cfg, 'mmdet')
+    assert warnings == []  # 1333 x 800 is among its scales
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco.py'))
+    transform_of(cfg.test_dataloader.dataset.pipeline, 'Resize').scale = (160, 128)
+    enable_tta(cfg, 'mmdet')
+    assert warnings == ["davit_mm: --tta: the tta_pipeline resizes to [(666, 400), (1333, 800), (2000, 1200)], "
+                        "none of them the test pipeline's [(160, 128)]: a config that changes the test scale "
+                        "sets its tta_pipeline too (else the inherited one runs)"]
