@@ -22,13 +22,12 @@ _FULL_JSON_PARSE_BYTES = 64 * 2**20
 
 def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     """Every check of this module for the dataloaders ``splits``: data roots and folders,
-    pipeline variables that reach no dataloader, annotation files, class counts, and the channels
-    between backbone, neck and heads."""
+    annotation files, class counts, and the channels between backbone, neck and heads (pipeline
+    variables that reach no dataloader: :func:`davit_mm.cli.load_config`, before --cfg-options)."""
     if 'train' in splits:
         check_schedule(cfg)
         check_mask_annotations(cfg)
     check_data_paths(cfg, splits)
-    warn_of_unused_pipelines(cfg, splits)
     warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
     check_seg_classes(cfg, splits)
@@ -143,14 +142,14 @@ def _pipelines(dataset_cfg: ConfigDict) -> Iterator[list]:
             yield from _pipelines(member)
 
 
-def warn_of_unused_pipelines(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> None:
-    """Warn of a ``train_pipeline``/``test_pipeline`` that no dataloader of ``splits`` runs: set in a
-    config that inherits the dataloaders, the variable does not reach them (mmengine substitutes
-    a variable only in the file that uses it), and the run went on with the inherited pipeline."""
+def warn_of_unused_pipelines(cfg: Config) -> None:
+    """Warn of a ``train_pipeline``/``test_pipeline`` that no dataloader runs: set in a config that
+    inherits the dataloaders, the variable does not reach them (mmengine substitutes a variable
+    only in the file that uses it), and the run went on with the inherited pipeline. For the
+    config as written: ``--cfg-options`` edit the dataloaders' pipelines, not the variables."""
     for variable, users in _PIPELINE_VARIABLES:
         pipeline = cfg.get(variable)
-        loaders = [f'{split}_dataloader' for split in users
-                   if split in splits and cfg.get(f'{split}_dataloader')]
+        loaders = [f'{split}_dataloader' for split in users if cfg.get(f'{split}_dataloader')]
         if not isinstance(pipeline, list) or not loaders:
             continue
         if all(pipeline not in _pipelines(cfg[loader].get('dataset')) for loader in loaders):
@@ -204,7 +203,8 @@ def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:
     scope = dataset_cfg.get('_scope_') or scope
     registry = importlib.import_module(f'{scope}.registry').DATASETS if scope in ('mmdet', 'mmseg') \
         else DATASETS
-    dataset_type = registry.get(dataset_cfg.get('type', ''))
+    kind = dataset_cfg.get('type')
+    dataset_type = kind if isinstance(kind, type) else registry.get(kind or '')  # new-style: a class
     meta = getattr(dataset_type, 'METAINFO', None) or {}
     return tuple(meta['classes']) if 'classes' in meta else None
 
@@ -266,7 +266,7 @@ def check_mask_annotations(cfg: Config) -> None:
         return
     for key, dataset in keyed_datasets(loader['dataset']):
         for i, step in enumerate(dataset.get('pipeline') or []):
-            if isinstance(step, dict) and step.get('type') in ('LoadAnnotations', 'mmdet.LoadAnnotations') \
+            if isinstance(step, dict) and _type_name(step.get('type')) == 'LoadAnnotations' \
                     and not step.get('with_mask'):
                 raise ValueError(f'model.roi_head.mask_head trains on masks, but train_dataloader.{key}.'
                                  f'pipeline.{i} (LoadAnnotations) does not load them: add with_mask=True')
@@ -279,7 +279,8 @@ def _split_classes(cfg: Config, split: str) -> Tuple[Optional[str], Optional[tup
     if not loader:
         return None, None
     from mmengine.registry import init_default_scope
-    init_default_scope(cfg.get('default_scope'))
+    if cfg.get('default_scope'):  # None in new-style configs
+        init_default_scope(cfg.default_scope)
     members = [(key, _dataset_classes(d, cfg.get('default_scope')))
                for key, d in keyed_datasets(loader['dataset'])]
     return next(((k, c) for k, c in members if c is not None), (None, None))
@@ -307,11 +308,22 @@ def check_num_classes(cfg: Config, split: str = 'train', splits: Sequence[str] =
         for member, dataset in keyed_datasets(cfg[f'{pipeline_split}_dataloader']['dataset']):
             for path, value in _num_classes_fields(dataset.get('pipeline'),
                                                    f'{pipeline_split}_dataloader.{member}.pipeline'):
-                _refuse_class_count(
-                    path, value, pipeline_split, key, classes,
-                    f'set num_classes={len(classes)} in its CheckSegMap (a config inheriting the '
-                    f'pipeline cannot edit one step of it: write the train, val, test and TTA pipelines '
-                    f'anew, or pass --cfg-options {path}={len(classes)})')
+                _refuse_class_count(path, value, pipeline_split, key, classes, _seg_map_fix(path, classes))
+
+
+def check_tta_num_classes(cfg: Config) -> None:
+    """``--tta``: a ``CheckSegMap`` in the ``tta_pipeline`` (which replaces the test pipeline) whose
+    ``num_classes`` differs from the test set's, named by its ``tta_pipeline`` key."""
+    key, classes = _split_classes(cfg, 'test')
+    if classes is not None:
+        for path, value in _num_classes_fields(cfg.get('tta_pipeline'), 'tta_pipeline'):
+            _refuse_class_count(path, value, 'test', key, classes, _seg_map_fix(path, classes))
+
+
+def _seg_map_fix(path: str, classes: tuple) -> str:
+    return (f'set num_classes={len(classes)} in its CheckSegMap (a config inheriting the pipeline '
+            f'cannot edit one step of it: write the train, val, test and TTA pipelines anew, or pass '
+            f'--cfg-options {path}={len(classes)})')
 
 
 def empty_datasets(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')) -> List[str]:
@@ -322,7 +334,8 @@ def empty_datasets(cfg: Config, splits: Sequence[str] = ('train', 'val', 'test')
     import copy
 
     from mmengine.registry import DATASETS, init_default_scope
-    init_default_scope(cfg.get('default_scope'))
+    if cfg.get('default_scope'):  # None in new-style configs
+        init_default_scope(cfg.default_scope)
     empty = []
     for split in splits:
         loader = cfg.get(f'{split}_dataloader')
@@ -488,6 +501,11 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
+def _type_name(kind: object) -> str:
+    """A config's ``type``: a class's name, or the registered name without its scope."""
+    return kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
+
+
 def _shortened(names: list) -> str:
     return str(tuple(names[:8]))[:-1] + (', ...)' if len(names) > 8 else ')')
 
@@ -498,7 +516,8 @@ def _is_size(value: object) -> bool:
 
 
 def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tuple],
-                        warn: bool = True, masks: Optional[str] = None, dataset: bool = True) -> None:
+                        warn: bool = True, masks: Optional[str] = None, dataset: bool = True,
+                        sorts_by_id: bool = False) -> None:
     """What mmdet's CocoDataset would crash on much later, or silently get wrong: duplicate image
     ids (one image dropped, another given its boxes) or category names, annotations whose
     ``image_id``/``category_id`` name nothing, an image without ``file_name``, ``height`` or
@@ -525,6 +544,8 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
         if not isinstance(image, dict) or 'id' not in image:
             refuse(f'an entry of "images" has no "id": {str(image)[:80]}')
         for field in fields:
+            if field == 'file_name' and 'coco_url' in image:
+                continue  # LVIS v1: mmdet names the file after its URL
             value = image.get(field)
             if not (isinstance(value, str) and value if field == 'file_name' else _is_size(value)):
                 has = f'{field}={value!r}' if field in image else f'no {field!r}'
@@ -547,7 +568,9 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
     if missing:
         refuse(f'the dataset\'s classes {missing} are not among its categories '
                f'{sorted(names.values())[:12]} (metainfo.classes must name categories of the file)')
-    in_file_order = [name for name in names.values() if name in (classes or ())]
+    # mmdet numbers labels in the file's order of categories (Objects365 v1: in the order of ids)
+    ordered = sorted(names.items()) if sorts_by_id else names.items()
+    in_file_order = [name for _, name in ordered if name in (classes or ())]
     if classes and in_file_order != list(classes):
         refuse(f'its "categories" list the classes in another order than metainfo.classes: mmdet '
                f'numbers labels in the file\'s order and names them in metainfo\'s, so objects would '
@@ -646,7 +669,8 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
                                       for step in reader.get('pipeline') or [])
                     _check_coco_content(content, key, path,
                                         _dataset_classes(reader, cfg.get('default_scope')),
-                                        masks='load' if loads_masks else None)
+                                        masks='load' if loads_masks else None,
+                                        sorts_by_id='Objects365V1' in _type_name(reader.get('type')))
                 else:  # what the evaluator crashes on (its dataloader warned already)
                     metric = reader.get('metric', 'bbox')
                     _check_coco_content(content, key, path, None, warn=False, dataset=False,

@@ -12,7 +12,7 @@ import os.path as osp
 import re
 import sys
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -354,8 +354,11 @@ def _where_config_failed(exc: Exception) -> str:
 
 def load_config(path: str, cfg_options: Optional[Dict[str, object]] = None,
                 work_dir: Optional[str] = None, launcher: str = 'none') -> Config:
-    """``Config.fromfile`` + ``--cfg-options`` + work dir, as the mmdet/mmseg tools do it."""
+    """``Config.fromfile`` + ``--cfg-options`` + work dir, as the mmdet/mmseg tools do it; a pipeline
+    variable of the config as written that reaches no dataloader is warned of."""
+    from .checks import warn_of_unused_pipelines
     cfg = read_config(path)
+    warn_of_unused_pipelines(cfg)  # before --cfg-options, which edit the dataloaders' pipelines
     cfg.launcher = launcher
     if cfg_options:
         check_cfg_options(cfg, cfg_options)
@@ -386,7 +389,8 @@ def enable_tta(cfg: Config, library: str) -> None:
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     datasets = innermost_datasets(cfg.test_dataloader.dataset)  # each of a ConcatDataset's
     test_scales, tta_scales = _resize_scales(datasets[0].get('pipeline')), _resize_scales(cfg.tta_pipeline)
-    if test_scales and tta_scales and not set(test_scales) & set(tta_scales):
+    if test_scales and tta_scales and not {s for s, _ in test_scales} & {s for s, _ in tta_scales}:
+        test_scales, tta_scales = [shown for _, shown in test_scales], [shown for _, shown in tta_scales]
         from mmengine.logging import print_log
         print_log(f'davit_mm: --tta: the tta_pipeline resizes to {sorted(tta_scales)}, none of them the '
                   f'test pipeline\'s {sorted(test_scales)}: a config that changes the test scale sets '
@@ -395,11 +399,16 @@ def enable_tta(cfg: Config, library: str) -> None:
         dataset.pipeline = cfg.tta_pipeline
 
 
-def _resize_scales(node) -> List[tuple]:
-    """The ``scale`` of every Resize in a pipeline config, TestTimeAug's choices included."""
+def _resize_scales(node) -> List[Tuple[tuple, tuple]]:
+    """(compared, shown) for the ``scale`` of every Resize in a pipeline config, TestTimeAug's
+    choices included; compared as sorted sides where the aspect ratio is kept ((1333, 800) fits an
+    image as (800, 1333) does)."""
     if isinstance(node, dict):
-        found = [tuple(node['scale'])] if node.get('type') == 'Resize' and \
-            isinstance(node.get('scale'), (list, tuple)) else []
+        kind = node.get('type')
+        name = kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
+        scale = node.get('scale')
+        found = [(tuple(sorted(scale)) if node.get('keep_ratio') else tuple(scale), tuple(scale))] \
+            if name == 'Resize' and isinstance(scale, (list, tuple)) else []
         return found + [s for value in node.values() for s in _resize_scales(value)]
     if isinstance(node, (list, tuple)):
         return [s for value in node for s in _resize_scales(value)]

@@ -47,7 +47,8 @@ def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> 
     """The image files to draw (a folder's images: its files of an image suffix, in any case, which
     mmdet's inferencer would skip for an upper-case one), once the arguments are checked."""
     if osp.isdir(image):
-        names = sorted(name for name in os.listdir(image) if name.lower().endswith(IMAGE_SUFFIXES))
+        names = sorted(name for name in os.listdir(image)
+                       if name.lower().endswith(IMAGE_SUFFIXES) and osp.isfile(osp.join(image, name)))
         if not names:
             raise ValueError(f'image folder {image!r} holds no images ({", ".join(IMAGE_SUFFIXES)})')
         images = [osp.join(image, name) for name in names]

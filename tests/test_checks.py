@@ -379,6 +379,23 @@ def test_coco_annotations_mmdet_would_drop_misread_or_crash_on_are_refused(coco,
         checks.check_annotation_files(cfg, ('train',))
 
 
+def test_lvis_and_objects365_files_are_read_as_mmdet_reads_them(coco):
+    """LVIS v1 images have a coco_url and no file_name (mmdet names the file after the URL);
+    Objects365 v1's dataset numbers labels in the order of category ids, not the file's."""
+    path = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
+    content = json.loads(path.read_text())
+    classes = ('square', 'disk', 'triangle')
+    for image in content['images']:
+        image['coco_url'] = 'http://images.cocodataset.org/train2017/' + image.pop('file_name')
+    content['categories'].reverse()
+    checks._check_coco_content(content, 'k', 'p', classes, warn=False, sorts_by_id=True)
+    with pytest.raises(ValueError, match="another order than metainfo.classes"):
+        checks._check_coco_content(content, 'k', 'p', classes, warn=False)  # CocoDataset: file order
+    del content['images'][0]['coco_url']
+    with pytest.raises(ValueError, match="image id 1 has no 'file_name'"):
+        checks._check_coco_content(content, 'k', 'p', classes, warn=False, sorts_by_id=True)
+
+
 def test_a_few_boxes_mmdet_leaves_out_are_taken(coco):
     """Real COCO has boxes under a pixel: mmdet leaves them out, and a warning counts them."""
     path = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_train2017.json'
@@ -427,11 +444,17 @@ def test_a_pipeline_variable_no_dataloader_runs_is_warned_of(tmp_path, monkeypat
         'davit_mm: the config sets test_pipeline, but val_dataloader.dataset.pipeline / '
         'test_dataloader.dataset.pipeline is another list, which the run uses: a config that inherits '
         'the dataloaders must also set them, e.g. val_dataloader = dict(dataset=dict(pipeline=test_pipeline))']
+    warnings.clear()
+    from davit_mm.cli import load_config
+    load_config(str(own), {'train_dataloader.dataset.pipeline.2.scale': (80, 64)})
+    assert len(warnings) == 2  # the config as written; not what --cfg-options then edit
     with open(own, 'a') as f:  # as the warning says
         f.write('train_dataloader = dict(dataset=dict(pipeline=train_pipeline))\n'
                 'val_dataloader = dict(dataset=dict(pipeline=test_pipeline))\n')
     warnings.clear()
     checks.warn_of_unused_pipelines(Config.fromfile(str(own)))
+    load_config(str(own), {'train_dataloader.dataset.pipeline.2.scale': (80, 64),
+                           'val_dataloader.dataset.pipeline.2.scale': (80, 64)})
     assert warnings == []
 
 

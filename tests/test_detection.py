@@ -136,6 +136,7 @@ def test_image_demo_draws_detections_for_a_file_and_a_folder(coco_dir, trained_m
     (folder / '000002.jpg').rename(folder / '000002.JPG')
     (folder / 'notes.txt').write_text('not an image')
     (folder / 'more').mkdir()
+    (folder / 'album.jpg').mkdir()  # a folder named as an image
     for source, expected in [(images / '000001.jpg', 1), (folder, 4)]:
         out = coco_dir / f'demo_{expected}'
         result = subprocess.run([sys.executable, osp.join(REPO, 'demo', 'image_demo.py'), str(source),

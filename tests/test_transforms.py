@@ -183,8 +183,12 @@ def test_test_tool_checks_the_tta_pipelines_check_seg_map(ade20k):
     (ade20k / 'model.pth').write_bytes(b'not read: the config is refused first')
     result = run_tool_in_process(['test.py', QUICKSTART_SEG, ade20k / 'model.pth', '--tta', '--cfg-options',
                                   'tta_pipeline.1.transforms.3.0.num_classes=19'], cwd=ade20k)
-    assert_user_error(result, 'test_dataloader.dataset.pipeline.1.transforms.3.0.num_classes=19 but '
-                              'test_dataloader.dataset has 150 classes')
+    assert_user_error(result, 'tta_pipeline.1.transforms.3.0.num_classes=19 but test_dataloader.dataset has '
+                              '150 classes', '--cfg-options tta_pipeline.1.transforms.3.0.num_classes=150)')
+    # the key named is one --cfg-options takes
+    result = run_tool_in_process(['test.py', QUICKSTART_SEG, ade20k / 'model.pth', '--tta', '--cfg-options',
+                                  'tta_pipeline.1.transforms.3.0.num_classes=150'], cwd=ade20k)
+    assert 'num_classes' not in result.stderr
 
 
 # ------------------------------------------------------------------------------- shipped configs

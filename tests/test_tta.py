@@ -176,6 +176,10 @@ def test_tta_at_none_of_the_test_scales_is_warned_of(monkeypatch):
     enable_tta(cfg, 'mmdet')
     assert warnings == []  # 1333 x 800 is among its scales
     cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco.py'))
+    transform_of(cfg.test_dataloader.dataset.pipeline, 'Resize').scale = (800, 1333)
+    enable_tta(cfg, 'mmdet')
+    assert warnings == []  # the same scale for an image whose aspect ratio is kept
+    cfg = Config.fromfile(osp.join(CONFIGS, 'davit_retinanet_1x_coco.py'))
     transform_of(cfg.test_dataloader.dataset.pipeline, 'Resize').scale = (160, 128)
     enable_tta(cfg, 'mmdet')
     assert warnings == ["davit_mm: --tta: the tta_pipeline resizes to [(666, 400), (1333, 800), (2000, 1200)], "

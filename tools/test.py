@@ -22,7 +22,7 @@ from typing import Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import check_checkpoint_fits  # noqa: E402
-from davit_mm.checks import check_num_classes, preflight  # noqa: E402
+from davit_mm.checks import check_tta_num_classes, preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner, check_can_show,  # noqa: E402
                           check_output_path, draw_on_every_process, enable_tta, library_of,
                           load_config, parse_launch_arguments, run_guarded, run_tool)
@@ -108,8 +108,8 @@ def main(argv=None):
         wait_time = DEFAULT_WAIT_TIME if args.wait_time is None else args.wait_time
         enable_drawing(cfg, library, args.show_dir, wait_time if args.show else None)
     if args.tta:
+        check_tta_num_classes(cfg)
         enable_tta(cfg, library)
-        check_num_classes(cfg, 'test')  # the TTA pipeline's CheckSegMap
     if args.out and library == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
