@@ -21,12 +21,12 @@ def _to_register(library: str) -> Dict[str, List[type]]:
     from .engine import (OfficialCheckpointHook, PositionSeededDataset, PositionSeededSampler,
                          RandomStateHook, RunnerCheckpointsHook)
     from .models import DaViT
-    from .transforms import CheckImageSize, CheckSegMap
+    from .transforms import CheckAnnotationSize, CheckSegMap
     models = [DaViT]
     if library == 'mmdet':
         from .tta import DetTTAModelWithMasks
         models.append(DetTTAModelWithMasks)
-    transforms = [CheckImageSize] if library == 'mmdet' else [CheckSegMap]
+    transforms = [CheckAnnotationSize] if library == 'mmdet' else [CheckSegMap]
     return dict(MODELS=models, HOOKS=[RandomStateHook, OfficialCheckpointHook, RunnerCheckpointsHook],
                 DATASETS=[PositionSeededDataset], DATA_SAMPLERS=[PositionSeededSampler],
                 TRANSFORMS=transforms)

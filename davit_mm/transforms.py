@@ -2,7 +2,7 @@
 annotation that do not fit stop the run with both files named, instead of training on, or
 scoring, pixels in the wrong place.
 
-- :class:`CheckImageSize` (mmdet): the image as decoded has the height and width its annotation
+- :class:`CheckAnnotationSize` (mmdet): the image as decoded has the height and width its annotation
   file gives it (COCO's ``images[].height/width``, VOC's ``<size>``). Boxes and polygons are in that
   frame: an image resized after it was annotated, or one that ``LoadImageFromFile`` turns by its
   EXIF orientation while the annotation was drawn unturned, otherwise trains on misplaced boxes
@@ -38,10 +38,12 @@ def _exif_orientation(path: str) -> Optional[int]:
         return None
 
 
-class CheckImageSize(BaseTransform):
+class CheckAnnotationSize(BaseTransform):
     """Refuse an image whose decoded size differs from the height and width its annotation gives.
 
-    Reads ``ori_shape`` (set by ``LoadImageFromFile``) and the dataset's ``height``/``width``.
+    Reads ``ori_shape`` (set by ``LoadImageFromFile``) and the dataset's ``height``/``width``. Its
+    name holds "Annotation" so that mmdeploy's SDK, which drops such steps from the test pipeline
+    it deploys, leaves it out as it does ``LoadAnnotations`` (the SDK knows no davit_mm step).
 
     Raises:
         ValueError: naming the image, both sizes and, for an image with a quarter-turn EXIF

@@ -13,7 +13,7 @@ from mmengine.config import Config
 from PIL import Image
 
 from davit_mm import checks
-from davit_mm.transforms import CheckImageSize, CheckSegMap
+from davit_mm.transforms import CheckAnnotationSize, CheckSegMap
 from helpers import CONFIGS, assert_user_error, edited_config, run_tool, run_tool_in_process, write_datasets
 
 QUICKSTART_DET = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')
@@ -31,11 +31,11 @@ def _load(path: str, height: int, width: int, **load_args) -> dict:
 def test_image_of_its_annotated_size_passes_and_one_resized_since_is_refused(tmp_path):
     path = str(tmp_path / 'a.jpg')
     cv2.imwrite(path, np.zeros((30, 50, 3), np.uint8))
-    assert CheckImageSize()(_load(path, 30, 50))['ori_shape'] == (30, 50)
+    assert CheckAnnotationSize()(_load(path, 30, 50))['ori_shape'] == (30, 50)
     with pytest.raises(ValueError, match=r"image '.*a\.jpg' decodes as 50x30 \(width x height\) but its "
                                          r'annotation \(image id 7\) says 100x60 \(width x height\): '
                                          r'.*Was the image resized'):
-        CheckImageSize()(_load(path, 60, 100))
+        CheckAnnotationSize()(_load(path, 60, 100))
 
 
 def test_exif_quarter_turn_is_named_with_the_setting_that_loads_the_image_unturned(tmp_path):
@@ -47,15 +47,15 @@ def test_exif_quarter_turn_is_named_with_the_setting_that_loads_the_image_unturn
     Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(path, exif=exif)
     with pytest.raises(ValueError, match=r"decodes as 30x50 .* says 50x30 .* EXIF orientation 6, a quarter "
                                          r".*color_type='color_ignore_orientation'"):
-        CheckImageSize()(_load(path, 30, 50))
+        CheckAnnotationSize()(_load(path, 30, 50))
     unturned = _load(path, 30, 50, color_type='color_ignore_orientation')
-    assert CheckImageSize()(unturned)['ori_shape'] == (30, 50)
+    assert CheckAnnotationSize()(unturned)['ori_shape'] == (30, 50)
 
 
 def test_images_without_annotation_sizes_pass_unchecked():
     """An inferencer's input (an array or a path, no dataset record) has no height/width."""
     results = dict(img=np.zeros((4, 6, 3), np.uint8), ori_shape=(4, 6))
-    assert CheckImageSize()(dict(results)) == results
+    assert CheckAnnotationSize()(dict(results)) == results
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def _pipelines(cfg: Config):
 
 @pytest.mark.parametrize('config', SHIPPED, ids=lambda c: osp.relpath(c, CONFIGS))
 def test_every_shipped_pipeline_checks_what_it_loads(config):
-    """Detection: CheckImageSize right after LoadImageFromFile. Segmentation: CheckSegMap right
+    """Detection: CheckAnnotationSize right after LoadImageFromFile. Segmentation: CheckSegMap right
     after LoadAnnotations, with the decode head's class count."""
     cfg = Config.fromfile(config)
     names = list(_pipelines(cfg))
@@ -221,8 +221,21 @@ def test_every_shipped_pipeline_checks_what_it_loads(config):
     for name, transforms in names:
         types = [t['type'] for t in transforms]
         if cfg.default_scope == 'mmdet':
-            assert types[types.index('LoadImageFromFile') + 1] == 'CheckImageSize', (name, types)
+            assert types[types.index('LoadImageFromFile') + 1] == 'CheckAnnotationSize', (name, types)
         else:
             check = transforms[types.index('LoadAnnotations') + 1]
             assert check['type'] == 'CheckSegMap', (name, types)
             assert check['num_classes'] == cfg.model.decode_head.num_classes
+
+
+@pytest.mark.parametrize('config', [c for c in SHIPPED if '/quickstart/' not in c], ids=lambda c: osp.basename(c))
+def test_the_pipeline_mmdeploys_sdk_deploys_holds_no_check(config):
+    """mmdeploy 1.3.1 writes the SDK's preprocessing (pipeline.json) from the top-level
+    test_pipeline: for mmdet, the steps whose type holds neither "Random" nor "Annotation"; for
+    mmseg, the first two. The SDK knows no davit_mm step: none may remain."""
+    cfg = Config.fromfile(config)
+    pipeline = cfg.test_pipeline
+    kept = [t['type'] for t in pipeline if 'Random' not in t['type'] and 'Annotation' not in t['type']] \
+        if cfg.default_scope == 'mmdet' else [t['type'] for t in pipeline[:2]]
+    assert not [t for t in kept if t.startswith('Check')], kept
+    assert 'Resize' in kept and 'LoadImageFromFile' in kept

@@ -3,7 +3,7 @@
 tta_scales = [(1333, 800), (666, 400), (2000, 1200)]
 tta_pipeline = [
     dict(type='LoadImageFromFile', backend_args=None),
-    dict(type='CheckImageSize'),  # davit_mm: the image has the size its annotation gives
+    dict(type='CheckAnnotationSize'),  # davit_mm: the image has the size its annotation gives
     dict(type='TestTimeAug',
          transforms=[[dict(type='Resize', scale=s, keep_ratio=True) for s in tta_scales],
                      [dict(type='RandomFlip', prob=1.0), dict(type='RandomFlip', prob=0.0)],

@@ -9,7 +9,7 @@ image_scale = (160, 128)  # (w, h), as mmdet writes scales
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='CheckImageSize'),
+    dict(type='CheckAnnotationSize'),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='RandomResize', scale=image_scale, ratio_range=(0.8, 1.2), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
@@ -17,7 +17,7 @@ train_pipeline = [
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='CheckImageSize'),
+    dict(type='CheckAnnotationSize'),
     dict(type='Resize', scale=image_scale, keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs',
@@ -40,7 +40,7 @@ test_evaluator = val_evaluator
 # 1x, 0.5x and 1.5x x horizontal flip.
 tta_pipeline = [
     dict(type='LoadImageFromFile'),
-    dict(type='CheckImageSize'),
+    dict(type='CheckAnnotationSize'),
     dict(type='TestTimeAug',
          transforms=[[dict(type='Resize', scale=s, keep_ratio=True)
                       for s in [(160, 128), (80, 64), (240, 192)]],
