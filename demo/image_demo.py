@@ -52,6 +52,11 @@ def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> 
         if not names:
             raise ValueError(f'image folder {image!r} holds no images ({", ".join(IMAGE_SUFFIXES)})')
         images = [osp.join(image, name) for name in names]
+        stems = [osp.splitext(name)[0] for name in names]  # the raw predictions are named by them
+        twins = sorted(name for name, stem in zip(names, stems) if stems.count(stem) > 1)
+        if twins:
+            raise ValueError(f'image folder {image!r}: {", ".join(twins[:4])} would write their predictions '
+                             f'to the same files (named after the image without its suffix); rename one')
     elif not osp.isfile(image):
         raise ValueError(f'image {image!r}: no such file or folder')
     else:

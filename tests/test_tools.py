@@ -528,6 +528,12 @@ def test_image_demo_rejects_missing_inputs(data_dir, tmp_path):
                f"image {str(bad / 'notes.jpg')!r} (13 bytes) cannot be read as an image"),
               ([str(bad), MASKRCNN, str(weights)],  # a folder: every image is checked
                f"image {str(bad / 'cut.jpg')!r} (200 bytes) cannot be read as an image")]
+    twins = tmp_path / 'twins'  # one prediction file would overwrite the other
+    twins.mkdir()
+    for name in ('a.jpg', 'a.PNG'):
+        (twins / name).write_bytes(image.read_bytes())
+    cases += [([str(twins), MASKRCNN, str(weights)], "a.PNG, a.jpg would write their predictions to the "
+                                                     "same files (named after the image without its suffix)")]
     cases += [([str(image), MASKRCNN, str(weights), '--score-thr', thr],  # nothing drawn, exit 0
                f'--score-thr {thr}: accepted a score from 0 to 1') for thr in ('nan', '5.0', '-0.5')]
     if not torch.cuda.is_available():
