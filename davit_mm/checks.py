@@ -31,6 +31,8 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     warn_of_images_left_out(cfg, splits)
     check_annotation_files(cfg, splits)
     check_seg_classes(cfg, splits)
+    check_evaluators(cfg, splits)
+    check_reduce_zero_label(cfg, splits)
     check_num_classes(cfg, 'train' if 'train' in splits else splits[0], splits)
     check_channels(cfg)
 
@@ -254,6 +256,85 @@ def check_seg_classes(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
                   f'mmseg reads the label maps in {name}\'s numbering, gives these classes '
                   f'the labels 0..{len(new) - 1} and every other pixel 255 (ignored); {own}',
                   logger='current', level=30)
+
+
+# The metrics mmdet 3.3's CocoMetric and mmseg 1.2's IoUMetric compute (a KeyError traceback, at
+# build or after the whole test, for another name).
+COCO_METRICS = ('bbox', 'segm', 'proposal', 'proposal_fast')
+IOU_METRICS = ('mIoU', 'mDice', 'mFscore')
+
+
+def _predicts_masks(model: object) -> bool:
+    """Whether a model config has a part that predicts masks (a mask head, a Mask*/SOLO/CondInst
+    type): heuristic, for refusing the segm metric on a box detector."""
+    if isinstance(model, dict):
+        kind = _type_name(model.get('type')).lower()
+        if any('mask' in str(key).lower() for key in model) or any(
+                word in kind for word in ('mask', 'solo', 'condinst', 'ins')):
+            return True
+        return any(_predicts_masks(value) for value in model.values())
+    if isinstance(model, (list, tuple)):
+        return any(_predicts_masks(value) for value in model)
+    return False
+
+
+def check_evaluators(cfg: Config, splits: Sequence[str] = ('val', 'test')) -> None:
+    """Refuse evaluators that fail only once built or after the whole evaluation: a metric name
+    CocoMetric/IoUMetric does not compute, ``segm`` for a model that predicts no masks (a KeyError
+    after every image was run), ``format_only`` without ``outfile_prefix``."""
+    for split in splits:
+        if split == 'train' or cfg.get(f'{split}_cfg') is None:
+            continue
+        evaluators = cfg.get(f'{split}_evaluator') or []
+        for i, evaluator in enumerate(_as_list(evaluators)):
+            if not isinstance(evaluator, dict):
+                continue
+            where = f'{split}_evaluator' if isinstance(evaluators, dict) else f'{split}_evaluator.{i}'
+            kind = _type_name(evaluator.get('type'))
+            if kind == 'CocoMetric':
+                metrics = _as_list(evaluator.get('metric', 'bbox'))
+                unknown = [m for m in metrics if m not in COCO_METRICS]
+                if unknown:
+                    raise ValueError(f'{where}.metric={evaluator.get("metric")!r}: CocoMetric computes '
+                                     f'{list(COCO_METRICS)}, not {unknown}')
+                if 'segm' in metrics and cfg.get('model') and not _predicts_masks(cfg.model):
+                    raise ValueError(f'{where}.metric={evaluator.get("metric")!r} asks for mask AP, but the '
+                                     f'model predicts no masks (no mask head): leave out \'segm\'')
+                if evaluator.get('format_only') and not evaluator.get('outfile_prefix'):
+                    raise ValueError(f'{where}.format_only=True writes the predictions to files named by '
+                                     f'{where}.outfile_prefix, which is not set')
+            elif kind == 'IoUMetric':
+                metrics = _as_list(evaluator.get('iou_metrics', ['mIoU']))
+                unknown = [m for m in metrics if m not in IOU_METRICS]
+                if unknown:
+                    raise ValueError(f'{where}.iou_metrics={evaluator.get("iou_metrics")!r}: IoUMetric '
+                                     f'computes {list(IOU_METRICS)}, not {unknown}')
+
+
+def check_reduce_zero_label(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+    """An mmseg pipeline's ``LoadAnnotations(reduce_zero_label=...)`` must be its dataset's (mmseg
+    stops at the first label map with an AssertionError traceback)."""
+    if cfg.get('default_scope') != 'mmseg':
+        return
+    import inspect
+
+    from mmseg.registry import DATASETS
+    for _, where, dataset in _datasets_that_run(cfg, splits):
+        kind = dataset.get('type')
+        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
+        if 'reduce_zero_label' in dataset:
+            reduce = dataset['reduce_zero_label']
+        elif isinstance(dataset_type, type):
+            parameter = inspect.signature(dataset_type).parameters.get('reduce_zero_label')
+            reduce = parameter.default if parameter is not None else False
+        else:
+            continue
+        for i, step in enumerate(dataset.get('pipeline') or []):
+            if isinstance(step, dict) and _type_name(step.get('type')) == 'LoadAnnotations' and \
+                    step.get('reduce_zero_label') is not None and step['reduce_zero_label'] != reduce:
+                raise ValueError(f'{where}.pipeline.{i}.reduce_zero_label={step["reduce_zero_label"]} '
+                                 f'but {where} ({_type_name(kind)}) has reduce_zero_label={reduce}: set '
+                                 f'them alike')
 
 
 def check_mask_annotations(cfg: Config) -> None:
@@ -646,6 +727,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
     the matching bracket.
     """
     parsed = {}  # real path -> content: a file the dataloader and its evaluator both read, once
+    coco_files = []  # (key, path, content, reader, is_dataset) of those read through the COCO API
     for key, path, reader, is_dataset in _annotation_files(cfg, splits):
         if not path.endswith('.json'):
             continue
@@ -664,6 +746,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
             content = parsed[osp.realpath(path)]
             if _reads_coco_json(reader.get('type'), cfg.get('default_scope')):
                 _check_coco_layout(content, key, path)
+                coco_files.append((key, path, content, reader, is_dataset))
                 if is_dataset:  # what the dataloader reads, warning of what it leaves out
                     loads_masks = any(isinstance(step, dict) and step.get('with_mask')
                                       for step in reader.get('pipeline') or [])
@@ -683,3 +766,54 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
         if (head, tail) not in ((b'{', b'}'), (b'[', b']')):
             raise ValueError(f'{key}={path!r} is not a JSON file, or was cut off: it starts with '
                              f'{head!r} and ends with {tail!r}')
+    _check_evaluators_score_their_datasets(cfg, coco_files)
+
+
+def _check_evaluators_score_their_datasets(cfg: Config, coco_files: list) -> None:
+    """A CocoMetric scores the predictions against its own ``ann_file``, by image id, counting
+    every image of that file not predicted as missed. Refuse an evaluator file that is not the
+    images the dataloader runs: another set (a changed ``data_root``: mAP 0.009 where 0.178 was
+    due), a subset either way or ``indices`` (the images not run counted as missed), a
+    ConcatDataset (the second set scored against the first's annotations), and a file without
+    annotations outside ``format_only`` (every mAP -1)."""
+    for split in ('val', 'test'):
+        loader = cfg.get(f'{split}_dataloader')
+        datasets = [f for f in coco_files if f[4] and f[0].startswith(f'{split}_dataloader.')]
+        evaluators = [f for f in coco_files if not f[4] and f[0].startswith(f'{split}_evaluator')]
+        if not loader or not evaluators:
+            continue
+        members = keyed_datasets(loader['dataset'])
+        for key, path, content, reader, _ in evaluators:
+            if reader.get('format_only'):
+                continue
+            where = key[:-len('.ann_file')]
+            if 'annotations' not in content:
+                raise ValueError(f'{key}={path!r} has no "annotations" (an image-info file, as COCO '
+                                 f'test-dev\'s): there is nothing to score against (every mAP -1); to '
+                                 f'write the predictions for an evaluation server, set '
+                                 f'{where}.format_only=True and {where}.outfile_prefix')
+            if len(members) > 1:
+                raise ValueError(f'{split}_dataloader.dataset joins {len(members)} datasets, but {key} '
+                                 f'scores every prediction against its one file {path!r}, by image id: '
+                                 f'evaluate each set in a run of its own')
+            if len(datasets) != 1:
+                continue  # the dataset's file is not read here (remote, large or not COCO)
+            data_key, data_path, data_content, data_reader, _ = datasets[0]
+            run = {(image['id'], image.get('file_name')) for image in data_content['images']}
+            scored = {(image['id'], image.get('file_name')) for image in content['images']}
+            if osp.realpath(path) != osp.realpath(data_path) and (
+                    content['images'] != data_content['images'] or
+                    content.get('annotations') != data_content.get('annotations')):
+                raise ValueError(f'{key}={path!r} is not the file {data_key}={data_path!r} reads: '
+                                 f'{len(scored)} images and {len(run)}, {len(run & scored)} of them alike '
+                                 f'(id and file name), other annotations. CocoMetric scores the predictions '
+                                 f'against its own file, by image id: against another set\'s annotations, '
+                                 f'counting the images not run as missed. Give {key} the dataset\'s file')
+            indices = data_reader.get('indices')
+            if indices is not None:
+                taken = min(indices, len(run)) if isinstance(indices, int) else len(indices)
+                if taken < len(run):
+                    raise ValueError(f'{data_key[:-len(".ann_file")]}.indices={indices!r} runs {taken} of '
+                                     f'the {len(run)} images {key} scores: the {len(run) - taken} not run '
+                                     f'would count as missed; write an annotation file of those images '
+                                     f'for both')

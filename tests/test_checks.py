@@ -91,12 +91,64 @@ def test_unreadable_val_annotation_file_is_named_with_its_key(coco, content, mes
 
 
 def test_a_coco_file_without_annotations_is_taken_as_test_dev_image_info_is(coco, monkeypatch):
+    """Read by the dataset, and by the evaluator writing predictions for a server (format_only);
+    scored against, it gave every mAP as -1 and exit 0."""
     monkeypatch.chdir(coco)  # the evaluator's ann_file is relative: data/synthetic_coco/...
     ann = coco / 'data' / 'synthetic_coco' / 'annotations' / 'instances_val2017.json'
     content = json.loads(ann.read_text())
     del content['annotations']
     ann.write_text(json.dumps(content))
-    checks.check_annotation_files(quickstart_on(coco, 'train', 'val'))
+    cfg = quickstart_on(coco, 'train', 'val')
+    with pytest.raises(ValueError, match=r"val_evaluator.ann_file='.*' has no \"annotations\" \(an image-info "
+                                         r'file.*set val_evaluator.format_only=True and '
+                                         r'val_evaluator.outfile_prefix'):
+        checks.check_annotation_files(cfg)
+    cfg.val_evaluator.update(format_only=True, outfile_prefix=str(coco / 'out'))
+    checks.check_annotation_files(cfg)
+
+
+def _second_val_set(coco):
+    """data/synthetic_coco2: another generated set, whose image ids overlap the first's."""
+    from davit_mm.synthetic import write_coco
+    write_coco(str(coco / 'data' / 'synthetic_coco2'), num_train=1, num_val=3, seed=5)
+    return 'data/synthetic_coco2/'
+
+
+@pytest.mark.parametrize('change,message', [
+    # the natural way to test on another set: mAP 0.009 where 0.178 was due, exit 0
+    ('data_root', r"val_evaluator.ann_file='data/synthetic_coco/annotations/instances_val2017.json' is not the "
+                  r"file val_dataloader.dataset.ann_file='data/synthetic_coco2/annotations/instances_val2017.json' "
+                  r'reads: 2 images and 3, 2 of them alike \(id and file name\), other annotations\. .* Give '
+                  r"val_evaluator.ann_file the dataset's file"),
+    # half the images run, all scored: 0.209 where those images score 0.369
+    ('indices', r'val_dataloader.dataset.indices=1 runs 1 of the 2 images val_evaluator.ann_file scores: the 1 '
+                r'not run would count as missed'),
+    # the second set's predictions scored against the first's annotations (ids collide)
+    ('concat', r'val_dataloader.dataset joins 2 datasets, but val_evaluator.ann_file scores every prediction '
+               r"against its one file 'data/synthetic_coco/annotations/instances_val2017.json', by image id"),
+])
+def test_an_evaluator_scoring_other_images_than_the_dataloader_runs_is_refused(coco, monkeypatch, change, message):
+    monkeypatch.chdir(coco)
+    cfg = quickstart_on(coco, 'train')
+    val = cfg.val_dataloader.dataset
+    if change == 'data_root':
+        val.data_root = _second_val_set(coco)
+    elif change == 'indices':
+        val.indices = 1
+    else:
+        second = dict(val, data_root=_second_val_set(coco))
+        cfg.val_dataloader.dataset = dict(type='ConcatDataset', datasets=[dict(val), second])
+    with pytest.raises(ValueError, match=message):
+        checks.check_annotation_files(cfg)
+
+
+def test_an_evaluator_reading_a_copy_of_the_datasets_file_is_taken(coco, monkeypatch):
+    import shutil
+    monkeypatch.chdir(coco)
+    cfg = quickstart_on(coco, 'train', 'val')
+    shutil.copy(cfg.val_evaluator.ann_file, coco / 'copy.json')
+    cfg.val_evaluator.ann_file = str(coco / 'copy.json')
+    checks.check_annotation_files(cfg)
 
 
 def test_large_annotation_file_cut_off_is_refused(coco, monkeypatch):
@@ -186,6 +238,36 @@ def test_a_mask_head_with_a_pipeline_loading_no_masks_is_refused():
                                          r'not load them: add with_mask=True'):
         checks.check_mask_annotations(cfg)
     checks.check_mask_annotations(edited_config(RETINANET))  # no mask head
+
+
+@pytest.mark.parametrize('config,edits,message', [
+    # KeyError tracebacks: at build, or after every image was run (segm on a box detector)
+    (RETINANET, {'test_evaluator.metric': 'bboxx'},
+     r"test_evaluator.metric='bboxx': CocoMetric computes \['bbox', 'segm', 'proposal', 'proposal_fast'\], "
+     r"not \['bboxx'\]"),
+    (RETINANET, {'test_evaluator.metric': ['bbox', 'segm']},
+     r"test_evaluator.metric=\['bbox', 'segm'\] asks for mask AP, but the model predicts no masks"),
+    # AssertionError: outfile_prefix must be not
+    (MASK_RCNN, {'test_evaluator.format_only': True},
+     r'test_evaluator.format_only=True writes the predictions to files named by '
+     r'test_evaluator.outfile_prefix, which is not set'),
+    (UPERNET, {'test_evaluator.iou_metrics': ['mIoU', 'mdice']},
+     r"test_evaluator.iou_metrics=\['mIoU', 'mdice'\]: IoUMetric computes \['mIoU', 'mDice', 'mFscore'\], "
+     r"not \['mdice'\]"),
+    # AssertionError: Initialize dataset with `reduce_zero_label` as True but when load annotation ...
+    (UPERNET, {'test_dataloader.dataset.pipeline.2.reduce_zero_label': False},
+     r'test_dataloader.dataset.pipeline.2.reduce_zero_label=False but test_dataloader.dataset '
+     r'\(ADE20KDataset\) has reduce_zero_label=True: set them alike'),
+])
+def test_evaluators_and_label_settings_that_fail_late_are_refused(config, edits, message):
+    cfg = edited_config(config)
+    checks.check_evaluators(cfg, ('test', ))
+    checks.check_reduce_zero_label(cfg, ('test', ))
+    cfg.merge_from_dict(edits)
+    with pytest.raises(ValueError, match=message):
+        checks.check_evaluators(cfg, ('test', ))
+        checks.check_reduce_zero_label(cfg, ('test', ))
+    checks.check_evaluators(edited_config(MASK_RCNN, {'test_evaluator.metric': ['bbox', 'segm']}), ('test', ))
 
 
 def test_semantic_heads_keep_their_own_class_count():
