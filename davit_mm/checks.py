@@ -28,7 +28,7 @@ def preflight(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
         check_schedule(cfg)
         check_mask_annotations(cfg)
     check_data_paths(cfg, splits)
-    warn_of_images_left_out(cfg, splits)
+    check_seg_folders(cfg, splits)
     check_annotation_files(cfg, splits)
     check_seg_classes(cfg, splits)
     check_evaluators(cfg, splits)
@@ -166,31 +166,55 @@ def warn_of_unused_pipelines(cfg: Config) -> None:
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
-def warn_of_images_left_out(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
+def check_seg_folders(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> None:
     """mmseg's folder datasets read the images named ``*{img_suffix}`` (``.jpg`` for ADE20K) and
-    leave the others out without a word: a warning counts the image files of other suffixes."""
+    leave the others out without a word: a warning counts the image files of other suffixes. An
+    image without its label map (``*{seg_map_suffix}`` at the same place in the label folder) is
+    refused: mmseg stopped at it with a bare FileNotFoundError, at whatever point it came."""
     if cfg.get('default_scope') != 'mmseg':
         return
     import inspect
 
     from mmseg.registry import DATASETS
+
+    def default(dataset_type, name: str, value: str) -> str:
+        parameter = inspect.signature(dataset_type).parameters.get(name)
+        return parameter.default if parameter is not None else value
+
     for _, where, dataset in _datasets_that_run(cfg, splits):
-        folder = (dataset.get('data_prefix') or {}).get('img_path')
-        dataset_type = DATASETS.get(dataset.get('type', ''))
-        if dataset.get('ann_file') or folder is None or not isinstance(dataset_type, type):
+        prefix = dataset.get('data_prefix') or {}
+        kind = dataset.get('type')
+        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
+        if dataset.get('ann_file') or prefix.get('img_path') is None or not isinstance(dataset_type, type):
             continue
-        folder = _joined(dataset.get('data_root') or '', folder)
+        folder = _joined(dataset.get('data_root') or '', prefix['img_path'])
         if _is_remote(folder) or not osp.isdir(folder):
             continue
-        suffix = dataset.get('img_suffix', inspect.signature(dataset_type).parameters.get(
-            'img_suffix', inspect.Parameter('img_suffix', 1, default='.jpg')).default)
-        others = sorted(osp.relpath(osp.join(d, name), folder) for d, _, names in os.walk(folder)
-                        for name in names if name.lower().endswith(IMAGE_SUFFIXES)
-                        and not name.endswith(suffix))
+        suffix = dataset.get('img_suffix', default(dataset_type, 'img_suffix', '.jpg'))
+        files = sorted(osp.relpath(osp.join(d, name), folder)
+                       for d, _, names in os.walk(folder) for name in names)
+        others = [name for name in files
+                  if name.lower().endswith(IMAGE_SUFFIXES) and not name.endswith(suffix)]
         if others:
             print_log(f'davit_mm: {where}: {len(others)} images in {folder!r} are not *{suffix} and are '
                       f'left out ({", ".join(others[:3])}{", ..." if len(others) > 3 else ""}); set '
                       f'{where}.img_suffix to read them', logger='current', level=30)
+        labels = prefix.get('seg_map_path')
+        if not labels:
+            continue
+        labels = _joined(dataset.get('data_root') or '', labels)
+        if _is_remote(labels) or not osp.isdir(labels):
+            continue
+        seg_suffix = dataset.get('seg_map_suffix', default(dataset_type, 'seg_map_suffix', '.png'))
+        label_files = {osp.relpath(osp.join(d, name), labels)
+                       for d, _, names in os.walk(labels) for name in names}
+        missing = [name for name in files if name.endswith(suffix)
+                   and name[:-len(suffix)] + seg_suffix not in label_files]
+        if missing:
+            raise ValueError(f'{where}: {len(missing)} of the images in {folder!r} have no label map in '
+                             f'{labels!r} ({", ".join(missing[:3])}{", ..." if len(missing) > 3 else ""}; '
+                             f'each image NAME{suffix} needs NAME{seg_suffix}): add them, or move those '
+                             f'images out')
 
 
 def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:

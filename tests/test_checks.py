@@ -550,6 +550,21 @@ def test_a_top_level_data_root_that_reaches_no_dataloader_is_named(tmp_path, mon
         checks.check_data_paths(Config.fromfile(str(own)))
 
 
+def test_an_image_without_its_label_map_is_refused(tmp_path):
+    """mmseg stopped at it with a bare FileNotFoundError, wherever in the run it came."""
+    write_datasets(tmp_path, ade20k=dict(num_train=2, num_val=2, seed=1))
+    root = tmp_path / 'data' / 'synthetic_ade20k' / 'ADEChallengeData2016'
+    cfg = edited_config(osp.join(CONFIGS, 'quickstart', 'upernet_davit_mini_synthetic_ade20k.py'),
+                        {f'{split}_dataloader.dataset.data_root': str(root) for split in ('train', 'val')})
+    checks.check_seg_folders(cfg)
+    label = sorted((root / 'annotations' / 'validation').iterdir())[1]
+    label.unlink()
+    with pytest.raises(ValueError, match=rf"val_dataloader.dataset: 1 of the images in '.*images/validation' "
+                                         rf"have no label map in '.*annotations/validation' \({label.stem}.jpg; "
+                                         rf'each image NAME.jpg needs NAME.png\)'):
+        checks.check_seg_folders(cfg)
+
+
 def test_images_an_mmseg_folder_dataset_leaves_out_are_counted_in_a_warning(tmp_path, monkeypatch):
     """ADE20K's dataset reads *.jpg only: a .png image was left out of training and validation
     without a word."""
