@@ -465,9 +465,11 @@ class Fit:
                 f'{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
                 for k in self.mismatched[:4]))
         if self.unexpected:
-            parts.append(f'{len(self.unexpected)} keys the model does not have: {self.unexpected[:4]}')
+            keys = 'key' if len(self.unexpected) == 1 else 'keys'
+            parts.append(f'{len(self.unexpected)} {keys} the model does not have: {self.unexpected[:4]}')
         if self.missing:
-            parts.append(f'{len(self.missing)} model weights the checkpoint lacks: {self.missing[:4]}')
+            weights = 'weight' if len(self.missing) == 1 else 'weights'
+            parts.append(f'{len(self.missing)} model {weights} the checkpoint lacks: {self.missing[:4]}')
         return '; '.join(parts)
 
 
@@ -789,6 +791,10 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     if problems:
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if any(class_specific(k) for k in fit.mismatched) else '')
+        backbone = {k for k in own if k.startswith('backbone.')}
+        if state and {f'backbone.{k}' for k in state} <= backbone:
+            hint = (' (it holds a backbone alone: its keys are the model\'s backbone.* keys; give it '
+                    'as model.backbone.init_cfg.checkpoint to train from, and here a whole model\'s)')
         raise CheckpointError(f"checkpoint {path!r} does not fit the config's model{hint}: {problems}")
     check_tensors({k: v for k, v in state.items() if k not in fit.tolerated}, own, f'checkpoint {path!r}')
     if fit.tolerated:

@@ -6,7 +6,8 @@
 SRC may be a .pth/.pt/.bin/.ckpt file, a .safetensors file or an http(s) URL. Every renamed key is
 printed; anything not recognised is refused with exit status 2.
 
-- A backbone (classifier, or any checkpoint with ``--backbone-only``): DST receives
+- A backbone (a classifier, a davit_mm detector/segmentor, which needs no conversion as a whole,
+  or any checkpoint with ``--backbone-only``): DST receives
   ``{'state_dict': ..., 'meta': {...}}`` with backbone keys only (no prefix), which
   ``init_cfg=dict(type='Pretrained', checkpoint=DST)`` loads directly.
 - A whole detector/segmentor released with the official DaViT code (mmdet 2.11 / mmseg 0.11): DST
@@ -40,7 +41,8 @@ def parse_args(argv=None):
     parser.add_argument('--prefix', default=None,
                         help="text before the backbone keys, e.g. 'backbone.' (default: detected)")
     parser.add_argument('--backbone-only', action='store_true',
-                        help='of a whole official detector/segmentor, write only the backbone')
+                        help='of a whole official detector/segmentor, write only the backbone '
+                             '(of any other checkpoint, only the backbone is written in any case)')
     return parser.parse_args(argv)
 
 
