@@ -188,6 +188,9 @@ def test_check_output_path_refuses_what_cannot_be_written(tmp_path, monkeypatch)
     ('tools/test.py', [RETINANET, 'afile', '--work-dir', ''], "work_dir '': an empty path; give the folder"),
     ('tools/test.py', [RETINANET, 'afile', '--out', ''], "--out '': an empty path; give the file"),
     ('tools/test.py', [RETINANET, 'afile', '--show-dir', ''], "--show-dir '': an empty path"),
+    # mmseg made a folder named segout.pkl
+    ('tools/test.py', [osp.join(CONFIGS, 'upernet_davit_512x512_160k_ade20k.py'), 'afile', '--out', 'segout.pkl'],
+     "--out 'segout.pkl': mmseg writes its predictions as label-map PNGs into a folder"),
     ('tools/train.py', [RETINANET, '--work-dir', ''], "work_dir '': an empty path"),
     ('tools/convert_checkpoint.py', ['afile', ''], "dst '': an empty path; give the file"),
     ('tools/analysis/benchmark.py', ['--device', 'cpu', '--json', ''], "--json '': an empty path"),

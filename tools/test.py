@@ -97,6 +97,9 @@ def main(argv=None):
     library = library_of(cfg)
     check_output_path('work_dir', cfg.work_dir, folder=True)
     if args.out is not None:  # mmseg writes label maps into a folder, mmdet one .pkl file
+        if library == 'mmseg' and args.out.endswith(('.pkl', '.pickle', '.json')):
+            raise ValueError(f'--out {args.out!r}: mmseg writes its predictions as label-map PNGs into '
+                             f'a folder; give a folder (a .pkl file is what mmdet configs write)')
         check_output_path('--out', args.out, folder=library == 'mmseg')
     if args.show_dir is not None:  # mmdet's hook draws into WORK_DIR/TIMESTAMP/SHOW_DIR
         check_output_path('--show-dir', args.show_dir if library == 'mmseg' or not args.show_dir else
