@@ -671,8 +671,9 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
         names[category['id']] = category['name']
     missing = [name for name in classes or () if name not in names.values()]
     if missing:
-        refuse(f'the dataset\'s classes {missing} are not among its categories '
-               f'{sorted(names.values())[:12]} (metainfo.classes must name categories of the file)')
+        refuse(f'{len(missing)} of the dataset\'s classes, {_shortened(missing)}, are not among its '
+               f'categories {_shortened(sorted(names.values()))} (metainfo.classes must name categories '
+               f'of the file)')
     # mmdet numbers labels in the file's order of categories (Objects365 v1: in the order of ids)
     ordered = sorted(names.items()) if sorts_by_id else names.items()
     in_file_order = [name for _, name in ordered if name in (classes or ())]

@@ -424,7 +424,8 @@ def _corrupt(ann: dict, case: str) -> None:
 @pytest.mark.parametrize('case,message', [
     ('dup_image_id', "image id 1 is given twice ('000001.jpg' and '000002.jpg')"),
     ('dup_category_name', "the category name 'square' is given twice (ids 1 and 99)"),
-    ('class_not_a_category', "the dataset's classes ["),
+    ('class_not_a_category', "1 of the dataset's classes, ('triangle',), are not among its categories "
+                             "('disk', 'square', 'trianglex')"),
     ('unknown_category', 'has category_id=99, which no entry of "categories" has'),
     ('unknown_image', 'has image_id=999, which no entry of "images" has'),
     ('bbox_nan', 'has bbox=['),
