@@ -133,15 +133,15 @@ def check_data_paths(cfg: Config, splits=('train', 'val')) -> None:
 _PIPELINE_VARIABLES = (('train_pipeline', ('train', )), ('test_pipeline', ('val', 'test')))
 
 
-def _pipelines(dataset_cfg: ConfigDict) -> Iterator[list]:
-    """Every ``pipeline`` of a dataset config and of the datasets it wraps (MultiImageMixDataset
-    has one of its own)."""
+def _pipelines(dataset_cfg: ConfigDict, key: str = 'dataset') -> Iterator[Tuple[str, list]]:
+    """(config key, pipeline) of every ``pipeline`` of a dataset config and of the datasets it
+    wraps (MultiImageMixDataset has one of its own besides its dataset's)."""
     if isinstance(dataset_cfg, dict):
         if isinstance(dataset_cfg.get('pipeline'), list):
-            yield dataset_cfg['pipeline']
-        yield from _pipelines(dataset_cfg.get('dataset'))
-        for member in dataset_cfg.get('datasets') or ():
-            yield from _pipelines(member)
+            yield f'{key}.pipeline', dataset_cfg['pipeline']
+        yield from _pipelines(dataset_cfg.get('dataset'), f'{key}.dataset')
+        for i, member in enumerate(dataset_cfg.get('datasets') or ()):
+            yield from _pipelines(member, f'{key}.datasets.{i}')
 
 
 def warn_of_unused_pipelines(cfg: Config) -> None:
@@ -154,7 +154,7 @@ def warn_of_unused_pipelines(cfg: Config) -> None:
         loaders = [f'{split}_dataloader' for split in users if cfg.get(f'{split}_dataloader')]
         if not isinstance(pipeline, list) or not loaders:
             continue
-        if all(pipeline not in _pipelines(cfg[loader].get('dataset')) for loader in loaders):
+        if all(pipeline not in [p for _, p in _pipelines(cfg[loader].get('dataset'))] for loader in loaders):
             keys = ' / '.join(f'{loader}.dataset.pipeline' for loader in loaders)
             print_log(f'davit_mm: the config sets {variable}, but {keys} is another list, which the '
                       f'run uses: a config that inherits the dataloaders must also set them, e.g. '
@@ -410,9 +410,8 @@ def check_num_classes(cfg: Config, split: str = 'train', splits: Sequence[str] =
         for path, value in _num_classes_fields(cfg.model):
             _refuse_class_count(path, value, pipeline_split, key, classes,
                                 f'set num_classes={len(classes)} in every head, or the dataset metainfo')
-        for member, dataset in keyed_datasets(cfg[f'{pipeline_split}_dataloader']['dataset']):
-            for path, value in _num_classes_fields(dataset.get('pipeline'),
-                                                   f'{pipeline_split}_dataloader.{member}.pipeline'):
+        for where, pipeline in _pipelines(cfg[f'{pipeline_split}_dataloader']['dataset']):
+            for path, value in _num_classes_fields(pipeline, f'{pipeline_split}_dataloader.{where}'):
                 _refuse_class_count(path, value, pipeline_split, key, classes, _seg_map_fix(path, classes))
 
 

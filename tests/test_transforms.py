@@ -176,6 +176,12 @@ def test_check_seg_map_classes_must_be_the_datasets():
     checks.check_num_classes(cfg)
     with pytest.raises(ValueError, match=r'val_dataloader.dataset.pipeline.3.num_classes=19 but'):
         checks.check_num_classes(cfg, 'train', ('train', 'val'))
+    # a wrapper's own pipeline (mmseg's MultiImageMixDataset runs one after its dataset's)
+    cfg.train_dataloader.dataset = dict(type='MultiImageMixDataset', dataset=cfg.train_dataloader.dataset,
+                                        pipeline=[dict(type='CheckSegMap', num_classes=19)])
+    with pytest.raises(ValueError, match=r'train_dataloader.dataset.pipeline.0.num_classes=19 but '
+                                         r'train_dataloader.dataset.dataset has 150 classes'):
+        checks.check_num_classes(cfg)
 
 
 def test_test_tool_checks_the_tta_pipelines_check_seg_map(ade20k):
