@@ -173,24 +173,15 @@ def check_seg_folders(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
     refused: mmseg stopped at it with a bare FileNotFoundError, at whatever point it came."""
     if cfg.get('default_scope') != 'mmseg':
         return
-    import inspect
-
-    from mmseg.registry import DATASETS
-
-    def default(dataset_type, name: str, value: str) -> str:
-        parameter = inspect.signature(dataset_type).parameters.get(name)
-        return parameter.default if parameter is not None else value
-
     for _, where, dataset in _datasets_that_run(cfg, splits):
         prefix = dataset.get('data_prefix') or {}
-        kind = dataset.get('type')
-        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
+        dataset_type = _dataset_type(dataset, 'mmseg')
         if dataset.get('ann_file') or prefix.get('img_path') is None or not isinstance(dataset_type, type):
             continue
         folder = _joined(dataset.get('data_root') or '', prefix['img_path'])
         if _is_remote(folder) or not osp.isdir(folder):
             continue
-        suffix = dataset.get('img_suffix', default(dataset_type, 'img_suffix', '.jpg'))
+        suffix = _setting(dataset, dataset_type, 'img_suffix', '.jpg')
         files = sorted(osp.relpath(osp.join(d, name), folder)
                        for d, _, names in os.walk(folder) for name in names)
         others = [name for name in files
@@ -205,7 +196,7 @@ def check_seg_folders(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
         labels = _joined(dataset.get('data_root') or '', labels)
         if _is_remote(labels) or not osp.isdir(labels):
             continue
-        seg_suffix = dataset.get('seg_map_suffix', default(dataset_type, 'seg_map_suffix', '.png'))
+        seg_suffix = _setting(dataset, dataset_type, 'seg_map_suffix', '.png')
         label_files = {osp.relpath(osp.join(d, name), labels)
                        for d, _, names in os.walk(labels) for name in names}
         missing = [name for name in files if name.endswith(suffix)
@@ -217,21 +208,37 @@ def check_seg_folders(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
                              f'images out')
 
 
-def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:
-    """The classes of a dataset config: its ``metainfo``, else its type's ``METAINFO``, looked up
-    in the registry of ``scope`` (mmdet's/mmseg's datasets are not in mmengine's root one)."""
-    classes = (dataset_cfg.get('metainfo') or {}).get('classes')
-    if classes is not None:
-        return tuple(classes)
+def _dataset_type(dataset_cfg, scope: Optional[str]) -> Optional[type]:
+    """The class of a dataset config's ``type``: the class itself in new-style configs, else looked
+    up in the registry of ``scope`` (mmdet's/mmseg's datasets are not in mmengine's root one)."""
+    kind = dataset_cfg.get('type')
+    if isinstance(kind, type):
+        return kind
     import importlib
 
     from mmengine.registry import DATASETS
     scope = dataset_cfg.get('_scope_') or scope
     registry = importlib.import_module(f'{scope}.registry').DATASETS if scope in ('mmdet', 'mmseg') \
         else DATASETS
-    kind = dataset_cfg.get('type')
-    dataset_type = kind if isinstance(kind, type) else registry.get(kind or '')  # new-style: a class
-    meta = getattr(dataset_type, 'METAINFO', None) or {}
+    return registry.get(kind or '')
+
+
+def _setting(dataset_cfg, dataset_type: Optional[type], name: str, fallback: object) -> object:
+    """A dataset config's ``name``, else the default of its type's constructor, else ``fallback``."""
+    if name in dataset_cfg:
+        return dataset_cfg[name]
+    import inspect
+    parameter = inspect.signature(dataset_type).parameters.get(name) if isinstance(dataset_type, type) \
+        else None
+    return parameter.default if parameter is not None else fallback
+
+
+def _dataset_classes(dataset_cfg, scope: Optional[str]) -> Optional[tuple]:
+    """The classes of a dataset config: its ``metainfo``, else its type's ``METAINFO``."""
+    classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+    if classes is not None:
+        return tuple(classes)
+    meta = getattr(_dataset_type(dataset_cfg, scope), 'METAINFO', None) or {}
     return tuple(meta['classes']) if 'classes' in meta else None
 
 
@@ -260,12 +267,10 @@ def check_seg_classes(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
     the type's classes are refused, pointing at ``BaseSegDataset`` (mmseg's own message does not)."""
     if cfg.get('default_scope') != 'mmseg':
         return
-    from mmseg.registry import DATASETS
     for _, where, dataset in _datasets_that_run(cfg, splits):
         new = (dataset.get('metainfo') or {}).get('classes')
-        kind = dataset.get('type')
-        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
-        name = getattr(dataset_type, '__name__', kind)
+        dataset_type = _dataset_type(dataset, 'mmseg')
+        name = getattr(dataset_type, '__name__', dataset.get('type'))
         old = (getattr(dataset_type, 'METAINFO', None) or {}).get('classes')
         if new is None or not old or list(new) == list(old):
             continue
@@ -292,7 +297,7 @@ def _predicts_masks(model: object) -> bool:
     """Whether a model config has a part that predicts masks (a mask head, a Mask*/SOLO/CondInst
     type): heuristic, for refusing the segm metric on a box detector."""
     if isinstance(model, dict):
-        kind = _type_name(model.get('type')).lower()
+        kind = type_name(model.get('type')).lower()
         if any('mask' in str(key).lower() for key in model) or any(
                 word in kind for word in ('mask', 'solo', 'condinst', 'ins')):
             return True
@@ -314,7 +319,7 @@ def check_evaluators(cfg: Config, splits: Sequence[str] = ('val', 'test')) -> No
             if not isinstance(evaluator, dict):
                 continue
             where = f'{split}_evaluator' if isinstance(evaluators, dict) else f'{split}_evaluator.{i}'
-            kind = _type_name(evaluator.get('type'))
+            kind = type_name(evaluator.get('type'))
             if kind == 'CocoMetric':
                 metrics = _as_list(evaluator.get('metric', 'bbox'))
                 unknown = [m for m in metrics if m not in COCO_METRICS]
@@ -340,25 +345,17 @@ def check_reduce_zero_label(cfg: Config, splits: Sequence[str] = ('train', 'val'
     stops at the first label map with an AssertionError traceback)."""
     if cfg.get('default_scope') != 'mmseg':
         return
-    import inspect
-
-    from mmseg.registry import DATASETS
     for _, where, dataset in _datasets_that_run(cfg, splits):
-        kind = dataset.get('type')
-        dataset_type = kind if isinstance(kind, type) else DATASETS.get(kind or '')
-        if 'reduce_zero_label' in dataset:
-            reduce = dataset['reduce_zero_label']
-        elif isinstance(dataset_type, type):
-            parameter = inspect.signature(dataset_type).parameters.get('reduce_zero_label')
-            reduce = parameter.default if parameter is not None else False
-        else:
+        dataset_type = _dataset_type(dataset, 'mmseg')
+        if 'reduce_zero_label' not in dataset and not isinstance(dataset_type, type):
             continue
+        reduce = _setting(dataset, dataset_type, 'reduce_zero_label', False)
         for i, step in enumerate(dataset.get('pipeline') or []):
-            if isinstance(step, dict) and _type_name(step.get('type')) == 'LoadAnnotations' and \
+            if isinstance(step, dict) and type_name(step.get('type')) == 'LoadAnnotations' and \
                     step.get('reduce_zero_label') is not None and step['reduce_zero_label'] != reduce:
                 raise ValueError(f'{where}.pipeline.{i}.reduce_zero_label={step["reduce_zero_label"]} '
-                                 f'but {where} ({_type_name(kind)}) has reduce_zero_label={reduce}: set '
-                                 f'them alike')
+                                 f'but {where} ({type_name(dataset.get("type"))}) has '
+                                 f'reduce_zero_label={reduce}: set them alike')
 
 
 def check_mask_annotations(cfg: Config) -> None:
@@ -371,7 +368,7 @@ def check_mask_annotations(cfg: Config) -> None:
         return
     for key, dataset in keyed_datasets(loader['dataset']):
         for i, step in enumerate(dataset.get('pipeline') or []):
-            if isinstance(step, dict) and _type_name(step.get('type')) == 'LoadAnnotations' \
+            if isinstance(step, dict) and type_name(step.get('type')) == 'LoadAnnotations' \
                     and not step.get('with_mask'):
                 raise ValueError(f'model.roi_head.mask_head trains on masks, but train_dataloader.{key}.'
                                  f'pipeline.{i} (LoadAnnotations) does not load them: add with_mask=True')
@@ -605,7 +602,7 @@ def _check_coco_layout(content: object, key: str, path: str) -> None:
                          f'{sorted(content)[:12]})')
 
 
-def _type_name(kind: object) -> str:
+def type_name(kind: object) -> str:
     """A config's ``type``: a class's name, or the registered name without its scope."""
     return kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
 
@@ -626,8 +623,10 @@ def _check_coco_content(content: dict, key: str, path: str, classes: Optional[tu
     ids (one image dropped, another given its boxes) or category names, annotations whose
     ``image_id``/``category_id`` name nothing, an image without ``file_name``, ``height`` or
     ``width`` (a ``dataset``'s; an evaluator's sizes for mask evaluation), a ``bbox`` that is not
-    4 finite numbers, no ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's metainfo) missing from the
-    categories (an IndexError after the first epoch). The boxes mmdet leaves out as it reads them
+    4 finite numbers, no ``area``, an ``iscrowd`` other than 0/1, ``classes`` (the dataset's
+    metainfo) missing from the categories (an IndexError after the first epoch) or listed in
+    another order than the file's (``sorts_by_id``: the order of the ids, as mmdet's Objects365 v1
+    dataset numbers them). The boxes mmdet leaves out as it reads them
     (empty inside the image, under 1 pixel, ``area`` <= 0) are counted in a warning (``warn``), or
     refused when they are all there is. With ``masks`` (``'load'``: a pipeline loading them,
     ``'segm'``: mask evaluation) a ``segmentation`` that is missing or empty, or an RLE of another
@@ -777,7 +776,7 @@ def check_annotation_files(cfg: Config, splits: Sequence[str] = ('train', 'val')
                     _check_coco_content(content, key, path,
                                         _dataset_classes(reader, cfg.get('default_scope')),
                                         masks='load' if loads_masks else None,
-                                        sorts_by_id='Objects365V1' in _type_name(reader.get('type')))
+                                        sorts_by_id='Objects365V1' in type_name(reader.get('type')))
                 else:  # what the evaluator crashes on (its dataloader warned already)
                     metric = reader.get('metric', 'bbox')
                     _check_coco_content(content, key, path, None, warn=False, dataset=False,

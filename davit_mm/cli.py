@@ -403,12 +403,11 @@ def _resize_scales(node) -> List[Tuple[tuple, tuple]]:
     """(compared, shown) for the ``scale`` of every Resize in a pipeline config, TestTimeAug's
     choices included; compared as sorted sides where the aspect ratio is kept ((1333, 800) fits an
     image as (800, 1333) does)."""
+    from .checks import type_name
     if isinstance(node, dict):
-        kind = node.get('type')
-        name = kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
         scale = node.get('scale')
         found = [(tuple(sorted(scale)) if node.get('keep_ratio') else tuple(scale), tuple(scale))] \
-            if name == 'Resize' and isinstance(scale, (list, tuple)) else []
+            if type_name(node.get('type')) == 'Resize' and isinstance(scale, (list, tuple)) else []
         return found + [s for value in node.values() for s in _resize_scales(value)]
     if isinstance(node, (list, tuple)):
         return [s for value in node for s in _resize_scales(value)]
