@@ -39,7 +39,8 @@ __all__ = ['FORMATS', 'LAYOUTS', 'MODEL_FORMATS', 'CheckpointError', 'read_file'
            'read_checkpoint_and_meta', 'read_training_checkpoint', 'detect_format',
            'convert_state_dict', 'describe_state_dict', 'compare_state_dict', 'check_tensors',
            'load_pretrained', 'detect_model_format', 'convert_model_checkpoint',
-           'adapt_model_checkpoint', 'check_checkpoint_fits', 'latest_valid_checkpoint']
+           'adapt_model_checkpoint', 'is_official_model', 'check_checkpoint_fits', 'latest_valid_checkpoint',
+           'implied_channel_attention']
 
 _OUTPUT_NORM = re.compile(r'^norm(\d+)\.')
 _STAGE = re.compile(r'^stages\.(\d+)\.')
@@ -179,6 +180,15 @@ def _read_safetensors(path: str, map_location) -> dict:
     except ImportError as exc:  # an optional dependency
         raise CheckpointError(f'checkpoint={path!r} is a .safetensors file; install the '
                               f'"safetensors" package to read it') from exc
+    # torch.load's other kinds of map_location, for a file whose tensors were all saved from the CPU
+    if map_location is None:
+        map_location = 'cpu'
+    elif isinstance(map_location, dict):
+        map_location = map_location.get('cpu', 'cpu')
+    elif callable(map_location):
+        raise ValueError(f'map_location={map_location!r}: a function is taken for torch.save files; '
+                         f'{path!r} is a .safetensors file: give a device (or a dict) instead')
+    check_map_location(map_location)
     try:
         return load_file(path, device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types
@@ -388,7 +398,8 @@ class Conversion:
 
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
                        prefix: str = '') -> Conversion:
-    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored).
+    """Rename the backbone keys under ``prefix`` to davit_mm's layout (keys outside are ignored, and
+    so are those of another backbone of the layout under a longer prefix, e.g. an EMA copy).
 
     Raises:
         ValueError: ``layout`` is not a key of :data:`LAYOUTS`.
@@ -398,11 +409,16 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], layout: str,
     spec = _layout(layout)
     prefix = _check_prefix(prefix)
     rules = [(re.compile(pattern), repl) for pattern, repl in spec.rules]
+    # Another backbone of this layout inside the prefix (an EMA copy under 'ema.' when the prefix
+    # is ''): its keys are not this backbone's.
+    others = tuple({key[:-len(spec.anchor)] for key in state_dict
+                    if key.endswith(spec.anchor) and key.startswith(prefix) and key != prefix + spec.anchor
+                    and key[:-len(spec.anchor)].endswith('.')})
     converted: Dict[str, torch.Tensor] = {}
     sources: Dict[str, str] = {}
     classifier: List[str] = []
     for key, value in state_dict.items():
-        if not key.startswith(prefix):
+        if not key.startswith(prefix) or (others and key.startswith(others)):
             continue
         name = key[len(prefix):]
         if CLASSIFIER_KEY.match(name):
@@ -536,6 +552,21 @@ def check_tensors(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tens
             for what, keys in problems.items()))
 
 
+def implied_channel_attention(layout: str, meta: Optional[dict] = None) -> Optional[str]:
+    """The channel attention (``'v1'``/``'v2'``) a file of ``layout`` holds, or None when it may be
+    either: davit_mm's keys are the same for both, but a file ``tools/convert_checkpoint.py``
+    wrote names it (``meta['channel_attention']``) or the format it was converted from
+    (``meta['source_format']``)."""
+    spec = _layout(layout)
+    meta = meta if isinstance(meta, dict) else {}
+    if spec.channel_attention or layout != 'davit_mm':
+        return spec.channel_attention
+    if meta.get('channel_attention') in ('v1', 'v2'):
+        return meta['channel_attention']
+    sources = [lay.channel_attention for lay in LAYOUTS.values() if lay.format == meta.get('source_format')]
+    return sources[0] if sources else None
+
+
 def _finite(value: torch.Tensor) -> torch.Tensor:
     """``torch.isfinite``, also for the 8-bit float dtypes it is not implemented for (checked as
     the fp32 values they are loaded as)."""
@@ -574,15 +605,21 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
     if checkpoint is None:
         raise CheckpointError("init_cfg=dict(type='Pretrained') needs checkpoint=PATH")
     source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else 'the given state dict'
-    state_dict = read_checkpoint(checkpoint, map_location) if not isinstance(checkpoint, dict) else checkpoint
+    state_dict, meta = ((checkpoint, {}) if isinstance(checkpoint, dict)
+                        else read_checkpoint_and_meta(checkpoint, map_location))
     layout, found_prefix = detect_format(state_dict, prefix, format)
     spec = LAYOUTS[layout]
     fmt = spec.format
     arch = f'DaViT(arch={model.arch!r})'
-    if spec.channel_attention and spec.channel_attention != model.channel_attention:
-        hint = " (use arch='florence2-base' or 'florence2-large')" if fmt == 'florence2' else ''
-        raise CheckpointError(f'{source} is a {fmt} checkpoint, whose channel attention is '
-                              f"'{spec.channel_attention}', but {arch} uses channel_attention="
+    implied = implied_channel_attention(layout, meta)
+    if implied and implied != model.channel_attention:
+        converted_from = meta.get('source_format')
+        kind = (f'a {fmt} checkpoint' if spec.channel_attention else
+                f'converted from a {converted_from} checkpoint (its meta says so)')
+        hint = (" (use arch='florence2-base' or 'florence2-large')"
+                if 'florence2' in (fmt, converted_from) else '')
+        raise CheckpointError(f'{source} is {kind}, whose channel attention is '
+                              f"'{implied}', but {arch} uses channel_attention="
                               f"'{model.channel_attention}'{hint}")
     conversion = convert_state_dict(state_dict, layout, found_prefix)
     converted, classifier = conversion.state_dict, conversion.classifier
@@ -607,7 +644,9 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Union[str, Dict[str, tor
         norms = sorted({k.split('.')[0] for k in norms_missing})
         parts.append(f'not in the checkpoint, left at init: {", ".join(norms)}')
     if classifier:
-        parts.append(f'dropped {len(classifier)} classifier tensors ({_summarise(classifier)})')
+        # named after the prefix, which the line gives: 'module.backbone.head' read as the backbone
+        names = [key[len(found_prefix):] for key in classifier]
+        parts.append(f'dropped {len(classifier)} classifier tensors ({_summarise(names)})')
     if skipped:
         parts.append(f'skipped {len(skipped)} tensors of stages/norms this model does not build '
                      f'(out_indices={model.out_indices}): {_summarise(skipped)}')
@@ -728,11 +767,13 @@ def convert_model_checkpoint(checkpoint: dict, source: str = 'the checkpoint') -
 
 def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
                            source: str = 'the checkpoint') -> Tuple[dict, str]:
-    """``(checkpoint, note)`` ready for ``model``: a whole official DaViT detector/segmentor
-    checkpoint is converted (:func:`convert_model_checkpoint`) when ``model`` has a davit_mm
-    :class:`DaViT` backbone, and its backbone weights for stages/output norms that the model does
-    not build (``norm0`` for RetinaNet, whose FPN starts at stage 2) are left out; ``note`` says
-    so in one line. Any other checkpoint is returned as it is, with an empty note."""
+    """``(checkpoint, note)`` ready for ``model``, when ``model`` has a davit_mm :class:`DaViT`
+    backbone: a whole official DaViT detector/segmentor checkpoint is converted
+    (:func:`convert_model_checkpoint`); in it and in a whole model of davit_mm's layout (e.g. one
+    ``tools/convert_checkpoint.py`` wrote), backbone weights for stages/output norms that the model
+    does not build (``norm0`` for RetinaNet, whose FPN starts at stage 2) are left out. ``note``
+    says what was done in one line; the input is never modified. Any other checkpoint is returned
+    as it is, with an empty note."""
     from .models.davit import DaViT
     while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
         model = model.module
@@ -740,23 +781,37 @@ def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
     if not isinstance(backbone, DaViT) or not isinstance(checkpoint, dict):
         return checkpoint, ''
     state_dict = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state_dict, dict) or detect_model_format(state_dict, checkpoint.get('meta')) is None:
+    if not isinstance(state_dict, dict):
         return checkpoint, ''
-    conversion = convert_model_checkpoint(checkpoint, source)
-    converted = conversion.checkpoint['state_dict']
-    unused = [key for key in converted
-              if key.startswith('backbone.') and _not_built(backbone, key[len('backbone.'):])]
-    for key in unused:
-        del converted[key]
-    fmt = MODEL_FORMATS[conversion.format]
-    note = (f'{source}: a model of {fmt.written_by}; converted {len(conversion.renamed)} keys to '
-            f"davit_mm's layout")
+    official = is_official_model(checkpoint)
+    notes = []
+    if official:
+        conversion = convert_model_checkpoint(checkpoint, source)
+        checkpoint = conversion.checkpoint  # a new dict
+        notes.append(f'a model of {MODEL_FORMATS[conversion.format].written_by}; converted '
+                     f"{len(conversion.renamed)} keys to davit_mm's layout")
+        state_dict = checkpoint['state_dict']
+    own = model.state_dict()
+    unused = {key for key in state_dict if key.startswith(('backbone.', 'module.backbone.'))
+              and key not in own and _not_built(backbone, key.split('backbone.', 1)[1])}
     if unused:
-        note += (f'; not used by this model (out_indices={backbone.out_indices}): '
-                 f'{_summarise(unused)} ({len(unused)} tensors)')
-    if conversion.dropped:
-        note += f'; dropped {_summarise(conversion.dropped)}'
-    return conversion.checkpoint, note
+        state_dict = {key: value for key, value in state_dict.items() if key not in unused}
+        checkpoint = dict(checkpoint, state_dict=state_dict) if 'state_dict' in checkpoint else state_dict
+        notes.append(f'not used by this model (out_indices={backbone.out_indices}): '
+                     f'{_summarise(sorted(unused))} ({len(unused)} tensors)')
+    if official and conversion.dropped:
+        notes.append(f'dropped {_summarise(conversion.dropped)}')
+    return checkpoint, (f'{source}: ' + '; '.join(notes) if notes else '')
+
+
+def is_official_model(checkpoint: object) -> bool:
+    """Whether ``checkpoint`` is a whole detector/segmentor of the official DaViT code
+    (:data:`MODEL_FORMATS`), which :func:`adapt_model_checkpoint` converts."""
+    if not isinstance(checkpoint, dict):
+        return False
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    meta = checkpoint.get('meta')
+    return isinstance(state_dict, dict) and detect_model_format(state_dict, meta) is not None
 
 
 def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatch: bool = False,
@@ -791,16 +846,32 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     if problems:
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if any(class_specific(k) for k in fit.mismatched) else '')
-        backbone = {k for k in own if k.startswith('backbone.')}
-        if state and {f'backbone.{k}' for k in state} <= backbone:
-            hint = (' (it holds a backbone alone: its keys are the model\'s backbone.* keys; give it '
-                    'as model.backbone.init_cfg.checkpoint to train from, and here a whole model\'s)')
+        backbone_alone = _backbone_alone(state, own)
+        if backbone_alone:
+            hint = (f' (it holds a backbone alone: {backbone_alone}; give it as '
+                    f'model.backbone.init_cfg.checkpoint to train from, and here a whole model\'s)')
         raise CheckpointError(f"checkpoint {path!r} does not fit the config's model{hint}: {problems}")
     check_tensors({k: v for k, v in state.items() if k not in fit.tolerated}, own, f'checkpoint {path!r}')
     if fit.tolerated:
         return (f'{len(fit.tolerated)} class-specific tensors of {path} differ in shape (another '
                 f'num_classes) and stay at init: {", ".join(fit.tolerated[:6])}')
     return ''
+
+
+def _backbone_alone(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> str:
+    """What says that ``state_dict`` is a backbone, not a model like ``own``: its keys are the
+    model's ``backbone.*`` keys, or it holds one DaViT backbone of a public format and nothing of
+    the model's other modules (a classifier, whose head is not a detector's); else ``''``."""
+    if state_dict and {f'backbone.{k}' for k in state_dict} <= set(own):
+        return "its keys are the model's backbone.* keys"
+    try:
+        layout, prefix = detect_format(state_dict)
+    except CheckpointError:
+        return ''
+    modules = {key.split('.')[0] for key in own} - {'backbone'}
+    if any(key.split('.')[0] in modules for key in state_dict if not key.startswith(prefix)):
+        return ''  # a whole model of another kind or size
+    return f'DaViT weights in {LAYOUTS[layout].format} format' + (f' under {prefix!r}' if prefix else '')
 
 
 def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
 
+from .fileio import is_url, resolve_checkpoint
 from .registry import LIBRARIES
 
 # mmengine 0.10.7 resolves mmdet::/mmseg:: bases through the deprecated pkg_resources API.
@@ -548,7 +549,8 @@ def add_checkpoint_hooks(cfg: Config) -> None:
 def build_runner(cfg: Config, training: bool = True):
     """A runner (the config's ``runner_type`` or mmengine's), after adapting the config to the
     machine (:func:`adapt_config_to_machine`; ``training=False`` for a runner that only tests)
-    and adding davit_mm's checkpoint hooks to configs not based on davit_mm's runtime config."""
+    and adding davit_mm's checkpoint hooks to configs not based on davit_mm's runtime config. A
+    ``load_from`` URL is replaced by its cached download (:func:`davit_mm.fileio.resolve_checkpoint`)."""
     from mmengine.logging import print_log
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -559,6 +561,12 @@ def build_runner(cfg: Config, training: bool = True):
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     for note in notes:
         print_log(f'davit_mm: {note}', logger='current')
+    url = cfg.get('load_from')
+    if url and is_url(url):
+        # The copy davit_mm's checks read (downloaded once per node, now that the process group is
+        # up), which mmengine would otherwise download again into its own cache, offline or not.
+        cfg.load_from = runner._load_from = resolve_checkpoint(url)
+        print_log(f'davit_mm: load_from {url} is read from {cfg.load_from}', logger='current')
     return runner
 
 

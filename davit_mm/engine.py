@@ -233,18 +233,20 @@ class OfficialCheckpointHook(Hook):
     """``load_from`` / ``tools/test.py`` with a whole detector or segmentor checkpoint of the
     official DaViT code (mmdet 2.11 / mmseg 0.11): converts it in memory, right after mmengine has
     read it and before it is loaded into the model (:func:`davit_mm.checkpoint.adapt_model_checkpoint`),
-    and logs what it did in one line. Other checkpoints pass untouched."""
+    and logs what it did in one line; backbone weights the model does not build (RetinaNet's
+    ``norm0``) are left out of it and of davit_mm-layout files alike. Other checkpoints pass
+    untouched."""
 
     priority = 'VERY_HIGH'  # before other hooks look at the loaded checkpoint
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         from mmengine.logging import print_log
 
-        from .checkpoint import adapt_model_checkpoint
+        from .checkpoint import adapt_model_checkpoint, is_official_model
         source = getattr(runner, '_load_from', None) or 'the checkpoint'
         converted, note = adapt_model_checkpoint(runner.model, checkpoint, source)
         if converted is not checkpoint:
-            if getattr(runner, '_resume', False):
+            if getattr(runner, '_resume', False) and is_official_model(checkpoint):
                 raise ValueError(f'resume={source!r}: a model of the official DaViT code carries no '
                                  f'davit_mm training state; use load_from to start from its weights')
             checkpoint.clear()

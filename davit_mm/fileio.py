@@ -103,7 +103,8 @@ def _offline_help(url: str, dst: str, reason: str) -> str:
     return (f'could not download {url} ({reason}). davit_mm looked for a cached copy at {dst} '
             f'(cache folder: ${CACHE_ENV}, else torch hub\'s {osp.join("$TORCH_HOME", "hub", "checkpoints")}). '
             f'On a machine without internet access, download the file elsewhere and either put it '
-            f'at {dst}, or point the config at it: --cfg-options {CONFIG_KEY}=/path/to/file')
+            f'at {dst}, or give its local path instead of the URL (for backbone weights: '
+            f'--cfg-options {CONFIG_KEY}=/path/to/file)')
 
 
 HEAD_BYTES = 9  # what :func:`file_kind` needs to see

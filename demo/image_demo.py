@@ -26,13 +26,14 @@ from davit_mm.checkpoint import (adapt_model_checkpoint, check_checkpoint_fits, 
 from davit_mm.checks import IMAGE_SUFFIXES  # noqa: E402
 from davit_mm.cli import (adapt_config_to_machine, check_can_show, check_device,  # noqa: E402
                           check_output_path, library_of, load_config, run_tool)
+from davit_mm.fileio import is_url, resolve_checkpoint  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('image', help='an image file or a folder of images')
     parser.add_argument('config', help='the model config (mmdet or mmseg)')
-    parser.add_argument('checkpoint', help='a trained checkpoint')
+    parser.add_argument('checkpoint', help='a trained checkpoint (a file or an http(s) URL)')
     parser.add_argument('--out-dir', default='outputs/demo', help='where drawn predictions go')
     parser.add_argument('--device', default='cuda:0' if torch.cuda.is_available() else 'cpu',
                         help='device, e.g. cpu or cuda:0 (default: cuda:0 when available)')
@@ -67,7 +68,7 @@ def check_inputs(image: str, checkpoint: str, device: str, score_thr: float) -> 
                              f'image: not an image file, or cut off')
     if not 0 <= score_thr <= 1:  # NaN too: scores are probabilities
         raise ValueError(f'--score-thr {score_thr}: accepted a score from 0 to 1')
-    if not osp.isfile(checkpoint):
+    if not (is_url(checkpoint) or osp.isfile(checkpoint)):
         raise ValueError(f'checkpoint={checkpoint!r}: no such file')
     check_device(device)
     # The inferencers read it with mmengine's loader, which fails on an empty, truncated or
@@ -116,6 +117,8 @@ def named_label_maps(base: type) -> type:
 def main(argv=None):
     args = parse_args(argv)
     images = check_inputs(args.image, args.checkpoint, args.device, args.score_thr)
+    # A URL: the copy check_inputs downloaded (mmengine's loader would download it again)
+    checkpoint = resolve_checkpoint(args.checkpoint)
     check_output_path('--out-dir', args.out_dir, folder=True)
     if args.show:
         check_can_show()
@@ -124,14 +127,14 @@ def main(argv=None):
     cfg.visualizer.pop('vis_backends', None)  # the inferencers write the images themselves
     if library_of(cfg) == 'mmdet':
         from mmdet.apis import DetInferencer
-        inferencer = checked_inferencer(DetInferencer, args.checkpoint)(
-            model=cfg, weights=args.checkpoint, device=args.device, show_progress=False)
+        inferencer = checked_inferencer(DetInferencer, checkpoint)(
+            model=cfg, weights=checkpoint, device=args.device, show_progress=False)
         inferencer(images, out_dir=args.out_dir, pred_score_thr=args.score_thr,
                    no_save_pred=False, show=args.show)
     else:
         from mmseg.apis import MMSegInferencer
-        inferencer = named_label_maps(checked_inferencer(MMSegInferencer, args.checkpoint))(
-            model=cfg, weights=args.checkpoint, device=args.device)
+        inferencer = named_label_maps(checked_inferencer(MMSegInferencer, checkpoint))(
+            model=cfg, weights=checkpoint, device=args.device)
         inferencer(images, out_dir=args.out_dir, show=args.show)
     print(f'drawn predictions of {len(images)} image(s): {osp.join(args.out_dir, "vis")}')
 

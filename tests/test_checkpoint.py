@@ -571,3 +571,124 @@ def test_a_backbone_checkpoint_given_for_a_whole_model_is_named_as_such(tmp_path
     with pytest.raises(CheckpointError) as caught:
         check_checkpoint_fits(model, str(path))
     assert 'backbone alone' not in str(caught.value)
+
+
+# ------------------------------------------------- loaders: what a checkpoint audit found
+@pytest.mark.parametrize('map_location', [None, {'cuda:0': 'cpu'}, {}])
+def test_safetensors_take_torch_loads_other_kinds_of_map_location(tiny_arch, tmp_path, map_location):
+    """None and dicts (torch.load's other kinds) were handed to safetensors as str(map_location),
+    which called the file unreadable: 'device None is invalid'."""
+    ref = reference(tiny_arch, True)
+    save_file({k: v.contiguous() for k, v in formats.timm(ref.state_dict()).items()}, str(tmp_path / 'm.safetensors'))
+    model = DaViT(tiny_arch, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'm.safetensors'),
+                                           map_location=map_location))
+    model.init_weights()
+    assert_same_outputs(model.eval(), ref)
+
+
+def test_a_map_location_function_is_refused_for_safetensors_naming_the_argument(tiny_arch, tmp_path):
+    save_file({k: v.contiguous() for k, v in formats.timm(reference(tiny_arch).state_dict()).items()},
+              str(tmp_path / 'm.safetensors'))
+    with pytest.raises(ValueError, match=r"map_location=<function .*a function is taken for torch.save files; "
+                                         r".*m.safetensors' is a .safetensors file: give a device") as caught:
+        read_checkpoint(str(tmp_path / 'm.safetensors'), map_location=lambda storage, location: storage)
+    assert 'not a readable' not in str(caught.value)
+
+
+@pytest.mark.parametrize('meta', ['written', 'source_format only'])
+def test_a_converted_florence2_file_is_refused_by_a_v1_model(tiny_arch, tmp_path, meta):
+    """Its keys are davit_mm's, the same for either channel attention: a v1 model loaded it
+    without a word, weights that mean something else. The converter now writes the attention
+    into meta; files converted before carry the source format, which tells it too."""
+    from helpers import run_tool_in_process
+    ref = reference(tiny_arch, True, **FLORENCE_KW)
+    torch.save(formats.florence2(ref.state_dict()), tmp_path / 'florence2.pth')
+    result = run_tool_in_process(['convert_checkpoint.py', tmp_path / 'florence2.pth', tmp_path / 'conv.pth'],
+                                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(tmp_path / 'conv.pth', weights_only=True)
+    assert converted['meta']['channel_attention'] == 'v2'
+    if meta == 'source_format only':
+        del converted['meta']['channel_attention']
+        torch.save(converted, tmp_path / 'conv.pth')
+    v1 = dict(FLORENCE_KW, channel_attention='v1')
+    with pytest.raises(CheckpointError, match=r"conv.pth is converted from a florence2 checkpoint \(its meta "
+                                              r"says so\), whose channel attention is 'v2', but DaViT.* "
+                                              r"uses channel_attention='v1' \(use arch='florence2-base'"):
+        pretrained(tiny_arch, tmp_path / 'conv.pth', **v1)
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / 'conv.pth', **FLORENCE_KW), ref)
+    # and converting the converted file keeps it
+    run_tool_in_process(['convert_checkpoint.py', tmp_path / 'conv.pth', tmp_path / 'again.pth'],
+                        cwd=tmp_path)
+    assert torch.load(tmp_path / 'again.pth', weights_only=True)['meta']['channel_attention'] == 'v2'
+
+
+def test_prefix_empty_chooses_the_root_backbone_beside_an_ema_copy(tiny_arch, tmp_path):
+    """With a DaViT at the root and a copy under 'ema.', prefix='' took every key (the copy's as
+    unknown keys) and the converter wrote the mix, which nothing could load."""
+    from helpers import run_tool_in_process
+    ref = reference(tiny_arch, True)
+    root = formats.timm(ref.state_dict())
+    written = dict(root, **{f'ema.{k}': torch.zeros_like(v) for k, v in root.items()})
+    with pytest.raises(CheckpointError, match='several DaViT backbones'):
+        detect_format(written)
+    torch.save(written, tmp_path / 'two.pth')
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / 'two.pth', prefix=''), ref)
+    assert sorted(convert_state_dict(written, 'timm', 'ema.').state_dict) == \
+        sorted(convert_state_dict(written, 'timm', '').state_dict)
+    result = run_tool_in_process(['convert_checkpoint.py', tmp_path / 'two.pth', tmp_path / 'root.pth',
+                                  '--prefix', ''], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    keys = torch.load(tmp_path / 'root.pth', weights_only=True)['state_dict']
+    assert not any(k.startswith('ema.') for k in keys)
+    assert_same_outputs(pretrained(tiny_arch, tmp_path / 'root.pth'), ref)
+
+
+class _Detector(torch.nn.Module):
+    def __init__(self, arch, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        self.backbone = DaViT(arch, out_indices=out_indices)
+        self.bbox_head = torch.nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize('writer, format', [(formats.official_classification, 'official'),
+                                            (formats.timm, 'timm'), (formats.mmpretrain, 'mmpretrain')])
+def test_a_public_classifier_given_as_a_whole_model_is_named_as_such(tiny_arch, tmp_path, writer, format):
+    """Only davit_mm-layout backbones got the hint; an mmpretrain file read like a size mismatch."""
+    from davit_mm.checkpoint import check_checkpoint_fits
+    torch.save(writer(reference(tiny_arch).state_dict()), tmp_path / 'cls.pth')
+    torch.save({'state_dict': _Detector(tiny_arch).state_dict()}, tmp_path / 'model.pth')
+    under = " under 'backbone.'" if format == 'mmpretrain' else ''  # an ImageClassifier's backbone
+    with pytest.raises(CheckpointError, match=rf"it holds a backbone alone: DaViT weights in {format} format"
+                                              rf"{under}; give it as model.backbone.init_cfg.checkpoint"):
+        check_checkpoint_fits(_Detector(tiny_arch), str(tmp_path / 'cls.pth'))
+    # a whole model of the same kind with another size is not called a backbone
+    with pytest.raises(CheckpointError) as caught:
+        check_checkpoint_fits(_Detector(dict(tiny_arch, embed_dims=32)), str(tmp_path / 'model.pth'))
+    assert 'backbone alone' not in str(caught.value)
+
+
+def test_a_davit_mm_whole_model_leaves_out_the_norms_the_model_does_not_build(tiny_arch, tmp_path):
+    """A Mask R-CNN's (or a converted official RetinaNet's) backbone.norm0 in a RetinaNet-like
+    model (out_indices from 1): refused as a key the model does not have, by every tool."""
+    from types import SimpleNamespace
+
+    from davit_mm.checkpoint import adapt_model_checkpoint, check_checkpoint_fits
+    from davit_mm.engine import OfficialCheckpointHook
+    source = _Detector(tiny_arch)  # builds norm0..3
+    checkpoint = {'state_dict': source.state_dict(), 'meta': {'epoch': 3}, 'optimizer': {'state': {}}}
+    torch.save(checkpoint, tmp_path / 'model.pth')
+    model = _Detector(tiny_arch, out_indices=(1, 2, 3))
+    adapted, note = adapt_model_checkpoint(model, checkpoint, 'model.pth')
+    assert note == 'model.pth: not used by this model (out_indices=(1, 2, 3)): backbone.norm0 (2 tensors)'
+    assert set(adapted['state_dict']) == set(model.state_dict())
+    assert adapted['meta'] == {'epoch': 3} and 'optimizer' in adapted
+    assert 'backbone.norm0.weight' in checkpoint['state_dict']  # the input is left as it was
+    assert check_checkpoint_fits(model, str(tmp_path / 'model.pth')) == ''
+    # resuming from it is not an official file's resume: the hook adapts it and goes on
+    loaded = dict(checkpoint)
+    OfficialCheckpointHook().after_load_checkpoint(
+        SimpleNamespace(model=model, _load_from='model.pth', _resume=True), loaded)
+    model.load_state_dict(loaded['state_dict'], strict=True)
+    # a model that builds them all takes the file as it is
+    assert adapt_model_checkpoint(_Detector(tiny_arch), checkpoint, 'model.pth') == (checkpoint, '')

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from davit_mm.checkpoint import (FORMATS, MODEL_FORMATS,  # noqa: E402
                                  convert_model_checkpoint, convert_state_dict, describe_state_dict,
-                                 detect_format, detect_model_format, layout_format,
-                                 read_checkpoint_and_meta)
+                                 detect_format, detect_model_format, implied_channel_attention,
+                                 layout_format, read_checkpoint_and_meta)
 from davit_mm.cli import check_output_path, run_tool  # noqa: E402
 from davit_mm.fileio import atomic_file  # noqa: E402
 from davit_mm.version import __version__  # noqa: E402
@@ -80,10 +80,10 @@ def convert_whole_model(state_dict: dict, meta: dict, src: str, dst: str) -> Non
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_output_path('dst', args.dst, folder=False)  # before the (possibly long) read of SRC
-    state_dict, meta = read_checkpoint_and_meta(args.src)
+    state_dict, meta_in = read_checkpoint_and_meta(args.src)
     if (not args.backbone_only and args.format in ('auto', 'official') and args.prefix is None
-            and detect_model_format(state_dict, meta)):
-        convert_whole_model(state_dict, meta, args.src, args.dst)
+            and detect_model_format(state_dict, meta_in)):
+        convert_whole_model(state_dict, meta_in, args.src, args.dst)
         return
     layout, prefix = detect_format(state_dict, args.prefix, args.format)
     conversion = convert_state_dict(state_dict, layout, prefix)
@@ -98,8 +98,12 @@ def main(argv=None) -> None:
         print(f'dropped classifier: {", ".join(sorted(classifier))}')
     ignored = len(state_dict) - len(converted) - len(classifier)
     if ignored:
-        print(f'ignored {ignored} tensors outside the backbone (not under prefix {prefix!r})')
+        print(f'ignored {ignored} tensors outside the backbone at prefix {prefix!r}')
     meta = dict(davit_mm_version=__version__, source=str(args.src), source_format=fmt)
+    # Its keys no longer tell v1 from v2 channel attention: the loader checks this instead.
+    attention = implied_channel_attention(layout, meta_in)
+    if attention:
+        meta['channel_attention'] = attention
     save({'state_dict': converted, 'meta': meta}, args.dst)
     print(f'wrote {len(converted)} tensors to {args.dst}')
 

@@ -26,6 +26,7 @@ from davit_mm.checks import check_tta_num_classes, preflight  # noqa: E402
 from davit_mm.cli import (add_launch_arguments, build_runner, check_can_show,  # noqa: E402
                           check_output_path, draw_on_every_process, enable_tta, library_of,
                           load_config, parse_launch_arguments, run_guarded, run_tool)
+from davit_mm.fileio import is_url  # noqa: E402
 
 
 # What mmdet's and mmseg's own tools/test.py default to.
@@ -35,7 +36,7 @@ DEFAULT_WAIT_TIME = 2.
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test a davit_mm detector or segmentor')
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file, or an http(s) URL (downloaded once, cached)')
     parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
     parser.add_argument('--out', help='mmdet: .pkl file for raw predictions; mmseg: a folder for '
                                       'predicted label maps')
@@ -91,7 +92,7 @@ def enable_drawing(cfg, library: str, show_dir: Optional[str] = None,
 
 def main(argv=None):
     args = parse_args(argv)
-    if not osp.isfile(args.checkpoint):
+    if not (is_url(args.checkpoint) or osp.isfile(args.checkpoint)):
         raise ValueError(f'checkpoint={args.checkpoint!r}: no such file')
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     library = library_of(cfg)
@@ -120,7 +121,7 @@ def main(argv=None):
         raise ValueError(f'--out {args.out!r}: mmdet predictions are dumped to a .pkl file')
 
     runner = build_runner(cfg, training=False)
-    check_checkpoint_fits(runner.model, args.checkpoint)  # evaluating a half-loaded model is worthless
+    check_checkpoint_fits(runner.model, cfg.load_from)  # evaluating a half-loaded model is worthless
     if args.show_dir:
         draw_on_every_process(runner.visualizer)
     if args.out and library == 'mmdet':

@@ -202,6 +202,7 @@ def main(argv=None) -> int:
                 column, factor = METRICS.get(name, (name, 1))
                 got = values.get(name)
                 diff = '' if got is None else f'{got * factor - published:+.1f}'
+                diff = diff.replace('-0.0', '+0.0')  # a difference that rounds to nothing
                 label = column + (' (multi-scale + flip)' if tta else '')
                 lines.append(f"| {row['name']} | `{osp.basename(row['config'])}` | {row['checkpoint']} | "
                              f'{label} | {published} | {fmt(got, factor) or status or "not run"} | {diff} |')
