@@ -166,12 +166,31 @@ def check_resumable(checkpoint: dict, path: str) -> List[str]:
     if not isinstance(checkpoint.get('message_hub'), dict):
         missing.append("'message_hub'")
     if missing:
+        if _is_backbone_file(checkpoint):
+            what, instead = ('the weights of a DaViT backbone alone',
+                             f'init_cfg (--cfg-options model.backbone.init_cfg.checkpoint={path})')
+        else:
+            what, instead = 'model weights', f'load_from (--cfg-options load_from={path})'
         raise CheckpointError(
             f'checkpoint {path!r} cannot be resumed from: it has no {", ".join(missing)}, which a '
-            f'checkpoint written during training has (this one holds model weights); to train '
-            f'from its weights, start a new run with load_from (--cfg-options load_from={path}) '
-            f'instead of --resume')
+            f'checkpoint written during training has (this one holds {what}); to train '
+            f'from its weights, start a new run with {instead} instead of --resume')
     return [key for key in ('optimizer', 'param_schedulers') if key not in checkpoint]
+
+
+# Top-level modules of mmdet/mmseg models besides the backbone
+_MODEL_MODULES = ('neck', 'rpn_head', 'roi_head', 'bbox_head', 'mask_head', 'decode_head', 'auxiliary_head')
+
+
+def _is_backbone_file(checkpoint: object) -> bool:
+    """Whether a file's content holds one DaViT backbone (a classifier, convert_checkpoint.py's
+    output) and no detector/segmentor modules."""
+    try:
+        state_dict = _flatten(checkpoint, 'the checkpoint')
+        detect_format(state_dict)
+    except (CheckpointError, TypeError):
+        return False
+    return not any(key.split('.')[0] in _MODEL_MODULES for key in state_dict)
 
 
 def _read_safetensors(path: str, map_location) -> dict:
@@ -891,7 +910,8 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
             candidates.append(named)
     numbered = []
     for path in glob.glob(osp.join(osp.abspath(work_dir), '*.pth')):
-        match = re.search(r'(epoch|iter)_(\d+)\.pth$', path)
+        # not best_*_iter_N.pth: mmengine saves those without optimizer and scheduler states
+        match = re.fullmatch(r'(epoch|iter)_(\d+)\.pth', osp.basename(path))
         if match:
             numbered.append((int(match[2]), path))
     candidates += [path for _, path in sorted(numbered, reverse=True)]

@@ -534,16 +534,25 @@ def draw_on_every_process(visualizer) -> None:
 
 
 def add_checkpoint_hooks(cfg: Config) -> None:
-    """Add davit_mm's checkpoint hooks (official whole-model files; runner checkpoints under
-    ``weights_only``) to the config's ``custom_hooks``, where they are not already."""
+    """What davit_mm's runtime config gives its configs, given to any other config the tools run
+    (one that puts DaViT into an mmdet/mmseg config, as the README shows): davit_mm's hooks
+    (exact resumption, official whole-model files, runner checkpoints under ``weights_only``) in
+    ``custom_hooks`` where they are not already, and checkpoints written atomically where the
+    checkpoint hook names no storage backend."""
+    from .registry import ATOMIC_BACKEND
+
     # A list assigned, not cfg.setdefault: a Config keeps a converted copy of the default it is
     # given, so appending to what setdefault returns changed nothing (mmdet's and mmseg's own
     # runtimes have no custom_hooks).
     hooks = list(cfg.get('custom_hooks') or [])
-    for hook in ('OfficialCheckpointHook', 'RunnerCheckpointsHook'):
+    for hook in ('RandomStateHook', 'OfficialCheckpointHook', 'RunnerCheckpointsHook'):
         if not any(h.get('type') == hook for h in hooks):
             hooks.append(dict(type=hook))
     cfg.custom_hooks = hooks
+    checkpoint = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if (isinstance(checkpoint, dict) and checkpoint.get('type') in ('CheckpointHook', None)
+            and not checkpoint.get('backend_args') and not checkpoint.get('file_client_args')):
+        checkpoint['backend_args'] = dict(backend=ATOMIC_BACKEND)
 
 
 def build_runner(cfg: Config, training: bool = True):

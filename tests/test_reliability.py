@@ -128,17 +128,24 @@ def test_resume_is_exact_for_mask_rcnn_whose_ranks_draw_differently(data_dir):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_runs_seed_where_the_config_sets_none(data_dir):
+@pytest.mark.parametrize('how', [['--resume'], ['resume=True']])
+def test_resume_keeps_the_runs_seed_where_the_config_sets_none(data_dir, how):
     """The paper configs set no seed (a random one per run): the resumed run takes the seed of the
     run it continues before its data loader is built (mmengine restores it only afterwards,
-    and the sampler shuffled with the new run's)."""
+    and the sampler shuffled with the new run's). ``resume=True`` without ``load_from`` (mmengine's
+    auto-resume, in a config or --cfg-options) went to mmengine untouched: another seed, and a
+    KeyError traceback on a weights-only file in the work dir."""
     args = DET_RUN[:2] + ['train_cfg.max_epochs=2', 'randomness.seed=None'] + DET_RUN[3:]
-    first, again = data_dir / 'seedless', data_dir / 'seedless_again'
-    run_tool(['train.py', RETINANET, '--work-dir', first] + args, cwd=data_dir)
+    first, again = data_dir / 'seedless', data_dir / f'seedless_again_{how[0][-4:]}'
+    if not (first / 'epoch_2.pth').exists():
+        run_tool(['train.py', RETINANET, '--work-dir', first] + args, cwd=data_dir)
     again.mkdir()
     shutil.copy(first / 'epoch_1.pth', again / 'epoch_1.pth')
-    result = run_tool(['train.py', RETINANET, '--work-dir', again, '--resume'] + args, cwd=data_dir)
+    torch.save({'state_dict': {}}, again / 'epoch_5.pth')  # weights only: skipped, named
+    flag, options = (how, []) if how[0].startswith('--') else ([], how)
+    result = run_tool(['train.py', RETINANET, '--work-dir', again] + flag + args + options, cwd=data_dir)
     assert 'resumed epoch: 1' in result.stdout
+    assert f'not resuming from {again / "epoch_5.pth"}' in result.stdout + result.stderr
     seeds = [read_training_checkpoint(str(d / 'epoch_2.pth'))['meta']['seed'] for d in (first, again)]
     assert seeds[0] == seeds[1] is not None
     assert_identical_checkpoints(first / 'epoch_2.pth', again / 'epoch_2.pth')
@@ -153,11 +160,21 @@ def test_resume_is_exact_with_two_gloo_processes_and_persistent_workers(data_dir
 
 @pytest.mark.slow
 def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
+    """From scratch, or from the config's load_from (a preemptible fine-tuning run always given
+    --resume: its first start dropped load_from and trained from the backbone's weights)."""
     work = data_dir / 'fresh'
     result = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
                        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
     assert f'no checkpoint in {work}, starting from scratch' in result.stdout
     assert (work / 'epoch_1.pth').exists()
+    tuned = data_dir / 'fresh_finetuned'
+    result = run_tool(['train.py', RETINANET, '--work-dir', tuned, '--resume', '--cfg-options',
+                       f'load_from={work / "epoch_1.pth"}', 'optim_wrapper.optimizer.lr=0',
+                       'optim_wrapper.optimizer.weight_decay=0', 'train_cfg.max_epochs=1',
+                       'train_cfg.val_interval=5'], cwd=data_dir)
+    assert f'no checkpoint in {tuned} yet, starting from load_from={work / "epoch_1.pth"}' in result.stdout
+    loaded, trained = (read_training_checkpoint(str(d / 'epoch_1.pth'))['state_dict'] for d in (work, tuned))
+    assert all(torch.equal(loaded[k], trained[k]) for k in loaded)  # lr 0: what load_from gave
 
 
 @pytest.mark.slow
@@ -211,6 +228,23 @@ def test_what_a_resume_needs_and_what_it_would_start_afresh():
             check_resumable(broken, 'a.pth')
 
 
+def test_resuming_a_backbone_file_points_at_init_cfg_not_load_from(tiny_arch):
+    """convert_checkpoint.py writes a backbone alone, which load_from refuses in turn: the advice
+    to use load_from led from one error to the next."""
+    from davit_mm.checkpoint import CheckpointError, check_resumable
+    from davit_mm.models import DaViT
+    backbone = {'state_dict': DaViT(tiny_arch).state_dict(), 'meta': {'source_format': 'timm'}}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "(this one holds the weights of a DaViT backbone alone); to train from its weights, start a "
+            "new run with init_cfg (--cfg-options model.backbone.init_cfg.checkpoint=bb.pth) instead")):
+        check_resumable(backbone, 'bb.pth')
+    detector = {'state_dict': {**{f'backbone.{k}': v for k, v in backbone['state_dict'].items()},
+                               'neck.conv.weight': torch.zeros(1)}}
+    with pytest.raises(CheckpointError, match=re.escape('(this one holds model weights); to train from its '
+                                                        'weights, start a new run with load_from')):
+        check_resumable(detector, 'model.pth')
+
+
 def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_dir(tmp_path, monkeypatch):
     from davit_mm.checkpoint import latest_valid_checkpoint
     work = tmp_path / 'work'
@@ -221,6 +255,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_
     (work / 'epoch_11.pth').write_bytes((work / 'epoch_11.pth').read_bytes()[:300])  # killed mid-save
     (work / 'last_checkpoint').write_text(str(work / 'epoch_11.pth'))  # mmengine writes it absolute
     torch.save({'state_dict': {'w': torch.ones(64)}}, work / 'epoch_12.pth')  # weights only
+    # mmengine's best checkpoints hold no optimizer or scheduler: resuming one replayed the warmup
+    torch.save({'meta': {'epoch': 20, 'iter': 80}, 'message_hub': {}, 'state_dict': {'w': torch.ones(64)}},
+               work / 'best_coco_bbox_mAP_epoch_20.pth')
     monkeypatch.chdir(tmp_path)
     path, content = latest_valid_checkpoint('work')
     assert path == str(work / 'epoch_10.pth') and content['meta']['epoch'] == 10  # 10 > 2: by number

@@ -40,10 +40,15 @@ def data_dir(tmp_path_factory):
     (['model.backbone.arch=tinyy'], "arch='tinyy' is not a known DaViT variant"),
     (['model.bbox_head.num_classes=80'], 'model.bbox_head.num_classes=80 but train_dataloader.dataset has 3 classes'),
     (['model.backbone.out_indices=(1,2,4)'], 'out_indices=(1, 2, 4) has [4] out of range'),
+    # mmengine: "error:  can not be found." (no key, no path)
+    (["load_from=''"], "load_from='': give a checkpoint's path or URL, or None"),
+    # "argument of type 'NoneType' is not iterable"
+    (['auto_scale_lr=None', '--auto-scale-lr'], 'auto_scale_lr.base_batch_size (auto_scale_lr=None)'),
 ])
 def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
-    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad', '--cfg-options']
-                                 + options, cwd=data_dir)
+    flags = [o for o in options if o.startswith('--')]
+    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad'] + flags + ['--cfg-options']
+                                 + [o for o in options if o not in flags], cwd=data_dir)
     assert_user_error(result, message)
 
 
@@ -145,15 +150,26 @@ def test_amp_configs_count_test_and_draw_on_a_cpu(tmp_path):
 
 def test_checkpoint_hooks_are_added_to_configs_without_custom_hooks():
     """mmdet's and mmseg's runtimes have no custom_hooks: the hooks must still reach the runner
-    (without them tools/test.py and --resume failed on davit_mm's own checkpoints)."""
+    (without them tools/test.py and --resume failed on davit_mm's own checkpoints, and a config
+    built from the README's blocks resumed with other random draws than an unbroken run)."""
     from davit_mm.cli import add_checkpoint_hooks
     for hooks in (None, [dict(type='RandomStateHook')], [dict(type='RunnerCheckpointsHook')]):
         cfg = Config(dict(model=dict()) if hooks is None else dict(model=dict(), custom_hooks=hooks))
         add_checkpoint_hooks(cfg)
         types = [h['type'] for h in cfg.custom_hooks]
-        assert sorted(set(types)) == sorted({'OfficialCheckpointHook', 'RunnerCheckpointsHook',
-                                             *(h['type'] for h in hooks or [])})
-        assert len(types) == len(set(types))
+        assert sorted(types) == ['OfficialCheckpointHook', 'RandomStateHook', 'RunnerCheckpointsHook']
+
+
+@pytest.mark.parametrize('hook, backend', [
+    (dict(type='CheckpointHook', interval=1), 'davit_mm_atomic'),
+    (dict(type='CheckpointHook', backend_args=dict(backend='petrel')), 'petrel'),  # the user's own
+    (dict(type='MyCheckpointHook'), None), (None, None)])
+def test_checkpoints_are_written_atomically_where_no_backend_is_named(hook, backend):
+    from davit_mm.cli import add_checkpoint_hooks
+    cfg = Config(dict(model=dict(), default_hooks=dict(checkpoint=hook)))
+    add_checkpoint_hooks(cfg)
+    hook = cfg.default_hooks.checkpoint
+    assert (hook or {}).get('backend_args', {}).get('backend') == backend
 
 
 def test_a_config_inheriting_through_the_davit_mm_scope_builds_its_hooks(data_dir, tmp_path):

@@ -29,7 +29,8 @@ def parse_args(argv=None):
                         help='scale the lr by total batch size / auto_scale_lr.base_batch_size')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from CKPT, or without a value from the latest checkpoint in '
-                             'the work dir (a fresh start when there is none)')
+                             "the work dir (when there is none: a fresh start, from the config's "
+                             'load_from if it names one)')
     add_launch_arguments(parser)
     return parse_launch_arguments(parser, argv)
 
@@ -53,17 +54,28 @@ def main(argv=None):
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
-        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-            raise ValueError(f'--auto-scale-lr: {args.config} has no auto_scale_lr.base_batch_size')
+        if not isinstance(cfg.get('auto_scale_lr'), dict) or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise ValueError(f'--auto-scale-lr: {args.config} has no auto_scale_lr.base_batch_size '
+                             f"(auto_scale_lr={cfg.get('auto_scale_lr')!r})")
         cfg.auto_scale_lr.enable = True
+    if cfg.get('load_from') == '':
+        raise ValueError("load_from='': give a checkpoint's path or URL, or None to start from the "
+                         "backbone's init_cfg")
     preflight(cfg, ('train', 'val'))
     checkpoint = None  # the content of load_from, when already read
-    if args.resume == 'auto':
+    # resume=True without load_from (in the config or --cfg-options) is mmengine's "resume from
+    # the latest checkpoint in the work dir": --resume without a path.
+    if args.resume == 'auto' or (args.resume is None and cfg.get('resume') and not cfg.get('load_from')):
+        option = '--resume' if args.resume else 'resume=True'
         latest = latest_valid_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
         cfg.resume = latest is not None
-        cfg.load_from, checkpoint = latest if latest else (None, None)
-        if latest is None:
-            print(f'--resume: no checkpoint in {cfg.work_dir}, starting from scratch')
+        if latest is not None:
+            cfg.load_from, checkpoint = latest
+        elif cfg.get('load_from'):  # a fine-tuning run's first start
+            print(f'{option}: no checkpoint in {cfg.work_dir} yet, starting from load_from='
+                  f'{cfg.load_from}')
+        else:
+            print(f'{option}: no checkpoint in {cfg.work_dir}, starting from scratch')
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
