@@ -47,8 +47,9 @@ def data_dir(tmp_path_factory):
 ])
 def test_bad_training_inputs_stop_with_a_message_naming_them(data_dir, options, message):
     flags = [o for o in options if o.startswith('--')]
-    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad'] + flags + ['--cfg-options']
-                                 + [o for o in options if o not in flags], cwd=data_dir)
+    options = [o for o in options if o not in flags]
+    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', data_dir / 'bad', *flags,
+                                  '--cfg-options', *options], cwd=data_dir)
     assert_user_error(result, message)
 
 
