@@ -9,7 +9,7 @@
 #   --iters N      training iterations (default 320: 20 epochs of 64 images at batch 4); rounded up
 #                  to whole epochs; 1 to 100000 (this is a demo of a few minutes: longer runs
 #                  belong to tools/train.py)
-#   --out-dir DIR  where everything goes, created if needed; not empty, not a file (default:
+#   --out-dir DIR  where everything goes, created if needed; a non-empty path, not a file (default:
 #                  outputs/quickstart in the repository)
 #   --model NAME   maskrcnn (boxes and masks, default) or retinanet (boxes)
 set -euo pipefail

@@ -1,7 +1,8 @@
 # Example: davit_mm from your own project. DaViT-Tiny RetinaNet 1x on a COCO-format dataset of your
 # own with three classes, initialised from a DaViT checkpoint on disk (any public format: official,
 # timm, mmpretrain, Florence-2 or davit_mm). Copy this file next to your project and point _base_ at
-# davit_mm's configs folder; run it with davit_mm's tools/train.py or mmdet's.
+# davit_mm's configs folder, or, with davit_mm installed, at 'davit_mm::davit_retinanet_1x_coco.py'
+# (README: "Use DaViT from your own configs"); run it with davit_mm's tools/train.py or mmdet's.
 _base_ = ['../davit_retinanet_1x_coco.py']
 
 classes = ('cat', 'dog', 'bird')
