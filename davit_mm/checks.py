@@ -274,8 +274,8 @@ def check_seg_classes(cfg: Config, splits: Sequence[str] = ('train', 'val')) -> 
         old = (getattr(dataset_type, 'METAINFO', None) or {}).get('classes')
         if new is None or not old or list(new) == list(old):
             continue
-        own = (f"for label maps that number classes of your own (0, 1, ...), use type='BaseSegDataset' "
-               f"with the img_suffix, seg_map_suffix and reduce_zero_label your files need")
+        own = ("for label maps that number classes of your own (0, 1, ...), use type='BaseSegDataset' "
+               "with the img_suffix, seg_map_suffix and reduce_zero_label your files need")
         foreign = [name for name in new if name not in old]
         if foreign:
             raise ValueError(f'{where}.metainfo.classes names {_shortened(foreign)}, which are not among '

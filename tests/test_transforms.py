@@ -2,7 +2,6 @@
 annotation's, and a label map that is colour, of another size or holds labels the head does not
 predict, stop with the files named, in every shipped config's pipelines."""
 import glob
-import json
 import os.path as osp
 import re
 
