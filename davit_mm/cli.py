@@ -70,6 +70,10 @@ def torchrun(argv: Sequence[str]) -> int:
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
+    problem = rendezvous_problem(argv)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return 2
     try:
         main(list(argv))
     except ChildFailedError as exc:
@@ -78,6 +82,31 @@ def torchrun(argv: Sequence[str]) -> int:
             return 2
         raise
     return 0
+
+
+def rendezvous_problem(argv: Sequence[str]) -> str:
+    """What would stop torchrun (``--master_addr=``/``--master_port=``/``--node_rank=`` as
+    tools/launch.sh passes them) with a traceback or a hang, named by the variables the user set,
+    or ``''``: a MASTER_ADDR that does not resolve (torchrun retries it for minutes), or on node
+    0, which hosts the rendezvous, a PORT another program listens on (``EADDRINUSE``)."""
+    import socket
+    options = dict(arg[2:].split('=', 1) for arg in argv if arg.startswith('--') and '=' in arg)
+    address, port = options.get('master_addr', '127.0.0.1'), int(options.get('master_port', 29500))
+    try:
+        socket.getaddrinfo(address, port)
+    except OSError as exc:
+        return f'MASTER_ADDR={address!r} does not resolve to an address ({exc}): give node 0\'s name or IP'
+    if options.get('node_rank', '0') != '0':
+        return ''
+    with socket.socket() as probe:
+        # as the rendezvous store binds it (SO_REUSEADDR: a port a finished run left in TIME_WAIT is free)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(('', port))
+        except OSError as exc:
+            return (f'PORT={port} is taken on this machine ({exc.strerror}; another run?): give a free '
+                    f'one, e.g. PORT={port + 1 if port < 65535 else port - 1}')
+    return ''
 
 
 def library_of(cfg: Config) -> str:

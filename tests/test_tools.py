@@ -446,6 +446,30 @@ def test_launchers_hand_good_numbers_to_torchrun(tmp_path):
         (tmp_path / 'python.ran').unlink()
 
 
+def test_a_port_in_use_or_an_address_that_does_not_resolve_is_refused_before_torchrun():
+    """torchrun stopped with a DistNetworkError (EADDRINUSE) traceback and exit 1 on a busy PORT,
+    and retried a MASTER_ADDR that does not resolve for minutes."""
+    import socket
+
+    from davit_mm.cli import rendezvous_problem
+    with socket.socket() as busy:
+        busy.bind(('', 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ['--nnodes=1', '--node_rank=0', '--master_addr=127.0.0.1', f'--master_port={port}']
+        assert rendezvous_problem(args).startswith(f'PORT={port} is taken on this machine (Address already '
+                                                   f'in use; another run?): give a free one, e.g. PORT=')
+        assert rendezvous_problem(args[:1] + ['--node_rank=1'] + args[2:]) == ''  # node 0 hosts it
+    assert rendezvous_problem(args) == ''  # free again
+    assert rendezvous_problem(['--master_addr=nosuchhost.invalid', '--node_rank=1']).startswith(
+        "MASTER_ADDR='nosuchhost.invalid' does not resolve to an address (")
+
+
+def test_launch_without_arguments_prints_its_usage(tmp_path):
+    result = run_tool(['launch.sh'], cwd=tmp_path, expect_ok=False, timeout=30)
+    assert result.returncode == 2 and result.stderr.startswith('usage: bash tools/launch.sh NPROC SCRIPT')
+
+
 @pytest.mark.parametrize('tool', ['slurm_train.sh', 'slurm_test.sh'])
 @pytest.mark.parametrize('env,message', [
     ({'GPUS': '0'}, 'GPUS=0 (tasks, one per GPU, over all nodes): accepted an integer from 1 to 65536'),

@@ -2,8 +2,14 @@
 # torchrun wrapper used by dist_train.sh and dist_test.sh: launch.sh NPROC SCRIPT [ARGS...]
 # Multi-node through NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1) and PORT (29500).
 # NPROC 1..1024, NNODES 1..65536, NODE_RANK 0..NNODES-1, PORT 1..65535: decimal, no leading zeros.
+# A MASTER_ADDR that does not resolve, and on node 0 a PORT in use, are refused before torchrun
+# starts (davit_mm.cli.rendezvous_problem).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+if [ $# -lt 2 ]; then
+  echo "usage: bash tools/launch.sh NPROC SCRIPT [ARGS...] (tools/dist_train.sh and dist_test.sh call it)" >&2
+  exit 2
+fi
 NPROC=$1
 shift
 # Checked before anything runs (torchrun would fail on each of these with a traceback).
