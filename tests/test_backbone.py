@@ -1,7 +1,9 @@
 """The DaViT backbone: shapes, official numerics, fast paths, freezing, checkpointing, bad input."""
 import contextlib
 import os.path as osp
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -455,12 +457,34 @@ def test_trunk_plus_imagenet_head_matches_official_parameter_count(arch):
     (dict(channel_attention='v3'), ValueError, ["channel_attention='v3'", "'v1', 'v2'"]),
     (dict(window_size=0), ValueError, ['window_size=0']),
     (dict(drop_path_rate=1.5), ValueError, ['drop_path_rate=1.5']),
+    # a base config's ResNet merged into the DaViT dict without _delete_=True: Python's bare
+    # "unexpected keyword argument 'depth'" before
+    (dict(depth=50, norm_cfg=dict(type='BN')), TypeError,
+     ["DaViT got unknown arguments ['depth', 'norm_cfg']; accepted: ['arch', 'in_channels'",
+      'give the DaViT dict _delete_=True']),
+    (dict(embed_dims=96, depths=(1, 1, 3, 1)), TypeError,
+     ['depths go into arch=dict(embed_dims=..., depths=..., num_heads=...)']),
 ])
 def test_bad_arguments_raise_naming_argument_value_and_accepted(kwargs, exc, words):
     with pytest.raises(exc) as info:
         DaViT(**kwargs)
     for word in words:
         assert word in str(info.value)
+
+
+def test_numpy_numbers_are_taken_as_the_numbers_they_are(tiny_arch):
+    """np.int64/np.float32 (a sweep's values) were refused as 'expected a positive int' / 'a float
+    in [0, 1)' (np.float64 passed, a float subclass)."""
+    np_arch = dict(tiny_arch, embed_dims=np.int64(16), depths=tuple(np.int64(d) for d in tiny_arch['depths']))
+    model = DaViT(np_arch, window_size=np.int64(3), drop_path_rate=np.float32(0.25), mlp_ratio=np.float32(2),
+                  out_indices=(np.int64(1), np.int64(3)), frozen_stages=np.int64(1), in_channels=np.int64(3))
+    plain = DaViT(dict(tiny_arch, embed_dims=16), window_size=3, drop_path_rate=0.25, mlp_ratio=2.,
+                  out_indices=(1, 3), frozen_stages=1)
+    assert (model.window_size, model.out_indices, model.frozen_stages, model.embed_dims) == \
+        (plain.window_size, plain.out_indices, plain.frozen_stages, plain.embed_dims)
+    assert all(type(v) is int for v in (model.window_size, model.frozen_stages, *model.out_indices,
+                                        *model.embed_dims, *model.depths))
+    assert model.state_dict().keys() == plain.state_dict().keys()
 
 
 SMALL_ARCH = dict(embed_dims=16, depths=(1, 1), num_heads=(1, 2))
@@ -545,9 +569,11 @@ def test_mmengine_weight_init_types_in_init_cfg_initialise_the_model():
     assert torch.all(model.stages[0].blocks[0].spatial_block.attn.qkv.weight == 0.5)
 
 
-@pytest.mark.parametrize('shape', [(3, 32, 32), (1, 1, 32, 32), (1, 4, 32, 32), (1, 3, 32, 32, 1)])
+@pytest.mark.parametrize('shape', [(3, 32, 32), (1, 1, 32, 32), (1, 4, 32, 32), (1, 3, 32, 32, 1),
+                                   (1, 3, 0, 32), (1, 3, 32, 0)])  # an empty image: the stem's padding error
 def test_input_of_wrong_rank_or_channels_is_rejected(tiny_arch, shape):
-    with pytest.raises(ValueError, match=r'expects a \(B, 3, H, W\) tensor, got shape'):
+    with pytest.raises(ValueError, match=rf'expects a \(B, 3, H, W\) tensor with H, W >= 1, got shape '
+                                         rf'{re.escape(str(shape))}'):
         DaViT(tiny_arch)(torch.randn(shape))
 
 

@@ -345,6 +345,15 @@ def test_get_flops_prints_params_and_multiply_adds(coco_dir):
         counted.attention_products / 1e9, 1)
 
 
+def test_get_flops_feeds_the_backbones_in_channels(tmp_path):
+    """A one-channel backbone was given a 3-channel input: 'DaViT expects a (B, 1, H, W) tensor'."""
+    result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '64', '96', '--cfg-options',
+                       'model.backbone.in_channels=1', 'model.data_preprocessor.mean=[0]',
+                       'model.data_preprocessor.std=[1]', 'model.data_preprocessor.bgr_to_rgb=False'],
+                      cwd=tmp_path)
+    assert 'input: 1x1x64x96' in result.stdout
+
+
 def test_get_flops_refuses_a_shape_that_is_not_positive(tmp_path):
     result = run_tool(['analysis/get_flops.py', RETINANET, '--shape', '0', '96'], cwd=tmp_path,
                       expect_ok=False)

@@ -47,6 +47,16 @@ def test_jit_trace_holds_at_other_sizes(model):
         assert_matches_eager(model, traced, torch.randn(2, 3, *size))
 
 
+def test_jit_trace_of_a_model_built_with_gradient_checkpointing(tiny_arch):
+    """with_cp=True (the custom-dataset example config sets it), traced as docs/backbone.md shows
+    it, without torch.no_grad(): the checkpointed blocks traced to graphs that differed between
+    runs and the trace's check failed."""
+    torch.manual_seed(0)
+    model = DaViT(tiny_arch, with_cp=True).eval()
+    traced = torch.jit.trace(model, torch.randn(1, 3, 64, 96))
+    assert_matches_eager(model, traced, torch.randn(2, 3, 45, 67))
+
+
 def test_torch_export_static(model):
     x = torch.randn(1, 3, 64, 96)
     exported = torch.export.export(model, (x,))

@@ -15,6 +15,7 @@ with kernels chosen per device (oneDNN fusions on CPU; no cuDNN convolutions on 
 planning costs seconds at every new input size) and the plain PyTorch ops while tracing or exporting.
 """
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -372,7 +373,9 @@ class DualAttentionBlock(nn.Module):
         return self.mlp(self.norm2(x), residual=x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_cp and torch.is_grad_enabled():
+        # Not under torch.jit.trace: a checkpointed block traces to differing graphs (its check
+        # fails), and a traced graph is for inference.
+        if self.with_cp and torch.is_grad_enabled() and not torch.jit.is_tracing():
             return cp.checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
 
@@ -461,8 +464,8 @@ def resolve_arch(arch: Union[str, dict], **overrides) -> ArchSpec:
         raise ValueError(f'arch.depths={spec["depths"]!r}: need at least one stage and every depth >= 1')
     num_heads = _int_tuple('arch.num_heads', spec['num_heads'])
     embed_dims = spec['embed_dims']
-    if isinstance(embed_dims, int) and not isinstance(embed_dims, bool):
-        embed_dims = tuple(embed_dims * 2 ** i for i in range(num_stages))
+    if _is_int(embed_dims):
+        embed_dims = tuple(int(embed_dims) * 2 ** i for i in range(num_stages))
     else:
         embed_dims = _int_tuple('arch.embed_dims', embed_dims, 'an int or a list/tuple of ints')
     for key, values in (('embed_dims', embed_dims), ('num_heads', num_heads)):
@@ -483,11 +486,24 @@ def resolve_arch(arch: Union[str, dict], **overrides) -> ArchSpec:
     return spec
 
 
+# Arguments of mmdet's/mmseg's ResNet and Swin backbones that DaViT does not have: left over from a
+# base config's backbone when a DaViT dict is merged into it without _delete_=True.
+_OTHER_BACKBONES_ARGUMENTS = frozenset({
+    'depth', 'num_stages', 'strides', 'dilations', 'style', 'deep_stem', 'avg_down', 'norm_cfg',
+    'stage_with_dcn', 'dcn', 'plugins', 'contract_dilation', 'base_channels', 'stem_channels',
+    'patch_size', 'patch_norm', 'convert_weights', 'qk_scale', 'drop_rate', 'attn_drop_rate',
+    'act_cfg', 'pretrain_img_size'})
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _int_tuple(name: str, value, accepted: str = 'a list/tuple of ints') -> Tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
         raise TypeError(f'{name} must be {accepted}, got {value!r}')
-    return tuple(value)
+    return tuple(int(v) for v in value)
 
 
 class DaViT(BaseModule):
@@ -545,7 +561,10 @@ class DaViT(BaseModule):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
-                 pretrained: Optional[str] = None) -> None:
+                 pretrained: Optional[str] = None,
+                 **unknown) -> None:
+        if unknown:
+            raise TypeError(self._unknown_arguments(unknown))
         init_cfg = self._pretrained_as_init_cfg(pretrained, init_cfg)
         super().__init__(init_cfg=init_cfg)
         spec = resolve_arch(arch, window_size=window_size, overlapped_downsample=overlapped_downsample,
@@ -566,12 +585,15 @@ class DaViT(BaseModule):
                          drop_path_rate=drop_path_rate, out_indices=out_indices,
                          frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp,
                          init_cfg=init_cfg)
-        self.out_indices = tuple(sorted(i % num_stages for i in out_indices))
-        self.frozen_stages = frozen_stages
+        # numpy's numbers pass the checks: plain ones from here on
+        self.window_size, self.in_channels = int(self.window_size), int(in_channels)
+        mlp_ratio, drop_path_rate = float(mlp_ratio), float(drop_path_rate)
+        self.out_indices = tuple(sorted(int(i) % num_stages for i in out_indices))
+        self.frozen_stages = int(frozen_stages)
         self.norm_eval = norm_eval
         self.with_cp = with_cp
 
-        self.stem = Stem(in_channels, self.embed_dims[0])
+        self.stem = Stem(self.in_channels, self.embed_dims[0])
         rates = torch.linspace(0, drop_path_rate, 2 * sum(self.depths)).tolist()
         # Stages after the last returned one are not built: they would be dead weight (and unused
         # parameters under DDP). Their checkpoint keys are reported as skipped when loading.
@@ -602,11 +624,10 @@ class DaViT(BaseModule):
                     init_cfg) -> None:
         """Check every argument (``spec``: the resolved arch; ``overrides``: the arguments that
         replace its optional settings, None where the arch's value is used)."""
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        is_int = _is_int
 
-        def is_number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        def is_number(v):  # numpy's too
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
         def source(key):  # where an arch setting came from: the argument, or the arch dict
             return key if overrides[key] is not None else f'arch.{key}'
@@ -651,6 +672,25 @@ class DaViT(BaseModule):
                              f'(stem) .. {num_stages} (stem and all stages)')
         if init_cfg is not None:
             DaViT._check_init_cfg(init_cfg)
+
+    @staticmethod
+    def _unknown_arguments(unknown: Dict[str, object]) -> str:
+        """The message for arguments DaViT does not take: they are listed with the accepted ones,
+        and settings of another backbone (a base config's ResNet or Swin, merged into the DaViT
+        dict) get the ``_delete_=True`` that replaces it."""
+        import inspect
+        accepted = [name for name in inspect.signature(DaViT.__init__).parameters
+                    if name not in ('self', 'unknown')]
+        message = f'DaViT got unknown arguments {sorted(unknown)}; accepted: {accepted}'
+        sizes = [key for key in _REQUIRED_ARCH_KEYS if key in unknown]
+        if sizes:
+            fields = ', '.join(f'{key}=...' for key in _REQUIRED_ARCH_KEYS)
+            message += f'. {", ".join(sizes)} go into arch=dict({fields})'
+        if set(unknown) & _OTHER_BACKBONES_ARGUMENTS:
+            message += ('. These look like settings of the backbone DaViT replaces in a base config: '
+                        'give the DaViT dict _delete_=True (model=dict(backbone=dict(_delete_=True, '
+                        "type='DaViT', ...))) so that they are not merged into it")
+        return message
 
     @staticmethod
     def _pretrained_as_init_cfg(pretrained, init_cfg):
@@ -753,9 +793,10 @@ class DaViT(BaseModule):
             raise TypeError(f'DaViT expects a float tensor (normalised images), got {got}')
         # Under torch.jit.trace sizes are traced values and comparing one warns that the trace may
         # not generalise; the channel count is fixed, and the stem's convolution checks it there.
-        if x.dim() != 4 or (not torch.jit.is_tracing() and x.shape[1] != self.in_channels):
-            raise ValueError(f'DaViT expects a (B, {self.in_channels}, H, W) tensor, got shape '
-                             f'{tuple(x.shape)}')
+        if x.dim() != 4 or (not torch.jit.is_tracing() and (x.shape[1] != self.in_channels
+                                                             or x.shape[2] == 0 or x.shape[3] == 0)):
+            raise ValueError(f'DaViT expects a (B, {self.in_channels}, H, W) tensor with H, W >= 1, got '
+                             f'shape {tuple(x.shape)}')
         x = self.stem(x)
         outs = []
         for i, stage in enumerate(self.stages):

@@ -42,6 +42,7 @@ class Count(NamedTuple):
     layers: int  # multiply-adds of the convolutions and linear layers: the paper's count
     attention_products: int  # multiply-adds of the attentions' activation x activation products
     shape: Tuple[int, int]
+    channels: int = 3  # the backbone's in_channels
 
 
 def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) -> Count:
@@ -60,7 +61,8 @@ def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) 
             module.set_fused_attention(False)
     shape = tuple(shape or DEFAULT_SHAPES[library])
     params = sum(p.numel() for p in model.parameters())
-    inputs = torch.randn(1, 3, *shape)
+    channels = getattr(model.backbone, 'in_channels', 3)
+    inputs = torch.randn(1, channels, *shape)
     args = (inputs, )
     if library == 'mmdet':
         # Two-stage detectors need image metadata to turn RPN outputs into RoIs.
@@ -72,7 +74,7 @@ def count(config: str, shape: Optional[Sequence[int]] = None, cfg_options=None) 
         model._forward(*args)  # tensor mode: backbone, neck and heads, no post-processing
     by_op = counter.get_flop_counts()['Global']
     attention = sum(by_op.get(op, 0) for op in ATTENTION_PRODUCTS) // 2
-    return Count(params, counter.get_total_flops() // 2 - attention, attention, shape)
+    return Count(params, counter.get_total_flops() // 2 - attention, attention, shape, channels)
 
 
 def main(argv=None):
@@ -86,7 +88,7 @@ def main(argv=None):
         parser.error('--shape {} {}: both sides must be 1 or more'.format(*args.shape))
     result = count(args.config, args.shape, args.cfg_options)
     print(f'config: {args.config}')
-    print(f'input: 1x3x{result.shape[0]}x{result.shape[1]}')
+    print(f'input: 1x{result.channels}x{result.shape[0]}x{result.shape[1]}')
     print(f'params: {result.params / 1e6:.2f}M')
     print(f'FLOPs (multiply-adds): {result.layers / 1e9:.1f}G  (convolutions and linear layers, '
           f'as the paper counts)')
