@@ -865,6 +865,10 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     if problems:
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if any(class_specific(k) for k in fit.mismatched) else '')
+        theirs, ours = ({key.split('.')[0] for key in keys} & set(_MODEL_MODULES) for keys in (state, own))
+        if theirs and not theirs & ours:
+            hint = (f' (it is a whole model with {sorted(theirs)}, where the config\'s model has '
+                    f'{sorted(ours)}: a checkpoint of another kind of model)')
         backbone_alone = _backbone_alone(state, own)
         if backbone_alone:
             hint = (f' (it holds a backbone alone: {backbone_alone}; give it as '
@@ -887,9 +891,9 @@ def _backbone_alone(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Te
         layout, prefix = detect_format(state_dict)
     except CheckpointError:
         return ''
-    modules = {key.split('.')[0] for key in own} - {'backbone'}
+    modules = {key.split('.')[0] for key in own} - {'backbone'} | set(_MODEL_MODULES)
     if any(key.split('.')[0] in modules for key in state_dict if not key.startswith(prefix)):
-        return ''  # a whole model of another kind or size
+        return ''  # a whole model, of this kind or another
     return f'DaViT weights in {LAYOUTS[layout].format} format' + (f' under {prefix!r}' if prefix else '')
 
 

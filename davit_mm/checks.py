@@ -310,7 +310,9 @@ def _predicts_masks(model: object) -> bool:
 def check_evaluators(cfg: Config, splits: Sequence[str] = ('val', 'test')) -> None:
     """Refuse evaluators that fail only once built or after the whole evaluation: a metric name
     CocoMetric/IoUMetric does not compute, ``segm`` for a model that predicts no masks (a KeyError
-    after every image was run), ``format_only`` without ``outfile_prefix``."""
+    after every image was run), ``format_only`` without ``outfile_prefix``, an ``outfile_prefix``
+    or ``output_dir`` that cannot be written (a traceback after the evaluation / when built)."""
+    from .cli import check_output_path
     for split in splits:
         if split == 'train' or cfg.get(f'{split}_cfg') is None:
             continue
@@ -320,6 +322,12 @@ def check_evaluators(cfg: Config, splits: Sequence[str] = ('val', 'test')) -> No
                 continue
             where = f'{split}_evaluator' if isinstance(evaluators, dict) else f'{split}_evaluator.{i}'
             kind = type_name(evaluator.get('type'))
+            prefix = evaluator.get('outfile_prefix')
+            if isinstance(prefix, str) and prefix:  # PREFIX.bbox.json, ...: its folder is written
+                check_output_path(f'{where}.outfile_prefix={prefix!r}: its folder',
+                                  osp.dirname(prefix) or '.', folder=True)
+            if isinstance(evaluator.get('output_dir'), str):
+                check_output_path(f'{where}.output_dir', evaluator['output_dir'], folder=True)
             if kind == 'CocoMetric':
                 metrics = _as_list(evaluator.get('metric', 'bbox'))
                 unknown = [m for m in metrics if m not in COCO_METRICS]

@@ -223,11 +223,27 @@ def check_output_path(label: str, path: str, folder: bool) -> None:
         raise ValueError(f'{label} {path!r} is a folder; give the file to write')
     parent = osp.abspath(path if folder else osp.dirname(osp.abspath(path)))
     while not osp.exists(parent):
+        if osp.islink(parent):  # os.makedirs stops at it with FileExistsError
+            raise ValueError(f'{label} {path!r} cannot be created: {parent!r} is a symbolic link to '
+                             f'{os.readlink(parent)!r}, which does not exist')
         parent = osp.dirname(parent)
     if not osp.isdir(parent):
         raise ValueError(f'{label} {path!r} cannot be created: {parent!r} is a file')
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f'{label} {path!r} cannot be written: no write permission in {parent!r}')
+
+
+# What matplotlib's savefig writes (it picks the format by the suffix)
+FIGURE_SUFFIXES = ('.png', '.pdf', '.svg', '.svgz', '.jpg', '.jpeg', '.tif', '.tiff', '.webp', '.eps', '.ps')
+
+
+def check_figure_path(label: str, path: str) -> None:
+    """:func:`check_output_path` for a figure: its suffix must name a format matplotlib writes
+    (without one it writes PATH.png, which is not the file the tool then names)."""
+    check_output_path(label, path, folder=False)
+    if not path.lower().endswith(FIGURE_SUFFIXES):
+        raise ValueError(f'{label} {path!r}: give a file name ending in one of {", ".join(FIGURE_SUFFIXES)} '
+                         f'(the suffix picks the image format)')
 
 
 def _child_index(node, part: str) -> Optional[Union[int, str]]:

@@ -102,13 +102,18 @@ def _sizes(rng: np.random.Generator, count: int, size: Tuple[int, int],
     return out
 
 
+# Beyond these an image costs gigabytes, or no further shape fits (each is at least 0.24 of the
+# shorter side wide and they do not overlap) while the sampling keeps trying.
+MAX_SIDE, MAX_OBJECTS = 4096, 16
+
+
 def _check_args(num_train: int, num_val: int, size: Sequence[int], max_objects: int) -> None:
     if num_train < 1 or num_val < 1:
         raise ValueError(f'num_train={num_train}, num_val={num_val}: both must be >= 1')
-    if len(size) != 2 or min(size) < 32:
-        raise ValueError(f'size={tuple(size)}: expected (height, width), both >= 32')
-    if max_objects < 1:
-        raise ValueError(f'max_objects={max_objects}: must be >= 1')
+    if len(size) != 2 or not 32 <= min(size) <= max(size) <= MAX_SIDE:
+        raise ValueError(f'size={tuple(size)}: expected (height, width), both from 32 to {MAX_SIDE}')
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f'max_objects={max_objects}: accepted 1 to {MAX_OBJECTS}')
 
 
 def coco_categories(coco_classes: bool = False) -> List[dict]:
@@ -209,8 +214,11 @@ def parse_arguments(description: str, argv=None, coco: bool = False):
     for name, least in (('num_train', 1), ('num_val', 1), ('max_objects', 1), ('seed', 0)):
         if getattr(args, name) < least:
             raise ValueError(f'--{name.replace("_", "-")} {getattr(args, name)}: accepted {least} or more')
-    if min(args.size) < 32:
-        raise ValueError(f'--size {args.size[0]} {args.size[1]}: accepted sides of 32 pixels or more')
+    if args.max_objects > MAX_OBJECTS:
+        raise ValueError(f'--max-objects {args.max_objects}: accepted 1 to {MAX_OBJECTS} (no more fit '
+                         f'an image without overlapping)')
+    if not 32 <= min(args.size) <= max(args.size) <= MAX_SIDE:
+        raise ValueError(f'--size {args.size[0]} {args.size[1]}: accepted sides of 32 to {MAX_SIDE} pixels')
     from davit_mm.cli import check_output_path
     check_output_path('out_dir', args.out_dir, folder=True)
     args.size = tuple(args.size)

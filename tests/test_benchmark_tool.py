@@ -626,11 +626,28 @@ def test_benchmark_refuses_timm_where_it_is_not_installed_before_measuring(tmp_p
 
 
 @pytest.mark.parametrize('tool', ['dataset/make_synthetic_coco.py', 'dataset/make_synthetic_ade20k.py'])
-def test_dataset_generators_name_a_negative_seed(tmp_path, tool):
-    """numpy's default_rng takes any integer from 0 on; -1 is named, before anything is written."""
-    result = run_tool_in_process([tool, tmp_path / 'out', '--seed', '-1'], cwd=tmp_path)
-    assert_user_error(result, '--seed -1: accepted 0 or more')
+@pytest.mark.parametrize('args, message', [
+    # numpy's default_rng takes any integer from 0 on
+    (['--seed', '-1'], '--seed -1: accepted 0 or more'),
+    # cv2's "Insufficient memory" traceback / a sampling loop that ran for minutes
+    (['--size', '100000', '64'], '--size 100000 64: accepted sides of 32 to 4096 pixels'),
+    (['--max-objects', '1000000'], '--max-objects 1000000: accepted 1 to 16'),
+])
+def test_dataset_generators_name_a_bad_number_before_writing(tmp_path, tool, args, message):
+    result = run_tool_in_process([tool, tmp_path / 'out', *args], cwd=tmp_path)
+    assert_user_error(result, message)
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('tool, first', [('analysis/plot_loss.py', 'work'),
+                                         ('analysis/plot_scaling.py', 'b.json')])
+@pytest.mark.parametrize('out', ['lossnoext', 'l.xyz'])
+def test_plots_refuse_an_out_without_an_image_suffix(tmp_path, tool, first, out):
+    """Without a suffix matplotlib wrote OUT.png while the tool named OUT; an unknown one failed
+    after the plotting, naming no option."""
+    (tmp_path / 'b.json').write_text('[]')
+    result = run_tool_in_process([tool, first, '--out', out], cwd=tmp_path)
+    assert_user_error(result, f"--out '{out}': give a file name ending in one of .png, .pdf")
 
 
 # ----------------------------------------------------------------- tools/analysis/plot_scaling.py

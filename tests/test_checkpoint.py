@@ -666,6 +666,14 @@ def test_a_public_classifier_given_as_a_whole_model_is_named_as_such(tiny_arch, 
     with pytest.raises(CheckpointError) as caught:
         check_checkpoint_fits(_Detector(dict(tiny_arch, embed_dims=32)), str(tmp_path / 'model.pth'))
     assert 'backbone alone' not in str(caught.value)
+    # nor a detector given to a segmentor: it is named as a model of another kind
+    segmentor = _Detector(tiny_arch)
+    segmentor.decode_head = segmentor.bbox_head
+    del segmentor.bbox_head
+    with pytest.raises(CheckpointError, match=r"it is a whole model with \['bbox_head'\], where the config's "
+                                              r"model has \['decode_head'\]: a checkpoint of another kind") as caught:
+        check_checkpoint_fits(segmentor, str(tmp_path / 'model.pth'))
+    assert 'backbone alone' not in str(caught.value)
 
 
 def test_a_davit_mm_whole_model_leaves_out_the_norms_the_model_does_not_build(tiny_arch, tmp_path):

@@ -2,6 +2,7 @@
 config key and both values; unreadable inputs are named."""
 import glob
 import json
+import os
 import os.path as osp
 import re
 
@@ -268,6 +269,29 @@ def test_evaluators_and_label_settings_that_fail_late_are_refused(config, edits,
         checks.check_evaluators(cfg, ('test', ))
         checks.check_reduce_zero_label(cfg, ('test', ))
     checks.check_evaluators(edited_config(MASK_RCNN, {'test_evaluator.metric': ['bbox', 'segm']}), ('test', ))
+
+
+@pytest.mark.parametrize('config, key', [(RETINANET, 'outfile_prefix'), (UPERNET, 'output_dir')])
+def test_evaluator_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path, config, key):
+    """--cfg-options test_evaluator.outfile_prefix=FILE/x ran the whole evaluation and then
+    stopped with a FileExistsError traceback; output_dir=FILE with one when the metric was built."""
+    (tmp_path / 'afile').write_text('')
+    value = str(tmp_path / 'afile' / 'x') if key == 'outfile_prefix' else str(tmp_path / 'afile')
+    cfg = edited_config(config, {f'test_evaluator.{key}': value})
+    with pytest.raises(ValueError, match=rf"test_evaluator.{key}.* is a file, not a folder"):
+        checks.check_evaluators(cfg, ('test', ))
+    cfg.merge_from_dict({f'test_evaluator.{key}': str(tmp_path / 'new' / 'x')})  # created when written
+    checks.check_evaluators(cfg, ('test', ))
+
+
+def test_an_output_under_a_dangling_symbolic_link_is_refused(tmp_path):
+    """os.makedirs stops at a link to nothing with FileExistsError: tools/test.py --out ran the
+    whole evaluation first."""
+    from davit_mm.cli import check_output_path
+    os.symlink(tmp_path / 'missing', tmp_path / 'dangling')
+    with pytest.raises(ValueError, match=r"--out '.*dangling/p.pkl' cannot be created: '.*dangling' is a "
+                                         r"symbolic link to '.*missing', which does not exist"):
+        check_output_path('--out', str(tmp_path / 'dangling' / 'p.pkl'), folder=False)
 
 
 def test_semantic_heads_keep_their_own_class_count():

@@ -214,6 +214,9 @@ def test_a_step_that_did_not_run_is_not_credited_with_an_earlier_calls_file(tmp_
     (['--out', 'o', '--device', 'cpu'], 'on a CPU it runs only with --smoke'),
     (['--out', 'o', '--smoke', '--only', 'steady', 'data'], '--only steady: no such step'),
     (['--out', 'o', '--smoke', '--budget', '10'], '--budget 10: accepted 60 seconds or more'),
+    # NaN compares false with everything: no step was ever left out for lack of time
+    (['--out', 'o', '--smoke', '--budget', 'nan'], '--budget nan: accepted 60 seconds or more, finite'),
+    (['--out', 'o', '--smoke', '--budget', 'inf'], '--budget inf: accepted 60 seconds or more, finite'),
     (['--smoke'], '--out is required'),
     (['--out', 'o', '--device', 'tpu'], "--device 'tpu': accepted cuda or cpu"),
 ])

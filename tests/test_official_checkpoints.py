@@ -372,6 +372,9 @@ EVAL = osp.join(REPO, 'tools', 'analysis', 'eval_official.py')
 
 
 def test_eval_official_covers_the_15_releases_with_existing_configs(tmp_path):
+    """A dry run prints the commands and the table, and leaves --out alone (it overwrote it, the
+    default official_eval.md included, with a table of 'not run')."""
+    (tmp_path / 'table.md').write_text('| results of a real run |\n')
     result = subprocess.run([sys.executable, EVAL, '--checkpoint-dir', str(tmp_path), '--dry-run',
                              '--out', str(tmp_path / 'table.md')], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -379,7 +382,9 @@ def test_eval_official_covers_the_15_releases_with_existing_configs(tmp_path):
     assert len(commands) == 15 + 3  # UperNet: single scale and --tta
     for line in commands:
         assert osp.isfile(line.split()[2]), line
-    rows = (tmp_path / 'table.md').read_text().splitlines()[2:]
+    assert (tmp_path / 'table.md').read_text() == '| results of a real run |\n'
+    assert f'--dry-run: nothing was run, and {tmp_path / "table.md"} was left as it was' in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| ')][1:]  # after the header
     assert len(rows) == 12 + 6 + 6  # Mask R-CNN box + mask, RetinaNet box, UperNet x 2 protocols
     assert '| maskrcnn_t_1x | `davit_maskrcnn_1x_coco.py` | mask_rcnn_davit_t_1x.pth | box mAP | 45.0 | file missing |  |' \
         in rows

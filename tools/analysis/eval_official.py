@@ -67,7 +67,8 @@ def parse_args(argv=None):
     parser.add_argument('--coco-root', help="COCO folder (default: the configs' data/coco/)")
     parser.add_argument('--ade-root', help="ADEChallengeData2016 folder (default: the configs')")
     parser.add_argument('--table', help='JSON list of rows replacing the built-in ones')
-    parser.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='print the commands and the table (which files are missing); run and write nothing')
     return parser.parse_args(argv)
 
 
@@ -206,6 +207,10 @@ def main(argv=None) -> int:
                 label = column + (' (multi-scale + flip)' if tta else '')
                 lines.append(f"| {row['name']} | `{osp.basename(row['config'])}` | {row['checkpoint']} | "
                              f'{label} | {published} | {fmt(got, factor) or status or "not run"} | {diff} |')
+    if args.dry_run:  # printed, not written: --out (official_eval.md by default) may hold real results
+        print('\n'.join(lines))
+        print(f'--dry-run: nothing was run, and {args.out} was left as it was')
+        return 0
     with open(args.out, 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print(f'table: {args.out}')

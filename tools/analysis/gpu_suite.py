@@ -453,8 +453,8 @@ def parse_args(argv=None):
     if args.device == 'cpu' and not args.smoke:
         raise ValueError('--device cpu: the suite measures GPU targets; on a CPU it runs only with '
                          '--smoke (a plumbing check)')
-    if args.budget < MIN_STEP_S:
-        raise ValueError(f'--budget {args.budget:g}: accepted {MIN_STEP_S} seconds or more')
+    if not MIN_STEP_S <= args.budget < float('inf'):  # NaN too: no step would ever be left out
+        raise ValueError(f'--budget {args.budget:g}: accepted {MIN_STEP_S} seconds or more, finite')
     if not args.list and args.out is None:
         raise ValueError('--out is required (where the results go), except with --list')
     for label, folder in (('--out', args.out), ('--work-dir', args.work_dir)):

@@ -19,7 +19,7 @@ matplotlib.use('Agg')  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from davit_mm.cli import check_output_path, run_tool  # noqa: E402
+from davit_mm.cli import check_figure_path, run_tool  # noqa: E402
 
 
 def read_records(path: str):
@@ -108,7 +108,7 @@ def main(argv=None):
     parser.add_argument('--out', default='loss_curve.png')
     parser.add_argument('--keys', nargs='+', help='which logged values to draw (default: all losses)')
     args = parser.parse_args(argv)
-    check_output_path('--out', args.out, folder=False)
+    check_figure_path('--out', args.out)
     print(f'loss curve: {plot(args.work_dir, args.out, args.keys)}')
 
 

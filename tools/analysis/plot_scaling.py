@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from davit_mm.cli import check_output_path, run_tool  # noqa: E402
+from davit_mm.cli import check_figure_path, run_tool  # noqa: E402
 
 SERIES = (('ours', 'davit_mm', '#1f77b4'), ('reference', 'reference (official code)', '#d62728'))
 PANELS = (('forward_{}_s', 'forward time (s)'), ('forward_peak_mb_{}', 'forward peak memory (MB)'))
@@ -127,7 +127,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not osp.isfile(args.json):
         raise ValueError(f'json={args.json!r}: no such file')
-    check_output_path('--out', args.out, folder=False)
+    check_figure_path('--out', args.out)
     rows = read_rows(args.json)
     for name, fit in plot(rows, args.out).items():
         print(f"{name}: {fit['slope']:.4g} per megapixel + {fit['intercept']:.4g}, R^2 = {fit['r2']:.4f}")
