@@ -135,13 +135,29 @@ def test_benchmark_tool_times_a_whole_config(tmp_path, monkeypatch):
     assert row['train_ours_subnormal_grads_s'] > 0 and row['forward_ours_subnormal_grads_s'] > 0
 
 
+@pytest.mark.parametrize('argv, message', [
+    (['--repeats', '0'], '--repeats 0: accepted 1 or more'),  # 'must be >= 1', naming nothing given
+    (['--batch', '0'], '--batch 0: accepted 1 or more'),
+    (['--warmup', '-1'], '--warmup -1: accepted 0 or more'),
+    (['--with-cp'], '--with-cp: measures the memory of with_cp=True, which needs --memory'),  # did nothing
+    (['--modes', 'new_shape', '--accuracy'], '--accuracy: measured with --modes forward/train'),
+    (['--arch', 'foo'], "--arch: arch='foo' is not a known DaViT variant"),  # after the JSON was begun
+])
+def test_backbone_mode_names_an_option_that_would_do_nothing_or_fail_late(capsys, argv, message):
+    benchmark = load_tool('analysis/benchmark.py')
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv + ['--device', 'cpu'])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('flag', [['--arch', 'small'], ['--memory'], ['--with-cp'], ['--compile'],
                                   ['--no-reference'], ['--timm'], ['--accuracy'], ['--profile']])
 def test_config_mode_refuses_the_backbone_modes_flags(capsys, flag):
     """Config mode times the config's model alone: a backbone-mode flag would be ignored, so it
     is refused by name."""
     benchmark = load_tool('analysis/benchmark.py')
-    assert benchmark.parse_args(flag + ['--device', 'cpu'])  # backbone mode takes it
+    alongside = ['--memory'] if flag == ['--with-cp'] else []  # it measures memory
+    assert benchmark.parse_args(flag + alongside + ['--device', 'cpu'])  # backbone mode takes it
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(['--config', 'x.py', '--device', 'cpu'] + flag)
     assert exit_info.value.code == 2

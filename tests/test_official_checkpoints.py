@@ -399,6 +399,7 @@ def test_eval_official_rejects_bad_options(tmp_path):
 
 
 FOLDER, MISSING = object(), object()
+_CONFIG = 'configs/upernet_davit_512x512_160k_ade20k.py'
 
 
 @pytest.mark.parametrize('table, words', [
@@ -413,8 +414,19 @@ FOLDER, MISSING = object(), object()
     ('[{"name": "a",', ['not a JSON file (Expecting property name', 'expected a JSON list of rows']),
     (FOLDER, ['is a folder; expected a file holding a JSON list of rows']),
     (MISSING, ['no such file']),
+    # accepted before: "no" ran the TTA protocol, NaN was tabulated, two rows shared a work dir,
+    # a missing config failed in every test run, an empty table wrote an empty table
+    ([dict(name='a', config=_CONFIG, checkpoint='a.pth', published={'mIoU': 46.3}, tta='no')],
+     ["row 0 (a) has tta='no'; expected true or false"]),
+    ([dict(name='a', config=_CONFIG, checkpoint='a.pth', published={'mIoU': float('nan')})],
+     ["row 0 (a) has published={'mIoU': nan}"]),
+    ([dict(name='a', config=_CONFIG, checkpoint='a.pth', published={})] * 2,
+     ["the names ['a'] are given to several rows"]),
+    ([dict(name='a', config='configs/nope.py', checkpoint='a.pth', published={})],
+     ["row 0 (a) has config='configs/nope.py': no such file"]),
+    ([], ['holds no rows']),
 ], ids=['published_a_list', 'published_a_string', 'a_dict', 'checkpoint_a_number', 'cut_off', 'a_folder',
-        'missing'])
+        'missing', 'tta_a_string', 'published_nan', 'a_name_twice', 'no_config', 'empty'])
 def test_eval_official_names_what_is_wrong_with_its_table(tmp_path, table, words):
     path = tmp_path / 'rows.json'
     if table is FOLDER:
@@ -429,6 +441,23 @@ def test_eval_official_names_what_is_wrong_with_its_table(tmp_path, table, words
                                  cwd=tmp_path)
     assert_user_error(result, f'--table {path}: ', *words)
     assert not out.exists()
+
+
+def test_eval_official_routes_the_data_roots_by_the_configs_library(tmp_path):
+    """A table row has no 'model' key to say it is a segmentor: --ade-root was dropped for it and
+    COCO's data_root and ann_file given instead."""
+    path = tmp_path / 'rows.json'
+    rows = [dict(name='seg', config=_CONFIG, checkpoint='s.pth', published={'mIoU': 46.3}),
+            dict(name='det', config='configs/davit_retinanet_1x_coco.py', checkpoint='d.pth',
+                 published={'coco/bbox_mAP': 44.0})]
+    path.write_text(json.dumps(rows))
+    result = run_tool_in_process(['analysis/eval_official.py', '--checkpoint-dir', tmp_path, '--dry-run',
+                                  '--table', path, '--ade-root', '/data/ade/', '--coco-root', '/data/coco'],
+                                 cwd=tmp_path)
+    seg, det = [line for line in result.stdout.splitlines() if 'tools/test.py' in line]
+    assert seg.endswith('--cfg-options test_dataloader.dataset.data_root=/data/ade/')
+    assert det.endswith('--cfg-options test_dataloader.dataset.data_root=/data/coco/ '
+                        'test_evaluator.ann_file=/data/coco/annotations/instances_val2017.json')
 
 
 @pytest.mark.slow

@@ -232,8 +232,23 @@ def parse_args(argv=None):
         parser.error('--tta: applies to --modes test only')
     if args.images < 2:
         parser.error(f'--images {args.images}: at least 2 (the first batch is timed apart)')
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
+    for option, value, least in (('--batch', args.batch, 1), ('--repeats', args.repeats, 1),
+                                 ('--warmup', args.warmup, 0)):
+        if value < least:
+            parser.error(f'{option} {value}: accepted {least} or more')
+    if args.with_cp and not args.memory:
+        parser.error('--with-cp: measures the memory of with_cp=True, which needs --memory')
+    if args.config is None and set(args.modes) == {'new_shape'}:
+        for name, given in (('--memory', args.memory), ('--accuracy', args.accuracy)):
+            if given:
+                parser.error(f'{name}: measured with --modes forward/train, not with --modes new_shape '
+                             f'alone')
+    if args.config is None and isinstance(args.arch, str):
+        from davit_mm.models.davit import resolve_arch
+        try:  # before the machine's line and --json are written
+            resolve_arch(args.arch)
+        except ValueError as exc:
+            parser.error(f'--arch: {exc}')
     return args
 
 

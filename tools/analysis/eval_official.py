@@ -14,6 +14,7 @@ replaces the built-in rows with a JSON list of rows of the same fields.
 """
 import argparse
 import json
+import math
 import os
 import os.path as osp
 import re
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from davit_mm.cli import check_output_path, run_tool  # noqa: E402
+from davit_mm.cli import check_output_path, library_of, read_config, run_tool  # noqa: E402
 
 # The official README's numbers (box/mask mAP on COCO val2017, mIoU on ADE20K val).
 _SIZES = {'t': ('', 'Tiny'), 's': ('small_', 'Small'), 'b': ('base_', 'Base')}
@@ -68,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument('--ade-root', help="ADEChallengeData2016 folder (default: the configs')")
     parser.add_argument('--table', help='JSON list of rows replacing the built-in ones')
     parser.add_argument('--dry-run', action='store_true',
-                        help='print the commands and the table (which files are missing); run and write nothing')
+                        help='print the commands and the table (which files are missing); run and write '
+                             'nothing')
     return parser.parse_args(argv)
 
 
@@ -117,11 +119,28 @@ def read_table(path: str) -> List[dict]:
                 raise ValueError(f'{label}: row {i} has {key}={row[key]!r}; expected a non-empty string')
         published = row['published']
         if not isinstance(published, dict) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in published.values()):
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in published.values()):
             raise ValueError(f'{label}: row {i} ({row["name"]}) has published={published!r}; expected '
                              f'metric name -> published number, e.g. {{"coco/bbox_mAP": 45.0}} '
                              f'(metrics: {", ".join(METRICS)})')
+        if not isinstance(row.get('tta', False), bool):  # "no" would have run it
+            raise ValueError(f'{label}: row {i} ({row["name"]}) has tta={row["tta"]!r}; expected true or '
+                             f'false')
+        if not osp.isfile(config_path(row)):
+            raise ValueError(f'{label}: row {i} ({row["name"]}) has config={row["config"]!r}: no such '
+                             f'file (a path relative to the repository, or absolute)')
+    names = [row['name'] for row in rows]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # they would share a work dir and a line of the table
+        raise ValueError(f'{label}: the names {twice} are given to several rows; expected one each')
+    if not rows:
+        raise ValueError(f'{label}: holds no rows; expected {expected}')
     return rows
+
+
+def config_path(row: dict) -> str:
+    return row['config'] if osp.isabs(row['config']) else osp.join(ROOT, row['config'])
 
 
 def load_rows(args) -> List[dict]:
@@ -138,7 +157,9 @@ def load_rows(args) -> List[dict]:
 
 
 def command(row: dict, checkpoint: str, args, tta: bool) -> List[str]:
-    config = row['config'] if osp.isabs(row['config']) else osp.join(ROOT, row['config'])
+    config = config_path(row)
+    # which data root applies: the config's library (a table's rows name no model kind)
+    segmentation = library_of(read_config(config)) == 'mmseg'
     work_dir = osp.join(args.work_dir, row['name'] + ('_tta' if tta else ''))
     if args.gpus > 1:
         cmd = ['bash', osp.join(ROOT, 'tools', 'dist_test.sh'), config, checkpoint, str(args.gpus)]
@@ -146,11 +167,11 @@ def command(row: dict, checkpoint: str, args, tta: bool) -> List[str]:
         cmd = [sys.executable, osp.join(ROOT, 'tools', 'test.py'), config, checkpoint]
     cmd += ['--work-dir', work_dir] + (['--tta'] if tta else [])
     options = []
-    if args.coco_root and row.get('model') != 'upernet':
+    if args.coco_root and not segmentation:
         root = args.coco_root.rstrip('/') + '/'
         options += [f'test_dataloader.dataset.data_root={root}',
                     f'test_evaluator.ann_file={root}annotations/instances_val2017.json']
-    if args.ade_root and row.get('model') == 'upernet':
+    if args.ade_root and segmentation:
         options += [f'test_dataloader.dataset.data_root={args.ade_root}']
     return cmd + (['--cfg-options'] + options if options else [])
 
