@@ -706,3 +706,14 @@ def test_plot_scaling_fits_each_series_of_benchmark_rows(tmp_path):
     result = run_tool_in_process(['analysis/plot_scaling.py', path, '--out', out], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'forward_ours_s: ' in result.stdout and 'forward_peak_mb_ours: ' in result.stdout and out.exists()
+
+
+def test_plot_scaling_labels_the_sizes_and_batch_it_plots(tmp_path, monkeypatch):
+    """The x axis said 'batch 1; 256² .. 1600²' whatever the rows held."""
+    scaling = load_tool('analysis/plot_scaling.py')
+    figures = []
+    monkeypatch.setattr(scaling.plt, 'close', figures.append)
+    rows = [dict(row, batch=2, forward_ours_s=n * 1.0)
+            for n, row in enumerate(_scaling_rows(*SCALING_SIZES), start=1)]
+    scaling.plot(rows, str(tmp_path / 'scaling.png'))
+    assert figures[0].axes[0].get_xlabel() == 'megapixels (batch 2; 256x256 .. 768x768)'

@@ -92,6 +92,7 @@ def linear_fit(x: np.ndarray, y: np.ndarray):
 
 def plot(rows, out: str) -> dict:
     megapixels = np.array([np.prod([int(v) for v in r['size'].split('x')]) / 1e6 for r in rows])
+    smallest, largest = rows[int(megapixels.argmin())]['size'], rows[int(megapixels.argmax())]['size']
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     fits = {}
     for ax, (key, label) in zip(axes, PANELS):
@@ -105,7 +106,7 @@ def plot(rows, out: str) -> dict:
             grid = np.linspace(0, megapixels.max() * 1.05, 50)
             ax.plot(grid, slope * grid + intercept, '-', color=colour, alpha=0.5,
                     label=f'linear fit, R$^2$={r2:.4f}')
-        ax.set_xlabel('megapixels (batch 1; 256$^2$ .. 1600$^2$)')
+        ax.set_xlabel(f'megapixels (batch {rows[0].get("batch", 1)}; {smallest} .. {largest})')
         ax.set_ylabel(label)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
