@@ -167,6 +167,10 @@ def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
                        'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
     assert f'no checkpoint in {work}, starting from scratch' in result.stdout
     assert (work / 'epoch_1.pth').exists()
+    again = run_tool(['train.py', RETINANET, '--work-dir', work, '--resume', '--cfg-options',
+                      'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
+    assert (f'--resume: {work / "epoch_1.pth"} is at epoch 1 of train_cfg.max_epochs=1: nothing is left to '
+            f'train (raise train_cfg.max_epochs to train on)') in again.stdout  # it exited 0 without a word
     tuned = data_dir / 'fresh_finetuned'
     result = run_tool(['train.py', RETINANET, '--work-dir', tuned, '--resume', '--cfg-options',
                        f'load_from={work / "epoch_1.pth"}', 'optim_wrapper.optimizer.lr=0',

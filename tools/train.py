@@ -45,6 +45,18 @@ def keep_the_runs_seed(cfg, checkpoint: dict) -> None:
         cfg.randomness = dict(randomness, seed=int(seed))
 
 
+def say_when_nothing_is_left(cfg, checkpoint: dict) -> None:
+    """A run resumed at or past its schedule's end trains nothing and exits 0 (mmengine's loop
+    just ends): say so, and which setting would let it train on."""
+    train_cfg = cfg.get('train_cfg') or {}
+    for key, reached in (('max_epochs', 'epoch'), ('max_iters', 'iter')):
+        done, total = checkpoint['meta'][reached], train_cfg.get(key)
+        if isinstance(total, int) and done >= total:
+            print(f'--resume: {cfg.load_from} is at {reached} {done} of train_cfg.{key}={total}: '
+                  f'nothing is left to train (raise train_cfg.{key} to train on)')
+            return
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
@@ -86,6 +98,7 @@ def main(argv=None):
             checkpoint = read_training_checkpoint(cfg.load_from)
         lacking = check_resumable(checkpoint, cfg.load_from)
         keep_the_runs_seed(cfg, checkpoint)
+        say_when_nothing_is_left(cfg, checkpoint)
 
     seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
