@@ -182,15 +182,26 @@ def check_resumable(checkpoint: dict, path: str) -> List[str]:
 _MODEL_MODULES = ('neck', 'rpn_head', 'roi_head', 'bbox_head', 'mask_head', 'decode_head', 'auxiliary_head')
 
 
-def _is_backbone_file(checkpoint: object) -> bool:
-    """Whether a file's content holds one DaViT backbone (a classifier, convert_checkpoint.py's
-    output) and no detector/segmentor modules."""
+def _lone_backbone(state_dict: Dict[str, torch.Tensor], modules: Sequence[str] = ()) -> str:
+    """``'DaViT weights in FORMAT format[ under PREFIX]'`` when ``state_dict`` holds one DaViT
+    backbone and no weights of a detector's/segmentor's other modules (:data:`_MODEL_MODULES`, and
+    ``modules``): a classifier, convert_checkpoint.py's output. ``''`` otherwise."""
     try:
-        state_dict = _flatten(checkpoint, 'the checkpoint')
-        detect_format(state_dict)
+        layout, prefix = detect_format(state_dict)
     except (CheckpointError, TypeError):
+        return ''
+    others = set(_MODEL_MODULES) | set(modules)
+    if any(key.split('.')[0] in others for key in state_dict):
+        return ''  # a whole model
+    return f'DaViT weights in {LAYOUTS[layout].format} format' + (f' under {prefix!r}' if prefix else '')
+
+
+def _is_backbone_file(checkpoint: object) -> bool:
+    """Whether a file's content (wrappers and all) is one DaViT backbone alone (:func:`_lone_backbone`)."""
+    try:
+        return bool(_lone_backbone(_flatten(checkpoint, 'the checkpoint')))
+    except CheckpointError:
         return False
-    return not any(key.split('.')[0] in _MODEL_MODULES for key in state_dict)
 
 
 def _read_safetensors(path: str, map_location) -> dict:
@@ -884,17 +895,10 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
 def _backbone_alone(state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> str:
     """What says that ``state_dict`` is a backbone, not a model like ``own``: its keys are the
     model's ``backbone.*`` keys, or it holds one DaViT backbone of a public format and nothing of
-    the model's other modules (a classifier, whose head is not a detector's); else ``''``."""
+    the model's other modules (:func:`_lone_backbone`); else ``''``."""
     if state_dict and {f'backbone.{k}' for k in state_dict} <= set(own):
         return "its keys are the model's backbone.* keys"
-    try:
-        layout, prefix = detect_format(state_dict)
-    except CheckpointError:
-        return ''
-    modules = {key.split('.')[0] for key in own} - {'backbone'} | set(_MODEL_MODULES)
-    if any(key.split('.')[0] in modules for key in state_dict if not key.startswith(prefix)):
-        return ''  # a whole model, of this kind or another
-    return f'DaViT weights in {LAYOUTS[layout].format} format' + (f' under {prefix!r}' if prefix else '')
+    return _lone_backbone(state_dict, {key.split('.')[0] for key in own} - {'backbone'})
 
 
 def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
