@@ -624,8 +624,6 @@ class DaViT(BaseModule):
                     init_cfg) -> None:
         """Check every argument (``spec``: the resolved arch; ``overrides``: the arguments that
         replace its optional settings, None where the arch's value is used)."""
-        is_int = _is_int
-
         def is_number(v):  # numpy's too
             return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -633,10 +631,10 @@ class DaViT(BaseModule):
             return key if overrides[key] is not None else f'arch.{key}'
 
         num_stages = len(spec['depths'])
-        if not is_int(in_channels) or in_channels < 1:
+        if not _is_int(in_channels) or in_channels < 1:
             raise ValueError(f'in_channels={in_channels!r}: expected a positive int')
         window_size, channel_attention = spec['window_size'], spec['channel_attention']
-        if not is_int(window_size) or window_size < 1:
+        if not _is_int(window_size) or window_size < 1:
             raise ValueError(f'{source("window_size")}={window_size!r}: expected a positive int')
         if channel_attention not in CHANNEL_ATTENTION_VERSIONS:
             raise ValueError(f'{source("channel_attention")}={channel_attention!r}: accepted '
@@ -655,7 +653,7 @@ class DaViT(BaseModule):
                              f'the narrowest stage here is {narrowest} wide)')
         if not is_number(drop_path_rate) or not 0 <= drop_path_rate < 1:
             raise ValueError(f'drop_path_rate={drop_path_rate!r}: expected a float in [0, 1)')
-        if not isinstance(out_indices, (list, tuple)) or not all(is_int(i) for i in out_indices):
+        if not isinstance(out_indices, (list, tuple)) or not all(_is_int(i) for i in out_indices):
             raise TypeError(f'out_indices must be a list/tuple of ints, got {out_indices!r}')
         if len(out_indices) == 0:
             raise ValueError(f'out_indices={out_indices!r} is empty; accepted: stage indices in '
@@ -667,7 +665,7 @@ class DaViT(BaseModule):
                              f'{num_stages - 1}]')
         if len({i % num_stages for i in out_indices}) != len(out_indices):
             raise ValueError(f'out_indices={out_indices!r} names a stage twice')
-        if not is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages={frozen_stages!r}: accepted -1 (nothing frozen), 0 '
                              f'(stem) .. {num_stages} (stem and all stages)')
         if init_cfg is not None:
