@@ -156,10 +156,10 @@ def load_rows(args) -> List[dict]:
     return rows
 
 
-def command(row: dict, checkpoint: str, args, tta: bool) -> List[str]:
+def command(row: dict, checkpoint: str, args, tta: bool, segmentation: bool) -> List[str]:
+    """The test command of ``row``; ``segmentation``: its config is an mmseg one, for which
+    ``--ade-root`` applies, else ``--coco-root``."""
     config = config_path(row)
-    # which data root applies: the config's library (a table's rows name no model kind)
-    segmentation = library_of(read_config(config)) == 'mmseg'
     work_dir = osp.join(args.work_dir, row['name'] + ('_tta' if tta else ''))
     if args.gpus > 1:
         cmd = ['bash', osp.join(ROOT, 'tools', 'dist_test.sh'), config, checkpoint, str(args.gpus)]
@@ -205,8 +205,10 @@ def main(argv=None) -> int:
     for row in rows:
         checkpoint = osp.join(args.checkpoint_dir, row['checkpoint'])
         runs = [False, True] if row.get('tta') else [False]
+        # which data root applies: the config's library (a table's rows name no model kind)
+        segmentation = library_of(read_config(config_path(row))) == 'mmseg'
         for tta in runs:
-            cmd = command(row, checkpoint, args, tta)
+            cmd = command(row, checkpoint, args, tta, segmentation)
             print(' '.join(cmd), flush=True)
             values: Dict[str, float] = {}
             status = ''
