@@ -13,8 +13,9 @@ scoring, pixels in the wrong place.
   one is a CUDA device-side assert in the loss, and is silently left out of the IoU). Place it
   right after ``LoadAnnotations``, before any transform that resizes, crops or pads.
 
-Both look at arrays already loaded (only for an image that fails is its EXIF orientation read). A sample without the keys a check
-reads, such as an image given to an inferencer without annotations, passes unchecked.
+Both look at arrays already loaded (only for an image that fails is its EXIF orientation read).
+A sample without the keys a check reads, such as an image given to an inferencer without
+annotations, passes unchecked.
 """
 import os.path as osp
 from typing import Optional, Tuple
