@@ -914,6 +914,11 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
     if osp.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip()
+        inside = osp.join(work_dir, osp.basename(named))
+        if named and osp.realpath(osp.dirname(named)) != osp.realpath(work_dir) and osp.isfile(inside):
+            # a work dir copied or moved from elsewhere: its pointer still names the original's
+            # file (one outside is otherwise kept: CheckpointHook's out_dir writes there)
+            named = inside
         if named:
             candidates.append(named)
     numbered = []

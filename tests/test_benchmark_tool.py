@@ -194,6 +194,19 @@ def test_benchmark_tool_times_evaluation_on_the_configs_test_set(tmp_path, tta):
     assert 3 <= row['test_backbone_shapes'] <= 6 if tta else 1 <= row['test_backbone_shapes'] <= 2
 
 
+def test_config_mode_refuses_too_few_test_images_before_timing_other_modes(tmp_path):
+    """Test mode times the first batch apart: --images must exceed the test batch size, and
+    that is checked before train/forward spend their time."""
+    config = osp.join(CONFIGS, 'quickstart', 'davit_mini_retinanet_synthetic_coco.py')  # batches of 2
+    result = run_tool(['analysis/benchmark.py', '--config', config, '--modes', 'train', 'test',
+                       '--images', '2', '--sizes', '64x64', '--json', tmp_path / 'b.json'],
+                      cwd=tmp_path, expect_ok=False)
+    assert result.returncode == 2
+    assert ('--images 2: test mode times at least 2 batches and davit_mini_retinanet_synthetic_coco.py '
+            'has test_dataloader.batch_size=2: give more than 2') in result.stderr
+    assert json.loads((tmp_path / 'b.json').read_text())['rows'] == []  # nothing was timed
+
+
 @pytest.mark.parametrize('option,expected', [
     ([], True), (['--cfg-options', 'env_cfg.cudnn_benchmark=False'], False)])
 def test_config_mode_sets_up_cudnn_autotuning_as_the_runner_does(tmp_path, option, expected):

@@ -171,6 +171,9 @@ def test_resume_without_any_checkpoint_starts_cleanly(data_dir):
                       'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
     assert (f'--resume: {work / "epoch_1.pth"} is at epoch 1 of train_cfg.max_epochs=1: nothing is left to '
             f'train (raise train_cfg.max_epochs to train on)') in again.stdout  # it exited 0 without a word
+    by_config = run_tool(['train.py', RETINANET, '--work-dir', work, '--cfg-options', 'resume=True',
+                          'train_cfg.max_epochs=1', 'train_cfg.val_interval=1'], cwd=data_dir)
+    assert f'resume=True: {work / "epoch_1.pth"} is at epoch 1' in by_config.stdout  # not "--resume"
     tuned = data_dir / 'fresh_finetuned'
     result = run_tool(['train.py', RETINANET, '--work-dir', tuned, '--resume', '--cfg-options',
                        f'load_from={work / "epoch_1.pth"}', 'optim_wrapper.optimizer.lr=0',
@@ -269,6 +272,25 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_of_a_relative_work_
     for name in ('epoch_1.pth', 'epoch_2.pth', 'epoch_10.pth'):
         (work / name).write_bytes(b'')
     assert latest_valid_checkpoint('work') is None
+
+
+def test_resume_in_a_copied_work_dir_takes_its_own_checkpoint_not_the_originals(tmp_path):
+    """last_checkpoint holds an absolute path: in a copy of a work dir (a forked experiment, a
+    run moved to another cluster) it names the original's file, which may since have changed."""
+    from davit_mm.checkpoint import latest_valid_checkpoint
+    original, copy, elsewhere = tmp_path / 'exp1', tmp_path / 'exp2', tmp_path / 'out' / 'exp3'
+    for work, value in ((original, 1.0), (copy, 2.0), (elsewhere, 3.0)):
+        work.mkdir(parents=True)
+        torch.save({'meta': {'epoch': 2, 'iter': 8}, 'message_hub': {},
+                    'state_dict': {'w': torch.full((4,), value)}}, work / 'epoch_2.pth')
+    (copy / 'last_checkpoint').write_text(str(original / 'epoch_2.pth'))
+    path, content = latest_valid_checkpoint(str(copy))
+    assert path == str(copy / 'epoch_2.pth') and content['state_dict']['w'][0] == 2.0
+    # CheckpointHook(out_dir=...) saves outside the work dir and points there: that is followed
+    (elsewhere / 'epoch_2.pth').rename(elsewhere / 'epoch_3.pth')
+    (copy / 'last_checkpoint').write_text(str(elsewhere / 'epoch_3.pth'))
+    path, content = latest_valid_checkpoint(str(copy))
+    assert path == str(elsewhere / 'epoch_3.pth') and content['state_dict']['w'][0] == 3.0
 
 
 def test_atomic_backend_never_leaves_a_partial_file(tmp_path, monkeypatch):

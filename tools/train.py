@@ -45,14 +45,14 @@ def keep_the_runs_seed(cfg, checkpoint: dict) -> None:
         cfg.randomness = dict(randomness, seed=int(seed))
 
 
-def say_when_nothing_is_left(cfg, checkpoint: dict) -> None:
-    """A run resumed at or past its schedule's end trains nothing and exits 0 (mmengine's loop
-    just ends): say so, and which setting would let it train on."""
+def say_when_nothing_is_left(cfg, checkpoint: dict, option: str) -> None:
+    """A run resumed (by ``option``) at or past its schedule's end trains nothing and exits 0
+    (mmengine's loop just ends): say so, and which setting would let it train on."""
     train_cfg = cfg.get('train_cfg') or {}
     for key, reached in (('max_epochs', 'epoch'), ('max_iters', 'iter')):
         done, total = checkpoint['meta'][reached], train_cfg.get(key)
         if isinstance(total, int) and done >= total:
-            print(f'--resume: {cfg.load_from} is at {reached} {done} of train_cfg.{key}={total}: '
+            print(f'{option}: {cfg.load_from} is at {reached} {done} of train_cfg.{key}={total}: '
                   f'nothing is left to train (raise train_cfg.{key} to train on)')
             return
 
@@ -75,10 +75,10 @@ def main(argv=None):
                          "backbone's init_cfg")
     preflight(cfg, ('train', 'val'))
     checkpoint = None  # the content of load_from, when already read
+    option = '--resume' if args.resume is not None else 'resume=True'  # what asked to resume
     # resume=True without load_from (in the config or --cfg-options) is mmengine's "resume from
     # the latest checkpoint in the work dir": --resume without a path.
     if args.resume == 'auto' or (args.resume is None and cfg.get('resume') and not cfg.get('load_from')):
-        option = '--resume' if args.resume else 'resume=True'
         latest = latest_valid_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
         cfg.resume = latest is not None
         if latest is not None:
@@ -98,7 +98,7 @@ def main(argv=None):
             checkpoint = read_training_checkpoint(cfg.load_from)
         lacking = check_resumable(checkpoint, cfg.load_from)
         keep_the_runs_seed(cfg, checkpoint)
-        say_when_nothing_is_left(cfg, checkpoint)
+        say_when_nothing_is_left(cfg, checkpoint, option)
 
     seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
@@ -110,7 +110,7 @@ def main(argv=None):
         if note:
             runner.logger.warning(f'load_from: {note}')
         if lacking:
-            runner.logger.warning(f'--resume: {cfg.load_from} has no {" and no ".join(lacking)}: '
+            runner.logger.warning(f'{option}: {cfg.load_from} has no {" and no ".join(lacking)}: '
                                   f'the resumed run starts them afresh')
     with run_guarded(cfg):
         runner.train()

@@ -806,6 +806,12 @@ def bench_config(args, results: Results) -> None:
     # heads on a GPU.
     if cfg.get('env_cfg', {}).get('cudnn_benchmark'):
         torch.backends.cudnn.benchmark = True
+    if 'test' in args.modes:  # before the other modes spend their minutes
+        per_batch = cfg.test_dataloader.get('batch_size', 1)
+        if args.images <= per_batch:
+            raise ValueError(f'--images {args.images}: test mode times at least 2 batches and '
+                             f'{osp.basename(args.config)} has test_dataloader.batch_size='
+                             f'{per_batch}: give more than {per_batch}')
     if set(args.modes) - {'test'}:
         bench_config_steps(args, cfg, library, results)
     if 'test' in args.modes:
