@@ -31,7 +31,7 @@ import torch
 from mmengine.logging import print_log
 
 from . import compat
-from .fileio import HEAD_BYTES, file_kind, resolve_checkpoint
+from .fileio import HEAD_BYTES, file_kind, resolve_checkpoint, source_url
 from .formats import (CLASSIFIER_KEY, DUAL_ATTENTION_BLOCK, FORMATS, LAYOUTS, MODEL_FORMATS,
                       OTHER_MODELS, Layout)
 
@@ -71,14 +71,20 @@ def read_file(path: str, map_location: Union[str, torch.device] = 'cpu') -> obje
     check_map_location(map_location)
     url = os.fspath(path)
     path = resolve_checkpoint(url)  # a URL: its cached or downloaded copy
+    if url == path:  # a cached download already resolved (the tools' load_from), or a local file
+        url = source_url(path) or path
     if not osp.exists(path):
         raise CheckpointError(f'checkpoint={path!r}: no such file')
     if not osp.isfile(path):
         raise CheckpointError(f'checkpoint={path!r} is not a regular file')
     size = osp.getsize(path)
-    with open(path, 'rb') as f:
-        kind = file_kind(f.read(HEAD_BYTES), size)
     try:
+        try:
+            with open(path, 'rb') as f:
+                kind = file_kind(f.read(HEAD_BYTES), size)
+        except OSError as exc:  # e.g. a file of another user's umask on a shared cache or work dir
+            raise CheckpointError(f'checkpoint={path!r} cannot be read: '
+                                  f'{exc.strerror or exc}') from exc
         if kind is None:
             raise CheckpointError(f'checkpoint={path!r} is not a PyTorch checkpoint (neither a '
                                   f'torch.save archive, a pickle nor a safetensors file; '

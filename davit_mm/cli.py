@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
 
+from . import compat
 from .fileio import is_url, resolve_checkpoint
 from .registry import LIBRARIES
 
@@ -157,10 +158,20 @@ def add_launch_arguments(parser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
+# Where launchers that do not export LOCAL_RANK put a process's rank on its node: Open MPI's
+# mpirun (mmengine's --launcher mpi reads it, but leaves LOCAL_RANK unset) and srun.
+_LAUNCHER_LOCAL_RANK = {'mpi': 'OMPI_COMM_WORLD_LOCAL_RANK', 'slurm': 'SLURM_LOCALID'}
+
+
 def parse_launch_arguments(parser, argv=None):
-    """Parse, and export LOCAL_RANK for launchers that pass it as an argument."""
+    """Parse, and export LOCAL_RANK for launchers that pass it as an argument (``--local_rank``)
+    or in a variable of their own (mpirun, srun). Without it every process of an ``--launcher
+    mpi`` run had LOCAL_RANK 0: mmengine wraps the model in DDP with ``device_ids=[LOCAL_RANK]``
+    (cuda:0 for a process whose model mmengine put on cuda:N), and every process downloaded
+    (davit_mm.fileio: local rank 0 downloads)."""
     args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    own = os.environ.get(_LAUNCHER_LOCAL_RANK.get(getattr(args, 'launcher', 'none'), ''), '')
+    os.environ.setdefault('LOCAL_RANK', own if own.isdigit() else str(args.local_rank))
     return args
 
 
@@ -611,6 +622,7 @@ def build_runner(cfg: Config, training: bool = True):
 
     notes = adapt_config_to_machine(cfg, cfg.get('launcher', 'none'), training)
     add_checkpoint_hooks(cfg)
+    compat.make_evaluator_output_dirs(cfg, ('val', ) if training else ('test', ))
     with config_build_errors():
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     for note in notes:

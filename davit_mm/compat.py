@@ -12,13 +12,16 @@
 - :func:`name_unreadable_images` (mmcv 2.x) and :func:`allow_davit_mm_config_scope`
   (mmengine <= 0.10.7) are applied when davit_mm is imported (:func:`apply_at_import`): every
   process that builds datasets or parses configs with davit_mm imports it first (``custom_imports``).
+- :func:`make_evaluator_output_dirs` (mmseg <= 1.2.2): the label map folder of a distributed
+  evaluation, made by the tools before the runner is built.
 """
 import contextlib
 import functools
+import os
 import os.path as osp
 import pickle
 import re
-from typing import ContextManager, Dict, Iterator, List, Tuple
+from typing import ContextManager, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -46,6 +49,7 @@ SHIMS: Dict[str, Tuple[Tuple[str, Tuple[int, ...], Tuple[int, ...]], ...]] = {
     'onnx_cast_long': (('mmdeploy', (0, 0), (1, 3, 1)), ),  # and only where torch lacks it
     'name_unreadable_images': (('mmcv', (2, 0), (2, 2, 0)), ),
     'allow_davit_mm_config_scope': (('mmengine', (0, 0), (0, 10, 7)), ),
+    'make_evaluator_output_dirs': (('mmseg', (1, 0), (1, 2, 2)), ),
 }
 
 
@@ -253,6 +257,29 @@ def allow_davit_mm_config_scope() -> None:
     config_module.get_installed_path = get_installed_path
     config_module.Config._get_cfg_path = staticmethod(get_cfg_path)
     _applied.add('config_scope')
+
+
+# ------------------------------------------------------------------ mmseg label map folders
+def make_evaluator_output_dirs(cfg, splits: Sequence[str]) -> None:
+    """Create the ``output_dir`` of the ``splits``' evaluators (mmseg's ``IoUMetric``: where
+    ``tools/test.py --out`` puts the label maps) on every process of an mmseg config.
+
+    Upstream problem: mmseg 1.2.2's ``IoUMetric`` creates its ``output_dir`` on the main process
+    only (in its constructor), while every process writes the label maps of its own images into
+    it. In a distributed run a process that reached its first image before the main process had
+    built the metric stopped with ``FileNotFoundError`` (``dist_test.sh CONFIG CKPT 2 --out DIR``
+    with a new DIR), after the other processes' share of the evaluation.
+    """
+    if cfg.get('default_scope') != 'mmseg' or not needed('make_evaluator_output_dirs'):
+        return
+    for split in splits:
+        if cfg.get(f'{split}_cfg') is None:
+            continue
+        evaluators = cfg.get(f'{split}_evaluator') or []
+        for evaluator in evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]:
+            output_dir = evaluator.get('output_dir') if isinstance(evaluator, dict) else None
+            if isinstance(output_dir, str) and output_dir:
+                os.makedirs(output_dir, exist_ok=True)
 
 
 def apply_at_import() -> None:

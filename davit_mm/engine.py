@@ -52,6 +52,22 @@ def restore_random_state(state: dict, data_pipeline: bool = True) -> None:
         np.random.set_state(state['numpy'])
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every process of a distributed run rank ``src``'s buffers of ``model`` (BN running
+    statistics); nothing outside one.
+
+    mmengine's DDP wrapper does not broadcast buffers (``broadcast_buffers=False``), so with plain
+    BN (davit_mm's UperNet heads, as the official config; SyncBN turned into BN on CPU) each rank
+    keeps running statistics of its own data. Validating during training then scored a mix of
+    the ranks' statistics: not the model the checkpoint holds (rank 0's), and different after a
+    resume (the resumed ranks start from rank 0's statistics)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src)
+
+
 class RandomStateHook(Hook):
     """Exact resumption: a run resumed from a checkpoint ends with the same weights and optimizer
     state as one that never stopped (given deterministic kernels).
@@ -66,7 +82,9 @@ class RandomStateHook(Hook):
     checkpoint and restores them when training resumes (what the first iteration's data loading
     draws before the first seeding). Iteration-based loops fast-forward the data loader through
     the batches already trained, replaying the transforms' draws from the seed: there only
-    torch's generators are restored. Validation and testing are made neutral to the generators.
+    torch's generators are restored. Validation and testing are made neutral to the generators,
+    and validation scores rank 0's buffers on every rank (:func:`broadcast_buffers`): the
+    model its checkpoint holds.
     """
 
     priority = 'VERY_LOW'  # before_train runs after mmengine has loaded the checkpoint
@@ -107,7 +125,10 @@ class RandomStateHook(Hook):
             restore_random_state(self._outside_eval)
             self._outside_eval = None
 
-    before_val_epoch = _enter_eval
+    def before_val_epoch(self, runner) -> None:
+        self._enter_eval(runner)
+        broadcast_buffers(runner.model)
+
     after_val_epoch = _leave_eval
     before_test_epoch = _enter_eval
     after_test_epoch = _leave_eval

@@ -18,7 +18,12 @@ import struct
 import tempfile
 import urllib.error
 import urllib.request
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Dict, Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, concurrent downloads stay possible
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -34,8 +39,14 @@ CONFIG_KEY = 'model.backbone.init_cfg.checkpoint'  # where davit_mm's configs na
 
 def default_file_mode() -> int:
     """The mode a plain ``open(path, 'w')`` gives a new file under the process umask."""
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
+    try:  # Linux >= 4.7 tells it without changing it
+        with open('/proc/self/status') as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError, IndexError):
+        # Setting it is the only other way to read it; meanwhile another thread of this process
+        # creating a file would get the mode 0666.
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
@@ -73,8 +84,20 @@ def is_url(path: str) -> bool:
 
 
 def cache_dir() -> str:
-    """``$DAVIT_MM_CACHE``, else torch hub's checkpoint folder."""
-    return os.environ.get(CACHE_ENV) or osp.join(torch.hub.get_dir(), 'checkpoints')
+    """``$DAVIT_MM_CACHE`` (``~`` expanded, as torch hub expands ``$TORCH_HOME``), else torch hub's
+    checkpoint folder."""
+    folder = os.environ.get(CACHE_ENV)
+    return osp.expanduser(folder) if folder else osp.join(torch.hub.get_dir(), 'checkpoints')
+
+
+# cached file (absolute path) -> the URL it was resolved for in this process
+_SOURCE_URLS: Dict[str, str] = {}
+
+
+def source_url(path: str) -> Optional[str]:
+    """The URL whose cached download ``path`` is, when :func:`resolve_checkpoint` gave it in this
+    process (the tools hand mmengine the cached file in place of a ``load_from`` URL)."""
+    return _SOURCE_URLS.get(osp.abspath(os.fspath(path)))
 
 
 def cached_path(url: str) -> str:
@@ -161,6 +184,50 @@ def download(url: str, dst: str, timeout: float) -> None:
         raise DownloadError(_offline_help(url, dst, f'{type(exc).__name__}: {reason}')) from exc
 
 
+@contextlib.contextmanager
+def _download_lock(dst: str) -> Iterator[None]:
+    """Held while this process downloads ``dst``: another process asking for the same URL at the
+    same time (the ranks of a run before its process group is up, ``--launcher mpi`` ranks that all
+    read ``LOCAL_RANK=0``, independent jobs on a shared cache) waits for it, then finds the file.
+    An advisory lock on a hidden file beside ``dst``, removed by its holder when done; where none
+    can be taken (a read-only cache folder, a file system without locks) nothing waits."""
+    lock, fd = osp.join(osp.dirname(dst), f'.{osp.basename(dst)}.lock'), None
+    if fcntl is not None:
+        try:
+            os.makedirs(osp.dirname(dst), exist_ok=True)
+            while True:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:  # the holder before us removed the file we waited on: lock the new one
+                    if osp.samestat(os.fstat(fd), os.stat(lock)):
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+                fd = None
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+            os.close(fd)  # releases the lock
+
+
+def _download_once(url: str, dst: str, timeout: float) -> None:
+    """:func:`download` unless ``dst`` is cached, or becomes so while waiting for another process
+    downloading it (:func:`_download_lock`)."""
+    if osp.isfile(dst):
+        return
+    with _download_lock(dst):
+        if not osp.isfile(dst):
+            download(url, dst, timeout)
+
+
 def _local_rank() -> int:
     # torchrun and mmengine's slurm launcher export LOCAL_RANK; without it, one downloader in all
     return int(os.environ.get('LOCAL_RANK', dist.get_rank()))
@@ -177,15 +244,15 @@ def resolve_checkpoint(path: str) -> str:
     if not is_url(path):
         return path
     dst = cached_path(path)
+    _SOURCE_URLS[osp.abspath(dst)] = path
     timeout = _timeout()
     if not (dist.is_available() and dist.is_initialized()):
-        if not osp.isfile(dst):
-            download(path, dst, timeout)
+        _download_once(path, dst, timeout)
         return dst
     error = None
     if _local_rank() == 0 and not osp.isfile(dst):
         try:
-            download(path, dst, timeout)
+            _download_once(path, dst, timeout)
         except DownloadError as exc:
             error = exc
     # Every process reaches the barrier, cached file or not: one that skipped it because the

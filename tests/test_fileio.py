@@ -95,6 +95,13 @@ def test_cache_defaults_to_torch_hub_and_a_cached_file_needs_no_network(tmp_path
     assert fileio.resolve_checkpoint(str(tmp_path / 'local.pth')) == str(tmp_path / 'local.pth')
 
 
+def test_a_cache_folder_under_home_is_expanded_as_torch_home_is(tmp_path, monkeypatch):
+    """A value the shell did not expand (quoted, or set by a job scheduler or a .env file)."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv(fileio.CACHE_ENV, '~/shared_cache')
+    assert fileio.cached_path('http://127.0.0.1:9/w.pth').startswith(str(tmp_path / 'shared_cache') + os.sep)
+
+
 def test_downloaded_file_gets_the_umask_mode(tmp_path, hub, monkeypatch):
     base, served, _ = hub
     torch.save({'w': torch.ones(3)}, served / 'w.pth')
@@ -188,8 +195,9 @@ def test_timeouts_up_to_the_largest_accepted_reach_the_network(tmp_path, monkeyp
         fileio.resolve_checkpoint(f'http://127.0.0.1:{port}/x.pth')
 
 
-def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, results):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, results, local_rank=None):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank if local_rank is None else local_rank),
                       **{fileio.CACHE_ENV: cache})
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world_size,
                                          timeout=datetime.timedelta(seconds=20))
@@ -217,5 +225,95 @@ def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(t
     results = mp.Manager().dict()
     mp.spawn(_resolve_in_process, nprocs=2, join=True,
              args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results))
+    assert server.requests == ['/w.pth']
+    assert results[0] == results[1] and results[0][1] == data
+
+
+def test_a_cached_download_that_cannot_be_read_names_the_url_and_how_to_fetch_it_again(
+        tiny_arch, tmp_path, monkeypatch):
+    """A teammate's download under umask 077 in a shared cache: a CheckpointError naming the URL,
+    not a bare PermissionError."""
+    from davit_mm import checkpoint
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    url = 'http://127.0.0.1:9/davit_tiny.pth'  # nothing listens: the cached copy must serve
+    os.makedirs(tmp_path / 'cache')
+    cached = fileio.cached_path(url)
+    torch.save({'state_dict': DaViT(tiny_arch).state_dict()}, cached)
+    os.chmod(cached, 0)
+    if os.geteuid() == 0:  # root reads any file: refuse this one as the kernel refuses others
+        def refusing_open(path, *args, **kwargs):
+            if os.fspath(path) == cached:
+                raise PermissionError(13, 'Permission denied', cached)
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(checkpoint, 'open', refusing_open, raising=False)
+    with pytest.raises(ValueError, match=rf'cannot be read: Permission denied \(the cached download of '
+                                         rf'{url}: delete the file to download it again\)'):
+        load_pretrained(DaViT(tiny_arch), url)
+
+
+def test_a_broken_cached_download_read_by_its_path_still_names_its_url(tmp_path, monkeypatch):
+    """The tools hand mmengine (and their own checks) the cached file in place of a load_from
+    URL; an error about that file still says which URL it came from."""
+    from davit_mm.checkpoint import read_training_checkpoint
+    monkeypatch.setenv(fileio.CACHE_ENV, str(tmp_path / 'cache'))
+    url = 'http://127.0.0.1:9/epoch_12.pth'
+    os.makedirs(tmp_path / 'cache')
+    with open(fileio.cached_path(url), 'wb') as f:
+        f.write(b'PK\x03\x04 cut short')
+    path = fileio.resolve_checkpoint(url)  # what cli.build_runner does with load_from
+    with pytest.raises(ValueError, match=rf'corrupt or truncated.* \(the cached download of {url}: '
+                                         rf'delete the file to download it again\)'):
+        read_training_checkpoint(path)
+
+
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """os.umask(0) to read it would let another thread create a world-writable file meanwhile."""
+    if not os.path.exists('/proc/self/status'):
+        pytest.skip('no /proc: the umask can only be read by setting it')
+    old = os.umask(0o027)
+    try:
+        def no_umask(*args):
+            raise AssertionError('the umask was changed')
+        monkeypatch.setattr(os, 'umask', no_umask)
+        assert fileio.default_file_mode() == 0o640
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+
+
+def _resolve_without_process_group(index, url, cache, barrier, results):
+    os.environ[fileio.CACHE_ENV] = cache
+    barrier.wait()  # both ask at once
+    path = fileio.resolve_checkpoint(url)
+    results[index] = (path, open(path, 'rb').read())
+
+
+def test_processes_without_a_process_group_download_a_url_once(tmp_path, hub):
+    """tools/train.py --resume URL reads the file before the process group is up: the ranks (or
+    jobs sharing a cache) asking at once get one download, the others wait for it."""
+    base, served, server = hub
+    server.delay_s = 1.0
+    data = b'PK' + b'x' * 100000
+    (served / 'w.pth').write_bytes(data)
+    manager = mp.Manager()
+    results, barrier = manager.dict(), manager.Barrier(2)
+    mp.spawn(_resolve_without_process_group, nprocs=2, join=True,
+             args=(f'{base}/w.pth', str(tmp_path / 'cache'), barrier, results))
+    assert server.requests == ['/w.pth']
+    assert results[0] == results[1] and results[0][1] == data
+
+
+def test_ranks_that_all_read_local_rank_0_download_once(tmp_path, hub):
+    """--launcher mpi: mmengine exports no LOCAL_RANK, the tools default it to 0 on every rank."""
+    base, served, server = hub
+    server.delay_s = 1.0
+    data = b'PK' + b'y' * 100000
+    (served / 'w.pth').write_bytes(data)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_resolve_in_process, nprocs=2, join=True,
+             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), 0.0, results, 0))
     assert server.requests == ['/w.pth']
     assert results[0] == results[1] and results[0][1] == data

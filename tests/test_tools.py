@@ -626,3 +626,93 @@ def test_synthetic_coco_with_coco_classes_fits_the_real_configs_dataset_and_metr
         scores=torch.linspace(.9, .5, len(boxes) + 1), labels=torch.tensor(labels + [79])))])
     results = metric.evaluate(1)
     assert results['coco/bbox_mAP'] == pytest.approx(1.0)
+
+
+def test_label_map_folder_exists_on_every_process_before_the_metric_writes(tmp_path, monkeypatch):
+    """mmseg's IoUMetric creates its output_dir (tools/test.py --out DIR) on the main process only,
+    while every process writes its own images' label maps there: `dist_test.sh UPERNET CKPT 2
+    --out new_dir` stopped on rank 1 with FileNotFoundError. build_runner creates it on every
+    process; what a non-main process's metric writes then lands."""
+    from mmseg.evaluation.metrics import iou_metric
+
+    from davit_mm.cli import build_runner, load_config
+    out = tmp_path / 'labels' / 'deeper'
+    cfg = load_config(UPERNET, {'test_evaluator.output_dir': str(out)}, str(tmp_path / 'work'))
+    build_runner(cfg, training=False)
+    assert out.is_dir()
+    monkeypatch.setattr(iou_metric, 'is_main_process', lambda: False)  # rank 1, as it builds it
+    metric = iou_metric.IoUMetric(output_dir=str(out), format_only=True)
+    metric.dataset_meta = dict(classes=('a', 'b'))
+    sample = dict(pred_sem_seg=dict(data=torch.zeros(1, 4, 4, dtype=torch.long)),
+                  img_path='x/ADE_valid_00000002.jpg')
+    metric.process({}, [sample])
+    assert (out / 'ADE_valid_00000002.png').is_file()
+    # the other split's evaluator (val: training runs) is not created by a test run
+    val_out = tmp_path / 'val_labels'
+    cfg = load_config(UPERNET, {'val_evaluator.output_dir': str(val_out)}, str(tmp_path / 'work2'))
+    build_runner(cfg, training=False)
+    assert not val_out.exists()
+
+
+@pytest.mark.parametrize('launcher,variable', [('mpi', 'OMPI_COMM_WORLD_LOCAL_RANK'),
+                                               ('slurm', 'SLURM_LOCALID')])
+def test_local_rank_comes_from_the_launchers_own_variable(monkeypatch, launcher, variable):
+    """mpirun and srun export no LOCAL_RANK: the tools' default of 0 gave every process of an
+    --launcher mpi run local rank 0 (DDP's device_ids=[0] on every process, one download per
+    process instead of per node). torchrun's LOCAL_RANK, and --local_rank, still win."""
+    import argparse
+
+    from davit_mm.cli import add_launch_arguments, parse_launch_arguments
+    parser = argparse.ArgumentParser()
+    add_launch_arguments(parser)
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setenv(variable, '3')
+    parse_launch_arguments(parser, ['--launcher', launcher])
+    assert os.environ['LOCAL_RANK'] == '3'  # what mmengine's DDP wrapper and fileio read
+    monkeypatch.delenv('LOCAL_RANK')
+    parse_launch_arguments(parser, ['--launcher', 'none'])  # not this launcher's variable
+    assert os.environ['LOCAL_RANK'] == '0'
+    monkeypatch.setenv('LOCAL_RANK', '1')  # torchrun's
+    parse_launch_arguments(parser, ['--launcher', launcher])
+    assert os.environ['LOCAL_RANK'] == '1'
+
+
+def test_slurm_launch_asks_for_as_many_gpus_as_tasks_on_one_node(tmp_path):
+    """GPUS=2 with the default GPUS_PER_NODE=8 asked srun for --gres=gpu:8 --ntasks-per-node=8:
+    8 GPUs held for 2 tasks. Runs over whole nodes keep GPUS_PER_NODE."""
+    srun = tmp_path / 'srun'
+    srun.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {tmp_path / "srun.args"}\n')
+    srun.chmod(0o755)
+    path = f'{tmp_path}{os.pathsep}{os.environ["PATH"]}'
+    for gpus, per_node, expected in (('2', '', '2'), ('16', '', '8'), ('12', '8', '8'), ('8', '4', '4')):
+        run_tool(['slurm_train.sh', 'partition', 'job', RETINANET, 'w'], cwd=tmp_path, timeout=30,
+                 env={'GPUS': gpus, 'GPUS_PER_NODE': per_node, 'CPUS_PER_TASK': '', 'MASTER_PORT': '',
+                      'SRUN_ARGS': '', 'PATH': path})
+        args = (tmp_path / 'srun.args').read_text().split('\n')
+        assert f'--gres=gpu:{expected}' in args and f'--ntasks-per-node={expected}' in args, args
+        assert f'--ntasks={gpus}' in args and args[-3:] == ['--launcher', 'slurm', ''], args
+
+
+def test_slurm_launch_without_arguments_prints_its_usage(tmp_path):
+    """It stopped with bash's `$1: unbound variable`, exit 1."""
+    result = run_tool(['slurm_launch.sh'], cwd=tmp_path, expect_ok=False, timeout=30)
+    assert result.returncode == 2 and result.stderr.startswith('usage: bash tools/slurm_launch.sh PARTITION'), \
+        result.stderr
+
+
+def test_resume_does_not_read_the_backbones_pretrained_weights(data_dir, tmp_path, monkeypatch):
+    """A preempted run restarted on a node whose cache lacks the pretrained URL (an offline
+    node): the resume takes every weight from its checkpoint, so it does not need the URL."""
+    monkeypatch.setenv('DAVIT_MM_CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setenv('DAVIT_MM_DOWNLOAD_TIMEOUT', '2')
+    path = save_runner_checkpoint(RETINANET, tmp_path / 'epoch_1.pth', ('square', 'disk', 'triangle'))
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint['meta'].update(epoch=1, iter=4)
+    torch.save(checkpoint, path)
+    url = 'http://127.0.0.1:9/davit_tiny.pth'  # nothing listens: a download would fail
+    result = run_tool_in_process(['train.py', RETINANET, '--work-dir', tmp_path / 'work', '--resume', path,
+                                  '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                                  'model.backbone.init_cfg.type=Pretrained',
+                                  f'model.backbone.init_cfg.checkpoint={url}'], cwd=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"the backbone's pretrained checkpoint ({url}) is not read" in result.stdout

@@ -57,6 +57,19 @@ def say_when_nothing_is_left(cfg, checkpoint: dict, option: str) -> None:
             return
 
 
+def skip_pretrained_init(cfg, option: str) -> None:
+    """A resumed run takes every weight from its checkpoint (which must fit the model exactly),
+    but mmengine initialises the model before loading it: the backbone's pretrained checkpoint
+    would be read only to be overwritten, and downloaded where this node's cache lacks it (on an
+    offline node the resume stopped there)."""
+    backbone = (cfg.get('model') or {}).get('backbone')
+    init_cfg = backbone.get('init_cfg') if isinstance(backbone, dict) else None
+    if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+        backbone['init_cfg'] = None
+        print(f"{option}: every weight comes from {cfg.load_from}; the backbone's pretrained "
+              f"checkpoint ({init_cfg.get('checkpoint')}) is not read")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
@@ -99,6 +112,7 @@ def main(argv=None):
         lacking = check_resumable(checkpoint, cfg.load_from)
         keep_the_runs_seed(cfg, checkpoint)
         say_when_nothing_is_left(cfg, checkpoint, option)
+        skip_pretrained_init(cfg, option)
 
     seed_samples_by_position(cfg)  # exact resumes whatever the data loader's workers
     runner = build_runner(cfg)
