@@ -33,7 +33,7 @@ from mmengine.logging import print_log
 from . import compat
 from .fileio import HEAD_BYTES, file_kind, resolve_checkpoint, source_url
 from .formats import (CLASSIFIER_KEY, DUAL_ATTENTION_BLOCK, FORMATS, LAYOUTS, MODEL_FORMATS,
-                      OTHER_MODELS, Layout)
+                      MODEL_MODULES, OTHER_MODELS, Layout)
 
 __all__ = ['FORMATS', 'LAYOUTS', 'MODEL_FORMATS', 'CheckpointError', 'read_file', 'read_checkpoint',
            'read_checkpoint_and_meta', 'read_training_checkpoint', 'detect_format',
@@ -184,19 +184,15 @@ def check_resumable(checkpoint: dict, path: str) -> List[str]:
     return [key for key in ('optimizer', 'param_schedulers') if key not in checkpoint]
 
 
-# Top-level modules of mmdet/mmseg models besides the backbone
-_MODEL_MODULES = ('neck', 'rpn_head', 'roi_head', 'bbox_head', 'mask_head', 'decode_head', 'auxiliary_head')
-
-
 def _lone_backbone(state_dict: Dict[str, torch.Tensor], modules: Sequence[str] = ()) -> str:
     """``'DaViT weights in FORMAT format[ under PREFIX]'`` when ``state_dict`` holds one DaViT
-    backbone and no weights of a detector's/segmentor's other modules (:data:`_MODEL_MODULES`, and
+    backbone and no weights of a detector's/segmentor's other modules (:data:`MODEL_MODULES`, and
     ``modules``): a classifier, convert_checkpoint.py's output. ``''`` otherwise."""
     try:
         layout, prefix = detect_format(state_dict)
     except (CheckpointError, TypeError):
         return ''
-    others = set(_MODEL_MODULES) | set(modules)
+    others = set(MODEL_MODULES) | set(modules)
     if any(key.split('.')[0] in others for key in state_dict):
         return ''  # a whole model
     return f'DaViT weights in {LAYOUTS[layout].format} format' + (f' under {prefix!r}' if prefix else '')
@@ -811,8 +807,7 @@ def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
     says what was done in one line; the input is never modified. Any other checkpoint is returned
     as it is, with an empty note."""
     from .models.davit import DaViT
-    while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
-        model = model.module
+    model = _unwrapped(model)
     backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, DaViT) or not isinstance(checkpoint, dict):
         return checkpoint, ''
@@ -838,6 +833,13 @@ def adapt_model_checkpoint(model: torch.nn.Module, checkpoint: dict,
     if official and conversion.dropped:
         notes.append(f'dropped {_summarise(conversion.dropped)}')
     return checkpoint, (f'{source}: ' + '; '.join(notes) if notes else '')
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and test-time-augmentation wrappers (their ``.module``)."""
+    while hasattr(model, 'module'):
+        model = model.module
+    return model
 
 
 def is_official_model(checkpoint: object) -> bool:
@@ -867,8 +869,7 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
             cannot be loaded (:func:`check_tensors`), naming the first ones.
     """
     state = checkpoint if checkpoint is not None else read_training_checkpoint(path)
-    while hasattr(model, 'module'):  # DDP and test-time-augmentation wrappers
-        model = model.module
+    model = _unwrapped(model)
     state, _ = adapt_model_checkpoint(model, state, path)
     state = state.get('state_dict', state)
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
@@ -882,7 +883,7 @@ def check_checkpoint_fits(model: torch.nn.Module, path: str, allow_class_mismatc
     if problems:
         hint = (' (its class-specific layers differ: was it trained with another num_classes?)'
                 if any(class_specific(k) for k in fit.mismatched) else '')
-        theirs, ours = ({key.split('.')[0] for key in keys} & set(_MODEL_MODULES) for keys in (state, own))
+        theirs, ours = ({key.split('.')[0] for key in keys} & set(MODEL_MODULES) for keys in (state, own))
         if theirs and not theirs & ours:
             hint = (f' (it is a whole model with {sorted(theirs)}, where the config\'s model has '
                     f'{sorted(ours)}: a checkpoint of another kind of model)')

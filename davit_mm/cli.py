@@ -4,6 +4,7 @@ the machine, building and running a runner, and reporting user errors as ``error
 status 2 (:func:`run_tool`). Config pre-flight checks live in :mod:`davit_mm.checks`, checkpoint
 reading and fit checks in :mod:`davit_mm.checkpoint`.
 """
+import argparse
 import contextlib
 import difflib
 import gc
@@ -119,7 +120,7 @@ def library_of(cfg: Config) -> str:
     return scope
 
 
-def cfg_options_action():
+def cfg_options_action() -> type:
     """mmengine's ``DictAction`` for ``--cfg-options``, refusing by name an item without ``=``
     (mmengine's own message is "not enough values to unpack (expected 2, got 1)") and a value it
     cannot take: a dict (``dict(...)`` became a string, or with a comma in it a
@@ -149,7 +150,7 @@ def cfg_options_action():
     return ConfigOptions
 
 
-def add_launch_arguments(parser) -> None:
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     """``--cfg-options``, ``--launcher`` and ``--local_rank``, as mmdet's and mmseg's tools have."""
     parser.add_argument('--cfg-options', nargs='+', action=cfg_options_action(),
                         help='override config entries, e.g. model.backbone.with_cp=True')
@@ -163,7 +164,8 @@ def add_launch_arguments(parser) -> None:
 _LAUNCHER_LOCAL_RANK = {'mpi': 'OMPI_COMM_WORLD_LOCAL_RANK', 'slurm': 'SLURM_LOCALID'}
 
 
-def parse_launch_arguments(parser, argv=None):
+def parse_launch_arguments(parser: argparse.ArgumentParser,
+                           argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse, and export LOCAL_RANK for launchers that pass it as an argument (``--local_rank``)
     or in a variable of their own (mpirun, srun). Without it every process of an ``--launcher
     mpi`` run had LOCAL_RANK 0: mmengine wraps the model in DDP with ``device_ids=[LOCAL_RANK]``

@@ -190,8 +190,6 @@ def name_unreadable_images() -> None:
     """
     if 'unreadable_images' in _applied or not needed('name_unreadable_images'):
         return
-    import functools
-
     from mmcv.transforms import LoadImageFromFile
     load = LoadImageFromFile.transform
 

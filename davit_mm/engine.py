@@ -8,7 +8,9 @@
 - :class:`PositionSeededSampler` / :class:`PositionSeededDataset` make data augmentation depend
   on a sample's position in the data stream only.
 
-They are registered by :mod:`davit_mm.registry` and switched on by davit_mm's base configs.
+They are registered by :mod:`davit_mm.registry`. The hooks are switched on by davit_mm's base
+configs (and, for any other config the tools run, by :func:`davit_mm.cli.add_checkpoint_hooks`);
+the position-seeded sampler and dataset by ``tools/train.py`` (:func:`seed_samples_by_position`).
 """
 import contextlib
 import random

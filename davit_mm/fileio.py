@@ -80,6 +80,7 @@ class DownloadError(ValueError):
 
 
 def is_url(path: str) -> bool:
+    """Whether ``path`` is an http(s) URL (downloaded and cached by :func:`resolve_checkpoint`)."""
     return str(path).startswith(('http://', 'https://'))
 
 

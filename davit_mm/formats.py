@@ -1,5 +1,5 @@
 """Checkpoint formats as data: one record per key layout of DaViT weights, one per layout of whole
-trained models, and the keys that give other backbones away.
+trained models, the top-level modules of whole models, and the keys that give other backbones away.
 
 Adding a format is adding one record here; :mod:`davit_mm.checkpoint` reads, detects, converts and
 loads through these tables only (and ``tests/test_checkpoint_formats.py`` walks every record).
@@ -151,6 +151,11 @@ class ModelFormat:
     rules: Tuple[Rule, ...]
     checked: Tuple[str, ...]
 
+
+# Top-level modules of mmdet/mmseg models besides the backbone: a file with keys under any of them
+# is a whole model, not a backbone alone.
+MODEL_MODULES: Tuple[str, ...] = ('neck', 'rpn_head', 'roi_head', 'bbox_head', 'mask_head', 'decode_head',
+                                  'auxiliary_head')
 
 # The official DaViT code (github dingmyu/davit) trained its 15 released detectors/segmentors with
 # mmdet 2.11 / mmseg 0.11 (mmcv-full 1.3); their backbone keys are the official layout under

@@ -78,6 +78,7 @@ def set_fast_kernels(enabled: bool) -> None:
 
 
 def fast_kernels_enabled() -> bool:
+    """Whether the device-specific kernels are on (:func:`set_fast_kernels`)."""
     return _enabled
 
 

@@ -35,6 +35,8 @@ ADE20K_BACKGROUND_LABEL = 1  # wall
 
 @dataclass
 class Shape:
+    """One object drawn on a generated image: its class and its outline."""
+
     label: int  # index into SHAPE_CLASSES
     polygon: np.ndarray  # (K, 2) float x, y
 

@@ -212,9 +212,11 @@ def _resolve_in_process(rank, world_size, port, url, cache, rank1_delay_s, resul
 
 
 # rank 1 asks while rank 0 downloads (it must wait), or only once the file is cached (it must
-# still meet rank 0 at its barrier)
-@pytest.mark.parametrize('rank1_delay_s', [0.0, 2.5])
-def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub, rank1_delay_s):
+# still meet rank 0 at its barrier); both ranks with LOCAL_RANK 0 (a launcher that exports no
+# local rank, each defaulting to 0): both would download, they take turns through the lock
+@pytest.mark.parametrize('rank1_delay_s,local_rank', [(0.0, None), (2.5, None), (0.0, 0)])
+def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(tmp_path, hub, rank1_delay_s,
+                                                                               local_rank):
     base, served, server = hub
     server.delay_s = 1.0  # a slow download: rank 1 must wait for it, not race or re-download
     data = b'PK' + b'x' * 100000  # a zip's magic: what a download must start with to be cached
@@ -224,7 +226,7 @@ def test_one_download_per_node_the_other_processes_wait_and_read_the_same_file(t
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_resolve_in_process, nprocs=2, join=True,
-             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results))
+             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), rank1_delay_s, results, local_rank))
     assert server.requests == ['/w.pth']
     assert results[0] == results[1] and results[0][1] == data
 
@@ -299,21 +301,5 @@ def test_processes_without_a_process_group_download_a_url_once(tmp_path, hub):
     results, barrier = manager.dict(), manager.Barrier(2)
     mp.spawn(_resolve_without_process_group, nprocs=2, join=True,
              args=(f'{base}/w.pth', str(tmp_path / 'cache'), barrier, results))
-    assert server.requests == ['/w.pth']
-    assert results[0] == results[1] and results[0][1] == data
-
-
-def test_ranks_that_all_read_local_rank_0_download_once(tmp_path, hub):
-    """--launcher mpi: mmengine exports no LOCAL_RANK, the tools default it to 0 on every rank."""
-    base, served, server = hub
-    server.delay_s = 1.0
-    data = b'PK' + b'y' * 100000
-    (served / 'w.pth').write_bytes(data)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_resolve_in_process, nprocs=2, join=True,
-             args=(2, port, f'{base}/w.pth', str(tmp_path / 'cache'), 0.0, results, 0))
     assert server.requests == ['/w.pth']
     assert results[0] == results[1] and results[0][1] == data

@@ -231,6 +231,15 @@ def test_test_tool_refuses_truncated_and_foreign_files(data_dir, trained, tmp_pa
     assert_user_error(result, message)
 
 
+def test_test_tool_refuses_a_detection_out_file_that_is_not_a_pickle_before_any_check(tmp_path):
+    """mmdet dumps predictions to a .pkl: checked with the other --out checks, before the config
+    is checked against data that need not exist yet (it came after them)."""
+    (tmp_path / 'model.pth').write_bytes(b'')
+    result = run_tool_in_process(['test.py', RETINANET, tmp_path / 'model.pth', '--out', 'preds.json'],
+                                 cwd=tmp_path)
+    assert_user_error(result, "--out 'preds.json': mmdet predictions are dumped to a .pkl file")
+
+
 def test_test_tool_refuses_a_checkpoint_with_nan_weights(data_dir, trained, tmp_path):
     checkpoint = read_training_checkpoint(trained)
     checkpoint['state_dict']['bbox_head.retina_reg.weight'][0, 0, 0, 0] = float('nan')

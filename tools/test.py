@@ -102,6 +102,8 @@ def main(argv=None):
             raise ValueError(f'--out {args.out!r}: mmseg writes its predictions as label-map PNGs into '
                              f'a folder; give a folder (a .pkl file is what mmdet configs write)')
         check_output_path('--out', args.out, folder=library == 'mmseg')
+        if library == 'mmdet' and not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError(f'--out {args.out!r}: mmdet predictions are dumped to a .pkl file')
     if args.show_dir is not None:  # mmdet's hook draws into WORK_DIR/TIMESTAMP/SHOW_DIR
         check_output_path('--show-dir', args.show_dir if library == 'mmseg' or not args.show_dir else
                           osp.join(cfg.work_dir, args.show_dir), folder=True)
@@ -117,8 +119,6 @@ def main(argv=None):
     if args.out and library == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
-    if args.out and library == 'mmdet' and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out {args.out!r}: mmdet predictions are dumped to a .pkl file')
 
     runner = build_runner(cfg, training=False)
     check_checkpoint_fits(runner.model, cfg.load_from)  # evaluating a half-loaded model is worthless

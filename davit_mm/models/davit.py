@@ -576,7 +576,6 @@ class DaViT(BaseModule):
         self.window_size = spec['window_size']
         self.overlapped_downsample = bool(spec['overlapped_downsample'])
         self.channel_attention = spec['channel_attention']
-        self.in_channels = in_channels
         num_stages = len(self.depths)
         overrides = dict(window_size=window_size, overlapped_downsample=overlapped_downsample,
                          channel_attention=channel_attention)
