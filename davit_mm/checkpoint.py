@@ -916,20 +916,19 @@ def latest_valid_checkpoint(work_dir: str) -> Optional[Tuple[str, dict]]:
     writers other than davit_mm's atomic one) would then stop the resume with a load error.
     Broken candidates are skipped with a warning naming them; None when there is none.
     """
-    candidates = []
+    candidates, folder = [], osp.abspath(work_dir)
     pointer = osp.join(work_dir, 'last_checkpoint')
     if osp.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip()
-        inside = osp.join(work_dir, osp.basename(named))
-        if named and osp.realpath(osp.dirname(named)) != osp.realpath(work_dir) and osp.isfile(inside):
-            # a work dir copied or moved from elsewhere: its pointer still names the original's
-            # file (one outside is otherwise kept: CheckpointHook's out_dir writes there)
-            named = inside
         if named:
-            candidates.append(named)
+            # A work dir copied or moved from elsewhere: its pointer still names the original's
+            # file, so the work dir's own file of that name is taken; without one (CheckpointHook's
+            # out_dir writes elsewhere) the named file.
+            own = osp.join(folder, osp.basename(named))
+            candidates.append(own if osp.isfile(own) else named)
     numbered = []
-    for path in glob.glob(osp.join(osp.abspath(work_dir), '*.pth')):
+    for path in glob.glob(osp.join(folder, '*.pth')):
         # not best_*_iter_N.pth: mmengine saves those without optimizer and scheduler states
         match = re.fullmatch(r'(epoch|iter)_(\d+)\.pth', osp.basename(path))
         if match:

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from mmengine.fileio import LocalBackend
 from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
@@ -63,7 +64,6 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     keeps running statistics of its own data. Validating during training then scored a mix of
     the ranks' statistics: not the model the checkpoint holds (rank 0's), and different after a
     resume (the resumed ranks start from rank 0's statistics)."""
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     for buffer in model.buffers():

@@ -251,7 +251,7 @@ def resolve_checkpoint(path: str) -> str:
         _download_once(path, dst, timeout)
         return dst
     error = None
-    if _local_rank() == 0 and not osp.isfile(dst):
+    if _local_rank() == 0:
         try:
             _download_once(path, dst, timeout)
         except DownloadError as exc:
